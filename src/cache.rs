@@ -1,0 +1,103 @@
+//! An in-memory LRU of blocks, bounded in bytes, in front of the repo store.
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use cid::Cid;
+use lru::LruCache;
+
+#[derive(Debug)]
+pub struct BlockCache {
+    inner: Mutex<Inner>,
+    max_bytes: usize,
+}
+
+#[derive(Debug)]
+struct Inner {
+    lru: LruCache<Cid, Bytes>,
+    bytes: usize,
+    hits: u64,
+    misses: u64,
+}
+
+impl BlockCache {
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0, hits: 0, misses: 0 }),
+            max_bytes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, cid: &Cid) -> Option<Bytes> {
+        let mut inner = self.lock();
+        match inner.lru.get(cid).cloned() {
+            Some(b) => {
+                inner.hits += 1;
+                Some(b)
+            }
+            None => {
+                inner.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Inserts a block, evicting the least recently used ones past the byte bound. A block
+    /// larger than the whole cache is not kept.
+    pub fn insert(&self, cid: Cid, data: Bytes) {
+        if data.len() > self.max_bytes {
+            return;
+        }
+        let mut inner = self.lock();
+        if let Some(old) = inner.lru.put(cid, data.clone()) {
+            inner.bytes -= old.len();
+        }
+        inner.bytes += data.len();
+        while inner.bytes > self.max_bytes {
+            match inner.lru.pop_lru() {
+                Some((_, b)) => inner.bytes -= b.len(),
+                None => break,
+            }
+        }
+    }
+
+    pub fn remove(&self, cid: &Cid) {
+        let mut inner = self.lock();
+        if let Some(b) = inner.lru.pop(cid) {
+            inner.bytes -= b.len();
+        }
+    }
+
+    /// `(bytes held, hits, misses)`.
+    pub fn stats(&self) -> (usize, u64, u64) {
+        let inner = self.lock();
+        (inner.bytes, inner.hits, inner.misses)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cids::block_cid;
+
+    #[test]
+    fn stays_within_its_byte_bound_and_evicts_lru_first() {
+        let cache = BlockCache::new(3 * 100);
+        let blocks: Vec<_> = (0..5u8).map(|i| (block_cid(&[i]), Bytes::from(vec![i; 100]))).collect();
+        for (c, b) in &blocks[..3] {
+            cache.insert(*c, b.clone());
+        }
+        assert!(cache.get(&blocks[0].0).is_some()); // 0 is now most recent
+        cache.insert(blocks[3].0, blocks[3].1.clone());
+        assert!(cache.get(&blocks[1].0).is_none(), "1 was least recently used");
+        assert!(cache.get(&blocks[0].0).is_some());
+        assert_eq!(cache.stats().0, 300);
+        cache.insert(blocks[4].0, Bytes::from(vec![0; 1000])); // larger than the cache
+        assert!(cache.get(&blocks[4].0).is_none());
+        assert!(cache.stats().0 <= 300);
+    }
+}

@@ -1,0 +1,155 @@
+//! Inode numbers for the mount's entries, kept until the kernel forgets them.
+
+use std::collections::HashMap;
+
+use cid::Cid;
+
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Root,
+    /// A name in the root; `None` once unlinked while still in use.
+    Named(Option<String>),
+    /// A CID looked up by its text form: immutable.
+    Cid(Cid),
+}
+
+#[derive(Debug)]
+struct Inode {
+    entry: Entry,
+    lookups: u64,
+}
+
+#[derive(Debug)]
+pub struct InodeTable {
+    by_ino: HashMap<u64, Inode>,
+    by_name: HashMap<String, u64>,
+    by_cid: HashMap<Cid, u64>,
+    next: u64,
+}
+
+impl Default for InodeTable {
+    fn default() -> Self {
+        let mut by_ino = HashMap::new();
+        by_ino.insert(ROOT_INO, Inode { entry: Entry::Root, lookups: 1 });
+        Self { by_ino, by_name: HashMap::new(), by_cid: HashMap::new(), next: ROOT_INO + 1 }
+    }
+}
+
+impl InodeTable {
+    pub fn get(&self, ino: u64) -> Option<&Entry> {
+        self.by_ino.get(&ino).map(|i| &i.entry)
+    }
+
+    fn insert(&mut self, entry: Entry) -> u64 {
+        let ino = self.next;
+        self.next += 1;
+        self.by_ino.insert(ino, Inode { entry, lookups: 0 });
+        ino
+    }
+
+    /// The inode of `name`, made if needed; counts one lookup when `lookup` is set.
+    pub fn named(&mut self, name: &str, lookup: bool) -> u64 {
+        let ino = match self.by_name.get(name) {
+            Some(&ino) => ino,
+            None => {
+                let ino = self.insert(Entry::Named(Some(name.to_string())));
+                self.by_name.insert(name.to_string(), ino);
+                ino
+            }
+        };
+        if lookup {
+            self.by_ino.get_mut(&ino).expect("just found").lookups += 1;
+        }
+        ino
+    }
+
+    /// The inode of a name if one exists, without counting a lookup.
+    pub fn find_name(&self, name: &str) -> Option<u64> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn cid(&mut self, cid: &Cid, lookup: bool) -> u64 {
+        let ino = match self.by_cid.get(cid) {
+            Some(&ino) => ino,
+            None => {
+                let ino = self.insert(Entry::Cid(*cid));
+                self.by_cid.insert(*cid, ino);
+                ino
+            }
+        };
+        if lookup {
+            self.by_ino.get_mut(&ino).expect("just found").lookups += 1;
+        }
+        ino
+    }
+
+    /// Detaches a name from its inode (which lives on while the kernel holds it).
+    pub fn unlink(&mut self, name: &str) -> Option<u64> {
+        let ino = self.by_name.remove(name)?;
+        if let Some(i) = self.by_ino.get_mut(&ino) {
+            i.entry = Entry::Named(None);
+        }
+        Some(ino)
+    }
+
+    /// Moves inode of `from` to `to`; the inode that `to` had, if any, is unlinked.
+    pub fn rename(&mut self, from: &str, to: &str) {
+        self.unlink(to);
+        if let Some(ino) = self.by_name.remove(from) {
+            if let Some(i) = self.by_ino.get_mut(&ino) {
+                i.entry = Entry::Named(Some(to.to_string()));
+            }
+            self.by_name.insert(to.to_string(), ino);
+        }
+    }
+
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let Some(inode) = self.by_ino.get_mut(&ino) else { return };
+        inode.lookups = inode.lookups.saturating_sub(n);
+        if inode.lookups == 0 {
+            let inode = self.by_ino.remove(&ino).expect("present");
+            match inode.entry {
+                Entry::Named(Some(name)) => {
+                    self.by_name.remove(&name);
+                }
+                Entry::Cid(cid) => {
+                    self.by_cid.remove(&cid);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_ino.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_ino.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_keep_their_inode_across_rename_and_go_on_forget() {
+        let mut t = InodeTable::default();
+        let a = t.named("a", true);
+        assert_eq!(t.named("a", true), a);
+        t.rename("a", "b");
+        assert_eq!(t.find_name("b"), Some(a));
+        assert_eq!(t.find_name("a"), None);
+        t.forget(a, 1);
+        assert!(t.get(a).is_some(), "still one lookup");
+        t.forget(a, 1);
+        assert!(t.get(a).is_none());
+        assert_eq!(t.find_name("b"), None);
+    }
+}

@@ -1,0 +1,176 @@
+//! Read-ahead for one open file: a window of blocks fetched ahead of the reader that
+//! doubles on sequential reads and falls back on a seek (mountpoint-s3's prefetcher is
+//! the model). Fetches run on the blocking pool; a reader waits for a block at most the
+//! configured timeout, so no reader is stuck for good.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::node::{BlockSource, Dataset};
+
+/// Errors a read can end with, as errno values.
+pub type Errno = i32;
+
+/// One block being fetched, or fetched.
+#[derive(Default)]
+pub struct Slot {
+    result: Mutex<Option<Result<Bytes, Errno>>>,
+    ready: Condvar,
+}
+
+impl Slot {
+    fn fill(&self, r: Result<Bytes, Errno>) {
+        *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.ready.notify_all();
+    }
+
+    /// The block, or EIO if it has not come by `deadline`.
+    pub fn wait(&self, deadline: Instant) -> Result<Bytes, Errno> {
+        let mut guard = self.result.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = guard.as_ref() {
+                return r.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(libc::EIO);
+            }
+            guard = self.ready.wait_timeout(guard, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PrefetchConfig {
+    /// Blocks fetched ahead after the first sequential read.
+    pub initial_window: u64,
+    /// The most blocks kept ahead of the reader.
+    pub max_window: u64,
+    /// How long a read waits for a block before it fails with EIO.
+    pub timeout: Duration,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        Self { initial_window: 2, max_window: 64, timeout: Duration::from_secs(30) }
+    }
+}
+
+pub struct Prefetcher {
+    source: Arc<dyn BlockSource>,
+    dataset: Arc<Dataset>,
+    runtime: tokio::runtime::Handle,
+    config: PrefetchConfig,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Where a sequential reader goes on; a read elsewhere is a seek.
+    next_offset: u64,
+    window: u64,
+    slots: BTreeMap<u64, Arc<Slot>>,
+}
+
+impl Prefetcher {
+    pub fn new(
+        source: Arc<dyn BlockSource>,
+        dataset: Arc<Dataset>,
+        runtime: tokio::runtime::Handle,
+        config: PrefetchConfig,
+    ) -> Self {
+        Self {
+            source,
+            dataset,
+            runtime,
+            config,
+            state: Mutex::new(State { next_offset: 0, window: 0, slots: BTreeMap::new() }),
+        }
+    }
+
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    fn spawn_fetch(&self, index: u64) -> Arc<Slot> {
+        let slot = Arc::new(Slot::default());
+        let (source, dataset, s) = (self.source.clone(), self.dataset.clone(), slot.clone());
+        self.runtime.spawn_blocking(move || {
+            s.fill(source.block(&dataset, index).map_err(|e| {
+                tracing::debug!("block {index}: {e}");
+                e.errno()
+            }))
+        });
+        slot
+    }
+
+    /// Reads up to `size` bytes at `offset` (fewer only at the end of the dataset).
+    pub fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let total = self.dataset.size();
+        if offset >= total || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = total.min(offset + size as u64);
+        let bs = self.dataset.block_size();
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let blocks_count = self.dataset.manifest().map(|m| m.block_count()).unwrap_or(1);
+
+        let needed: Vec<Arc<Slot>> = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if offset == st.next_offset {
+                st.window = if st.window == 0 {
+                    self.config.initial_window
+                } else {
+                    (st.window * 2).min(self.config.max_window)
+                };
+            } else {
+                st.window = 0;
+                // A seek: what was fetched for elsewhere is dropped.
+                st.slots.retain(|&i, _| i >= first && i <= last);
+            }
+            st.next_offset = end;
+            // Blocks behind the reader are done with.
+            st.slots.retain(|&i, _| i >= first);
+            let mut needed = Vec::with_capacity((last - first + 1) as usize);
+            for i in first..=last {
+                let slot = match st.slots.get(&i) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = self.spawn_fetch(i);
+                        st.slots.insert(i, s.clone());
+                        s
+                    }
+                };
+                needed.push(slot);
+            }
+            let ahead_end = (last + 1 + st.window).min(blocks_count);
+            for i in last + 1..ahead_end {
+                if !st.slots.contains_key(&i) {
+                    let s = self.spawn_fetch(i);
+                    st.slots.insert(i, s);
+                }
+            }
+            needed
+        };
+
+        let deadline = Instant::now() + self.config.timeout;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (k, slot) in needed.iter().enumerate() {
+            let index = first + k as u64;
+            let block = slot.wait(deadline)?;
+            let block_start = index * bs;
+            let from = offset.max(block_start) - block_start;
+            let to = end.min(block_start + bs) - block_start;
+            if (to as usize) > block.len() {
+                return Err(libc::EIO);
+            }
+            out.extend_from_slice(&block[from as usize..to as usize]);
+        }
+        // A failed fetch is not kept: the next read tries again.
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.slots.retain(|_, s| !matches!(s.result.lock().map(|r| r.as_ref().map(|x| x.is_err())), Ok(Some(true))));
+        Ok(out)
+    }
+}

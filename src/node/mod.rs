@@ -1,0 +1,127 @@
+//! The node layer: stores a byte stream as a dataset and reads datasets back.
+
+mod reader;
+mod source;
+mod upload;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cid::Cid;
+
+use crate::cache::BlockCache;
+use crate::chunker::DEFAULT_BLOCK_SIZE;
+use crate::error::{Error, Result};
+use crate::manifest::MAX_BLOCK_SIZE;
+use crate::repo::{RepoConfig, RepoStore, DEFAULT_SWEEP_INTERVAL};
+pub use reader::DatasetReader;
+pub use source::{BlockSource, Dataset};
+pub use upload::{compute_cid, UploadStats};
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub block_size: usize,
+    /// Bytes of the in-memory block cache.
+    pub cache_bytes: usize,
+    pub repo: RepoConfig,
+    pub sweep_interval: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            block_size: DEFAULT_BLOCK_SIZE,
+            cache_bytes: 32 << 20,
+            repo: RepoConfig::default(),
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+        }
+    }
+}
+
+pub fn check_block_size(block_size: usize) -> Result<()> {
+    if block_size == 0 || block_size as u64 > MAX_BLOCK_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "block size {block_size} out of range (1..={MAX_BLOCK_SIZE})"
+        )));
+    }
+    Ok(())
+}
+
+/// A node on one data dir: the repo store with the block cache in front of it.
+#[derive(Debug, Clone)]
+pub struct Node {
+    repo: Arc<RepoStore>,
+    cache: Arc<BlockCache>,
+    config: NodeConfig,
+    data_dir: PathBuf,
+}
+
+impl Node {
+    /// Opens the data dir (locking it against other processes).
+    pub fn open(data_dir: &Path, config: NodeConfig) -> Result<Self> {
+        check_block_size(config.block_size)?;
+        let repo = RepoStore::open(data_dir, config.repo.clone())?;
+        Ok(Self {
+            repo,
+            cache: Arc::new(BlockCache::new(config.cache_bytes)),
+            config,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    pub fn repo(&self) -> &Arc<RepoStore> {
+        &self.repo
+    }
+
+    pub fn cache(&self) -> &Arc<BlockCache> {
+        &self.cache
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Starts the background sweep of expired data.
+    pub fn spawn_sweeper(&self) -> std::thread::JoinHandle<()> {
+        self.repo.spawn_sweeper(self.config.sweep_interval)
+    }
+
+    /// Chunks, hashes and stores `reader` as a dataset; returns its manifest CID.
+    pub fn store<R: Read + Send>(
+        &self,
+        reader: R,
+        filename: Option<String>,
+        mimetype: Option<String>,
+    ) -> Result<Cid> {
+        Ok(self.store_with_stats(reader, filename, mimetype)?.0)
+    }
+
+    pub fn store_with_stats<R: Read + Send>(
+        &self,
+        reader: R,
+        filename: Option<String>,
+        mimetype: Option<String>,
+    ) -> Result<(Cid, UploadStats)> {
+        upload::store(&self.repo, self.config.block_size, reader, filename, mimetype)
+    }
+
+    /// A seekable reader of a dataset (or of a single block, for a CID that is not a
+    /// manifest). `NotFound` if it is not stored here.
+    pub fn retrieve(&self, cid: &Cid) -> Result<DatasetReader> {
+        DatasetReader::open(Arc::new(self.clone()), cid)
+    }
+
+    /// Deletes a dataset. Blocks left in the cache are still the right bytes for their
+    /// CIDs, and the dataset's leaves are gone, so nothing reads them through it.
+    pub fn delete(&self, cid: &Cid) -> Result<bool> {
+        let deleted = self.repo.delete_dataset(cid)?;
+        self.cache.remove(cid);
+        Ok(deleted)
+    }
+}

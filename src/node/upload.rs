@@ -1,0 +1,171 @@
+//! The upload pipeline: reader → chunker → hashers (one per core) → repo → tree → manifest.
+//!
+//! One thread reads batches of blocks; two workers hash them and put them into the repo
+//! through the upload's journal. Batches are queued two deep, so memory stays a few MiB
+//! whatever the input size; the tree keeps 32 bytes per block.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cid::Cid;
+
+use crate::chunker::{ChunkBatch, Chunker};
+use crate::cids::{cid_from_digest, sha256, Digest, BLOCK_CODEC};
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::merkle::MerkleTree;
+use crate::repo::RepoStore;
+
+/// Bytes read per batch (rounded to whole blocks).
+const BATCH_BYTES: usize = 1 << 20;
+const HASH_WORKERS: usize = 2;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UploadStats {
+    pub bytes: u64,
+    pub blocks: u64,
+    pub elapsed: Duration,
+}
+
+/// Where hashed blocks go: the repo for an upload, nowhere for `codexfs cid`.
+trait BlockSink: Sync {
+    fn put(&self, start: u64, blocks: &[(Cid, &[u8])]) -> Result<()>;
+}
+
+impl BlockSink for crate::repo::Upload<'_> {
+    fn put(&self, start: u64, blocks: &[(Cid, &[u8])]) -> Result<()> {
+        self.put_blocks(start, blocks)
+    }
+}
+
+struct Discard;
+impl BlockSink for Discard {
+    fn put(&self, _: u64, _: &[(Cid, &[u8])]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads `reader` to its end in padded blocks, hashing on every core and handing blocks
+/// to `sink`. Returns the leaf digests in order and the unpadded size. An empty input
+/// gives one all-zero block (see README: empty files).
+fn chunk_and_hash<R: Read + Send>(
+    reader: R,
+    block_size: usize,
+    sink: &dyn BlockSink,
+) -> Result<(Vec<Digest>, u64)> {
+    let digests: Mutex<Vec<Digest>> = Mutex::new(Vec::new());
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let abort = AtomicBool::new(false);
+    let fail = |e: Error| {
+        abort.store(true, Ordering::SeqCst);
+        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+    };
+
+    let (tx, rx) = sync_channel::<ChunkBatch>(HASH_WORKERS);
+    let rx = Mutex::new(rx);
+    let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
+    std::thread::scope(|s| {
+        for _ in 0..HASH_WORKERS {
+            s.spawn(|| hash_worker(&rx, block_size, sink, &digests, &abort, &fail));
+        }
+        while !abort.load(Ordering::SeqCst) {
+            match chunker.next_batch() {
+                Ok(Some(batch)) => {
+                    if tx.send(batch).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => fail(e.into()),
+            }
+        }
+        drop(tx);
+    });
+    let size = chunker.bytes_read();
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok((digests.into_inner().unwrap_or_else(|p| p.into_inner()), size))
+}
+
+fn hash_worker(
+    rx: &Mutex<Receiver<ChunkBatch>>,
+    block_size: usize,
+    sink: &dyn BlockSink,
+    digests: &Mutex<Vec<Digest>>,
+    abort: &AtomicBool,
+    fail: &(dyn Fn(Error) + Sync),
+) {
+    loop {
+        let batch = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        if abort.load(Ordering::SeqCst) {
+            continue; // drain so the reader never blocks on a full queue
+        }
+        let hashed: Vec<Digest> = batch.blocks(block_size).map(sha256).collect();
+        let blocks: Vec<(Cid, &[u8])> = hashed
+            .iter()
+            .zip(batch.blocks(block_size))
+            .map(|(d, b)| (cid_from_digest(BLOCK_CODEC, d), b))
+            .collect();
+        if let Err(e) = sink.put(batch.start, &blocks) {
+            fail(e);
+            continue;
+        }
+        let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
+        let end = batch.start as usize + hashed.len();
+        if all.len() < end {
+            all.resize(end, [0; 32]);
+        }
+        all[batch.start as usize..end].copy_from_slice(&hashed);
+    }
+}
+
+fn build_manifest(
+    digests: Vec<Digest>,
+    size: u64,
+    block_size: usize,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<(MerkleTree, Manifest)> {
+    let tree = MerkleTree::new(digests)?;
+    let mut manifest = Manifest::new(tree.root_cid(), block_size as u64, size);
+    manifest.filename = filename.filter(|f| !f.is_empty());
+    manifest.mimetype = mimetype.filter(|m| !m.is_empty());
+    Ok((tree, manifest))
+}
+
+/// The manifest CID that storing `reader` would produce; stores nothing.
+pub fn compute_cid<R: Read + Send>(
+    reader: R,
+    block_size: usize,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<(Cid, Manifest)> {
+    super::check_block_size(block_size)?;
+    let (digests, size) = chunk_and_hash(reader, block_size, &Discard)?;
+    let (_, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
+    Ok((manifest.cid(), manifest))
+}
+
+pub(super) fn store<R: Read + Send>(
+    repo: &RepoStore,
+    block_size: usize,
+    reader: R,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<(Cid, UploadStats)> {
+    let started = Instant::now();
+    let upload = repo.begin_upload()?;
+    // On any error `upload` is dropped uncommitted, which gives its blocks back.
+    let (digests, size) = chunk_and_hash(reader, block_size, &upload)?;
+    let blocks = digests.len() as u64;
+    let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
+    let cid = upload.commit(&tree, &manifest)?;
+    Ok((cid, UploadStats { bytes: size, blocks, elapsed: started.elapsed() }))
+}

@@ -1,0 +1,233 @@
+//! The repo store and node layer on a real RocksDB: round trips, dedup, deletion,
+//! quota, expiry, locking, and the consistency check itself.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::time::Duration;
+
+use codexfs::cids::{block_cid, cid_string};
+use codexfs::node::{compute_cid, Node, NodeConfig};
+use codexfs::repo::{unix_now, RepoConfig};
+use codexfs::Error;
+use rand::{Rng, RngCore, SeedableRng};
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+fn node(dir: &std::path::Path, quota: u64, ttl: Duration) -> Node {
+    let config = NodeConfig { repo: RepoConfig { quota_max: quota, block_ttl: ttl }, ..NodeConfig::default() };
+    Node::open(dir, config).expect("open node")
+}
+
+fn read_all(node: &Node, cid: &cid::Cid) -> Vec<u8> {
+    let mut out = Vec::new();
+    node.retrieve(cid).unwrap().read_to_end(&mut out).unwrap();
+    out
+}
+
+fn assert_consistent(node: &Node) {
+    let r = node.repo().check_consistency().unwrap();
+    assert!(r.problems.is_empty(), "{:#?}", r.problems);
+}
+
+const BIG: u64 = 1 << 40;
+const DAY: Duration = Duration::from_secs(86400);
+
+#[test]
+fn sizes_round_trip_and_match_computed_cid() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), BIG, DAY);
+    for (i, size) in [0usize, 1, 65535, 65536, 65537, 3 * 65536 + 5].into_iter().enumerate() {
+        let data = random_bytes(size, i as u64);
+        let cid = node.store(&data[..], Some(format!("f{size}")), None).unwrap();
+        let (expected, manifest) = compute_cid(&data[..], 65536, Some(format!("f{size}")), None).unwrap();
+        assert_eq!(cid, expected, "size {size}");
+        assert_eq!(manifest.dataset_size, size as u64);
+        assert_eq!(read_all(&node, &cid), data, "size {size}");
+        assert_eq!(node.retrieve(&cid).unwrap().size(), size as u64);
+    }
+    assert_consistent(&node);
+}
+
+#[test]
+fn empty_file_is_a_one_block_dataset_of_size_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), BIG, DAY);
+    let cid = node.store(&[][..], None, None).unwrap();
+    let m = node.repo().manifest(&cid).unwrap().unwrap();
+    assert_eq!((m.dataset_size, m.block_count()), (0, 1));
+    assert!(read_all(&node, &cid).is_empty());
+    // one zero block plus the manifest
+    assert_eq!(node.repo().space().total_blocks, 2);
+}
+
+#[test]
+fn seeks_read_the_right_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), BIG, DAY);
+    let data = random_bytes(5 * 65536 + 123, 7);
+    let cid = node.store(&data[..], None, None).unwrap();
+    let mut r = node.retrieve(&cid).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for _ in 0..200 {
+        let off = rng.random_range(0..data.len() + 10) as u64;
+        let len = rng.random_range(0..200_000usize);
+        r.seek(SeekFrom::Start(off)).unwrap();
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        loop {
+            let n = r.read(&mut buf[got..]).unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        let start = (off as usize).min(data.len());
+        let end = (start + len).min(data.len());
+        assert_eq!(&buf[..got], &data[start..end], "offset {off} len {len}");
+    }
+}
+
+#[test]
+fn duplicates_are_stored_once_and_deletion_frees_only_unshared_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), BIG, DAY);
+    let a = random_bytes(4 * 65536, 1);
+    let mut b = a.clone();
+    b.extend_from_slice(&random_bytes(65536, 2)); // a's 4 blocks + 1 of its own
+    let zeros = vec![0u8; 4 * 65536]; // four identical blocks
+
+    let ca = node.store(&a[..], Some("a".into()), None).unwrap();
+    let ca2 = node.store(&a[..], Some("a-again".into()), None).unwrap();
+    let cb = node.store(&b[..], Some("b".into()), None).unwrap();
+    let cz = node.store(&zeros[..], Some("z".into()), None).unwrap();
+    assert_ne!(ca, ca2);
+    let s = node.repo().space();
+    // 4 shared + 1 of b + 1 zero block + 4 manifests
+    assert_eq!(s.total_blocks, 10);
+    let zero_block = block_cid(&vec![0u8; 65536]);
+    assert_eq!(node.repo().block_meta(&zero_block).unwrap().unwrap().refs, 4);
+    assert_consistent(&node);
+
+    assert!(node.delete(&ca).unwrap());
+    assert!(!node.delete(&ca).unwrap(), "second delete finds nothing");
+    assert_eq!(read_all(&node, &ca2), a, "same tree, other manifest still reads");
+    assert_eq!(node.repo().space().total_blocks, 9);
+    assert!(node.delete(&ca2).unwrap());
+    assert_eq!(read_all(&node, &cb), b, "b keeps the blocks it shares with a");
+    assert_eq!(node.repo().space().total_blocks, 8); // 5 of b + zero + 2 manifests
+    assert!(node.delete(&cb).unwrap());
+    assert!(node.delete(&cz).unwrap());
+    let s = node.repo().space();
+    assert_eq!((s.total_blocks, s.quota_used_bytes), (0, 0));
+    assert!(matches!(node.retrieve(&ca), Err(Error::NotFound(_))));
+    assert_consistent(&node);
+}
+
+#[test]
+fn exceeding_the_quota_stores_and_counts_nothing_of_that_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), 1 << 20, DAY);
+    let small = random_bytes(100_000, 3);
+    let c = node.store(&small[..], None, None).unwrap();
+    let before = node.repo().space();
+    let big = random_bytes(2 << 20, 4);
+    match node.store(&big[..], None, None) {
+        Err(Error::QuotaExceeded { .. }) => {}
+        other => panic!("expected QuotaExceeded, got {other:?}"),
+    }
+    assert_eq!(node.repo().space(), before);
+    assert_eq!(node.repo().datasets().unwrap().len(), 1);
+    assert_eq!(read_all(&node, &c), small);
+    assert_consistent(&node);
+    // What fits still goes in.
+    node.store(&random_bytes(300_000, 5)[..], None, None).unwrap();
+    assert_consistent(&node);
+}
+
+#[test]
+fn expired_datasets_are_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), BIG, Duration::from_secs(60));
+    let keep = node.store(&random_bytes(70_000, 8)[..], None, None).unwrap();
+    let report = node.repo().sweep_expired(unix_now()).unwrap();
+    assert_eq!(report.datasets, 0, "nothing has expired yet");
+    assert!(node.repo().has_dataset(&keep).unwrap());
+    let report = node.repo().sweep_expired(unix_now() + 61).unwrap();
+    assert_eq!(report.datasets, 1);
+    assert_eq!(node.repo().space().quota_used_bytes, 0);
+    assert_consistent(&node);
+}
+
+#[test]
+fn background_sweeper_runs_on_its_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        repo: RepoConfig { quota_max: BIG, block_ttl: Duration::ZERO },
+        sweep_interval: Duration::from_millis(300),
+        ..NodeConfig::default()
+    };
+    let node = Node::open(dir.path(), config).unwrap();
+    let cid = node.store(&random_bytes(1000, 9)[..], None, None).unwrap();
+    let _sweeper = node.spawn_sweeper();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while node.repo().has_dataset(&cid).unwrap() {
+        assert!(std::time::Instant::now() < deadline, "sweeper never removed the expired dataset");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(node.repo().space().total_blocks, 0);
+}
+
+#[test]
+fn a_second_open_of_the_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = node(dir.path(), BIG, DAY);
+    match Node::open(dir.path(), NodeConfig::default()) {
+        Err(Error::DataDirLocked { .. }) => {}
+        other => panic!("expected DataDirLocked, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_block_cid_reads_as_its_single_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), BIG, DAY);
+    let data = random_bytes(65536 + 10, 11);
+    let cid = node.store(&data[..], None, None).unwrap();
+    let m = node.repo().manifest(&cid).unwrap().unwrap();
+    let second = node.repo().leaf_block(&m.tree_cid, 1).unwrap().unwrap();
+    let bytes = read_all(&node, &second);
+    assert_eq!(bytes.len(), 65536);
+    assert_eq!(&bytes[..10], &data[65536..]);
+    assert!(bytes[10..].iter().all(|&b| b == 0), "padding is zeros");
+    let leaf = node.repo().leaf(&m.tree_cid, 1).unwrap().unwrap();
+    let root = codexfs::cids::digest_of(&m.tree_cid).unwrap();
+    let digest = codexfs::cids::digest_of(&second).unwrap();
+    leaf.proof.verify(&digest, &root, 2).expect("stored proof verifies");
+    println!("{}", cid_string(&second));
+}
+
+#[test]
+fn the_consistency_check_finds_a_missing_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let cid = {
+        let node = node(dir.path(), BIG, DAY);
+        node.store(&random_bytes(3 * 65536, 12)[..], None, None).unwrap()
+    };
+    {
+        // Remove one data block behind the repo's back.
+        let cfs = ["blocks", "block_meta", "leaves", "trees", "datasets", "journal", "names"];
+        let mut opts = rocksdb::Options::default();
+        opts.create_missing_column_families(true);
+        let db = rocksdb::DB::open_cf(&opts, dir.path().join("repo"), cfs).unwrap();
+        let blocks = db.cf_handle("blocks").unwrap();
+        let key = db.iterator_cf(blocks, rocksdb::IteratorMode::Start).next().unwrap().unwrap().0;
+        db.delete_cf(blocks, &key).unwrap();
+    }
+    let node = node(dir.path(), BIG, DAY);
+    let r = node.repo().check_consistency().unwrap();
+    assert!(!r.problems.is_empty(), "a missing block must be reported");
+    assert!(node.repo().has_dataset(&cid).unwrap());
+}
