@@ -45,8 +45,8 @@ fn kill_9_at_random_points_leaves_a_consistent_repo() {
 
     let mut kills = 0;
     for i in 0..iterations {
-        let (mut cmd, input) = match i % 4 {
-            0 | 1 => {
+        let (mut cmd, input) = match i % 8 {
+            0..=3 => {
                 let path = tmp.path().join(format!("fresh-{i}.bin"));
                 rng.fill_bytes(&mut buf);
                 std::fs::write(&path, &buf).unwrap();
@@ -54,7 +54,7 @@ fn kill_9_at_random_points_leaves_a_consistent_repo() {
                 c.arg("upload").arg(&path);
                 (c, Some(path))
             }
-            2 => {
+            4..=6 => {
                 let mut c = bin();
                 c.arg("upload").arg(&shared).arg("--filename").arg(format!("copy-{i}"));
                 (c, Some(shared.clone()))
@@ -75,7 +75,7 @@ fn kill_9_at_random_points_leaves_a_consistent_repo() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let delay = full.mul_f64(rng.random_range(0.0..1.2));
+        let delay = full.mul_f64(rng.random_range(0.0..1.6));
         std::thread::sleep(delay);
         let finished = child.try_wait().unwrap().is_some();
         if !finished {
@@ -90,7 +90,7 @@ fn kill_9_at_random_points_leaves_a_consistent_repo() {
         }
         check(&data);
     }
-    assert!(kills >= iterations / 2, "only {kills} of {iterations} runs were killed mid-way");
+    assert!(kills >= iterations / 3, "only {kills} of {iterations} runs were killed mid-way");
 
     // Everything reported stored reads back whole.
     for (cid, path) in &stored {
