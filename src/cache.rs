@@ -23,7 +23,12 @@ struct Inner {
 impl BlockCache {
     pub fn new(max_bytes: usize) -> Self {
         Self {
-            inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0, hits: 0, misses: 0 }),
+            inner: Mutex::new(Inner {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+                hits: 0,
+                misses: 0,
+            }),
             max_bytes,
         }
     }
@@ -87,13 +92,18 @@ mod tests {
     #[test]
     fn stays_within_its_byte_bound_and_evicts_lru_first() {
         let cache = BlockCache::new(3 * 100);
-        let blocks: Vec<_> = (0..5u8).map(|i| (block_cid(&[i]), Bytes::from(vec![i; 100]))).collect();
+        let blocks: Vec<_> = (0..5u8)
+            .map(|i| (block_cid(&[i]), Bytes::from(vec![i; 100])))
+            .collect();
         for (c, b) in &blocks[..3] {
             cache.insert(*c, b.clone());
         }
         assert!(cache.get(&blocks[0].0).is_some()); // 0 is now most recent
         cache.insert(blocks[3].0, blocks[3].1.clone());
-        assert!(cache.get(&blocks[1].0).is_none(), "1 was least recently used");
+        assert!(
+            cache.get(&blocks[1].0).is_none(),
+            "1 was least recently used"
+        );
         assert!(cache.get(&blocks[0].0).is_some());
         assert_eq!(cache.stats().0, 300);
         cache.insert(blocks[4].0, Bytes::from(vec![0; 1000])); // larger than the cache

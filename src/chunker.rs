@@ -68,7 +68,10 @@ impl<R: Read> Chunker<R> {
         }
         let blocks = n.div_ceil(self.block_size).max(1);
         data.truncate(blocks * self.block_size);
-        let batch = ChunkBatch { start: self.next_index, data };
+        let batch = ChunkBatch {
+            start: self.next_index,
+            data,
+        };
         self.next_index += blocks as u64;
         Ok(Some(batch))
     }

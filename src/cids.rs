@@ -50,12 +50,16 @@ pub fn digest_of(cid: &Cid) -> Option<Digest> {
 
 /// Text form, as Codex prints it: base58btc (`z…`).
 pub fn cid_string(cid: &Cid) -> String {
-    cid.to_string_of_base(Base::Base58Btc).unwrap_or_else(|_| cid.to_string())
+    cid.to_string_of_base(Base::Base58Btc)
+        .unwrap_or_else(|_| cid.to_string())
 }
 
 /// Parses a CID from any multibase the `cid` crate reads; only CIDv1 with sha2-256.
 pub fn parse_cid(text: &str) -> Result<Cid> {
-    let invalid = |reason: String| Error::InvalidCid { text: text.to_string(), reason };
+    let invalid = |reason: String| Error::InvalidCid {
+        text: text.to_string(),
+        reason,
+    };
     if text.contains('/') {
         return Err(invalid("contains '/'".into()));
     }

@@ -14,7 +14,11 @@ use codexfs::repo::RepoConfig;
 use codexfs::Error;
 
 #[derive(Parser, Debug)]
-#[command(name = "codexfs", version, about = "A Codex-compatible storage node with a FUSE mount")]
+#[command(
+    name = "codexfs",
+    version,
+    about = "A Codex-compatible storage node with a FUSE mount"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,6 +85,18 @@ enum Command {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// Run the node and mount it at MOUNTPOINT (created if missing) until SIGINT/SIGTERM.
+    Mount {
+        mountpoint: PathBuf,
+        /// How long a read waits for a block before failing with EIO.
+        #[arg(long, env = "CODEXFS_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+        read_timeout: Duration,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// Check the repo's invariants (counters, reference counts, datasets complete).
     Check {
         #[command(flatten)]
@@ -90,12 +106,23 @@ enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Cid { file, mimetype, block_size } => {
+        Command::Cid {
+            file,
+            mimetype,
+            block_size,
+        } => {
             let filename = file.as_deref().and_then(base_name);
-            let (cid, _) = compute_cid(open_input(file.as_deref())?, block_size, filename, mimetype)?;
+            let (cid, _) =
+                compute_cid(open_input(file.as_deref())?, block_size, filename, mimetype)?;
             println!("{}", cid_string(&cid));
         }
-        Command::Upload { file, mimetype, filename, block_size, repo } => {
+        Command::Upload {
+            file,
+            mimetype,
+            filename,
+            block_size,
+            repo,
+        } => {
             let filename = filename.or_else(|| base_name(&file));
             let input = open_input(Some(&file))?;
             let mut config = node_config(&repo);
@@ -135,14 +162,21 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ls { repo } => {
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
             for (cid, m) in node.repo().datasets()? {
-                println!("{}\t{}\t{}", cid_string(&cid), m.dataset_size, m.filename.as_deref().unwrap_or("-"));
+                println!(
+                    "{}\t{}\t{}",
+                    cid_string(&cid),
+                    m.dataset_size,
+                    m.filename.as_deref().unwrap_or("-")
+                );
             }
         }
         Command::Rm { cid, repo } => {
             let cid = parse_cid(&cid)?;
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
             if !node.delete(&cid)? {
-                return Err(Error::NotFound(format!("{} is not stored here", cid_string(&cid))).into());
+                return Err(
+                    Error::NotFound(format!("{} is not stored here", cid_string(&cid))).into(),
+                );
             }
         }
         Command::Space { repo } => {
@@ -153,10 +187,27 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("quotaUsedBytes\t{}", s.quota_used_bytes);
             println!("quotaReservedBytes\t{}", s.quota_reserved_bytes);
         }
+        Command::Mount {
+            mountpoint,
+            read_timeout,
+            threads,
+            repo,
+        } => {
+            crate::mount_cmd::run(
+                &data_dir(&repo)?,
+                node_config(&repo),
+                mountpoint,
+                read_timeout,
+                threads,
+            )?;
+        }
         Command::Check { repo } => {
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
             let r = node.repo().check_consistency()?;
-            println!("datasets {} blocks {} bytes {}", r.datasets, r.blocks, r.bytes);
+            println!(
+                "datasets {} blocks {} bytes {}",
+                r.datasets, r.blocks, r.bytes
+            );
             if !r.problems.is_empty() {
                 for p in &r.problems {
                     println!("problem: {p}");
@@ -170,7 +221,10 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn node_config(repo: &RepoArgs) -> NodeConfig {
     NodeConfig {
-        repo: RepoConfig { quota_max: repo.quota, block_ttl: repo.block_ttl },
+        repo: RepoConfig {
+            quota_max: repo.quota,
+            block_ttl: repo.block_ttl,
+        },
         ..NodeConfig::default()
     }
 }
@@ -182,7 +236,8 @@ fn data_dir(repo: &RepoArgs) -> Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
         return Ok(PathBuf::from(x).join("codexfs"));
     }
-    let home = std::env::var_os("HOME").context("neither --data-dir, XDG_DATA_HOME nor HOME is set")?;
+    let home =
+        std::env::var_os("HOME").context("neither --data-dir, XDG_DATA_HOME nor HOME is set")?;
     Ok(PathBuf::from(home).join(".local/share/codexfs"))
 }
 
@@ -223,7 +278,8 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "t" | "tb" | "tib" => 1 << 40,
         other => return Err(format!("unknown size unit {other:?}")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size too large: {s:?}"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size too large: {s:?}"))
 }
 
 /// "30d", "10m", "90" (seconds) → duration.
@@ -255,10 +311,15 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 }
 
 fn io_kind(e: &anyhow::Error) -> Option<io::ErrorKind> {
-    e.chain().find_map(|c| c.downcast_ref::<io::Error>()).map(|io| io.kind())
+    e.chain()
+        .find_map(|c| c.downcast_ref::<io::Error>())
+        .map(|io| io.kind())
 }
 
 /// One line: the context and its causes.
 pub fn describe(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }

@@ -13,10 +13,17 @@ pub enum Error {
     NotFound(String),
 
     #[error("quota exceeded: {needed} more bytes needed, {available} of {max} available")]
-    QuotaExceeded { needed: u64, available: u64, max: u64 },
+    QuotaExceeded {
+        needed: u64,
+        available: u64,
+        max: u64,
+    },
 
     #[error("data dir {path} is in use by another codexfs process{}", holder.as_ref().map(|p| format!(" (pid {p})")).unwrap_or_default())]
-    DataDirLocked { path: PathBuf, holder: Option<String> },
+    DataDirLocked {
+        path: PathBuf,
+        holder: Option<String>,
+    },
 
     #[error("malformed {what}: {reason}")]
     Malformed { what: &'static str, reason: String },
@@ -36,7 +43,10 @@ pub enum Error {
 
 impl Error {
     pub fn malformed(what: &'static str, reason: impl Into<String>) -> Self {
-        Error::Malformed { what, reason: reason.into() }
+        Error::Malformed {
+            what,
+            reason: reason.into(),
+        }
     }
 
     /// The errno a filesystem caller should see for this error.

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod chunker;
 pub mod cids;
 pub mod error;
+pub mod fs;
 pub mod manifest;
 pub mod merkle;
 pub mod node;

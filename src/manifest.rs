@@ -125,14 +125,20 @@ impl Manifest {
         let missing = |f: &str| Error::malformed(WHAT, format!("no {f}"));
         let block_size = block_size.ok_or_else(|| missing("blockSize"))?;
         if block_size == 0 || block_size > MAX_BLOCK_SIZE {
-            return Err(Error::malformed(WHAT, format!("block size {block_size} out of range")));
+            return Err(Error::malformed(
+                WHAT,
+                format!("block size {block_size} out of range"),
+            ));
         }
         if version.ok_or_else(|| missing("version"))? != CID_V1_ENUM {
             return Err(Error::malformed(WHAT, "CID version is not v1"));
         }
         let hcodec = hcodec.ok_or_else(|| missing("hcodec"))?;
         if hcodec != SHA2_256 {
-            return Err(Error::malformed(WHAT, format!("hash codec {hcodec:#x} is not sha2-256")));
+            return Err(Error::malformed(
+                WHAT,
+                format!("hash codec {hcodec:#x} is not sha2-256"),
+            ));
         }
         Ok(Self {
             tree_cid: tree_cid.ok_or_else(|| missing("treeCid"))?,
@@ -177,11 +183,15 @@ pub fn manifest_cid(encoded: &[u8]) -> Cid {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cids::{ROOT_CODEC, cid_from_digest};
+    use crate::cids::{cid_from_digest, ROOT_CODEC};
     use proptest::prelude::*;
 
     fn sample() -> Manifest {
-        let mut m = Manifest::new(cid_from_digest(ROOT_CODEC, &sha256(b"root")), 65536, 100_001);
+        let mut m = Manifest::new(
+            cid_from_digest(ROOT_CODEC, &sha256(b"root")),
+            65536,
+            100_001,
+        );
         m.filename = Some("report.pdf".into());
         m.mimetype = Some("application/pdf".into());
         m

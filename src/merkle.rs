@@ -35,7 +35,9 @@ pub struct MerkleTree {
 impl MerkleTree {
     pub fn new(leaves: Vec<Digest>) -> Result<Self> {
         if leaves.is_empty() {
-            return Err(Error::InvalidArgument("a Merkle tree needs at least one leaf".into()));
+            return Err(Error::InvalidArgument(
+                "a Merkle tree needs at least one leaf".into(),
+            ));
         }
         let mut layers = vec![leaves];
         loop {
@@ -44,8 +46,11 @@ impl MerkleTree {
             if layer.len() == 1 && !bottom {
                 break;
             }
-            let (key, odd_key) =
-                if bottom { (KEY_BOTTOM, KEY_ODD_BOTTOM) } else { (KEY_INNER, KEY_ODD_INNER) };
+            let (key, odd_key) = if bottom {
+                (KEY_BOTTOM, KEY_ODD_BOTTOM)
+            } else {
+                (KEY_INNER, KEY_ODD_INNER)
+            };
             let next = layer
                 .chunks(2)
                 .map(|pair| match pair {
@@ -80,7 +85,9 @@ impl MerkleTree {
     pub fn proof(&self, index: u64) -> Result<MerkleProof> {
         let n = self.leaf_count();
         if index >= n {
-            return Err(Error::InvalidArgument(format!("leaf {index} of a {n}-leaf tree")));
+            return Err(Error::InvalidArgument(format!(
+                "leaf {index} of a {n}-leaf tree"
+            )));
         }
         let mut j = index as usize;
         let mut path = Vec::with_capacity(self.layers.len() - 1);
@@ -93,7 +100,11 @@ impl MerkleTree {
             path.push(sibling);
             j /= 2;
         }
-        Ok(MerkleProof { index, nleaves: n, path })
+        Ok(MerkleProof {
+            index,
+            nleaves: n,
+            path,
+        })
     }
 }
 
@@ -105,7 +116,11 @@ pub enum ProofError {
     #[error("leaf index {index} out of range for {nleaves} leaves")]
     Index { index: u64, nleaves: u64 },
     #[error("proof has {got} nodes, a {nleaves}-leaf tree needs {expected}")]
-    PathLength { got: usize, expected: usize, nleaves: u64 },
+    PathLength {
+        got: usize,
+        expected: usize,
+        nleaves: u64,
+    },
     #[error("proof reaches a different root")]
     RootMismatch,
 }
@@ -156,10 +171,16 @@ impl MerkleProof {
     /// knows both from the manifest) that reaches `root` from `leaf`.
     pub fn verify(&self, leaf: &Digest, root: &Digest, nleaves: u64) -> Result<(), ProofError> {
         if self.nleaves != nleaves {
-            return Err(ProofError::LeafCount { got: self.nleaves, expected: nleaves });
+            return Err(ProofError::LeafCount {
+                got: self.nleaves,
+                expected: nleaves,
+            });
         }
         if self.index >= self.nleaves {
-            return Err(ProofError::Index { index: self.index, nleaves: self.nleaves });
+            return Err(ProofError::Index {
+                index: self.index,
+                nleaves: self.nleaves,
+            });
         }
         let expected = proof_depth(self.nleaves);
         if self.path.len() != expected {
@@ -178,7 +199,9 @@ impl MerkleProof {
     /// CodexProof `{1: mcodec, 2: index, 3: nleaves, 4: repeated {1: node}}`.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        w.varint_field(1, SHA2_256).varint_field(2, self.index).varint_field(3, self.nleaves);
+        w.varint_field(1, SHA2_256)
+            .varint_field(2, self.index)
+            .varint_field(3, self.nleaves);
         for node in &self.path {
             let mut n = Writer::new();
             n.bytes_field(1, node);
@@ -225,7 +248,11 @@ impl MerkleProof {
         if nleaves == 0 {
             return Err(Error::malformed(WHAT, "zero leaves"));
         }
-        Ok(Self { index, nleaves, path })
+        Ok(Self {
+            index,
+            nleaves,
+            path,
+        })
     }
 }
 
@@ -267,7 +294,8 @@ mod tests {
             for i in 0..n {
                 let p = t.proof(i as u64).unwrap();
                 assert_eq!(p.path.len(), proof_depth(n64), "n={n}");
-                p.verify(&l[i], &root, n64).unwrap_or_else(|e| panic!("n={n} i={i}: {e}"));
+                p.verify(&l[i], &root, n64)
+                    .unwrap_or_else(|e| panic!("n={n} i={i}: {e}"));
                 assert_eq!(MerkleProof::decode(&p.encode()).unwrap(), p);
 
                 // a changed leaf
@@ -282,18 +310,27 @@ mod tests {
                 // every other index
                 for j in 0..n64 + 2 {
                     if j != i as u64 {
-                        let q = MerkleProof { index: j, ..p.clone() };
+                        let q = MerkleProof {
+                            index: j,
+                            ..p.clone()
+                        };
                         assert!(q.verify(&l[i], &root, n64).is_err(), "n={n} i={i} j={j}");
                     }
                 }
                 // a leaf count other than the tree's (the verifier knows it from the manifest)
                 for m in [n64 - 1, n64 + 1, n64 * 2] {
-                    let q = MerkleProof { nleaves: m, ..p.clone() };
+                    let q = MerkleProof {
+                        nleaves: m,
+                        ..p.clone()
+                    };
                     assert!(q.verify(&l[i], &root, n64).is_err());
                 }
                 // another tree's root
                 let other_root = MerkleTree::new(leaves(n + 1)).unwrap().root();
-                assert_eq!(p.verify(&l[i], &other_root, n64), Err(ProofError::RootMismatch));
+                assert_eq!(
+                    p.verify(&l[i], &other_root, n64),
+                    Err(ProofError::RootMismatch)
+                );
             }
         }
     }

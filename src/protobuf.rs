@@ -161,14 +161,20 @@ impl<'a> Value<'a> {
     pub fn as_u64(&self, what: &'static str, field: &str) -> Result<u64> {
         match *self {
             Value::Varint(v) => Ok(v),
-            _ => Err(Error::malformed(what, format!("field {field} is not a varint"))),
+            _ => Err(Error::malformed(
+                what,
+                format!("field {field} is not a varint"),
+            )),
         }
     }
 
     pub fn as_bytes(&self, what: &'static str, field: &str) -> Result<&'a [u8]> {
         match *self {
             Value::Bytes(b) => Ok(b),
-            _ => Err(Error::malformed(what, format!("field {field} is not length-delimited"))),
+            _ => Err(Error::malformed(
+                what,
+                format!("field {field} is not length-delimited"),
+            )),
         }
     }
 
@@ -196,7 +202,9 @@ mod tests {
     #[test]
     fn fields_round_trip_and_truncation_fails() {
         let mut w = Writer::new();
-        w.varint_field(1, 5).bytes_field(2, b"abc").bool_field(3, true);
+        w.varint_field(1, 5)
+            .bytes_field(2, b"abc")
+            .bool_field(3, true);
         let bytes = w.into_bytes();
         let mut r = Reader::new(&bytes, "test");
         assert_eq!(r.next_field().unwrap(), Some((1, Value::Varint(5))));

@@ -16,7 +16,11 @@ fn codexfs(data_dir: &Path, args: &[&str]) -> Output {
 }
 
 fn ok(out: Output) -> String {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -31,17 +35,29 @@ fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
 fn files_round_trip_through_upload_and_download() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    for (i, size) in [0usize, 1, 65535, 65536, 65537, 100 * 1024 * 1024 + 1].into_iter().enumerate() {
+    for (i, size) in [0usize, 1, 65535, 65536, 65537, 100 * 1024 * 1024 + 1]
+        .into_iter()
+        .enumerate()
+    {
         let src = tmp.path().join(format!("in-{size}.bin"));
         let bytes = write_random(&src, size, i as u64);
         let cid = ok(codexfs(&data, &["upload", src.to_str().unwrap()]));
         assert!(cid.starts_with('z'), "{cid}");
         // `cid` predicts the same CID without storing
-        let predicted = Command::new(env!("CARGO_BIN_EXE_codexfs")).args(["cid", src.to_str().unwrap()]).output().unwrap();
+        let predicted = Command::new(env!("CARGO_BIN_EXE_codexfs"))
+            .args(["cid", src.to_str().unwrap()])
+            .output()
+            .unwrap();
         assert_eq!(ok(predicted), cid);
         let dst = tmp.path().join(format!("out-{size}.bin"));
-        ok(codexfs(&data, &["download", &cid, "-o", dst.to_str().unwrap()]));
-        assert!(std::fs::read(&dst).unwrap() == bytes, "size {size} differs after round trip");
+        ok(codexfs(
+            &data,
+            &["download", &cid, "-o", dst.to_str().unwrap()],
+        ));
+        assert!(
+            std::fs::read(&dst).unwrap() == bytes,
+            "size {size} differs after round trip"
+        );
         std::fs::remove_file(&dst).unwrap();
     }
     let listing = ok(codexfs(&data, &["ls"]));
@@ -58,7 +74,12 @@ fn stdin_upload_has_no_filename_and_download_to_stdout_works() {
     let bytes = write_random(&src, 200_000, 9);
     let out = Command::new("sh")
         .arg("-c")
-        .arg(format!("{} upload - --data-dir {} < {}", env!("CARGO_BIN_EXE_codexfs"), data.display(), src.display()))
+        .arg(format!(
+            "{} upload - --data-dir {} < {}",
+            env!("CARGO_BIN_EXE_codexfs"),
+            data.display(),
+            src.display()
+        ))
         .output()
         .unwrap();
     let cid = ok(out);
@@ -70,7 +91,11 @@ fn stdin_upload_has_no_filename_and_download_to_stdout_works() {
     // With --mimetype the CID changes; `cid -` reads stdin like upload.
     let with_type = Command::new("sh")
         .arg("-c")
-        .arg(format!("{} cid - --mimetype text/plain < {}", env!("CARGO_BIN_EXE_codexfs"), src.display()))
+        .arg(format!(
+            "{} cid - --mimetype text/plain < {}",
+            env!("CARGO_BIN_EXE_codexfs"),
+            src.display()
+        ))
         .output()
         .unwrap();
     assert_ne!(ok(with_type), cid);
@@ -88,7 +113,10 @@ fn rm_frees_space_and_space_reports_the_fields() {
     assert!(space.contains("quotaReservedBytes\t0"));
     ok(codexfs(&data, &["rm", &cid]));
     let space = ok(codexfs(&data, &["space"]));
-    assert!(space.contains("totalBlocks\t0") && space.contains("quotaUsedBytes\t0"), "{space}");
+    assert!(
+        space.contains("totalBlocks\t0") && space.contains("quotaUsedBytes\t0"),
+        "{space}"
+    );
 }
 
 #[test]
@@ -102,14 +130,22 @@ fn errors_are_one_line_and_told_apart() {
         assert!(err.contains(needle), "{err:?} should mention {needle:?}");
     };
     check(codexfs(&data, &["download", "not-a-cid"]), 3, "invalid CID");
-    check(codexfs(&data, &["upload", "/nonexistent/file"]), 4, "cannot open /nonexistent/file");
+    check(
+        codexfs(&data, &["upload", "/nonexistent/file"]),
+        4,
+        "cannot open /nonexistent/file",
+    );
     let unknown = "zDvZRwzm1ePSzKSXt57D5YxHwcSDmsCyYN65wW4HT7fuX9HrzFXy";
     check(codexfs(&data, &["download", unknown]), 4, "not stored here");
     check(codexfs(&data, &["rm", unknown]), 4, "not stored here");
 
     let big = tmp.path().join("big");
     write_random(&big, 2 << 20, 2);
-    check(codexfs(&data, &["upload", big.to_str().unwrap(), "--quota", "1MiB"]), 5, "quota exceeded");
+    check(
+        codexfs(&data, &["upload", big.to_str().unwrap(), "--quota", "1MiB"]),
+        5,
+        "quota exceeded",
+    );
     let space = ok(codexfs(&data, &["space", "--quota", "1MiB"]));
     assert!(space.contains("quotaUsedBytes\t0"), "{space}");
 
@@ -123,10 +159,17 @@ fn errors_are_one_line_and_told_apart() {
     let lock = data.join("codexfs.lock");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::fs::read_to_string(&lock).unwrap_or_default().trim() != holder.id().to_string() {
-        assert!(std::time::Instant::now() < deadline, "holder never took the lock");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "holder never took the lock"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    check(codexfs(&data, &["ls"]), 6, "in use by another codexfs process");
+    check(
+        codexfs(&data, &["ls"]),
+        6,
+        "in use by another codexfs process",
+    );
     drop(holder.stdin.take());
     assert!(holder.wait().unwrap().success());
 }

@@ -13,9 +13,17 @@ fn bin() -> Command {
 }
 
 fn check(data: &Path) -> String {
-    let out = bin().args(["check", "--data-dir"]).arg(data).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "repo inconsistent after kill -9:\n{text}");
+    let out = bin()
+        .args(["check", "--data-dir"])
+        .arg(data)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "repo inconsistent after kill -9:\n{text}"
+    );
     text
 }
 
@@ -24,9 +32,15 @@ fn kill_9_at_random_points_leaves_a_consistent_repo() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let mut rng = rand::rngs::StdRng::seed_from_u64(
-        std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(42),
+        std::env::var("CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(42),
     );
-    let iterations: usize = std::env::var("CRASH_ITERATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let iterations: usize = std::env::var("CRASH_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
 
     // Inputs: fresh random files, and one re-uploaded again and again (dedup path).
     let size = 24 << 20;
@@ -37,11 +51,19 @@ fn kill_9_at_random_points_leaves_a_consistent_repo() {
 
     // How long one whole upload takes here, to spread the kills over it.
     let t = Instant::now();
-    let out = bin().args(["upload"]).arg(&shared).arg("--data-dir").arg(&data).output().unwrap();
+    let out = bin()
+        .args(["upload"])
+        .arg(&shared)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let full = t.elapsed();
-    let mut stored: Vec<(String, std::path::PathBuf)> =
-        vec![(String::from_utf8(out.stdout).unwrap().trim().to_string(), shared.clone())];
+    let mut stored: Vec<(String, std::path::PathBuf)> = vec![(
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        shared.clone(),
+    )];
 
     let mut kills = 0;
     for i in 0..iterations {
@@ -56,12 +78,17 @@ fn kill_9_at_random_points_leaves_a_consistent_repo() {
             }
             4..=6 => {
                 let mut c = bin();
-                c.arg("upload").arg(&shared).arg("--filename").arg(format!("copy-{i}"));
+                c.arg("upload")
+                    .arg(&shared)
+                    .arg("--filename")
+                    .arg(format!("copy-{i}"));
                 (c, Some(shared.clone()))
             }
             _ => {
                 // delete something that was stored (not the shared original)
-                let Some(pos) = (1..stored.len()).last() else { continue };
+                let Some(pos) = (1..stored.len()).last() else {
+                    continue;
+                };
                 let (cid, _) = stored.remove(pos);
                 let mut c = bin();
                 c.arg("rm").arg(cid);
@@ -85,17 +112,31 @@ fn kill_9_at_random_points_leaves_a_consistent_repo() {
         let out = child.wait_with_output().unwrap();
         if finished && out.status.success() {
             if let Some(path) = input {
-                stored.push((String::from_utf8(out.stdout).unwrap().trim().to_string(), path));
+                stored.push((
+                    String::from_utf8(out.stdout).unwrap().trim().to_string(),
+                    path,
+                ));
             }
         }
         check(&data);
     }
-    assert!(kills >= iterations / 3, "only {kills} of {iterations} runs were killed mid-way");
+    assert!(
+        kills >= iterations / 3,
+        "only {kills} of {iterations} runs were killed mid-way"
+    );
 
     // Everything reported stored reads back whole.
     for (cid, path) in &stored {
-        let out = bin().args(["download", cid, "--data-dir"]).arg(&data).output().unwrap();
-        assert!(out.status.success(), "{cid}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = bin()
+            .args(["download", cid, "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(out.stdout == std::fs::read(path).unwrap(), "{cid} differs");
     }
     println!("{kills} kills, {} datasets verified", stored.len());

@@ -17,7 +17,13 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 }
 
 fn node(dir: &std::path::Path, quota: u64, ttl: Duration) -> Node {
-    let config = NodeConfig { repo: RepoConfig { quota_max: quota, block_ttl: ttl }, ..NodeConfig::default() };
+    let config = NodeConfig {
+        repo: RepoConfig {
+            quota_max: quota,
+            block_ttl: ttl,
+        },
+        ..NodeConfig::default()
+    };
     Node::open(dir, config).expect("open node")
 }
 
@@ -39,10 +45,16 @@ const DAY: Duration = Duration::from_secs(86400);
 fn sizes_round_trip_and_match_computed_cid() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path(), BIG, DAY);
-    for (i, size) in [0usize, 1, 65535, 65536, 65537, 3 * 65536 + 5].into_iter().enumerate() {
+    for (i, size) in [0usize, 1, 65535, 65536, 65537, 3 * 65536 + 5]
+        .into_iter()
+        .enumerate()
+    {
         let data = random_bytes(size, i as u64);
-        let cid = node.store(&data[..], Some(format!("f{size}")), None).unwrap();
-        let (expected, manifest) = compute_cid(&data[..], 65536, Some(format!("f{size}")), None).unwrap();
+        let cid = node
+            .store(&data[..], Some(format!("f{size}")), None)
+            .unwrap();
+        let (expected, manifest) =
+            compute_cid(&data[..], 65536, Some(format!("f{size}")), None).unwrap();
         assert_eq!(cid, expected, "size {size}");
         assert_eq!(manifest.dataset_size, size as u64);
         assert_eq!(read_all(&node, &cid), data, "size {size}");
@@ -108,15 +120,26 @@ fn duplicates_are_stored_once_and_deletion_frees_only_unshared_blocks() {
     // 4 shared + 1 of b + 1 zero block + 4 manifests
     assert_eq!(s.total_blocks, 10);
     let zero_block = block_cid(&vec![0u8; 65536]);
-    assert_eq!(node.repo().block_meta(&zero_block).unwrap().unwrap().refs, 4);
+    assert_eq!(
+        node.repo().block_meta(&zero_block).unwrap().unwrap().refs,
+        4
+    );
     assert_consistent(&node);
 
     assert!(node.delete(&ca).unwrap());
     assert!(!node.delete(&ca).unwrap(), "second delete finds nothing");
-    assert_eq!(read_all(&node, &ca2), a, "same tree, other manifest still reads");
+    assert_eq!(
+        read_all(&node, &ca2),
+        a,
+        "same tree, other manifest still reads"
+    );
     assert_eq!(node.repo().space().total_blocks, 9);
     assert!(node.delete(&ca2).unwrap());
-    assert_eq!(read_all(&node, &cb), b, "b keeps the blocks it shares with a");
+    assert_eq!(
+        read_all(&node, &cb),
+        b,
+        "b keeps the blocks it shares with a"
+    );
     assert_eq!(node.repo().space().total_blocks, 8); // 5 of b + zero + 2 manifests
     assert!(node.delete(&cb).unwrap());
     assert!(node.delete(&cz).unwrap());
@@ -143,7 +166,8 @@ fn exceeding_the_quota_stores_and_counts_nothing_of_that_upload() {
     assert_eq!(read_all(&node, &c), small);
     assert_consistent(&node);
     // What fits still goes in.
-    node.store(&random_bytes(300_000, 5)[..], None, None).unwrap();
+    node.store(&random_bytes(300_000, 5)[..], None, None)
+        .unwrap();
     assert_consistent(&node);
 }
 
@@ -151,7 +175,9 @@ fn exceeding_the_quota_stores_and_counts_nothing_of_that_upload() {
 fn expired_datasets_are_swept() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path(), BIG, Duration::from_secs(60));
-    let keep = node.store(&random_bytes(70_000, 8)[..], None, None).unwrap();
+    let keep = node
+        .store(&random_bytes(70_000, 8)[..], None, None)
+        .unwrap();
     let report = node.repo().sweep_expired(unix_now()).unwrap();
     assert_eq!(report.datasets, 0, "nothing has expired yet");
     assert!(node.repo().has_dataset(&keep).unwrap());
@@ -165,7 +191,10 @@ fn expired_datasets_are_swept() {
 fn background_sweeper_runs_on_its_interval() {
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
-        repo: RepoConfig { quota_max: BIG, block_ttl: Duration::ZERO },
+        repo: RepoConfig {
+            quota_max: BIG,
+            block_ttl: Duration::ZERO,
+        },
         sweep_interval: Duration::from_millis(300),
         ..NodeConfig::default()
     };
@@ -174,7 +203,10 @@ fn background_sweeper_runs_on_its_interval() {
     let _sweeper = node.spawn_sweeper();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while node.repo().has_dataset(&cid).unwrap() {
-        assert!(std::time::Instant::now() < deadline, "sweeper never removed the expired dataset");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sweeper never removed the expired dataset"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(node.repo().space().total_blocks, 0);
@@ -205,7 +237,9 @@ fn a_block_cid_reads_as_its_single_block() {
     let leaf = node.repo().leaf(&m.tree_cid, 1).unwrap().unwrap();
     let root = codexfs::cids::digest_of(&m.tree_cid).unwrap();
     let digest = codexfs::cids::digest_of(&second).unwrap();
-    leaf.proof.verify(&digest, &root, 2).expect("stored proof verifies");
+    leaf.proof
+        .verify(&digest, &root, 2)
+        .expect("stored proof verifies");
     println!("{}", cid_string(&second));
 }
 
@@ -214,20 +248,58 @@ fn the_consistency_check_finds_a_missing_block() {
     let dir = tempfile::tempdir().unwrap();
     let cid = {
         let node = node(dir.path(), BIG, DAY);
-        node.store(&random_bytes(3 * 65536, 12)[..], None, None).unwrap()
+        node.store(&random_bytes(3 * 65536, 12)[..], None, None)
+            .unwrap()
     };
     {
         // Remove one data block behind the repo's back.
-        let cfs = ["blocks", "block_meta", "leaves", "trees", "datasets", "journal", "names"];
+        let cfs = [
+            "blocks",
+            "block_meta",
+            "leaves",
+            "trees",
+            "datasets",
+            "journal",
+            "names",
+        ];
         let mut opts = rocksdb::Options::default();
         opts.create_missing_column_families(true);
         let db = rocksdb::DB::open_cf(&opts, dir.path().join("repo"), cfs).unwrap();
         let blocks = db.cf_handle("blocks").unwrap();
-        let key = db.iterator_cf(blocks, rocksdb::IteratorMode::Start).next().unwrap().unwrap().0;
+        let key = db
+            .iterator_cf(blocks, rocksdb::IteratorMode::Start)
+            .next()
+            .unwrap()
+            .unwrap()
+            .0;
         db.delete_cf(blocks, &key).unwrap();
     }
     let node = node(dir.path(), BIG, DAY);
     let r = node.repo().check_consistency().unwrap();
     assert!(!r.problems.is_empty(), "a missing block must be reported");
     assert!(node.repo().has_dataset(&cid).unwrap());
+}
+
+#[test]
+fn reclaiming_space_shrinks_blob_files_after_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), BIG, DAY);
+    let keep = node
+        .store(&random_bytes(4 << 20, 20)[..], None, None)
+        .unwrap();
+    let gone = node
+        .store(&random_bytes(40 << 20, 21)[..], None, None)
+        .unwrap();
+    node.repo().reclaim_space().unwrap(); // settle everything into blob files
+    let before = node.repo().blob_bytes_on_disk().unwrap();
+    assert!(before >= 44 << 20, "{before}");
+    assert!(node.delete(&gone).unwrap());
+    node.repo().reclaim_space().unwrap();
+    let after = node.repo().blob_bytes_on_disk().unwrap();
+    assert!(
+        after < 10 << 20,
+        "blob files still hold {after} bytes after deleting 40 MiB of 44"
+    );
+    assert_eq!(read_all(&node, &keep).len(), 4 << 20);
+    assert_consistent(&node);
 }

@@ -81,7 +81,13 @@ pub struct DirEntry {
 
 enum Handle {
     Read(Arc<Prefetcher>),
-    Write { ino: u64, writer: Arc<Mutex<FileWriter>>, created: bool },
+    /// `writable` is false for a read-only open that reads through another handle's writer.
+    Write {
+        ino: u64,
+        writer: Arc<Mutex<FileWriter>>,
+        created: bool,
+        writable: bool,
+    },
     Dir(Arc<Vec<DirEntry>>),
 }
 
@@ -127,7 +133,12 @@ fn looks_like_cid(name: &str) -> bool {
 }
 
 impl FsCore {
-    pub fn new(node: Node, source: Arc<dyn BlockSource>, runtime: tokio::runtime::Handle, config: FsConfig) -> Self {
+    pub fn new(
+        node: Node,
+        source: Arc<dyn BlockSource>,
+        runtime: tokio::runtime::Handle,
+        config: FsConfig,
+    ) -> Self {
         Self {
             node,
             source,
@@ -164,7 +175,15 @@ impl FsCore {
     }
 
     fn file_attr(&self, ino: u64, size: u64, perm: u16, mtime: SystemTime) -> Attr {
-        Attr { ino, size, kind: Kind::File, perm, mtime, uid: self.config.uid, gid: self.config.gid }
+        Attr {
+            ino,
+            size,
+            kind: Kind::File,
+            perm,
+            mtime,
+            uid: self.config.uid,
+            gid: self.config.gid,
+        }
     }
 
     /// Runs `f` on the blocking pool and waits at most the read timeout for it: a lookup
@@ -185,14 +204,20 @@ impl FsCore {
 
     fn resolve(&self, cid: &Cid) -> Result<Dataset, Errno> {
         let (source, c) = (self.source.clone(), *cid);
-        self.bounded(move || source.resolve(&c))?.ok_or(libc::ENOENT)
+        self.bounded(move || source.resolve(&c))?
+            .ok_or(libc::ENOENT)
     }
 
     /// The writer open on `ino` that has changed the file, if any: its view is the
     /// file's current size.
     fn open_writer(&self, ino: u64) -> Option<Arc<Mutex<FileWriter>>> {
         lock(&self.handles).values().find_map(|h| match h {
-            Handle::Write { ino: i, writer, .. } if *i == ino => Some(writer.clone()),
+            Handle::Write {
+                ino: i,
+                writer,
+                writable: true,
+                ..
+            } if *i == ino => Some(writer.clone()),
             _ => None,
         })
     }
@@ -203,7 +228,12 @@ impl FsCore {
             return Ok(self.file_attr(ino, size, 0o644, SystemTime::now()));
         }
         let name = name.ok_or(libc::ENOENT)?;
-        let record = self.node.repo().name(name).map_err(|e| e.errno())?.ok_or(libc::ENOENT)?;
+        let record = self
+            .node
+            .repo()
+            .name(name)
+            .map_err(|e| e.errno())?
+            .ok_or(libc::ENOENT)?;
         let dataset = self.resolve(&record.cid)?;
         Ok(self.file_attr(ino, dataset.size(), 0o644, from_unix(record.mtime)))
     }
@@ -236,7 +266,9 @@ impl FsCore {
         match entry {
             Entry::Root => Ok(self.root_attr()),
             Entry::Named(name) => self.named_attr(ino, name.as_deref()),
-            Entry::Cid(cid) => Ok(self.file_attr(ino, self.resolve(&cid)?.size(), 0o444, UNIX_EPOCH)),
+            Entry::Cid(cid) => {
+                Ok(self.file_attr(ino, self.resolve(&cid)?.size(), 0o444, UNIX_EPOCH))
+            }
         }
     }
 
@@ -248,15 +280,27 @@ impl FsCore {
         }
         let repo = self.node.repo();
         let mut entries = vec![
-            DirEntry { ino: ROOT_INO, kind: Kind::Directory, name: ".".into() },
-            DirEntry { ino: ROOT_INO, kind: Kind::Directory, name: "..".into() },
+            DirEntry {
+                ino: ROOT_INO,
+                kind: Kind::Directory,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: ROOT_INO,
+                kind: Kind::Directory,
+                name: "..".into(),
+            },
         ];
         let mut seen = std::collections::HashSet::new();
         let mut inodes = lock(&self.inodes);
         for (name, _) in repo.names().map_err(|e| e.errno())? {
             let ino = inodes.named(&name, false);
             seen.insert(name.clone());
-            entries.push(DirEntry { ino, kind: Kind::File, name });
+            entries.push(DirEntry {
+                ino,
+                kind: Kind::File,
+                name,
+            });
         }
         // Files being written for the first time are listed too.
         let handles = lock(&self.handles);
@@ -264,7 +308,11 @@ impl FsCore {
             if let Handle::Write { ino, .. } = h {
                 if let Some(Entry::Named(Some(name))) = inodes.get(*ino) {
                     if seen.insert(name.clone()) {
-                        entries.push(DirEntry { ino: *ino, kind: Kind::File, name: name.clone() });
+                        entries.push(DirEntry {
+                            ino: *ino,
+                            kind: Kind::File,
+                            name: name.clone(),
+                        });
                     }
                 }
             }
@@ -272,7 +320,11 @@ impl FsCore {
         drop(handles);
         for (cid, _) in repo.datasets().map_err(|e| e.errno())? {
             let ino = inodes.cid(&cid, false);
-            entries.push(DirEntry { ino, kind: Kind::File, name: cid_string(&cid) });
+            entries.push(DirEntry {
+                ino,
+                kind: Kind::File,
+                name: cid_string(&cid),
+            });
         }
         drop(inodes);
         Ok(self.add_handle(Handle::Dir(Arc::new(entries))))
@@ -284,7 +336,12 @@ impl FsCore {
             Some(Handle::Dir(e)) => e.clone(),
             _ => return Err(libc::EBADF),
         };
-        Ok(entries.iter().enumerate().skip(offset as usize).map(|(i, e)| (i as u64 + 1, e.clone())).collect())
+        Ok(entries
+            .iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, e)| (i as u64 + 1, e.clone()))
+            .collect())
     }
 
     pub fn mkdir(&self, _parent: u64, _name: &OsStr) -> Result<Attr, Errno> {
@@ -310,7 +367,10 @@ impl FsCore {
                     return Err(libc::EROFS);
                 }
                 let dataset = self.resolve(&cid)?;
-                Ok(Opened { fh: self.add_handle(Handle::Read(self.prefetcher(dataset))), keep_cache: true })
+                Ok(Opened {
+                    fh: self.add_handle(Handle::Read(self.prefetcher(dataset))),
+                    keep_cache: true,
+                })
             }
             Entry::Named(name) => {
                 let name = name.ok_or(libc::ENOENT)?;
@@ -324,8 +384,16 @@ impl FsCore {
                         published,
                         truncate,
                     );
-                    let h = Handle::Write { ino, writer: Arc::new(Mutex::new(writer)), created: false };
-                    return Ok(Opened { fh: self.add_handle(h), keep_cache: false });
+                    let h = Handle::Write {
+                        ino,
+                        writer: Arc::new(Mutex::new(writer)),
+                        created: false,
+                        writable: true,
+                    };
+                    return Ok(Opened {
+                        fh: self.add_handle(h),
+                        keep_cache: false,
+                    });
                 }
                 // A reader sees the version published when it opened.
                 let (cid, _) = match published {
@@ -333,7 +401,10 @@ impl FsCore {
                     None => return self.open_unpublished(ino),
                 };
                 let dataset = self.resolve(&cid)?;
-                Ok(Opened { fh: self.add_handle(Handle::Read(self.prefetcher(dataset))), keep_cache: false })
+                Ok(Opened {
+                    fh: self.add_handle(Handle::Read(self.prefetcher(dataset))),
+                    keep_cache: false,
+                })
             }
         }
     }
@@ -342,11 +413,24 @@ impl FsCore {
     /// through the writer.
     fn open_unpublished(&self, ino: u64) -> Result<Opened, Errno> {
         let writer = self.open_writer(ino).ok_or(libc::ENOENT)?;
-        Ok(Opened { fh: self.add_handle(Handle::Write { ino, writer, created: false }), keep_cache: false })
+        Ok(Opened {
+            fh: self.add_handle(Handle::Write {
+                ino,
+                writer,
+                created: false,
+                writable: false,
+            }),
+            keep_cache: false,
+        })
     }
 
     fn prefetcher(&self, dataset: Dataset) -> Arc<Prefetcher> {
-        Arc::new(Prefetcher::new(self.source.clone(), Arc::new(dataset), self.runtime.clone(), self.config.prefetch))
+        Arc::new(Prefetcher::new(
+            self.source.clone(),
+            Arc::new(dataset),
+            self.runtime.clone(),
+            self.config.prefetch,
+        ))
     }
 
     fn published(&self, name: &str) -> Result<Option<(Cid, u64)>, Errno> {
@@ -371,13 +455,33 @@ impl FsCore {
         let truncate = flags & libc::O_TRUNC != 0;
         let created = published.is_none();
         let ino = lock(&self.inodes).named(name, true);
-        let writer = FileWriter::new(self.node.clone(), name.to_string(), self.config.spool_dir.clone(), published, truncate);
+        let writer = FileWriter::new(
+            self.node.clone(),
+            name.to_string(),
+            self.config.spool_dir.clone(),
+            published,
+            truncate,
+        );
         let size = writer.size();
-        let fh = self.add_handle(Handle::Write { ino, writer: Arc::new(Mutex::new(writer)), created });
-        Ok((self.file_attr(ino, size, 0o644, SystemTime::now()), Opened { fh, keep_cache: false }))
+        let fh = self.add_handle(Handle::Write {
+            ino,
+            writer: Arc::new(Mutex::new(writer)),
+            created,
+            writable: true,
+        });
+        Ok((
+            self.file_attr(ino, size, 0o644, SystemTime::now()),
+            Opened {
+                fh,
+                keep_cache: false,
+            },
+        ))
     }
 
-    fn handle_reader(&self, fh: u64) -> Result<Result<Arc<Prefetcher>, Arc<Mutex<FileWriter>>>, Errno> {
+    fn handle_reader(
+        &self,
+        fh: u64,
+    ) -> Result<Result<Arc<Prefetcher>, Arc<Mutex<FileWriter>>>, Errno> {
         match lock(&self.handles).get(&fh) {
             Some(Handle::Read(p)) => Ok(Ok(p.clone())),
             Some(Handle::Write { writer, .. }) => Ok(Err(writer.clone())),
@@ -393,9 +497,13 @@ impl FsCore {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
-        let writer = match self.handle_reader(fh)? {
-            Ok(_) => return Err(libc::EBADF),
-            Err(w) => w,
+        let writer = match lock(&self.handles).get(&fh) {
+            Some(Handle::Write {
+                writer,
+                writable: true,
+                ..
+            }) => writer.clone(),
+            _ => return Err(libc::EBADF),
         };
         lock(&writer).write(offset, data)?;
         Ok(data.len() as u32)
@@ -404,7 +512,12 @@ impl FsCore {
     /// Publishes what the handle wrote (close(2) sees its errors).
     pub fn flush(&self, fh: u64) -> Result<(), Errno> {
         let (ino, writer, created) = match lock(&self.handles).get(&fh) {
-            Some(Handle::Write { ino, writer, created }) => (*ino, writer.clone(), *created),
+            Some(Handle::Write {
+                ino,
+                writer,
+                created,
+                writable: true,
+            }) => (*ino, writer.clone(), *created),
             _ => return Ok(()),
         };
         let result = lock(&writer).publish();
@@ -439,7 +552,13 @@ impl FsCore {
         };
         self.node
             .repo()
-            .set_name(&name, &NameRecord { cid, mtime: unix_now() })
+            .set_name(
+                &name,
+                &NameRecord {
+                    cid,
+                    mtime: unix_now(),
+                },
+            )
             .map_err(|e| e.errno())
     }
 
@@ -463,7 +582,11 @@ impl FsCore {
             Entry::Named(name) => name,
         };
         let via_handle = fh.and_then(|fh| match lock(&self.handles).get(&fh) {
-            Some(Handle::Write { writer, .. }) => Some(writer.clone()),
+            Some(Handle::Write {
+                writer,
+                writable: true,
+                ..
+            }) => Some(writer.clone()),
             _ => None,
         });
         let writer = via_handle.or_else(|| self.open_writer(ino));
@@ -473,7 +596,13 @@ impl FsCore {
                 // truncate(1) on a closed file: a new version now.
                 let name = name.ok_or(libc::ENOENT)?;
                 let published = self.published(&name)?;
-                let mut w = FileWriter::new(self.node.clone(), name, self.config.spool_dir.clone(), published, false);
+                let mut w = FileWriter::new(
+                    self.node.clone(),
+                    name,
+                    self.config.spool_dir.clone(),
+                    published,
+                    false,
+                );
                 w.truncate(size)?;
                 if let Some((cid, _)) = w.publish()? {
                     self.bind_name(ino, cid)?;
@@ -489,10 +618,19 @@ impl FsCore {
         }
         let name = name.to_str().ok_or(libc::ENOENT)?;
         let _g = lock(&self.names_lock);
-        let published = self.node.repo().name(name).map_err(|e| e.errno())?.is_some();
+        let published = self
+            .node
+            .repo()
+            .name(name)
+            .map_err(|e| e.errno())?
+            .is_some();
         let mut inodes = lock(&self.inodes);
         if !published && inodes.find_name(name).is_none() {
-            return Err(if looks_like_cid(name) { libc::EROFS } else { libc::ENOENT });
+            return Err(if looks_like_cid(name) {
+                libc::EROFS
+            } else {
+                libc::ENOENT
+            });
         }
         if published {
             self.node.repo().remove_name(name).map_err(|e| e.errno())?;
@@ -501,7 +639,14 @@ impl FsCore {
         Ok(())
     }
 
-    pub fn rename(&self, parent: u64, from: &OsStr, new_parent: u64, to: &OsStr, noreplace: bool) -> Result<(), Errno> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        from: &OsStr,
+        new_parent: u64,
+        to: &OsStr,
+        noreplace: bool,
+    ) -> Result<(), Errno> {
         if parent != ROOT_INO || new_parent != ROOT_INO {
             return Err(libc::ENOENT);
         }
@@ -515,10 +660,15 @@ impl FsCore {
         let record = repo.name(from).map_err(|e| e.errno())?;
         let in_flight = lock(&self.inodes).find_name(from);
         if record.is_none() && in_flight.is_none() {
-            return Err(if looks_like_cid(from) { libc::EROFS } else { libc::ENOENT });
+            return Err(if looks_like_cid(from) {
+                libc::EROFS
+            } else {
+                libc::ENOENT
+            });
         }
         if noreplace
-            && (repo.name(to).map_err(|e| e.errno())?.is_some() || lock(&self.inodes).find_name(to).is_some())
+            && (repo.name(to).map_err(|e| e.errno())?.is_some()
+                || lock(&self.inodes).find_name(to).is_some())
         {
             return Err(libc::EEXIST);
         }
@@ -526,7 +676,15 @@ impl FsCore {
             // The manifest names the file: the renamed file is the same tree under a new
             // manifest, as `codexfs cid` would compute it for the new name.
             let new_cid = self.relabel(&record.cid, from, to)?;
-            repo.rename(from, to, &NameRecord { cid: new_cid, mtime: record.mtime }).map_err(|e| e.errno())?;
+            repo.rename(
+                from,
+                to,
+                &NameRecord {
+                    cid: new_cid,
+                    mtime: record.mtime,
+                },
+            )
+            .map_err(|e| e.errno())?;
         } else {
             repo.remove_name(to).map_err(|e| e.errno())?;
         }
@@ -535,7 +693,13 @@ impl FsCore {
         let handles = lock(&self.handles);
         if let Some(ino) = lock(&self.inodes).find_name(to) {
             for h in handles.values() {
-                if let Handle::Write { ino: i, writer, .. } = h {
+                if let Handle::Write {
+                    ino: i,
+                    writer,
+                    writable: true,
+                    ..
+                } = h
+                {
                     if *i == ino {
                         lock(writer).set_name(to.to_string());
                     }
@@ -556,8 +720,14 @@ impl FsCore {
             return Ok(*cid);
         }
         manifest.filename = Some(to.to_string());
-        let new_cid = repo.store_manifest_for_stored_tree(&manifest).map_err(|e| e.errno())?;
-        let still_named = repo.names().map_err(|e| e.errno())?.iter().any(|(n, r)| r.cid == *cid && n != from);
+        let new_cid = repo
+            .store_manifest_for_stored_tree(&manifest)
+            .map_err(|e| e.errno())?;
+        let still_named = repo
+            .names()
+            .map_err(|e| e.errno())?
+            .iter()
+            .any(|(n, r)| r.cid == *cid && n != from);
         if !still_named && new_cid != *cid {
             self.node.delete(cid).map_err(|e| e.errno())?;
         }
@@ -575,7 +745,12 @@ impl FsCore {
             Entry::Root => return Err(libc::ENODATA),
             Entry::Cid(cid) => cid,
             Entry::Named(Some(name)) => {
-                self.node.repo().name(&name).map_err(|e| e.errno())?.ok_or(libc::ENODATA)?.cid
+                self.node
+                    .repo()
+                    .name(&name)
+                    .map_err(|e| e.errno())?
+                    .ok_or(libc::ENODATA)?
+                    .cid
             }
             Entry::Named(None) => return Err(libc::ENODATA),
         };
@@ -594,7 +769,10 @@ impl FsCore {
     /// `(total, free)` bytes of the quota.
     pub fn statfs(&self) -> (u64, u64) {
         let s = self.node.repo().space();
-        (s.quota_max_bytes, s.quota_max_bytes.saturating_sub(s.quota_used_bytes))
+        (
+            s.quota_max_bytes,
+            s.quota_max_bytes.saturating_sub(s.quota_used_bytes),
+        )
     }
 
     /// Publishes every open writer (used on unmount, so nothing written is lost).

@@ -32,8 +32,19 @@ pub struct InodeTable {
 impl Default for InodeTable {
     fn default() -> Self {
         let mut by_ino = HashMap::new();
-        by_ino.insert(ROOT_INO, Inode { entry: Entry::Root, lookups: 1 });
-        Self { by_ino, by_name: HashMap::new(), by_cid: HashMap::new(), next: ROOT_INO + 1 }
+        by_ino.insert(
+            ROOT_INO,
+            Inode {
+                entry: Entry::Root,
+                lookups: 1,
+            },
+        );
+        Self {
+            by_ino,
+            by_name: HashMap::new(),
+            by_cid: HashMap::new(),
+            next: ROOT_INO + 1,
+        }
     }
 }
 
@@ -109,7 +120,9 @@ impl InodeTable {
         if ino == ROOT_INO {
             return;
         }
-        let Some(inode) = self.by_ino.get_mut(&ino) else { return };
+        let Some(inode) = self.by_ino.get_mut(&ino) else {
+            return;
+        };
         inode.lookups = inode.lookups.saturating_sub(n);
         if inode.lookups == 0 {
             let inode = self.by_ino.remove(&ino).expect("present");

@@ -38,7 +38,11 @@ impl Slot {
             if now >= deadline {
                 return Err(libc::EIO);
             }
-            guard = self.ready.wait_timeout(guard, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            guard = self
+                .ready
+                .wait_timeout(guard, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -55,7 +59,11 @@ pub struct PrefetchConfig {
 
 impl Default for PrefetchConfig {
     fn default() -> Self {
-        Self { initial_window: 2, max_window: 64, timeout: Duration::from_secs(30) }
+        Self {
+            initial_window: 2,
+            max_window: 64,
+            timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -86,7 +94,11 @@ impl Prefetcher {
             dataset,
             runtime,
             config,
-            state: Mutex::new(State { next_offset: 0, window: 0, slots: BTreeMap::new() }),
+            state: Mutex::new(State {
+                next_offset: 0,
+                window: 0,
+                slots: BTreeMap::new(),
+            }),
         }
     }
 
@@ -115,7 +127,11 @@ impl Prefetcher {
         let end = total.min(offset + size as u64);
         let bs = self.dataset.block_size();
         let (first, last) = (offset / bs, (end - 1) / bs);
-        let blocks_count = self.dataset.manifest().map(|m| m.block_count()).unwrap_or(1);
+        let blocks_count = self
+            .dataset
+            .manifest()
+            .map(|m| m.block_count())
+            .unwrap_or(1);
 
         let needed: Vec<Arc<Slot>> = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -170,7 +186,12 @@ impl Prefetcher {
         }
         // A failed fetch is not kept: the next read tries again.
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.slots.retain(|_, s| !matches!(s.result.lock().map(|r| r.as_ref().map(|x| x.is_err())), Ok(Some(true))));
+        st.slots.retain(|_, s| {
+            !matches!(
+                s.result.lock().map(|r| r.as_ref().map(|x| x.is_err())),
+                Ok(Some(true))
+            )
+        });
         Ok(out)
     }
 }

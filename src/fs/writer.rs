@@ -94,10 +94,23 @@ fn errno_of(e: &Error) -> Errno {
 
 impl FileWriter {
     /// `base` is the file's published content (None for a new file); `truncate` empties it.
-    pub fn new(node: Node, name: String, spool_dir: PathBuf, base: Option<(Cid, u64)>, truncate: bool) -> Self {
+    pub fn new(
+        node: Node,
+        name: String,
+        spool_dir: PathBuf,
+        base: Option<(Cid, u64)>,
+        truncate: bool,
+    ) -> Self {
         let dirty = base.is_none() || truncate;
         let base = if truncate { None } else { base };
-        Self { node, name, spool_dir, base, dirty, state: State::Clean }
+        Self {
+            node,
+            name,
+            spool_dir,
+            base,
+            dirty,
+            state: State::Clean,
+        }
     }
 
     pub fn set_name(&mut self, name: String) {
@@ -132,7 +145,10 @@ impl FileWriter {
             }
         }
         let spool = self.spool()?;
-        spool.file.write_all_at(data, offset).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        spool
+            .file
+            .write_all_at(data, offset)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         spool.size = spool.size.max(offset + data.len() as u64);
         self.dirty = true;
         Ok(())
@@ -152,7 +168,10 @@ impl FileWriter {
             return Ok(Vec::new());
         }
         let mut buf = vec![0u8; (end - offset) as usize];
-        spool.file.read_exact_at(&mut buf, offset).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        spool
+            .file
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         Ok(buf)
     }
 
@@ -171,7 +190,10 @@ impl FileWriter {
             return Ok(());
         }
         let spool = self.spool()?;
-        spool.file.set_len(size).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        spool
+            .file
+            .set_len(size)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         spool.size = size;
         self.dirty = true;
         Ok(())
@@ -183,9 +205,23 @@ impl FileWriter {
         let name = self.name.clone();
         let upload = std::thread::Builder::new()
             .name("fs-upload".into())
-            .spawn(move || node.store(ChannelReader { rx, current: Vec::new(), pos: 0 }, Some(name), None))
+            .spawn(move || {
+                node.store(
+                    ChannelReader {
+                        rx,
+                        current: Vec::new(),
+                        pos: 0,
+                    },
+                    Some(name),
+                    None,
+                )
+            })
             .expect("spawn upload thread");
-        self.state = State::Streaming(Stream { tx, upload, written: 0 });
+        self.state = State::Streaming(Stream {
+            tx,
+            upload,
+            written: 0,
+        });
     }
 
     /// Ends a stream that failed; returns its errno and marks the writer failed.
@@ -245,7 +281,8 @@ impl FileWriter {
                 Some(done) => Some(done),
                 None => self.base,
             };
-            std::fs::create_dir_all(&self.spool_dir).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+            std::fs::create_dir_all(&self.spool_dir)
+                .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
             let path = self.spool_dir.join(format!(
                 "{}-{}.spool",
                 std::process::id(),
@@ -257,11 +294,16 @@ impl FileWriter {
                 .create_new(true)
                 .open(&path)
                 .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-            let mut spool = Spool { file, path, size: 0 };
+            let mut spool = Spool {
+                file,
+                path,
+                size: 0,
+            };
             if let Some((cid, _)) = from {
                 let mut reader = self.node.retrieve(&cid).map_err(|e| errno_of(&e))?;
                 let mut out = io::BufWriter::with_capacity(1 << 20, &spool.file);
-                spool.size = io::copy(&mut reader, &mut out).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                spool.size = io::copy(&mut reader, &mut out)
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
                 drop(out);
             }
             self.state = State::Spooled(spool);
@@ -284,8 +326,18 @@ impl FileWriter {
         let published = match &self.state {
             State::Streaming(_) => self.finish_stream()?,
             State::Spooled(spool) => {
-                let file = spool.file.try_clone().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-                let reader = io::BufReader::with_capacity(1 << 20, ReadAt { file, pos: 0, end: spool.size });
+                let file = spool
+                    .file
+                    .try_clone()
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                let reader = io::BufReader::with_capacity(
+                    1 << 20,
+                    ReadAt {
+                        file,
+                        pos: 0,
+                        end: spool.size,
+                    },
+                );
                 let size = spool.size;
                 match self.node.store(reader, Some(self.name.clone()), None) {
                     Ok(cid) => Some((cid, size)),

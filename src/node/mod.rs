@@ -108,7 +108,13 @@ impl Node {
         filename: Option<String>,
         mimetype: Option<String>,
     ) -> Result<(Cid, UploadStats)> {
-        upload::store(&self.repo, self.config.block_size, reader, filename, mimetype)
+        upload::store(
+            &self.repo,
+            self.config.block_size,
+            reader,
+            filename,
+            mimetype,
+        )
     }
 
     /// A seekable reader of a dataset (or of a single block, for a CID that is not a

@@ -22,7 +22,10 @@ pub struct DatasetReader {
 
 impl std::fmt::Debug for DatasetReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatasetReader").field("dataset", &self.dataset).field("pos", &self.pos).finish()
+        f.debug_struct("DatasetReader")
+            .field("dataset", &self.dataset)
+            .field("pos", &self.pos)
+            .finish()
     }
 }
 
@@ -36,7 +39,12 @@ impl DatasetReader {
     }
 
     pub fn new(source: Arc<dyn BlockSource>, dataset: Dataset) -> Self {
-        Self { source, dataset, pos: 0, current: None }
+        Self {
+            source,
+            dataset,
+            pos: 0,
+            current: None,
+        }
     }
 
     /// Bytes the reader yields in all.
@@ -67,9 +75,15 @@ impl Read for DatasetReader {
             }
         };
         let left_in_file = (size - self.pos) as usize;
-        let n = buf.len().min(block.len().saturating_sub(offset)).min(left_in_file);
+        let n = buf
+            .len()
+            .min(block.len().saturating_sub(offset))
+            .min(left_in_file);
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "block shorter than its dataset says"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "block shorter than its dataset says",
+            ));
         }
         buf[..n].copy_from_slice(&block[offset..offset + n]);
         self.pos += n as u64;
@@ -84,7 +98,8 @@ impl Seek for DatasetReader {
             SeekFrom::End(d) => self.dataset.size().checked_add_signed(d),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
-        self.pos = target.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before start"))?;
+        self.pos = target
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before start"))?;
         Ok(self.pos)
     }
 }

@@ -57,23 +57,37 @@ pub trait BlockSource: Send + Sync + 'static {
 impl BlockSource for super::Node {
     fn resolve(&self, cid: &Cid) -> Result<Option<Dataset>> {
         if cid.codec() == MANIFEST_CODEC {
-            return Ok(self.repo().manifest(cid)?.map(|m| Dataset::Manifest(*cid, m)));
+            return Ok(self
+                .repo()
+                .manifest(cid)?
+                .map(|m| Dataset::Manifest(*cid, m)));
         }
-        Ok(self.repo().block_meta(cid)?.map(|m| Dataset::Block(*cid, m.size)))
+        Ok(self
+            .repo()
+            .block_meta(cid)?
+            .map(|m| Dataset::Block(*cid, m.size)))
     }
 
     fn block(&self, dataset: &Dataset, index: u64) -> Result<Bytes> {
         let cid = match dataset {
-            Dataset::Manifest(_, m) => self.repo().leaf_block(&m.tree_cid, index)?.ok_or_else(|| {
-                Error::NotFound(format!("leaf {index} of tree {} is not stored here", cid_string(&m.tree_cid)))
-            })?,
+            Dataset::Manifest(_, m) => {
+                self.repo().leaf_block(&m.tree_cid, index)?.ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "leaf {index} of tree {} is not stored here",
+                        cid_string(&m.tree_cid)
+                    ))
+                })?
+            }
             Dataset::Block(cid, _) => *cid,
         };
         if let Some(b) = self.cache().get(&cid) {
             return Ok(b);
         }
         let data = self.repo().get_block(&cid)?.ok_or_else(|| {
-            Error::NotFound(format!("block {} (index {index}) is not stored here", cid_string(&cid)))
+            Error::NotFound(format!(
+                "block {} (index {index}) is not stored here",
+                cid_string(&cid)
+            ))
         })?;
         self.cache().insert(cid, data.clone());
         Ok(data)

@@ -61,7 +61,10 @@ fn chunk_and_hash<R: Read + Send>(
     let abort = AtomicBool::new(false);
     let fail = |e: Error| {
         abort.store(true, Ordering::SeqCst);
-        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
     };
 
     let (tx, rx) = sync_channel::<ChunkBatch>(HASH_WORKERS);
@@ -88,7 +91,10 @@ fn chunk_and_hash<R: Read + Send>(
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    Ok((digests.into_inner().unwrap_or_else(|p| p.into_inner()), size))
+    Ok((
+        digests.into_inner().unwrap_or_else(|p| p.into_inner()),
+        size,
+    ))
 }
 
 fn hash_worker(
@@ -167,5 +173,12 @@ pub(super) fn store<R: Read + Send>(
     let blocks = digests.len() as u64;
     let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
     let cid = upload.commit(&tree, &manifest)?;
-    Ok((cid, UploadStats { bytes: size, blocks, elapsed: started.elapsed() }))
+    Ok((
+        cid,
+        UploadStats {
+            bytes: size,
+            blocks,
+            elapsed: started.elapsed(),
+        },
+    ))
 }

@@ -11,14 +11,15 @@ pub mod schema;
 mod txn;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use cid::Cid;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
-    Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
 use crate::cids::cid_from_bytes;
@@ -44,7 +45,10 @@ pub struct RepoConfig {
 
 impl Default for RepoConfig {
     fn default() -> Self {
-        Self { quota_max: DEFAULT_QUOTA, block_ttl: DEFAULT_BLOCK_TTL }
+        Self {
+            quota_max: DEFAULT_QUOTA,
+            block_ttl: DEFAULT_BLOCK_TTL,
+        }
     }
 }
 
@@ -65,7 +69,10 @@ pub struct SweepReport {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 pub struct RepoStore {
@@ -77,13 +84,17 @@ pub struct RepoStore {
     datasets_lock: Mutex<()>,
     quota_max: u64,
     block_ttl: Duration,
+    /// Bytes of blocks deleted since blob files were last compacted (see `reclaim_space`).
+    freed_since_reclaim: AtomicU64,
     path: PathBuf,
     _lock: DataDirLock,
 }
 
 impl std::fmt::Debug for RepoStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RepoStore").field("path", &self.path).finish()
+        f.debug_struct("RepoStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -109,6 +120,7 @@ impl RepoStore {
             datasets_lock: Mutex::new(()),
             quota_max: config.quota_max,
             block_ttl: config.block_ttl,
+            freed_since_reclaim: AtomicU64::new(0),
             path,
             _lock: dir_lock,
         };
@@ -117,7 +129,9 @@ impl RepoStore {
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
@@ -127,8 +141,15 @@ impl RepoStore {
         Ok(())
     }
 
+    fn note_freed(&self, bytes: u64) {
+        self.freed_since_reclaim.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     fn block_meta_raw(&self, cid: &[u8]) -> Result<Option<BlockMeta>> {
-        self.db.get_pinned_cf(self.cf(CF_BLOCK_META), cid)?.map(|b| BlockMeta::decode(&b)).transpose()
+        self.db
+            .get_pinned_cf(self.cf(CF_BLOCK_META), cid)?
+            .map(|b| BlockMeta::decode(&b))
+            .transpose()
     }
 
     fn expiry_from_now(&self) -> u64 {
@@ -148,7 +169,10 @@ impl RepoStore {
     // ---- reads ----
 
     pub fn get_block(&self, cid: &Cid) -> Result<Option<Bytes>> {
-        Ok(self.db.get_pinned_cf(self.cf(CF_BLOCKS), cid.to_bytes())?.map(|b| Bytes::copy_from_slice(&b)))
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_BLOCKS), cid.to_bytes())?
+            .map(|b| Bytes::copy_from_slice(&b)))
     }
 
     pub fn has_block(&self, cid: &Cid) -> Result<bool> {
@@ -180,17 +204,25 @@ impl RepoStore {
         if cid.codec() != crate::cids::MANIFEST_CODEC {
             return Ok(None);
         }
-        self.get_block(cid)?.map(|b| Manifest::decode(&b)).transpose()
+        self.get_block(cid)?
+            .map(|b| Manifest::decode(&b))
+            .transpose()
     }
 
     pub fn has_dataset(&self, cid: &Cid) -> Result<bool> {
-        Ok(self.db.get_pinned_cf(self.cf(CF_DATASETS), cid.to_bytes())?.is_some())
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_DATASETS), cid.to_bytes())?
+            .is_some())
     }
 
     /// Every dataset stored here, in CID byte order.
     pub fn datasets(&self) -> Result<Vec<(Cid, Manifest)>> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_DATASETS), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_DATASETS), IteratorMode::Start)
+        {
             let (k, _) = item?;
             let cid = cid_from_bytes(&k, "dataset key")?;
             let manifest = self
@@ -217,7 +249,11 @@ impl RepoStore {
             *c = next;
             id
         };
-        Ok(Upload { repo: self, id, finished: false })
+        Ok(Upload {
+            repo: self,
+            id,
+            finished: false,
+        })
     }
 
     /// Gives back every block an unfinished upload holds, and the leaves it wrote of a
@@ -253,10 +289,20 @@ impl RepoStore {
     }
 
     /// Up to `limit` `(key, value)` pairs of `cf` with `from <= key < to`.
-    fn scan(&self, cf: &str, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
+    fn scan(
+        &self,
+        cf: &str,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(to.to_vec());
-        let iter = self.db.iterator_cf_opt(self.cf(cf), opts, IteratorMode::From(from, Direction::Forward));
+        let iter = self.db.iterator_cf_opt(
+            self.cf(cf),
+            opts,
+            IteratorMode::From(from, Direction::Forward),
+        );
         let mut out = Vec::new();
         for item in iter.take(limit) {
             out.push(item?);
@@ -274,12 +320,24 @@ impl RepoStore {
         let _guard = lock(&self.datasets_lock);
         let mut tree = match self.db.get_pinned_cf(self.cf(CF_TREES), &tree_key)? {
             Some(b) => TreeRecord::decode(&b)?,
-            None => return Err(Error::NotFound(format!("tree {} is not stored here", manifest.tree_cid))),
+            None => {
+                return Err(Error::NotFound(format!(
+                    "tree {} is not stored here",
+                    manifest.tree_cid
+                )))
+            }
         };
-        let record = DatasetRecord { stored_at: unix_now(), expiry: self.expiry_from_now() };
+        let record = DatasetRecord {
+            stored_at: unix_now(),
+            expiry: self.expiry_from_now(),
+        };
         let mut counters = lock(&self.counters);
         let mut t = Txn::new(self);
-        if self.db.get_pinned_cf(self.cf(CF_DATASETS), &mkey)?.is_none() {
+        if self
+            .db
+            .get_pinned_cf(self.cf(CF_DATASETS), &mkey)?
+            .is_none()
+        {
             t.add_ref(&mkey, &encoded, record.expiry)?;
             tree.datasets += 1;
             t.batch.put_cf(self.cf(CF_TREES), &tree_key, tree.encode());
@@ -292,14 +350,18 @@ impl RepoStore {
     // ---- the mount's names ----
 
     pub fn name(&self, name: &str) -> Result<Option<NameRecord>> {
-        self.db.get_pinned_cf(self.cf(CF_NAMES), name.as_bytes())?.map(|b| NameRecord::decode(&b)).transpose()
+        self.db
+            .get_pinned_cf(self.cf(CF_NAMES), name.as_bytes())?
+            .map(|b| NameRecord::decode(&b))
+            .transpose()
     }
 
     pub fn names(&self) -> Result<Vec<(String, NameRecord)>> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_NAMES), IteratorMode::Start) {
             let (k, v) = item?;
-            let name = String::from_utf8(k.to_vec()).map_err(|_| Error::Corrupt("name is not UTF-8".into()))?;
+            let name = String::from_utf8(k.to_vec())
+                .map_err(|_| Error::Corrupt("name is not UTF-8".into()))?;
             out.push((name, NameRecord::decode(&v)?));
         }
         Ok(out)
@@ -351,7 +413,10 @@ impl RepoStore {
                 tree.datasets = tree.datasets.saturating_sub(1);
                 if tree.datasets == 0 {
                     t.batch.delete_cf(self.cf(CF_TREES), &tree_key);
-                    let jk = JournalKey::ReleaseTree { tree: tree_key.clone() }.encode();
+                    let jk = JournalKey::ReleaseTree {
+                        tree: tree_key.clone(),
+                    }
+                    .encode();
                     t.batch.put_cf(self.cf(CF_JOURNAL), jk, []);
                     released = true;
                 } else {
@@ -384,7 +449,13 @@ impl RepoStore {
             t.commit(&mut counters, false)?;
         }
         let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(CF_JOURNAL), JournalKey::ReleaseTree { tree: tree.to_bytes() }.encode());
+        batch.delete_cf(
+            self.cf(CF_JOURNAL),
+            JournalKey::ReleaseTree {
+                tree: tree.to_bytes(),
+            }
+            .encode(),
+        );
         self.write(batch, false)
     }
 
@@ -392,7 +463,10 @@ impl RepoStore {
     pub fn sweep_expired(&self, now: u64) -> Result<SweepReport> {
         let mut report = SweepReport::default();
         let mut expired = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_DATASETS), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_DATASETS), IteratorMode::Start)
+        {
             let (k, v) = item?;
             if DatasetRecord::decode(&v)?.expiry <= now {
                 expired.push(cid_from_bytes(&k, "dataset key")?);
@@ -405,7 +479,10 @@ impl RepoStore {
         }
         // Unreferenced blocks (cached from the network, say): delete once expired.
         let mut candidates = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_BLOCK_META), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_BLOCK_META), IteratorMode::Start)
+        {
             let (k, v) = item?;
             let m = BlockMeta::decode(&v)?;
             if m.refs == 0 && m.expiry <= now {
@@ -446,6 +523,9 @@ impl RepoStore {
                     }
                 }
                 let Some(repo) = weak.upgrade() else { return };
+                if let Err(e) = repo.reclaim_space_if_worth_it() {
+                    tracing::warn!("reclaiming deleted block space failed: {e}");
+                }
                 match repo.sweep_expired(unix_now()) {
                     Ok(r) if r != SweepReport::default() => {
                         tracing::info!(datasets = r.datasets, blocks = r.blocks, "swept expired")
@@ -457,13 +537,53 @@ impl RepoStore {
             .expect("spawn sweeper thread")
     }
 
+    /// Block bytes live in blob files, which RocksDB's blob garbage collection would
+    /// rewrite on every compaction; it is off, and deleted blocks' space comes back here
+    /// instead: one compaction of the blocks with garbage collection on.
+    pub fn reclaim_space(&self) -> Result<()> {
+        let cf = self.cf(CF_BLOCKS);
+        self.db.set_options_cf(
+            cf,
+            &[
+                ("enable_blob_garbage_collection", "true"),
+                ("blob_garbage_collection_age_cutoff", "1.0"),
+            ],
+        )?;
+        self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        self.db
+            .set_options_cf(cf, &[("enable_blob_garbage_collection", "false")])?;
+        self.freed_since_reclaim.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reclaims once deleted blocks are over 256 MiB and a quarter of what is stored.
+    pub fn reclaim_space_if_worth_it(&self) -> Result<bool> {
+        let freed = self.freed_since_reclaim.load(Ordering::Relaxed);
+        if freed > (256 << 20) && freed > self.space().quota_used_bytes / 4 {
+            self.reclaim_space()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Bytes of the blob files holding block data on disk.
+    pub fn blob_bytes_on_disk(&self) -> Result<u64> {
+        Ok(self
+            .db
+            .property_int_value_cf(self.cf(CF_BLOCKS), "rocksdb.total-blob-file-size")?
+            .unwrap_or(0))
+    }
+
     // ---- crash recovery and checks ----
 
     /// Finishes or undoes what the journal says was under way.
     fn recover(&self) -> Result<()> {
         let mut uploads = Vec::new();
         let mut trees = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_JOURNAL), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_JOURNAL), IteratorMode::Start)
+        {
             let (k, _) = item?;
             match JournalKey::decode(&k)? {
                 JournalKey::UploadBlock { upload, .. } | JournalKey::UploadTree { upload } => {
@@ -506,16 +626,24 @@ impl RepoStore {
         }
         for item in self.db.iterator_cf(self.cf(CF_LEAVES), IteratorMode::Start) {
             let (_, v) = item?;
-            *refs.entry(LeafRecord::decode_block(&v)?.to_bytes()).or_default() += 1;
+            *refs
+                .entry(LeafRecord::decode_block(&v)?.to_bytes())
+                .or_default() += 1;
         }
-        for item in self.db.iterator_cf(self.cf(CF_JOURNAL), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_JOURNAL), IteratorMode::Start)
+        {
             let (k, v) = item?;
             if let JournalKey::UploadBlock { .. } = JournalKey::decode(&k)? {
                 *refs.entry(v.to_vec()).or_default() += 1;
             }
         }
         let mut datasets = 0;
-        for item in self.db.iterator_cf(self.cf(CF_DATASETS), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_DATASETS), IteratorMode::Start)
+        {
             let (k, _) = item?;
             datasets += 1;
             *refs.entry(k.to_vec()).or_default() += 1;
@@ -524,33 +652,58 @@ impl RepoStore {
                 problems.push(format!("dataset {cid}: manifest block missing"));
                 continue;
             };
-            if self.db.get_pinned_cf(self.cf(CF_TREES), m.tree_cid.to_bytes())?.is_none() {
+            if self
+                .db
+                .get_pinned_cf(self.cf(CF_TREES), m.tree_cid.to_bytes())?
+                .is_none()
+            {
                 problems.push(format!("dataset {cid}: tree record missing"));
             }
             for i in 0..m.block_count() {
                 match self.leaf_block(&m.tree_cid, i)? {
-                    Some(b) if self.db.get_pinned_cf(self.cf(CF_BLOCKS), b.to_bytes())?.is_some() => {}
+                    Some(b)
+                        if self
+                            .db
+                            .get_pinned_cf(self.cf(CF_BLOCKS), b.to_bytes())?
+                            .is_some() => {}
                     Some(b) => problems.push(format!("dataset {cid}: leaf {i} block {b} missing")),
                     None => problems.push(format!("dataset {cid}: leaf {i} missing")),
                 }
             }
         }
-        for item in self.db.iterator_cf(self.cf(CF_BLOCK_META), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_BLOCK_META), IteratorMode::Start)
+        {
             let (k, v) = item?;
             let m = BlockMeta::decode(&v)?;
             let found = refs.get(&k[..]).copied().unwrap_or(0);
             if m.refs != found {
-                problems.push(format!("block {k:02x?}: refcount {} but {found} references", m.refs));
+                problems.push(format!(
+                    "block {k:02x?}: refcount {} but {found} references",
+                    m.refs
+                ));
             }
         }
         let c = *lock(&self.counters);
         if c.used_bytes != used {
-            problems.push(format!("quota used {} but {used} bytes stored", c.used_bytes));
+            problems.push(format!(
+                "quota used {} but {used} bytes stored",
+                c.used_bytes
+            ));
         }
         if c.total_blocks != count {
-            problems.push(format!("block count {} but {count} blocks stored", c.total_blocks));
+            problems.push(format!(
+                "block count {} but {count} blocks stored",
+                c.total_blocks
+            ));
         }
-        Ok(ConsistencyReport { datasets, blocks: count, bytes: used, problems })
+        Ok(ConsistencyReport {
+            datasets,
+            blocks: count,
+            bytes: used,
+            problems,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -581,7 +734,14 @@ impl Upload<'_> {
         let expiry = self.repo.expiry_from_now();
         let mut keys = Vec::with_capacity(blocks.len());
         for (i, (cid, _)) in blocks.iter().enumerate() {
-            keys.push((JournalKey::UploadBlock { upload: self.id, index: start + i as u64 }.encode(), cid.to_bytes()));
+            keys.push((
+                JournalKey::UploadBlock {
+                    upload: self.id,
+                    index: start + i as u64,
+                }
+                .encode(),
+                cid.to_bytes(),
+            ));
         }
         let mut counters = lock(&self.repo.counters);
         let mut t = Txn::new(self.repo);
@@ -603,10 +763,17 @@ impl Upload<'_> {
         let tree_key = tree_cid.to_bytes();
         let _guard = lock(&repo.datasets_lock);
 
-        let tree_known = repo.db.get_pinned_cf(repo.cf(CF_TREES), &tree_key)?.is_some();
+        let tree_known = repo
+            .db
+            .get_pinned_cf(repo.cf(CF_TREES), &tree_key)?
+            .is_some();
         if !tree_known {
             let mut batch = WriteBatch::default();
-            batch.put_cf(repo.cf(CF_JOURNAL), JournalKey::UploadTree { upload: self.id }.encode(), &tree_key);
+            batch.put_cf(
+                repo.cf(CF_JOURNAL),
+                JournalKey::UploadTree { upload: self.id }.encode(),
+                &tree_key,
+            );
             repo.write(batch, false)?;
             let mut batch = WriteBatch::default();
             for (i, digest) in tree.leaves().iter().enumerate() {
@@ -614,7 +781,11 @@ impl Upload<'_> {
                     block: crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, digest),
                     proof: tree.proof(i as u64)?,
                 };
-                batch.put_cf(repo.cf(CF_LEAVES), leaf_key(&tree_cid, i as u64), record.encode());
+                batch.put_cf(
+                    repo.cf(CF_LEAVES),
+                    leaf_key(&tree_cid, i as u64),
+                    record.encode(),
+                );
                 if batch.len() >= BATCH_RECORDS {
                     repo.write(std::mem::take(&mut batch), false)?;
                 }
@@ -623,11 +794,17 @@ impl Upload<'_> {
         }
 
         let now = unix_now();
-        let record = DatasetRecord { stored_at: now, expiry: repo.expiry_from_now() };
+        let record = DatasetRecord {
+            stored_at: now,
+            expiry: repo.expiry_from_now(),
+        };
         {
             let mut counters = lock(&repo.counters);
             let mut t = Txn::new(repo);
-            let new_dataset = repo.db.get_pinned_cf(repo.cf(CF_DATASETS), &mkey)?.is_none();
+            let new_dataset = repo
+                .db
+                .get_pinned_cf(repo.cf(CF_DATASETS), &mkey)?
+                .is_none();
             if new_dataset {
                 t.add_ref(&mkey, &encoded, record.expiry)?;
                 let tree_rec = match repo.db.get_pinned_cf(repo.cf(CF_TREES), &tree_key)? {
@@ -636,16 +813,23 @@ impl Upload<'_> {
                         r.datasets += 1;
                         r
                     }
-                    None => TreeRecord { datasets: 1, leaves: tree.leaf_count() },
+                    None => TreeRecord {
+                        datasets: 1,
+                        leaves: tree.leaf_count(),
+                    },
                 };
-                t.batch.put_cf(repo.cf(CF_TREES), &tree_key, tree_rec.encode());
+                t.batch
+                    .put_cf(repo.cf(CF_TREES), &tree_key, tree_rec.encode());
             }
             t.batch.put_cf(repo.cf(CF_DATASETS), &mkey, record.encode());
             if !tree_known {
                 // The upload's block references become the new tree's leaf references.
                 let (from, to) = JournalKey::upload_blocks_range(self.id);
                 t.batch.delete_range_cf(repo.cf(CF_JOURNAL), &from, &to);
-                t.batch.delete_cf(repo.cf(CF_JOURNAL), JournalKey::UploadTree { upload: self.id }.encode());
+                t.batch.delete_cf(
+                    repo.cf(CF_JOURNAL),
+                    JournalKey::UploadTree { upload: self.id }.encode(),
+                );
             }
             // Synced: once the caller has the CID, the dataset survives a power loss too.
             t.commit(&mut counters, true)?;
@@ -696,17 +880,24 @@ fn open_db(path: &Path) -> Result<DB> {
         o.set_block_based_table_factory(&table);
         o
     };
-    let mut blocks = small(32 << 20);
+    let mut blocks = small(16 << 20);
     // Block bytes go to blob files: compaction then moves only small index entries.
     blocks.set_enable_blob_files(true);
     blocks.set_min_blob_size(1024);
     blocks.set_blob_file_size(256 << 20);
-    blocks.set_enable_blob_gc(true);
+    blocks.set_enable_blob_gc(false);
     blocks.set_max_write_buffer_number(3);
 
-    let mut cfs = vec![ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, small(4 << 20))];
+    let mut cfs = vec![ColumnFamilyDescriptor::new(
+        rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
+        small(4 << 20),
+    )];
     for name in ALL_CFS {
-        let o = if name == CF_BLOCKS { blocks.clone() } else { small(8 << 20) };
+        let o = if name == CF_BLOCKS {
+            blocks.clone()
+        } else {
+            small(8 << 20)
+        };
         cfs.push(ColumnFamilyDescriptor::new(name, o));
     }
     Ok(DB::open_cf_descriptors(&opts, path, cfs)?)

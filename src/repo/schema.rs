@@ -28,8 +28,15 @@ pub const CF_TREES: &str = "trees";
 pub const CF_DATASETS: &str = "datasets";
 pub const CF_JOURNAL: &str = "journal";
 pub const CF_NAMES: &str = "names";
-pub const ALL_CFS: [&str; 7] =
-    [CF_BLOCKS, CF_BLOCK_META, CF_LEAVES, CF_TREES, CF_DATASETS, CF_JOURNAL, CF_NAMES];
+pub const ALL_CFS: [&str; 7] = [
+    CF_BLOCKS,
+    CF_BLOCK_META,
+    CF_LEAVES,
+    CF_TREES,
+    CF_DATASETS,
+    CF_JOURNAL,
+    CF_NAMES,
+];
 pub const COUNTERS_KEY: &[u8] = b"counters";
 
 fn u64_at(b: &[u8], i: usize) -> u64 {
@@ -38,7 +45,10 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
 
 fn check_len(b: &[u8], len: usize, what: &'static str) -> Result<()> {
     if b.len() != len {
-        return Err(Error::Corrupt(format!("{what} record has {} bytes, expected {len}", b.len())));
+        return Err(Error::Corrupt(format!(
+            "{what} record has {} bytes, expected {len}",
+            b.len()
+        )));
     }
     Ok(())
 }
@@ -62,7 +72,11 @@ impl BlockMeta {
 
     pub fn decode(b: &[u8]) -> Result<Self> {
         check_len(b, 24, "block meta")?;
-        Ok(Self { refs: u64_at(b, 0), expiry: u64_at(b, 1), size: u64_at(b, 2) })
+        Ok(Self {
+            refs: u64_at(b, 0),
+            expiry: u64_at(b, 1),
+            size: u64_at(b, 2),
+        })
     }
 }
 
@@ -84,7 +98,11 @@ impl Counters {
 
     pub fn decode(b: &[u8]) -> Result<Self> {
         check_len(b, 24, "counters")?;
-        Ok(Self { used_bytes: u64_at(b, 0), total_blocks: u64_at(b, 1), next_upload_id: u64_at(b, 2) })
+        Ok(Self {
+            used_bytes: u64_at(b, 0),
+            total_blocks: u64_at(b, 1),
+            next_upload_id: u64_at(b, 2),
+        })
     }
 }
 
@@ -104,7 +122,10 @@ impl TreeRecord {
 
     pub fn decode(b: &[u8]) -> Result<Self> {
         check_len(b, 16, "tree")?;
-        Ok(Self { datasets: u64_at(b, 0), leaves: u64_at(b, 1) })
+        Ok(Self {
+            datasets: u64_at(b, 0),
+            leaves: u64_at(b, 1),
+        })
     }
 }
 
@@ -124,7 +145,10 @@ impl DatasetRecord {
 
     pub fn decode(b: &[u8]) -> Result<Self> {
         check_len(b, 16, "dataset")?;
-        Ok(Self { stored_at: u64_at(b, 0), expiry: u64_at(b, 1) })
+        Ok(Self {
+            stored_at: u64_at(b, 0),
+            expiry: u64_at(b, 1),
+        })
     }
 }
 
@@ -148,7 +172,9 @@ impl LeafRecord {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
-        let n = *b.first().ok_or_else(|| Error::Corrupt("empty leaf record".into()))? as usize;
+        let n = *b
+            .first()
+            .ok_or_else(|| Error::Corrupt("empty leaf record".into()))? as usize;
         if b.len() < 1 + n {
             return Err(Error::Corrupt("truncated leaf record".into()));
         }
@@ -160,7 +186,9 @@ impl LeafRecord {
 
     /// Only the block CID, without decoding the proof (the read path's need).
     pub fn decode_block(b: &[u8]) -> Result<Cid> {
-        let n = *b.first().ok_or_else(|| Error::Corrupt("empty leaf record".into()))? as usize;
+        let n = *b
+            .first()
+            .ok_or_else(|| Error::Corrupt("empty leaf record".into()))? as usize;
         if b.len() < 1 + n {
             return Err(Error::Corrupt("truncated leaf record".into()));
         }
@@ -220,7 +248,9 @@ impl JournalKey {
             (Some(&J_UPLOAD_TREE), 9) => Ok(JournalKey::UploadTree {
                 upload: u64::from_be_bytes(k[1..9].try_into().map_err(|_| bad())?),
             }),
-            (Some(&J_RELEASE_TREE), _) => Ok(JournalKey::ReleaseTree { tree: k[1..].to_vec() }),
+            (Some(&J_RELEASE_TREE), _) => Ok(JournalKey::ReleaseTree {
+                tree: k[1..].to_vec(),
+            }),
             _ => Err(bad()),
         }
     }
@@ -229,7 +259,11 @@ impl JournalKey {
     pub fn upload_blocks_range(upload: u64) -> (Vec<u8>, Vec<u8>) {
         (
             JournalKey::UploadBlock { upload, index: 0 }.encode(),
-            JournalKey::UploadBlock { upload: upload + 1, index: 0 }.encode(),
+            JournalKey::UploadBlock {
+                upload: upload + 1,
+                index: 0,
+            }
+            .encode(),
         )
     }
 }
@@ -253,6 +287,9 @@ impl NameRecord {
         if b.len() < 9 {
             return Err(Error::Corrupt("short name record".into()));
         }
-        Ok(Self { mtime: u64_at(b, 0), cid: cid_from_bytes(&b[8..], "name record")? })
+        Ok(Self {
+            mtime: u64_at(b, 0),
+            cid: cid_from_bytes(&b[8..], "name record")?,
+        })
     }
 }

@@ -56,7 +56,11 @@ impl<'a> Txn<'a> {
                 self.batch.put_cf(self.repo.cf(CF_BLOCKS), cid, data);
                 self.added_bytes += data.len() as u64;
                 self.added_blocks += 1;
-                BlockMeta { refs: 1, expiry, size: data.len() as u64 }
+                BlockMeta {
+                    refs: 1,
+                    expiry,
+                    size: data.len() as u64,
+                }
             }
         };
         self.metas.insert(cid.to_vec(), Some(meta));
@@ -66,7 +70,9 @@ impl<'a> Txn<'a> {
     /// Drops one reference; the block goes when none is left.
     pub fn unref(&mut self, cid: &[u8]) -> Result<()> {
         let Some(mut meta) = self.meta(cid)? else {
-            return Err(Error::Corrupt(format!("reference to a missing block {cid:02x?}")));
+            return Err(Error::Corrupt(format!(
+                "reference to a missing block {cid:02x?}"
+            )));
         };
         meta.refs = meta.refs.saturating_sub(1);
         if meta.refs == 0 {
@@ -90,7 +96,8 @@ impl<'a> Txn<'a> {
     pub fn commit(self, counters: &mut Counters, sync: bool) -> Result<()> {
         let mut next = *counters;
         next.used_bytes = (next.used_bytes + self.added_bytes).saturating_sub(self.freed_bytes);
-        next.total_blocks = (next.total_blocks + self.added_blocks).saturating_sub(self.freed_blocks);
+        next.total_blocks =
+            (next.total_blocks + self.added_blocks).saturating_sub(self.freed_blocks);
         if self.added_bytes > self.freed_bytes && next.used_bytes > self.repo.quota_max {
             return Err(Error::QuotaExceeded {
                 needed: self.added_bytes - self.freed_bytes,
@@ -108,6 +115,7 @@ impl<'a> Txn<'a> {
         }
         batch.put(COUNTERS_KEY, next.encode());
         self.repo.write(batch, sync)?;
+        self.repo.note_freed(self.freed_bytes);
         *counters = next;
         Ok(())
     }

@@ -1,0 +1,195 @@
+//! Mounting: prepares the mountpoint (recovering a stale one), runs the FUSE session on
+//! worker threads, and unmounts cleanly on request, publishing what is being written.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption};
+
+use super::core::FsCore;
+use super::fuse::CodexFuse;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub mountpoint: PathBuf,
+    /// FUSE worker threads (requests are served concurrently).
+    pub threads: usize,
+}
+
+/// A live mount; [`Mounted::unmount`] ends it.
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    core: Arc<FsCore>,
+    mountpoint: PathBuf,
+    device: Option<u64>,
+}
+
+/// Makes sure `mountpoint` is a directory we can mount on: creates it if missing and
+/// detaches a mount left behind by a crashed process (stat fails with ENOTCONN).
+pub fn prepare_mountpoint(mountpoint: &Path) -> Result<()> {
+    match std::fs::metadata(mountpoint) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::InvalidArgument(format!(
+            "{} is not a directory",
+            mountpoint.display()
+        ))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            tracing::warn!(
+                "{} was left mounted by a process that died; unmounting it",
+                mountpoint.display()
+            );
+            eprintln!(
+                "codexfs: recovered a stale mount at {}",
+                mountpoint.display()
+            );
+            detach(mountpoint)?;
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(mountpoint)?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn detach(mountpoint: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::InvalidArgument("mountpoint has a NUL byte".into()))?;
+    // SAFETY: a valid C string; MNT_DETACH only detaches.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let e = std::io::Error::last_os_error();
+        // Not root: fall back to fusermount3, which may unmount user mounts.
+        let ok = std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(mountpoint)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            return Err(Error::Io(e));
+        }
+    }
+    Ok(())
+}
+
+/// Whether something is already mounted at `path` (per /proc/self/mountinfo).
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(canon) = path.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .map(|p| Path::new(p) == canon)
+            .unwrap_or(false)
+    })
+}
+
+pub fn mount(core: Arc<FsCore>, config: &MountConfig) -> Result<Mounted> {
+    prepare_mountpoint(&config.mountpoint)?;
+    if is_mountpoint(&config.mountpoint) {
+        return Err(Error::InvalidArgument(format!(
+            "{} is already a mountpoint (another codexfs?)",
+            config.mountpoint.display()
+        )));
+    }
+    let mut fuse_config = Config::default();
+    fuse_config.mount_options = vec![
+        MountOption::FSName("codexfs".into()),
+        MountOption::Subtype("codexfs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    fuse_config.n_threads = Some(config.threads.max(1));
+    fuse_config.clone_fd = true;
+    let session = fuser::spawn_mount(
+        CodexFuse::new(core.clone()),
+        &config.mountpoint,
+        &fuse_config,
+    )?;
+    let device = std::fs::metadata(&config.mountpoint).ok().map(|m| m.dev());
+    Ok(Mounted {
+        session: Some(session),
+        core,
+        mountpoint: config.mountpoint.clone(),
+        device,
+    })
+}
+
+impl Mounted {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Publishes open writers, unmounts, and waits for the session to end. Files still
+    /// open elsewhere lose the mount (their reads fail) rather than keep it alive.
+    pub fn unmount(mut self) -> Result<()> {
+        self.core.flush_all();
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(session.umount_and_join());
+        });
+        let busy = match rx.recv_timeout(Duration::from_secs(3)) {
+            Ok(Ok(())) => return Ok(()),
+            // Files are still open on the mount: a plain unmount is refused.
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::EBUSY) => true,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => false, // the session did not end: something holds it
+        };
+        tracing::info!(
+            busy,
+            "files still open at unmount: detaching and aborting the connection"
+        );
+        let _ = detach(&self.mountpoint);
+        if let Some(dev) = self.device {
+            abort_connection(dev);
+        }
+        if !busy {
+            // The join is still under way; give it a moment after the abort.
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.core.flush_all();
+            drop(session); // unmounts
+        }
+    }
+}
+
+/// Writes to /sys/fs/fuse/connections/<minor>/abort (mounting fusectl if needed).
+fn abort_connection(dev: u64) {
+    let minor = libc::minor(dev);
+    let dir = Path::new("/sys/fs/fuse/connections");
+    let abort = dir.join(minor.to_string()).join("abort");
+    if !abort.exists() {
+        let (src, target, fstype) = (c"fusectl", c"/sys/fs/fuse/connections", c"fusectl");
+        // SAFETY: constant C strings; failure is handled by the write below failing.
+        unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+    }
+    if let Err(e) = std::fs::write(&abort, b"1") {
+        tracing::warn!("could not abort FUSE connection {minor}: {e}");
+    }
+}

@@ -1,0 +1,326 @@
+//! The filesystem core without the kernel: namespace, streaming and spooled writes,
+//! read-ahead, and a block source that never answers (reads fail with EIO in time).
+
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cid::Cid;
+use codexfs::cids::cid_string;
+use codexfs::fs::inodes::ROOT_INO;
+use codexfs::fs::{FsConfig, FsCore};
+use codexfs::node::{compute_cid, BlockSource, Dataset, Node, NodeConfig};
+use codexfs::repo::RepoConfig;
+use rand::{RngCore, SeedableRng};
+
+struct Fixture {
+    core: FsCore,
+    node: Node,
+    _runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture(quota: u64, source: Option<Arc<dyn BlockSource>>, timeout: Duration) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        repo: RepoConfig {
+            quota_max: quota,
+            ..RepoConfig::default()
+        },
+        ..NodeConfig::default()
+    };
+    let node = Node::open(dir.path(), config).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut fs_config = FsConfig::new(dir.path().join("spool"));
+    fs_config.prefetch.timeout = timeout;
+    let source = source.unwrap_or_else(|| Arc::new(node.clone()));
+    let core = FsCore::new(node.clone(), source, runtime.handle().clone(), fs_config);
+    Fixture {
+        core,
+        node,
+        _runtime: runtime,
+        _dir: dir,
+    }
+}
+
+fn random(n: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+fn read_all(core: &FsCore, fh: u64, size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    while out.len() < size {
+        let chunk = core.read(fh, out.len() as u64, 128 * 1024).unwrap();
+        assert!(!chunk.is_empty(), "short read at {}", out.len());
+        out.extend_from_slice(&chunk);
+    }
+    assert!(core.read(fh, out.len() as u64, 4096).unwrap().is_empty());
+    out
+}
+
+fn write_file(core: &FsCore, name: &str, data: &[u8], chunk: usize) -> Result<(), i32> {
+    let (_, opened) = core.create(ROOT_INO, OsStr::new(name), libc::O_WRONLY | libc::O_CREAT)?;
+    for (i, part) in data.chunks(chunk.max(1)).enumerate() {
+        core.write(opened.fh, (i * chunk) as u64, part)?;
+    }
+    core.release(opened.fh)
+}
+
+#[test]
+fn sequential_writes_stream_and_read_back_by_name_and_cid() {
+    let f = fixture(1 << 40, None, Duration::from_secs(5));
+    let data = random(3 * 65536 + 17, 1);
+    write_file(&f.core, "a.bin", &data, 1 << 20).unwrap();
+    let attr = f.core.lookup(ROOT_INO, OsStr::new("a.bin")).unwrap();
+    assert_eq!(attr.size, data.len() as u64);
+    let opened = f.core.open(attr.ino, libc::O_RDONLY).unwrap();
+    assert_eq!(read_all(&f.core, opened.fh, data.len()), data);
+    f.core.release(opened.fh).unwrap();
+
+    let cid = String::from_utf8(
+        f.core
+            .getxattr(attr.ino, OsStr::new("user.codex.cid"))
+            .unwrap(),
+    )
+    .unwrap();
+    let (expected, _) = compute_cid(&data[..], 65536, Some("a.bin".into()), None).unwrap();
+    assert_eq!(cid, cid_string(&expected));
+    let by_cid = f.core.lookup(ROOT_INO, OsStr::new(&cid)).unwrap();
+    let opened = f.core.open(by_cid.ino, libc::O_RDONLY).unwrap();
+    assert!(opened.keep_cache, "immutable entries keep the page cache");
+    assert_eq!(read_all(&f.core, opened.fh, data.len()), data);
+    assert_eq!(
+        f.core.open(by_cid.ino, libc::O_WRONLY).unwrap_err(),
+        libc::EROFS
+    );
+
+    let dir = f.core.opendir(ROOT_INO).unwrap();
+    let names: Vec<String> = f
+        .core
+        .readdir(dir, 0)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.name)
+        .collect();
+    assert!(
+        names.contains(&"a.bin".to_string()) && names.contains(&cid),
+        "{names:?}"
+    );
+    // Cookies continue where the last call stopped.
+    let rest = f.core.readdir(dir, 2).unwrap();
+    assert_eq!(rest.len(), names.len() - 2);
+}
+
+#[test]
+fn writes_out_of_order_go_through_a_spool_and_publish_on_release() {
+    let f = fixture(1 << 40, None, Duration::from_secs(5));
+    let (_, o) = f
+        .core
+        .create(ROOT_INO, OsStr::new("sparse"), libc::O_RDWR | libc::O_CREAT)
+        .unwrap();
+    f.core.write(o.fh, 100_000, b"tail").unwrap();
+    f.core.write(o.fh, 0, b"head").unwrap();
+    // a read through the same handle sees what was written
+    assert_eq!(f.core.read(o.fh, 0, 4).unwrap(), b"head");
+    f.core.release(o.fh).unwrap();
+    let attr = f.core.lookup(ROOT_INO, OsStr::new("sparse")).unwrap();
+    assert_eq!(attr.size, 100_004);
+    let r = f.core.open(attr.ino, libc::O_RDONLY).unwrap();
+    let all = read_all(&f.core, r.fh, 100_004);
+    assert_eq!(&all[..4], b"head");
+    assert!(all[4..100_000].iter().all(|&b| b == 0));
+    assert_eq!(&all[100_000..], b"tail");
+    // A stream that turns non-sequential keeps what it streamed.
+    let data = random(200_000, 2);
+    let (_, o) = f
+        .core
+        .create(
+            ROOT_INO,
+            OsStr::new("turns"),
+            libc::O_WRONLY | libc::O_CREAT,
+        )
+        .unwrap();
+    f.core.write(o.fh, 0, &data[..150_000]).unwrap();
+    f.core.write(o.fh, 150_000, &data[150_000..]).unwrap();
+    f.core.write(o.fh, 10, b"patch").unwrap();
+    f.core.release(o.fh).unwrap();
+    let attr = f.core.lookup(ROOT_INO, OsStr::new("turns")).unwrap();
+    let r = f.core.open(attr.ino, libc::O_RDONLY).unwrap();
+    let mut expected = data.clone();
+    expected[10..15].copy_from_slice(b"patch");
+    assert_eq!(read_all(&f.core, r.fh, expected.len()), expected);
+}
+
+#[test]
+fn full_quota_fails_the_write_or_close_and_leaves_no_name() {
+    let f = fixture(1 << 20, None, Duration::from_secs(5));
+    let before = f.node.repo().space();
+    let err = write_file(&f.core, "big", &random(3 << 20, 3), 128 * 1024).unwrap_err();
+    assert_eq!(err, libc::ENOSPC);
+    assert_eq!(
+        f.core.lookup(ROOT_INO, OsStr::new("big")).unwrap_err(),
+        libc::ENOENT
+    );
+    assert_eq!(f.node.repo().space(), before);
+    assert!(f
+        .node
+        .repo()
+        .check_consistency()
+        .unwrap()
+        .problems
+        .is_empty());
+}
+
+#[test]
+fn rename_relabels_the_manifest_and_unlink_removes_the_name() {
+    let f = fixture(1 << 40, None, Duration::from_secs(5));
+    write_file(&f.core, ".tmp.x1", b"payload", 4096).unwrap();
+    f.core
+        .rename(
+            ROOT_INO,
+            OsStr::new(".tmp.x1"),
+            ROOT_INO,
+            OsStr::new("final"),
+            false,
+        )
+        .unwrap();
+    let attr = f.core.lookup(ROOT_INO, OsStr::new("final")).unwrap();
+    let cid = String::from_utf8(
+        f.core
+            .getxattr(attr.ino, OsStr::new("user.codex.cid"))
+            .unwrap(),
+    )
+    .unwrap();
+    let (expected, _) = compute_cid(&b"payload"[..], 65536, Some("final".into()), None).unwrap();
+    assert_eq!(cid, cid_string(&expected));
+    assert_eq!(
+        f.node.repo().datasets().unwrap().len(),
+        1,
+        "the temp-named manifest is gone"
+    );
+    assert_eq!(
+        f.core.lookup(ROOT_INO, OsStr::new(".tmp.x1")).unwrap_err(),
+        libc::ENOENT
+    );
+    f.core.unlink(ROOT_INO, OsStr::new("final")).unwrap();
+    assert_eq!(
+        f.core.lookup(ROOT_INO, OsStr::new("final")).unwrap_err(),
+        libc::ENOENT
+    );
+    assert_eq!(
+        f.core.unlink(ROOT_INO, OsStr::new(&cid)).unwrap_err(),
+        libc::EROFS
+    );
+    assert_eq!(
+        f.core.mkdir(ROOT_INO, OsStr::new("d")).unwrap_err(),
+        libc::EOPNOTSUPP
+    );
+}
+
+/// Resolves like the node, but never delivers a block.
+struct Stuck(Node);
+impl BlockSource for Stuck {
+    fn resolve(&self, cid: &Cid) -> codexfs::Result<Option<Dataset>> {
+        self.0.resolve(cid)
+    }
+    fn block(&self, _: &Dataset, _: u64) -> codexfs::Result<Bytes> {
+        std::thread::sleep(Duration::from_secs(3600));
+        unreachable!()
+    }
+}
+
+#[test]
+fn a_block_that_never_comes_is_eio_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
+    let cid = node.store(&random(100_000, 4)[..], None, None).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut config = FsConfig::new(dir.path().join("spool"));
+    config.prefetch.timeout = Duration::from_millis(300);
+    let core = FsCore::new(
+        node.clone(),
+        Arc::new(Stuck(node.clone())),
+        runtime.handle().clone(),
+        config,
+    );
+    let attr = core
+        .lookup(ROOT_INO, OsStr::new(&cid_string(&cid)))
+        .unwrap();
+    let o = core.open(attr.ino, libc::O_RDONLY).unwrap();
+    let t = Instant::now();
+    assert_eq!(core.read(o.fh, 0, 4096).unwrap_err(), libc::EIO);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    runtime.shutdown_background();
+}
+
+/// Counts block fetches, to see read-ahead at work.
+struct Counting(Node, AtomicU64);
+impl BlockSource for Counting {
+    fn resolve(&self, cid: &Cid) -> codexfs::Result<Option<Dataset>> {
+        self.0.resolve(cid)
+    }
+    fn block(&self, d: &Dataset, i: u64) -> codexfs::Result<Bytes> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.block(d, i)
+    }
+}
+
+#[test]
+fn sequential_reads_fetch_ahead_and_seeks_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
+    let data = random(64 * 65536, 5);
+    let cid = node.store(&data[..], None, None).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let counting = Arc::new(Counting(node.clone(), AtomicU64::new(0)));
+    let core = FsCore::new(
+        node.clone(),
+        counting.clone(),
+        runtime.handle().clone(),
+        FsConfig::new(dir.path().join("spool")),
+    );
+    let attr = core
+        .lookup(ROOT_INO, OsStr::new(&cid_string(&cid)))
+        .unwrap();
+    let o = core.open(attr.ino, libc::O_RDONLY).unwrap();
+    // Random 4 KiB reads fetch only what they touch.
+    for off in [40u64, 7, 33, 2] {
+        assert_eq!(
+            core.read(o.fh, off * 65536, 4096).unwrap(),
+            data[(off * 65536) as usize..][..4096]
+        );
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(counting.1.load(Ordering::SeqCst), 4);
+    // Sequential reads from the start get ahead of the reader.
+    let o = core.open(attr.ino, libc::O_RDONLY).unwrap();
+    for k in 0..4u64 {
+        core.read(o.fh, k * 131072, 131072).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let fetched = counting.1.load(Ordering::SeqCst) - 4;
+    assert!(
+        fetched > 8,
+        "read-ahead fetched only {fetched} blocks for 8 read"
+    );
+}

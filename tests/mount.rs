@@ -1,0 +1,449 @@
+//! The real mount: `codexfs mount` in a child process, used with cp, cat, dd, rsync and
+//! xattr calls as a person would. Needs /dev/fuse and root (CI has both).
+
+use std::ffi::CString;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, RngCore, SeedableRng};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_codexfs")
+}
+
+fn random_file(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    std::fs::write(path, &v).unwrap();
+    v
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap()))
+}
+
+fn sh(cmd: &str) -> Output {
+    Command::new("sh").arg("-c").arg(cmd).output().unwrap()
+}
+
+fn sh_ok(cmd: &str) -> String {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn xattr(path: &Path, name: &str) -> std::io::Result<String> {
+    let p = CString::new(path.to_str().unwrap()).unwrap();
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the size passed.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(len as usize);
+    Ok(String::from_utf8(buf).unwrap())
+}
+
+/// A running `codexfs mount`; killed and unmounted when dropped.
+struct MountedNode {
+    child: Option<Child>,
+    mnt: PathBuf,
+    data: PathBuf,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl MountedNode {
+    fn start(extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mnt, data) = (tmp.path().join("mnt"), tmp.path().join("data"));
+        let mut node = Self {
+            child: None,
+            mnt,
+            data,
+            log: Default::default(),
+            _tmp: Some(tmp),
+        };
+        node.spawn(extra);
+        node
+    }
+
+    fn spawn(&mut self, extra: &[&str]) {
+        let mut child = Command::new(bin())
+            .arg("mount")
+            .arg(&self.mnt)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for the line saying the mount is up (a stale mount from a killed node may
+        // still be listed before it).
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        self.log = log;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log.lock().unwrap().contains("codexfs: mounted at") {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "codexfs mount exited with {status}: {}",
+                    self.log.lock().unwrap()
+                );
+            }
+            assert!(Instant::now() < deadline, "mount did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.mnt.join(name)
+    }
+
+    /// SIGTERM and wait: returns the exit status and what it printed.
+    fn stop(&mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                return (status, self.log.lock().unwrap().clone());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "codexfs mount did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for MountedNode {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+#[test]
+fn files_copied_in_read_back_by_name_and_by_cid() {
+    let node = MountedNode::start(&[]);
+    let src = tempfile::tempdir().unwrap();
+    for (i, size) in [0usize, 1, 65535, 65536, 65537, 10 * 1024 * 1024 + 1]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("file-{size}.bin");
+        let local = src.path().join(&name);
+        let bytes = random_file(&local, size, i as u64);
+        sh_ok(&format!("cp {} {}", local.display(), node.mnt.display()));
+        assert!(
+            std::fs::read(node.path(&name)).unwrap() == bytes,
+            "{name} by name"
+        );
+        let cid = xattr(&node.path(&name), "user.codex.cid").unwrap();
+        // The same CID `codexfs cid` computes (and Codex would) for that file.
+        let expected = sh_ok(&format!("{} cid {}", bin(), local.display()));
+        assert_eq!(cid, expected, "{name}");
+        assert!(
+            std::fs::read(node.path(&cid)).unwrap() == bytes,
+            "{name} by CID"
+        );
+        assert_eq!(
+            std::fs::metadata(node.path(&cid)).unwrap().len(),
+            size as u64
+        );
+        assert_eq!(
+            sh_ok(&format!("sha256sum < {}", node.path(&cid).display())),
+            sh_ok(&format!("sha256sum < {}", local.display()))
+        );
+    }
+    let listing = sh_ok(&format!("ls {}", node.mnt.display()));
+    assert!(listing.contains("file-65537.bin"));
+    let xattrs = sh_ok(&format!(
+        "python3 -c 'import os; print(os.listxattr(\"{}\"))'",
+        node.path("file-1.bin").display()
+    ));
+    assert!(xattrs.contains("user.codex.cid"), "{xattrs}");
+}
+
+#[test]
+fn concurrent_random_reads_match_the_source() {
+    let node = MountedNode::start(&[]);
+    let src = tempfile::tempdir().unwrap();
+    let local = src.path().join("big.bin");
+    let bytes = random_file(&local, 24 << 20, 5);
+    sh_ok(&format!("cp {} {}", local.display(), node.mnt.display()));
+    let cid = xattr(&node.path("big.bin"), "user.codex.cid").unwrap();
+    let path = node.path(&cid);
+    std::thread::scope(|s| {
+        for t in 0..16u64 {
+            let (path, bytes) = (&path, &bytes);
+            s.spawn(move || {
+                let f = std::fs::File::open(path).unwrap();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+                for _ in 0..50 {
+                    let off = rng.random_range(0..bytes.len());
+                    let len = rng.random_range(1..300_000).min(bytes.len() - off);
+                    let mut buf = vec![0u8; len];
+                    f.read_exact_at(&mut buf, off as u64).unwrap();
+                    assert!(buf == bytes[off..off + len], "reader {t} at {off}+{len}");
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn dd_seek_rsync_touch_rename_unlink_and_mkdir() {
+    let node = MountedNode::start(&[]);
+    let src = tempfile::tempdir().unwrap();
+    let local = src.path().join("part");
+    let part = random_file(&local, 100_000, 6);
+
+    // dd writing at an offset: the gap reads as zeros.
+    sh_ok(&format!(
+        "dd if={} of={} bs=65536 seek=3 status=none",
+        local.display(),
+        node.path("dd.bin").display()
+    ));
+    let got = std::fs::read(node.path("dd.bin")).unwrap();
+    assert_eq!(got.len(), 3 * 65536 + part.len());
+    assert!(got[..3 * 65536].iter().all(|&b| b == 0));
+    assert!(got[3 * 65536..] == part[..]);
+    // dd conv=notrunc into the middle of an existing file.
+    sh_ok(&format!(
+        "dd if={} of={} bs=1000 count=1 seek=5 conv=notrunc status=none",
+        local.display(),
+        node.path("dd.bin").display()
+    ));
+    let again = std::fs::read(node.path("dd.bin")).unwrap();
+    assert_eq!(again.len(), got.len());
+    assert!(again[5000..6000] == part[..1000]);
+    assert!(again[..5000] == got[..5000] && again[6000..] == got[6000..]);
+
+    // rsync of a directory's files into the root (temp file + rename).
+    let dir = src.path().join("tree");
+    std::fs::create_dir(&dir).unwrap();
+    let files: Vec<_> = (0..5)
+        .map(|i| {
+            (
+                format!("r{i}.dat"),
+                random_file(&dir.join(format!("r{i}.dat")), 1000 * i + 7, 10 + i as u64),
+            )
+        })
+        .collect();
+    sh_ok(&format!(
+        "rsync -rt {}/ {}/",
+        dir.display(),
+        node.mnt.display()
+    ));
+    for (name, bytes) in &files {
+        assert!(std::fs::read(node.path(name)).unwrap() == *bytes, "{name}");
+        // renamed into place, the manifest carries the final name
+        let expected = sh_ok(&format!("{} cid {}", bin(), dir.join(name).display()));
+        assert_eq!(xattr(&node.path(name), "user.codex.cid").unwrap(), expected);
+    }
+    // rsync --inplace over an existing file.
+    std::fs::write(dir.join("r1.dat"), b"changed in place").unwrap();
+    sh_ok(&format!(
+        "rsync -rt --inplace {}/r1.dat {}/",
+        dir.display(),
+        node.mnt.display()
+    ));
+    assert_eq!(
+        std::fs::read(node.path("r1.dat")).unwrap(),
+        b"changed in place"
+    );
+
+    // touch makes an empty file; rename and unlink work.
+    sh_ok(&format!("touch {}", node.path("empty").display()));
+    assert_eq!(std::fs::metadata(node.path("empty")).unwrap().len(), 0);
+    assert!(xattr(&node.path("empty"), "user.codex.cid")
+        .unwrap()
+        .starts_with('z'));
+    std::fs::rename(node.path("empty"), node.path("moved")).unwrap();
+    assert!(!node.path("empty").exists());
+    assert_eq!(std::fs::read(node.path("moved")).unwrap(), b"");
+    std::fs::remove_file(node.path("moved")).unwrap();
+    assert!(!node.path("moved").exists());
+
+    // Overwrite with O_TRUNC publishes a new version.
+    let before = xattr(&node.path("r2.dat"), "user.codex.cid").unwrap();
+    std::fs::write(node.path("r2.dat"), b"v2").unwrap();
+    assert_eq!(std::fs::read(node.path("r2.dat")).unwrap(), b"v2");
+    assert_ne!(
+        xattr(&node.path("r2.dat"), "user.codex.cid").unwrap(),
+        before
+    );
+
+    let err = std::fs::create_dir(node.path("sub")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EOPNOTSUPP), "{err}");
+}
+
+#[test]
+fn cids_are_read_only_and_unknown_or_malformed_names_are_enoent() {
+    let node = MountedNode::start(&["--read-timeout", "2s"]);
+    std::fs::write(node.path("a"), b"hello").unwrap();
+    let cid = xattr(&node.path("a"), "user.codex.cid").unwrap();
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(node.path(&cid))
+        .unwrap_err();
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
+        "{err}"
+    );
+    let unknown = "zDvZRwzm1ePSzKSXt57D5YxHwcSDmsCyYN65wW4HT7fuX9HrzFXy";
+    let t = Instant::now();
+    let err = std::fs::metadata(node.path(unknown)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let err = std::fs::metadata(node.path("zNotACid!!")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    // A CID name cannot be created as a file.
+    assert!(std::fs::write(node.path(unknown), b"x").is_err());
+}
+
+#[test]
+fn full_quota_is_enospc_and_leaves_nothing() {
+    let mut node = MountedNode::start(&["--quota", "4MiB"]);
+    let src = tempfile::tempdir().unwrap();
+    random_file(&src.path().join("small"), 100_000, 1);
+    sh_ok(&format!(
+        "cp {}/small {}",
+        src.path().display(),
+        node.mnt.display()
+    ));
+    random_file(&src.path().join("big"), 8 << 20, 2);
+    let out = sh(&format!(
+        "cp {}/big {}",
+        src.path().display(),
+        node.mnt.display()
+    ));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No space left on device"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!node.path("big").exists(), "no name is left");
+    let (status, _) = node.stop();
+    assert!(status.success());
+    let space = String::from_utf8(node.cli(&["space"]).stdout).unwrap();
+    // small: 2 blocks of 64 KiB + its manifest
+    let used: u64 = space
+        .lines()
+        .find(|l| l.starts_with("quotaUsedBytes"))
+        .unwrap()
+        .split('\t')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(used < 200_000, "only the small file is counted: {space}");
+    assert!(node.cli(&["check"]).status.success());
+}
+
+#[test]
+fn names_survive_a_restart_and_unmount_with_an_open_file_is_clean() {
+    let mut node = MountedNode::start(&[]);
+    std::fs::write(node.path("keep.txt"), b"still here").unwrap();
+    let mut open = std::fs::File::open(node.path("keep.txt")).unwrap();
+    let (status, err) = node.stop();
+    assert!(status.success(), "{err}");
+    assert!(!is_mounted(&node.mnt));
+    let mut buf = Vec::new();
+    assert!(
+        open.seek(SeekFrom::Start(0)).is_err()
+            || open.read_to_end(&mut buf).is_err()
+            || buf.is_empty()
+    );
+    drop(open);
+    node.spawn(&[]);
+    assert_eq!(std::fs::read(node.path("keep.txt")).unwrap(), b"still here");
+}
+
+#[test]
+fn kill_9_during_cp_leaves_a_consistent_store_and_a_mount_that_comes_back() {
+    let mut node = MountedNode::start(&[]);
+    let src = tempfile::tempdir().unwrap();
+    let local = src.path().join("big");
+    random_file(&local, 64 << 20, 3);
+    std::fs::write(node.path("before"), b"published before the crash").unwrap();
+    let mut cp = Command::new("cp")
+        .arg(&local)
+        .arg(node.path("big"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    node.kill9();
+    let _ = cp.wait();
+    let check = node.cli(&["check"]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    node.spawn(&[]);
+    assert!(
+        node.log.lock().unwrap().contains("recovered a stale mount"),
+        "{}",
+        node.log.lock().unwrap()
+    );
+    assert_eq!(
+        std::fs::read(node.path("before")).unwrap(),
+        b"published before the crash"
+    );
+    assert!(
+        !node.path("big").exists(),
+        "a file interrupted mid-copy is not published"
+    );
+}
