@@ -1,6 +1,6 @@
 //! A null FUSE filesystem for benchmarks: one read-only file `zero` of SIZE bytes whose
 //! reads are answered from a static buffer, mounted with the same options and worker
-//! threads as codexfs. Reading it measures the FUSE path alone.
+//! threads and kernel read-ahead as codexfs. Reading it measures the FUSE path alone.
 //!
 //! Usage: nullfs MOUNTPOINT SIZE_BYTES [THREADS]; unmounts on SIGINT/SIGTERM.
 
@@ -117,6 +117,10 @@ fn main() {
     config.n_threads = Some(threads);
     config.clone_fd = true;
     let session = fuser::spawn_mount(NullFs { size }, &args[1], &config).expect("mount");
+    // The same kernel read-ahead codexfs sets on its mounts, so the two compare fairly.
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(&args[1]).expect("stat mountpoint").dev();
+    codexfs::fs::mount::set_readahead(dev, codexfs::fs::mount::READAHEAD_KB);
     eprintln!("nullfs: mounted at {}", args[1]);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -115,6 +115,9 @@ pub fn mount(core: Arc<FsCore>, config: &MountConfig) -> Result<Mounted> {
         &fuse_config,
     )?;
     let device = std::fs::metadata(&config.mountpoint).ok().map(|m| m.dev());
+    if let Some(dev) = device {
+        set_readahead(dev, READAHEAD_KB);
+    }
     Ok(Mounted {
         session: Some(session),
         core,
@@ -168,6 +171,23 @@ impl Drop for Mounted {
             self.core.flush_all();
             drop(session); // unmounts
         }
+    }
+}
+
+/// Kernel read-ahead for the mount, in KiB. FUSE starts at 128 KiB, which makes a
+/// sequential reader pay one request per 128 KiB; 1 MiB is the largest request FUSE sends.
+pub const READAHEAD_KB: u32 = 1024;
+
+/// Sets the read-ahead of the mount whose device is `dev` (root only; otherwise the
+/// kernel's default stays).
+pub fn set_readahead(dev: u64, kb: u32) {
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    if let Err(e) = std::fs::write(&path, kb.to_string()) {
+        tracing::debug!("could not set read-ahead in {path}: {e}");
     }
 }
 

@@ -133,15 +133,22 @@ impl Prefetcher {
             .map(|m| m.block_count())
             .unwrap_or(1);
 
-        let needed: Vec<Arc<Slot>> = {
+        // Each block of the request: already being fetched, or read now on this thread.
+        enum Part {
+            Waiting(u64, Arc<Slot>),
+            Done,
+        }
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let range_in = |index: u64| {
+            let block_start = index * bs;
+            let from = offset.max(block_start) - block_start;
+            let to = end.min(block_start + bs) - block_start;
+            from as usize..to as usize
+        };
+        let parts: Vec<Part> = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if offset == st.next_offset {
-                st.window = if st.window == 0 {
-                    self.config.initial_window
-                } else {
-                    (st.window * 2).min(self.config.max_window)
-                };
-            } else {
+            let sequential = offset == st.next_offset;
+            if !sequential {
                 st.window = 0;
                 // A seek: what was fetched for elsewhere is dropped.
                 st.slots.retain(|&i, _| i >= first && i <= last);
@@ -149,17 +156,38 @@ impl Prefetcher {
             st.next_offset = end;
             // Blocks behind the reader are done with.
             st.slots.retain(|&i, _| i >= first);
-            let mut needed = Vec::with_capacity((last - first + 1) as usize);
+            let mut parts = Vec::with_capacity((last - first + 1) as usize);
+            let mut waited = false;
             for i in first..=last {
-                let slot = match st.slots.get(&i) {
-                    Some(s) => s.clone(),
-                    None => {
-                        let s = self.spawn_fetch(i);
-                        st.slots.insert(i, s.clone());
-                        s
-                    }
+                if let Some(s) = st.slots.get(&i) {
+                    waited = true;
+                    parts.push(Part::Waiting(i, s.clone()));
+                    continue;
+                }
+                // Once one block has to wait, the rest are fetched too, so the bytes
+                // come in order; what is at hand is copied now, on this thread.
+                let now = !waited
+                    && self
+                        .source
+                        .read_now(&self.dataset, i, range_in(i), &mut out)
+                        .map_err(|e| e.errno())?;
+                if now {
+                    parts.push(Part::Done);
+                } else {
+                    waited = true;
+                    let s = self.spawn_fetch(i);
+                    st.slots.insert(i, s.clone());
+                    parts.push(Part::Waiting(i, s));
+                }
+            }
+            // Read ahead only where blocks have to be waited for, growing while the
+            // reader stays sequential.
+            if waited && sequential {
+                st.window = if st.window == 0 {
+                    self.config.initial_window
+                } else {
+                    (st.window * 2).min(self.config.max_window)
                 };
-                needed.push(slot);
             }
             let ahead_end = (last + 1 + st.window).min(blocks_count);
             for i in last + 1..ahead_end {
@@ -168,21 +196,16 @@ impl Prefetcher {
                     st.slots.insert(i, s);
                 }
             }
-            needed
+            parts
         };
 
         let deadline = Instant::now() + self.config.timeout;
-        let mut out = Vec::with_capacity((end - offset) as usize);
-        for (k, slot) in needed.iter().enumerate() {
-            let index = first + k as u64;
-            let block = slot.wait(deadline)?;
-            let block_start = index * bs;
-            let from = offset.max(block_start) - block_start;
-            let to = end.min(block_start + bs) - block_start;
-            if (to as usize) > block.len() {
-                return Err(libc::EIO);
+        for part in parts {
+            if let Part::Waiting(index, slot) = part {
+                let block = slot.wait(deadline)?;
+                let r = range_in(index);
+                out.extend_from_slice(block.get(r).ok_or(libc::EIO)?);
             }
-            out.extend_from_slice(&block[from as usize..to as usize]);
         }
         // A failed fetch is not kept: the next read tries again.
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,6 +1,8 @@
 //! Where blocks come from, behind a trait so the filesystem core and readers can be driven
 //! by the local store, the network, or a test double that fails on purpose.
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use cid::Cid;
 
@@ -50,8 +52,45 @@ impl Dataset {
 pub trait BlockSource: Send + Sync + 'static {
     /// What `cid` reads as, or `None` if it cannot be found.
     fn resolve(&self, cid: &Cid) -> Result<Option<Dataset>>;
-    /// Block `index` of a resolved dataset, verified.
+    /// Block `index` of a resolved dataset, verified; may wait (for the network).
     fn block(&self, dataset: &Dataset, index: u64) -> Result<Bytes>;
+
+    /// Appends bytes `range` of block `index` to `out` if the block can be had without
+    /// waiting (cache, local store) and returns true; false if it has to be waited for.
+    /// Readers call this on their own thread and hand only real waits to the pool.
+    fn read_now(
+        &self,
+        _dataset: &Dataset,
+        _index: u64,
+        _range: Range<usize>,
+        _out: &mut Vec<u8>,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+fn short_block(cid: &Cid) -> Error {
+    Error::Corrupt(format!(
+        "block {} is shorter than its dataset says",
+        cid_string(cid)
+    ))
+}
+
+impl super::Node {
+    /// The CID of block `index` of a dataset stored here.
+    fn block_cid(&self, dataset: &Dataset, index: u64) -> Result<Cid> {
+        match dataset {
+            Dataset::Manifest(_, m) => {
+                self.repo().leaf_block(&m.tree_cid, index)?.ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "leaf {index} of tree {} is not stored here",
+                        cid_string(&m.tree_cid)
+                    ))
+                })
+            }
+            Dataset::Block(cid, _) => Ok(*cid),
+        }
+    }
 }
 
 impl BlockSource for super::Node {
@@ -91,5 +130,35 @@ impl BlockSource for super::Node {
         })?;
         self.cache().insert(cid, data.clone());
         Ok(data)
+    }
+
+    /// Everything a node without a network has is local. Copies straight from RocksDB's
+    /// pinned value: one copy, and a sequential scan does not churn the cache.
+    fn read_now(
+        &self,
+        dataset: &Dataset,
+        index: u64,
+        range: Range<usize>,
+        out: &mut Vec<u8>,
+    ) -> Result<bool> {
+        let cid = self.block_cid(dataset, index)?;
+        if let Some(b) = self.cache().get(&cid) {
+            out.extend_from_slice(b.get(range).ok_or_else(|| short_block(&cid))?);
+            return Ok(true);
+        }
+        let found = self.repo().with_block(&cid, |data| match data.get(range) {
+            Some(part) => {
+                out.extend_from_slice(part);
+                Ok(())
+            }
+            None => Err(short_block(&cid)),
+        })?;
+        match found {
+            Some(r) => r.map(|()| true),
+            None => Err(Error::NotFound(format!(
+                "block {} (index {index}) is not stored here",
+                cid_string(&cid)
+            ))),
+        }
     }
 }

@@ -175,6 +175,14 @@ impl RepoStore {
             .map(|b| Bytes::copy_from_slice(&b)))
     }
 
+    /// Calls `f` with the stored bytes of `cid` without copying them out of RocksDB.
+    pub fn with_block<T>(&self, cid: &Cid, f: impl FnOnce(&[u8]) -> T) -> Result<Option<T>> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_BLOCKS), cid.to_bytes())?
+            .map(|b| f(&b)))
+    }
+
     pub fn has_block(&self, cid: &Cid) -> Result<bool> {
         Ok(self.block_meta_raw(&cid.to_bytes())?.is_some())
     }
