@@ -86,6 +86,10 @@ pub struct RepoStore {
     block_ttl: Duration,
     /// Bytes of blocks deleted since blob files were last compacted (see `reclaim_space`).
     freed_since_reclaim: AtomicU64,
+    /// Counts batches of block bytes written without the WAL, and how many of them a
+    /// completed flush of the blocks column family is known to cover.
+    unlogged_writes: AtomicU64,
+    flushed_writes: AtomicU64,
     path: PathBuf,
     _lock: DataDirLock,
 }
@@ -121,6 +125,8 @@ impl RepoStore {
             quota_max: config.quota_max,
             block_ttl: config.block_ttl,
             freed_since_reclaim: AtomicU64::new(0),
+            unlogged_writes: AtomicU64::new(0),
+            flushed_writes: AtomicU64::new(0),
             path,
             _lock: dir_lock,
         };
@@ -138,6 +144,26 @@ impl RepoStore {
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
         self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    fn write_without_wal(&self, batch: WriteBatch) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        self.db.write_opt(batch, &opts)?;
+        self.unlogged_writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes every block byte written without the WAL so far durable (a flush of the
+    /// blocks column family), unless a flush already covered them.
+    fn persist_unlogged_blocks(&self) -> Result<()> {
+        let upto = self.unlogged_writes.load(Ordering::SeqCst);
+        if self.flushed_writes.load(Ordering::SeqCst) >= upto {
+            return Ok(());
+        }
+        self.db.flush_cf(self.cf(CF_BLOCKS))?;
+        self.flushed_writes.fetch_max(upto, Ordering::SeqCst);
         Ok(())
     }
 
@@ -261,6 +287,7 @@ impl RepoStore {
             repo: self,
             id,
             finished: false,
+            bytes_put: AtomicU64::new(0),
         })
     }
 
@@ -733,7 +760,14 @@ pub struct Upload<'a> {
     repo: &'a RepoStore,
     id: u64,
     finished: bool,
+    /// Block bytes put so far; past `UNLOGGED_AFTER` they skip the WAL.
+    bytes_put: AtomicU64,
 }
+
+/// Uploads write their first bytes through the WAL, so small files commit without a
+/// flush; beyond this, block bytes skip the WAL (it would write them a second time) and
+/// the commit flushes them instead.
+const UNLOGGED_AFTER: u64 = 4 << 20;
 
 impl Upload<'_> {
     /// Stores blocks `start, start+1, …` of the dataset, each with its CID, in one batch.
@@ -751,8 +785,13 @@ impl Upload<'_> {
                 cid.to_bytes(),
             ));
         }
+        let size: u64 = blocks.iter().map(|(_, d)| d.len() as u64).sum();
+        let unlogged = self.bytes_put.fetch_add(size, Ordering::Relaxed) >= UNLOGGED_AFTER;
         let mut counters = lock(&self.repo.counters);
         let mut t = Txn::new(self.repo);
+        if unlogged {
+            t.data_without_wal();
+        }
         for ((jk, cid), (_, data)) in keys.iter().zip(blocks) {
             t.add_ref(cid, data, expiry)?;
             t.batch.put_cf(self.repo.cf(CF_JOURNAL), jk, cid);
@@ -801,6 +840,9 @@ impl Upload<'_> {
             repo.write(batch, false)?;
         }
 
+        // Every block the dataset names (its own, or another upload's it shares) must be
+        // on disk before the dataset record is.
+        repo.persist_unlogged_blocks()?;
         let now = unix_now();
         let record = DatasetRecord {
             stored_at: now,

@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 pub(super) struct Txn<'a> {
     repo: &'a RepoStore,
     pub batch: WriteBatch,
+    /// Block bytes to write without the WAL, after `batch` (see `RepoStore::put_blocks`).
+    data: Option<WriteBatch>,
     metas: HashMap<Vec<u8>, Option<BlockMeta>>,
     added_bytes: u64,
     freed_bytes: u64,
@@ -26,12 +28,18 @@ impl<'a> Txn<'a> {
         Self {
             repo,
             batch: WriteBatch::default(),
+            data: None,
             metas: HashMap::new(),
             added_bytes: 0,
             freed_bytes: 0,
             added_blocks: 0,
             freed_blocks: 0,
         }
+    }
+
+    /// New block bytes go into a second batch written without the WAL (large uploads).
+    pub fn data_without_wal(&mut self) {
+        self.data.get_or_insert_with(WriteBatch::default);
     }
 
     fn meta(&mut self, cid: &[u8]) -> Result<Option<BlockMeta>> {
@@ -53,7 +61,11 @@ impl<'a> Txn<'a> {
                 m
             }
             None => {
-                self.batch.put_cf(self.repo.cf(CF_BLOCKS), cid, data);
+                let cf = self.repo.cf(CF_BLOCKS);
+                match &mut self.data {
+                    Some(d) => d.put_cf(cf, cid, data),
+                    None => self.batch.put_cf(cf, cid, data),
+                }
                 self.added_bytes += data.len() as u64;
                 self.added_blocks += 1;
                 BlockMeta {
@@ -115,6 +127,11 @@ impl<'a> Txn<'a> {
         }
         batch.put(COUNTERS_KEY, next.encode());
         self.repo.write(batch, sync)?;
+        // Metadata first, bytes second: a crash between them leaves a journalled block
+        // without bytes, which recovery releases; never bytes that nothing counts.
+        if let Some(data) = self.data.filter(|d| !d.is_empty()) {
+            self.repo.write_without_wal(data)?;
+        }
         self.repo.note_freed(self.freed_bytes);
         *counters = next;
         Ok(())
