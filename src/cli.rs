@@ -35,6 +35,9 @@ pub struct RepoArgs {
     /// How long stored data lives before the sweep deletes it (seconds, or with s/m/h/d).
     #[arg(long, env = "CODEXFS_BLOCK_TTL", default_value = "30d", value_parser = parse_duration)]
     block_ttl: Duration,
+    /// How often expired data is swept (by `mount`), seconds or with s/m/h/d.
+    #[arg(long, env = "CODEXFS_SWEEP_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    sweep_interval: Duration,
 }
 
 #[derive(Subcommand, Debug)]
