@@ -324,3 +324,46 @@ fn sequential_reads_fetch_ahead_and_seeks_do_not() {
         "read-ahead fetched only {fetched} blocks for 8 read"
     );
 }
+
+/// Resolves like the node, but has lost every block.
+struct Lost(Node);
+impl BlockSource for Lost {
+    fn resolve(&self, cid: &Cid) -> codexfs::Result<Option<Dataset>> {
+        self.0.resolve(cid)
+    }
+    fn block(&self, _: &Dataset, i: u64) -> codexfs::Result<Bytes> {
+        Err(codexfs::Error::NotFound(format!("block {i}")))
+    }
+    fn read_now(
+        &self,
+        d: &Dataset,
+        i: u64,
+        _: std::ops::Range<usize>,
+        _: &mut Vec<u8>,
+    ) -> codexfs::Result<bool> {
+        self.block(d, i).map(|_| true)
+    }
+}
+
+#[test]
+fn a_missing_block_reads_as_eio_not_enoent() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
+    let cid = node.store(&random(100_000, 6)[..], None, None).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let core = FsCore::new(
+        node.clone(),
+        Arc::new(Lost(node.clone())),
+        runtime.handle().clone(),
+        FsConfig::new(dir.path().join("spool")),
+    );
+    let attr = core
+        .lookup(ROOT_INO, OsStr::new(&cid_string(&cid)))
+        .unwrap();
+    let o = core.open(attr.ino, libc::O_RDONLY).unwrap();
+    assert_eq!(core.read(o.fh, 0, 4096).unwrap_err(), libc::EIO);
+}

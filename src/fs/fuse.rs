@@ -65,6 +65,13 @@ fn traced<T>(op: &str, f: impl FnOnce() -> Result<T, i32>) -> Result<T, i32> {
     r
 }
 
+fn reply_empty(reply: ReplyEmpty, result: Result<(), i32>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
 fn xattr_reply(reply: ReplyXattr, data: Vec<u8>, size: u32) {
     if size == 0 {
         reply.size(data.len() as u32);
@@ -149,10 +156,7 @@ impl Filesystem for CodexFuse {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match traced("unlink", || self.core.unlink(parent.0, name)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        reply_empty(reply, traced("unlink", || self.core.unlink(parent.0, name)));
     }
 
     fn rename(
@@ -257,10 +261,7 @@ impl Filesystem for CodexFuse {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match traced("flush", || self.core.flush(fh.0)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        reply_empty(reply, traced("flush", || self.core.flush(fh.0)));
     }
 
     fn release(
@@ -273,10 +274,7 @@ impl Filesystem for CodexFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match traced("release", || self.core.release(fh.0)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        reply_empty(reply, traced("release", || self.core.release(fh.0)));
     }
 
     fn fsync(
@@ -287,10 +285,7 @@ impl Filesystem for CodexFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match traced("fsync", || self.core.fsync(fh.0)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        reply_empty(reply, traced("fsync", || self.core.fsync(fh.0)));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -14,6 +14,14 @@ use crate::node::{BlockSource, Dataset};
 /// Errors a read can end with, as errno values.
 pub type Errno = i32;
 
+/// A block of an open file that cannot be had is an I/O error, not a missing file.
+fn read_errno(e: &crate::Error) -> Errno {
+    match e {
+        crate::Error::NotFound(_) => libc::EIO,
+        other => other.errno(),
+    }
+}
+
 /// One block being fetched, or fetched.
 #[derive(Default)]
 pub struct Slot {
@@ -112,7 +120,7 @@ impl Prefetcher {
         self.runtime.spawn_blocking(move || {
             s.fill(source.block(&dataset, index).map_err(|e| {
                 tracing::debug!("block {index}: {e}");
-                e.errno()
+                read_errno(&e)
             }))
         });
         slot
@@ -170,7 +178,7 @@ impl Prefetcher {
                     && self
                         .source
                         .read_now(&self.dataset, i, range_in(i), &mut out)
-                        .map_err(|e| e.errno())?;
+                        .map_err(|e| read_errno(&e))?;
                 if now {
                     parts.push(Part::Done);
                 } else {
