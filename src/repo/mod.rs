@@ -916,6 +916,8 @@ fn open_db(path: &Path) -> Result<DB> {
     opts.set_max_total_wal_size(128 << 20);
     opts.set_compression_type(DBCompressionType::None);
     opts.set_keep_log_file_num(3);
+    // Start writeback of blob and table files as they grow, not in one burst later.
+    opts.set_bytes_per_sync(1 << 20);
 
     let cache = Cache::new_lru_cache(16 << 20);
     let mut table = BlockBasedOptions::default();
