@@ -12,6 +12,7 @@ pub mod error;
 pub mod fs;
 pub mod manifest;
 pub mod merkle;
+pub mod net;
 pub mod node;
 pub mod protobuf;
 pub mod repo;
