@@ -9,9 +9,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use codexfs::cids::{cid_string, parse_cid};
+use codexfs::net::swarm::NetConfig;
 use codexfs::node::{compute_cid, Node, NodeConfig};
 use codexfs::repo::RepoConfig;
 use codexfs::Error;
+use libp2p::Multiaddr;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,6 +42,33 @@ pub struct RepoArgs {
     sweep_interval: Duration,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct NetArgs {
+    /// Address to listen on (repeatable).
+    #[arg(long, env = "CODEXFS_LISTEN", default_value = "/ip4/0.0.0.0/tcp/8070")]
+    listen: Vec<Multiaddr>,
+    /// A peer to join the network through, with its /p2p/<peer id> (repeatable).
+    #[arg(long, env = "CODEXFS_BOOTSTRAP")]
+    bootstrap: Vec<Multiaddr>,
+    /// An address to tell peers instead of the listen addresses (repeatable).
+    #[arg(long)]
+    announce: Vec<Multiaddr>,
+    /// Do not look for peers on the local network with mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+}
+
+impl NetArgs {
+    fn config(&self) -> NetConfig {
+        NetConfig {
+            listen: self.listen.clone(),
+            bootstrap: self.bootstrap.clone(),
+            announce: self.announce.clone(),
+            mdns: !self.no_mdns,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print the manifest CID that uploading FILE would give; stores nothing.
@@ -64,13 +93,19 @@ enum Command {
         #[command(flatten)]
         repo: RepoArgs,
     },
-    /// Write a stored dataset to FILE, or to standard output.
+    /// Write a dataset to FILE, or to standard output; one not stored here is fetched
+    /// from the network first (join it with --bootstrap).
     Download {
         cid: String,
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// How long one block may take to arrive.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
         #[command(flatten)]
         repo: RepoArgs,
+        #[command(flatten)]
+        net: NetArgs,
     },
     /// List the stored datasets: CID, size, filename.
     Ls {
@@ -88,6 +123,16 @@ enum Command {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// Run the node (network, no mount) until SIGINT/SIGTERM.
+    Node {
+        /// How long a block fetched for a peer may take.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        net: NetArgs,
+    },
     /// Run the node and mount it at MOUNTPOINT (created if missing) until SIGINT/SIGTERM.
     Mount {
         mountpoint: PathBuf,
@@ -99,6 +144,8 @@ enum Command {
         threads: usize,
         #[command(flatten)]
         repo: RepoArgs,
+        #[command(flatten)]
+        net: NetArgs,
     },
     /// Check the repo's invariants (counters, reference counts, datasets complete).
     Check {
@@ -134,9 +181,39 @@ pub fn run(cli: Cli) -> Result<()> {
             let cid = node.store(input, filename, mimetype)?;
             println!("{}", cid_string(&cid));
         }
-        Command::Download { cid, output, repo } => {
+        Command::Download {
+            cid,
+            output,
+            timeout,
+            repo,
+            mut net,
+        } => {
             let cid = parse_cid(&cid)?;
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
+            if codexfs::node::BlockSource::resolve(&node, &cid)?.is_none()
+                && !net.bootstrap.is_empty()
+            {
+                // Not here: join the network for as long as the download takes.
+                if net
+                    .listen
+                    .iter()
+                    .any(|a| a.to_string() == "/ip4/0.0.0.0/tcp/8070")
+                {
+                    net.listen = vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid address")];
+                }
+                let runtime = crate::mount_cmd::runtime()?;
+                let network =
+                    codexfs::net::service::start(&node, net.config(), runtime.handle(), timeout)?;
+                network.store.fetch_all(&cid)?;
+                eprintln!(
+                    "codexfs: fetched from the network, refused {} deliveries",
+                    network
+                        .exchange
+                        .refused
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                );
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            }
             let mut reader = node.retrieve(&cid)?;
             match output {
                 Some(path) => {
@@ -190,16 +267,28 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("quotaUsedBytes\t{}", s.quota_used_bytes);
             println!("quotaReservedBytes\t{}", s.quota_reserved_bytes);
         }
+        Command::Node { timeout, repo, net } => {
+            crate::mount_cmd::run(
+                &data_dir(&repo)?,
+                node_config(&repo),
+                net.config(),
+                None,
+                timeout,
+                1,
+            )?;
+        }
         Command::Mount {
             mountpoint,
             read_timeout,
             threads,
             repo,
+            net,
         } => {
             crate::mount_cmd::run(
                 &data_dir(&repo)?,
                 node_config(&repo),
-                mountpoint,
+                net.config(),
+                Some(mountpoint),
                 read_timeout,
                 threads,
             )?;

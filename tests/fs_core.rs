@@ -367,3 +367,25 @@ fn a_missing_block_reads_as_eio_not_enoent() {
     let o = core.open(attr.ino, libc::O_RDONLY).unwrap();
     assert_eq!(core.read(o.fh, 0, 4096).unwrap_err(), libc::EIO);
 }
+
+#[test]
+fn a_published_handle_still_open_does_not_speak_for_the_file() {
+    // rsync's pattern: a handle that has published lingers until its release arrives,
+    // while the next writer truncates and rewrites the same file.
+    let f = fixture(1 << 40, None, Duration::from_secs(5));
+    let (attr, first) = f
+        .core
+        .create(ROOT_INO, OsStr::new("r2"), libc::O_WRONLY | libc::O_CREAT)
+        .unwrap();
+    f.core.write(first.fh, 0, &random(2007, 7)).unwrap();
+    f.core.flush(first.fh).unwrap(); // published; release not yet in
+    let second = f.core.open(attr.ino, libc::O_WRONLY).unwrap();
+    f.core.setattr_size(attr.ino, None, 0).unwrap(); // truncate(2) without a handle
+    f.core.write(second.fh, 0, b"v2").unwrap();
+    assert_eq!(f.core.getattr(attr.ino).unwrap().size, 2);
+    f.core.release(second.fh).unwrap();
+    f.core.release(first.fh).unwrap();
+    let r = f.core.open(attr.ino, libc::O_RDONLY).unwrap();
+    assert_eq!(read_all(&f.core, r.fh, 2), b"v2");
+    assert_eq!(f.core.getattr(attr.ino).unwrap().size, 2);
+}

@@ -84,6 +84,7 @@ impl MountedNode {
             .arg(&self.mnt)
             .arg("--data-dir")
             .arg(&self.data)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()

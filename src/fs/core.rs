@@ -208,18 +208,23 @@ impl FsCore {
             .ok_or(libc::ENOENT)
     }
 
-    /// The writer open on `ino` that has changed the file, if any: its view is the
-    /// file's current size.
+    /// The writer open on `ino` that has changed the file and not published it yet, if
+    /// any: its view is the file's current content. (Writers that have published, such
+    /// as a handle whose release is still on its way, say nothing the name does not.)
     fn open_writer(&self, ino: u64) -> Option<Arc<Mutex<FileWriter>>> {
-        lock(&self.handles).values().find_map(|h| match h {
-            Handle::Write {
-                ino: i,
-                writer,
-                writable: true,
-                ..
-            } if *i == ino => Some(writer.clone()),
-            _ => None,
-        })
+        let writers: Vec<_> = lock(&self.handles)
+            .values()
+            .filter_map(|h| match h {
+                Handle::Write {
+                    ino: i,
+                    writer,
+                    writable: true,
+                    ..
+                } if *i == ino => Some(writer.clone()),
+                _ => None,
+            })
+            .collect();
+        writers.into_iter().find(|w| lock(w).is_dirty())
     }
 
     fn named_attr(&self, ino: u64, name: Option<&str>) -> Result<Attr, Errno> {
@@ -522,7 +527,11 @@ impl FsCore {
         };
         let result = lock(&writer).publish();
         match result {
-            Ok(Some((cid, _))) => self.bind_name(ino, cid),
+            Ok(Some((cid, size))) => {
+                self.bind_name(ino, cid)?;
+                self.rebase_clean_writers(ino, Some(fh), Some((cid, size)));
+                Ok(())
+            }
             Ok(None) => Ok(()),
             Err(e) => {
                 if created {
@@ -560,6 +569,26 @@ impl FsCore {
                 },
             )
             .map_err(|e| e.errno())
+    }
+
+    /// Other handles open for writing on `ino` that have not changed anything follow the
+    /// version just published.
+    fn rebase_clean_writers(&self, ino: u64, except: Option<u64>, version: Option<(Cid, u64)>) {
+        let others: Vec<_> = lock(&self.handles)
+            .iter()
+            .filter_map(|(fh, h)| match h {
+                Handle::Write {
+                    ino: i,
+                    writer,
+                    writable: true,
+                    ..
+                } if *i == ino && Some(*fh) != except => Some(writer.clone()),
+                _ => None,
+            })
+            .collect();
+        for w in others {
+            lock(&w).rebase(version);
+        }
     }
 
     /// A new file whose first version failed leaves no name behind.
@@ -604,8 +633,9 @@ impl FsCore {
                     false,
                 );
                 w.truncate(size)?;
-                if let Some((cid, _)) = w.publish()? {
+                if let Some((cid, size)) = w.publish()? {
                     self.bind_name(ino, cid)?;
+                    self.rebase_clean_writers(ino, None, Some((cid, size)));
                 }
             }
         }

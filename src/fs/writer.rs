@@ -361,6 +361,19 @@ impl FileWriter {
         Ok(published)
     }
 
+    /// Moves a writer that has not changed anything onto the file's newest version (one
+    /// another handle or a truncate published), so what it writes later starts from it.
+    pub fn rebase(&mut self, version: Option<(Cid, u64)>) {
+        if !self.dirty && matches!(self.state, State::Clean) {
+            self.base = version;
+        }
+    }
+
+    /// Whether this writer holds changes not yet published.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty && !matches!(self.state, State::Failed(_))
+    }
+
     pub fn failed(&self) -> Option<Errno> {
         match self.state {
             State::Failed(e) => Some(e),

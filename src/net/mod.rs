@@ -1,8 +1,14 @@
 //! The network: the block exchange protocol ([`protocol`]), answering peers from the local
-//! store ([`provider`]), and checking what peers deliver ([`verify`]).
+//! store ([`provider`]), checking what peers deliver ([`verify`]), the libp2p swarm
+//! ([`swarm`]), the exchange engine over it ([`exchange`]) and the store that reads
+//! through it ([`store`]).
 
+pub mod exchange;
 pub mod protocol;
 pub mod provider;
+pub mod service;
+pub mod store;
+pub mod swarm;
 pub mod verify;
 
 pub use protocol::{BlockAddress, Message};

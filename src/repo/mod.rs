@@ -382,6 +382,62 @@ impl RepoStore {
         Ok(mcid)
     }
 
+    /// Stores a verified leaf fetched from a peer: its bytes (if new) and its leaf record
+    /// (block CID and proof), in one batch. The leaf record holds a reference.
+    pub fn put_fetched_leaf(
+        &self,
+        tree: &Cid,
+        index: u64,
+        record: &LeafRecord,
+        data: &[u8],
+    ) -> Result<()> {
+        let key = leaf_key(tree, index);
+        let mut counters = lock(&self.counters);
+        if self.db.get_pinned_cf(self.cf(CF_LEAVES), &key)?.is_some() {
+            return Ok(());
+        }
+        let mut t = Txn::new(self);
+        t.add_ref(&record.block.to_bytes(), data, self.expiry_from_now())?;
+        t.batch.put_cf(self.cf(CF_LEAVES), &key, record.encode());
+        t.commit(&mut counters, false)
+    }
+
+    /// Makes a dataset whose leaves are all stored (fetched from peers) a local dataset:
+    /// its tree and dataset records and its manifest block. Fails if a leaf is missing.
+    pub fn adopt_dataset(&self, manifest: &Manifest) -> Result<Cid> {
+        {
+            let _guard = lock(&self.datasets_lock);
+            let tree_key = manifest.tree_cid.to_bytes();
+            if self
+                .db
+                .get_pinned_cf(self.cf(CF_TREES), &tree_key)?
+                .is_none()
+            {
+                let n = manifest.block_count();
+                for i in 0..n {
+                    if self.leaf_block(&manifest.tree_cid, i)?.is_none() {
+                        return Err(Error::NotFound(format!(
+                            "leaf {i} of {} is not stored",
+                            manifest.tree_cid
+                        )));
+                    }
+                }
+                let mut batch = WriteBatch::default();
+                batch.put_cf(
+                    self.cf(CF_TREES),
+                    &tree_key,
+                    TreeRecord {
+                        datasets: 0,
+                        leaves: n,
+                    }
+                    .encode(),
+                );
+                self.write(batch, true)?;
+            }
+        }
+        self.store_manifest_for_stored_tree(manifest)
+    }
+
     // ---- the mount's names ----
 
     pub fn name(&self, name: &str) -> Result<Option<NameRecord>> {

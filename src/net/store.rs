@@ -1,0 +1,194 @@
+//! The network store: the local store first, then the exchange, with providers found
+//! through Kademlia (and the peers already connected). What the filesystem and
+//! `download` read through when the network is on.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cid::Cid;
+use libp2p::PeerId;
+
+use super::exchange::Exchange;
+use super::protocol::BlockAddress;
+use super::swarm::NetHandle;
+use crate::cids::{cid_string, MANIFEST_CODEC};
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::node::{BlockSource, Dataset, Node};
+
+pub struct NetworkStore {
+    node: Node,
+    exchange: Arc<Exchange>,
+    net: NetHandle,
+    runtime: tokio::runtime::Handle,
+    /// How long one block (or a provider search) may take in all.
+    timeout: Duration,
+    /// Who has each dataset fetched from the network.
+    providers: Mutex<HashMap<Cid, Vec<PeerId>>>,
+}
+
+impl NetworkStore {
+    pub fn new(
+        node: Node,
+        exchange: Arc<Exchange>,
+        net: NetHandle,
+        runtime: tokio::runtime::Handle,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            node,
+            exchange,
+            net,
+            runtime,
+            timeout,
+            providers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Peers that may have `cid`: Kademlia providers, then every connected peer.
+    async fn candidates(&self, cid: &Cid) -> Vec<PeerId> {
+        let mut peers = self
+            .net
+            .find_providers(&cid.to_bytes(), self.timeout.min(Duration::from_secs(10)))
+            .await;
+        for p in self.net.connected_peers().await {
+            if !peers.contains(&p) {
+                peers.push(p);
+            }
+        }
+        peers
+    }
+
+    fn providers_of(&self, dataset: &Dataset) -> Vec<PeerId> {
+        self.providers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(dataset.cid())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Fetches every block of a dataset not yet local, then records it as a local dataset.
+    pub fn fetch_all(&self, cid: &Cid) -> Result<Manifest> {
+        let dataset = self
+            .resolve(cid)?
+            .ok_or_else(|| Error::NotFound(format!("{} not found", cid_string(cid))))?;
+        let Dataset::Manifest(_, manifest) = dataset.clone() else {
+            return Err(Error::InvalidArgument("not a dataset".into()));
+        };
+        let n = manifest.block_count();
+        let peers = self.providers_of(&dataset);
+        let ex = self.exchange.clone();
+        let repo = self.node.repo().clone();
+        let timeout = self.timeout;
+        self.runtime.block_on(async move {
+            let mut tasks = futures::stream::iter((0..n).filter_map(|i| {
+                (repo
+                    .leaf_block(&manifest.tree_cid, i)
+                    .ok()
+                    .flatten()
+                    .is_none())
+                .then_some(i)
+            }))
+            .map(|i| {
+                let (ex, peers) = (ex.clone(), peers.clone());
+                async move {
+                    ex.fetch(
+                        BlockAddress::Leaf {
+                            tree: manifest.tree_cid,
+                            index: i,
+                        },
+                        n,
+                        peers,
+                        timeout,
+                    )
+                    .await
+                }
+            })
+            .buffer_unordered(64);
+            use futures::StreamExt;
+            while let Some(r) = tasks.next().await {
+                r?;
+            }
+            Ok::<_, Error>(())
+        })?;
+        self.node.repo().adopt_dataset(&manifest)?;
+        Ok(manifest)
+    }
+}
+
+impl BlockSource for NetworkStore {
+    fn resolve(&self, cid: &Cid) -> Result<Option<Dataset>> {
+        if let Some(d) = self.node.resolve(cid)? {
+            return Ok(Some(d));
+        }
+        let c = *cid;
+        let found = self.runtime.block_on(async {
+            let peers = self.candidates(&c).await;
+            if peers.is_empty() {
+                return Ok(None);
+            }
+            let data = self
+                .exchange
+                .fetch(BlockAddress::Cid(c), 0, peers.clone(), self.timeout)
+                .await;
+            Ok::<_, Error>(data.ok().map(|d| (d, peers)))
+        })?;
+        let Some((data, peers)) = found else {
+            return Ok(None);
+        };
+        let dataset = if c.codec() == MANIFEST_CODEC {
+            Dataset::Manifest(c, Manifest::decode(&data)?)
+        } else {
+            Dataset::Block(c, data.len() as u64)
+        };
+        self.providers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(c, peers);
+        Ok(Some(dataset))
+    }
+
+    fn block(&self, dataset: &Dataset, index: u64) -> Result<Bytes> {
+        let local = match dataset {
+            Dataset::Manifest(_, m) => self.node.repo().leaf_block(&m.tree_cid, index)?.is_some(),
+            Dataset::Block(c, _) => self.node.repo().has_block(c)?,
+        };
+        if local {
+            return self.node.block(dataset, index);
+        }
+        let (address, leaves) = match dataset {
+            Dataset::Manifest(_, m) => (
+                BlockAddress::Leaf {
+                    tree: m.tree_cid,
+                    index,
+                },
+                m.block_count(),
+            ),
+            Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
+        };
+        let peers = self.providers_of(dataset);
+        self.runtime
+            .block_on(self.exchange.fetch(address, leaves, peers, self.timeout))
+    }
+
+    fn read_now(
+        &self,
+        dataset: &Dataset,
+        index: u64,
+        range: Range<usize>,
+        out: &mut Vec<u8>,
+    ) -> Result<bool> {
+        let local = match dataset {
+            Dataset::Manifest(_, m) => self.node.repo().leaf_block(&m.tree_cid, index)?.is_some(),
+            Dataset::Block(c, _) => self.node.repo().has_block(c)?,
+        };
+        if !local {
+            return Ok(false);
+        }
+        self.node.read_now(dataset, index, range, out)
+    }
+}

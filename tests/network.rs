@@ -1,0 +1,329 @@
+//! Real nodes in separate processes on 127.0.0.1, each with its own data dir: discovery
+//! through Kademlia, downloads through the mount and `codexfs download`, a swarm of
+//! seeders, a seeder killed mid-download, a lying peer, and an unknown CID.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{RngCore, SeedableRng};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_codexfs")
+}
+
+fn random_file(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    std::fs::write(path, &v).unwrap();
+    v
+}
+
+fn upload(data: &Path, file: &Path) -> String {
+    let out = Command::new(bin())
+        .arg("upload")
+        .arg(file)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A `codexfs node` or `codexfs mount` process; its stderr is collected.
+struct Peer {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    mnt: Option<PathBuf>,
+}
+
+impl Peer {
+    fn start(
+        data: &Path,
+        mount: Option<&Path>,
+        bootstrap: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut cmd = Command::new(bin());
+        match mount {
+            Some(m) => cmd.arg("mount").arg(m).args(["--read-timeout", "10s"]),
+            None => cmd.arg("node"),
+        };
+        cmd.arg("--data-dir")
+            .arg(data)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]);
+        if let Some(b) = bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let peer = Self {
+            child: Some(child),
+            log,
+            mnt: mount.map(Path::to_path_buf),
+        };
+        let ready = if mount.is_some() {
+            "mounted at"
+        } else {
+            "node running"
+        };
+        peer.wait_for(ready);
+        peer.wait_for("listening on");
+        peer
+    }
+
+    fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log.lock().unwrap().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn addr(&self) -> String {
+        let log = self.log.lock().unwrap();
+        let line = log.lines().find(|l| l.contains("listening on")).unwrap();
+        line.split("listening on ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// SIGTERM and wait; returns the blocks it served.
+    fn stop(&mut self) -> u64 {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        let log = self.log.lock().unwrap();
+        log.lines()
+            .find_map(|l| {
+                l.split("served ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
+        if let Some(m) = &self.mnt {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}
+
+fn download(data: &Path, cid: &str, out: &Path, bootstrap: &str) -> std::process::Output {
+    Command::new(bin())
+        .args(["download", cid, "-o"])
+        .arg(out)
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--bootstrap",
+            bootstrap,
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--timeout",
+            "10s",
+        ])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_node_that_knows_only_a_bootstrap_peer_finds_the_seeder_and_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("f.bin");
+    let bytes = random_file(&file, 5 * 1024 * 1024 + 7, 1);
+    let a_data = tmp.path().join("a");
+    let cid = upload(&a_data, &file);
+
+    let b = Peer::start(&tmp.path().join("b"), None, None, &[]);
+    let a = Peer::start(&a_data, None, Some(&b.addr()), &[]);
+    std::thread::sleep(Duration::from_secs(1)); // A advertises to B
+    let mnt = tmp.path().join("mnt");
+    let c = Peer::start(&tmp.path().join("c"), Some(&mnt), Some(&b.addr()), &[]);
+    let read = std::fs::read(mnt.join(&cid)).unwrap();
+    assert!(read == bytes, "read through the mount differs");
+
+    let out = tmp.path().join("out.bin");
+    let d = download(&tmp.path().join("d"), &cid, &out, &b.addr());
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    assert!(std::fs::read(&out).unwrap() == bytes, "download differs");
+    drop((a, c));
+}
+
+#[test]
+fn three_seeders_share_the_load_and_one_may_die() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("f.bin");
+    let bytes = random_file(&file, 24 * 1024 * 1024, 2);
+    let b = Peer::start(&tmp.path().join("b"), None, None, &[]);
+    let mut seeders: Vec<Peer> = (0..3)
+        .map(|i| {
+            let data = tmp.path().join(format!("s{i}"));
+            upload(&data, &file);
+            Peer::start(&data, None, Some(&b.addr()), &[])
+        })
+        .collect();
+    let cid = Command::new(bin()).arg("cid").arg(&file).output().unwrap();
+    let cid = String::from_utf8(cid.stdout).unwrap().trim().to_string();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let out = tmp.path().join("out.bin");
+    let d = download(&tmp.path().join("d1"), &cid, &out, &b.addr());
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    assert!(std::fs::read(&out).unwrap() == bytes);
+    let served: Vec<u64> = seeders.iter_mut().map(|s| s.stop()).collect();
+    assert!(
+        served.iter().all(|&n| n > 0),
+        "every seeder served blocks: {served:?}"
+    );
+    assert!(
+        served.iter().sum::<u64>() >= 384,
+        "all 384 blocks came from the seeders: {served:?}"
+    );
+
+    // Again, killing one seeder part way.
+    let mut seeders: Vec<Peer> = (0..3)
+        .map(|i| {
+            Peer::start(
+                &tmp.path().join(format!("s{i}")),
+                None,
+                Some(&b.addr()),
+                &[],
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let out2 = tmp.path().join("out2.bin");
+    let d_data = tmp.path().join("d2");
+    let mut dl = Command::new(bin())
+        .args(["download", &cid, "-o"])
+        .arg(&out2)
+        .arg("--data-dir")
+        .arg(&d_data)
+        .args([
+            "--bootstrap",
+            &b.addr(),
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--timeout",
+            "10s",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    seeders[0].kill();
+    let status = dl.wait().unwrap();
+    assert!(status.success());
+    assert!(
+        std::fs::read(&out2).unwrap() == bytes,
+        "download after a seeder died differs"
+    );
+}
+
+#[test]
+fn a_lying_peer_is_refused_and_the_data_comes_from_an_honest_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("f.bin");
+    let bytes = random_file(&file, 2 * 1024 * 1024, 3);
+    let b = Peer::start(&tmp.path().join("b"), None, None, &[]);
+    let liar_data = tmp.path().join("liar");
+    let cid = upload(&liar_data, &file);
+    let honest_data = tmp.path().join("honest");
+    upload(&honest_data, &file);
+    let _liar = Peer::start(
+        &liar_data,
+        None,
+        Some(&b.addr()),
+        &[("CODEXFS_TEST_SERVE_CORRUPT_BLOCKS", "1")],
+    );
+    let _honest = Peer::start(&honest_data, None, Some(&b.addr()), &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let out = tmp.path().join("out.bin");
+    let d_data = tmp.path().join("d");
+    let d = download(&d_data, &cid, &out, &b.addr());
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    assert!(
+        std::fs::read(&out).unwrap() == bytes,
+        "corrupt bytes were served"
+    );
+    let log = String::from_utf8_lossy(&d.stderr);
+    let refused: u64 = log
+        .split("refused ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(refused > 0, "the liar was never asked: {log}");
+    let check = Command::new(bin())
+        .arg("check")
+        .arg("--data-dir")
+        .arg(&d_data)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+#[test]
+fn an_unknown_cid_fails_in_time_through_the_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Peer::start(&tmp.path().join("b"), None, None, &[]);
+    let mnt = tmp.path().join("mnt");
+    let _c = Peer::start(&tmp.path().join("c"), Some(&mnt), Some(&b.addr()), &[]);
+    let unknown = "zDvZRwzm1ePSzKSXt57D5YxHwcSDmsCyYN65wW4HT7fuX9HrzFXy";
+    let t = Instant::now();
+    let err = std::fs::metadata(mnt.join(unknown)).unwrap_err();
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::ENOENT) | Some(libc::EIO)),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "took {:?}",
+        t.elapsed()
+    );
+}
