@@ -105,7 +105,9 @@ impl Exchange {
         Ok(ex)
     }
 
-    /// Reads one peer's messages until its stream ends or misbehaves.
+    /// Reads one peer's messages until its stream ends or misbehaves. Everything that
+    /// arrived together is handled together: one store lookup for all its wants, one
+    /// verify-and-store pass for all its deliveries.
     async fn read_stream(self: Arc<Self>, peer: PeerId, mut stream: libp2p::Stream) {
         let mut decoder = FrameDecoder::new();
         let mut buf = vec![0u8; 256 * 1024];
@@ -115,9 +117,19 @@ impl Exchange {
                 Ok(n) => n,
             };
             decoder.push(&buf[..n]);
+            let (mut wants, mut deliveries, mut dont_have) = (Vec::new(), Vec::new(), Vec::new());
             loop {
                 match decoder.next_message() {
-                    Ok(Some(msg)) => self.clone().handle(peer, msg).await,
+                    Ok(Some(msg)) => {
+                        wants.extend(msg.wantlist.entries);
+                        deliveries.extend(msg.deliveries);
+                        dont_have.extend(
+                            msg.presences
+                                .into_iter()
+                                .filter(|p| p.presence == Presence::DontHave)
+                                .map(|p| p.address),
+                        );
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         tracing::info!(%peer, "dropping a peer that sent a bad frame: {e}");
@@ -125,107 +137,131 @@ impl Exchange {
                     }
                 }
             }
+            if !wants.is_empty() {
+                tokio::spawn(self.clone().answer_wants(peer, wants));
+            }
+            if !deliveries.is_empty() {
+                self.clone().on_deliveries(peer, deliveries).await;
+            }
+            for address in dont_have {
+                self.move_on(&address, peer);
+            }
         }
     }
 
-    async fn handle(self: Arc<Self>, peer: PeerId, msg: Message) {
-        if !msg.wantlist.entries.is_empty() {
-            let (repo, wl) = (self.repo.clone(), msg.wantlist.clone());
-            match tokio::task::spawn_blocking(move || answer(&repo, &wl)).await {
-                Ok(Ok(answers)) => {
-                    for mut a in answers {
-                        self.served.fetch_add(
-                            a.deliveries.len() as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                        if self.lie {
-                            for d in &mut a.deliveries {
-                                let mut data = d.data.to_vec();
-                                if let Some(b) = data.first_mut() {
-                                    *b ^= 0xff;
-                                }
-                                d.data = Bytes::from(data);
+    async fn answer_wants(self: Arc<Self>, peer: PeerId, entries: Vec<Entry>) {
+        let repo = self.repo.clone();
+        let wl = Wantlist {
+            entries,
+            full: false,
+        };
+        match tokio::task::spawn_blocking(move || answer(&repo, &wl)).await {
+            Ok(Ok(answers)) => {
+                for mut a in answers {
+                    self.served.fetch_add(
+                        a.deliveries.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    if self.lie {
+                        for d in &mut a.deliveries {
+                            let mut data = d.data.to_vec();
+                            if let Some(b) = data.first_mut() {
+                                *b ^= 0xff;
                             }
+                            d.data = Bytes::from(data);
                         }
-                        self.send(peer, a).await;
                     }
+                    self.send(peer, a).await;
                 }
-                Ok(Err(e)) => tracing::warn!("answering {peer}: {e}"),
-                Err(_) => {}
             }
+            Ok(Err(e)) => tracing::warn!("answering {peer}: {e}"),
+            Err(_) => {}
         }
-        for d in msg.deliveries {
-            self.clone().on_delivery(peer, d).await;
+    }
+
+    async fn on_deliveries(self: Arc<Self>, peer: PeerId, deliveries: Vec<BlockDelivery>) {
+        // Only what we asked this peer (or asked it before) for is looked at.
+        let wanted: Vec<(BlockDelivery, u64)> = {
+            let st = lock(&self.state);
+            deliveries
+                .into_iter()
+                .filter_map(|d| {
+                    let p = st.pending.get(&d.address)?;
+                    (p.asked == Some(peer) || p.tried.contains(&peer)).then(|| (d, p.leaves))
+                })
+                .collect()
+        };
+        if wanted.is_empty() {
+            return;
         }
-        for p in msg.presences {
-            if p.presence == Presence::DontHave {
-                self.move_on(&p.address, peer);
+        let repo = self.repo.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let results: Vec<_> = wanted
+                .iter()
+                .map(|(d, leaves)| (d.address.clone(), verify_delivery(d, &d.address, *leaves)))
+                .collect();
+            let leaves: Vec<_> = results
+                .iter()
+                .filter_map(|(_, r)| match r {
+                    Ok(v) => match (&v.address, &v.proof) {
+                        (BlockAddress::Leaf { tree, index }, Some(proof)) => Some((
+                            *tree,
+                            *index,
+                            LeafRecord {
+                                block: v.cid,
+                                proof: proof.clone(),
+                            },
+                            v.data.clone(),
+                        )),
+                        _ => None,
+                    },
+                    Err(_) => None,
+                })
+                .collect();
+            if let Err(e) = repo.put_fetched_leaves(&leaves) {
+                tracing::warn!("storing fetched blocks: {e}");
+            }
+            results
+        })
+        .await;
+        let Ok(results) = checked else { return };
+        for (address, result) in results {
+            match result {
+                Ok(v) => self.complete(&address, v.data),
+                Err(e) => {
+                    tracing::info!(%peer, "refused a delivery: {e}");
+                    self.refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let drop_peer = {
+                        let mut st = lock(&self.state);
+                        let s = st.strikes.entry(peer).or_default();
+                        *s += 1;
+                        *s >= 3
+                    };
+                    if drop_peer {
+                        lock(&self.state).senders.remove(&peer);
+                    }
+                    self.move_on(&address, peer);
+                }
             }
         }
     }
 
-    async fn on_delivery(self: Arc<Self>, peer: PeerId, d: BlockDelivery) {
-        let (leaves, asked) = {
-            let st = lock(&self.state);
-            match st.pending.get(&d.address) {
-                Some(p) => (p.leaves, p.asked == Some(peer) || p.tried.contains(&peer)),
-                None => return, // not wanted (any more): dropped
-            }
-        };
-        if !asked {
-            return; // unsolicited
-        }
-        let verified = match verify_delivery(&d, &d.address.clone(), leaves) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::info!(%peer, "refused a delivery: {e}");
-                self.refused
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let drop_peer = {
-                    let mut st = lock(&self.state);
-                    let s = st.strikes.entry(peer).or_default();
-                    *s += 1;
-                    *s >= 3
-                };
-                if drop_peer {
-                    lock(&self.state).senders.remove(&peer);
-                }
-                self.move_on(&d.address, peer);
-                return;
-            }
-        };
-        if let (BlockAddress::Leaf { tree, index }, Some(proof)) =
-            (&verified.address, verified.proof.clone())
-        {
-            let (repo, tree, index, data) =
-                (self.repo.clone(), *tree, *index, verified.data.clone());
-            let record = LeafRecord {
-                block: verified.cid,
-                proof,
-            };
-            let stored = tokio::task::spawn_blocking(move || {
-                repo.put_fetched_leaf(&tree, index, &record, &data)
-            })
-            .await;
-            if let Ok(Err(e)) = stored {
-                tracing::warn!("storing a fetched block: {e}");
-            }
-        }
+    /// Hands a verified block to everyone waiting for it.
+    fn complete(&self, address: &BlockAddress, data: Bytes) {
         let done = {
             let mut st = lock(&self.state);
-            let done = st.pending.remove(&verified.address);
-            if let Some(p) = &done {
-                if let Some(a) = p.asked {
-                    if let Some(l) = st.load.get_mut(&a) {
-                        *l = l.saturating_sub(1);
-                    }
+            let done = st.pending.remove(address);
+            if let Some(a) = done.as_ref().and_then(|p| p.asked) {
+                if let Some(l) = st.load.get_mut(&a) {
+                    *l = l.saturating_sub(1);
                 }
             }
             done
         };
         if let Some(p) = done {
             for w in p.waiters {
-                let _ = w.send(Ok(verified.data.clone()));
+                let _ = w.send(Ok(data.clone()));
             }
         }
     }
@@ -352,15 +388,20 @@ impl Exchange {
                 return;
             }
         };
-        while let Some(msg) = rx.recv().await {
-            let frame = match encode_frame(&msg) {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::warn!("message to {peer} not sent: {e}");
-                    continue;
+        while let Some(first) = rx.recv().await {
+            // Whatever else is queued goes out in the same write.
+            let mut out = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match encode_frame(&msg) {
+                    Ok(f) => out.extend_from_slice(&f),
+                    Err(e) => tracing::warn!("message to {peer} not sent: {e}"),
                 }
-            };
-            if stream.write_all(&frame).await.is_err() || stream.flush().await.is_err() {
+                if out.len() < (4 << 20) {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
                 lock(&self.state).senders.remove(&peer);
                 self.peer_gone(peer);
                 return;

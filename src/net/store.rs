@@ -108,7 +108,7 @@ impl NetworkStore {
                     .await
                 }
             })
-            .buffer_unordered(64);
+            .buffer_unordered(256);
             use futures::StreamExt;
             while let Some(r) = tasks.next().await {
                 r?;

@@ -382,23 +382,23 @@ impl RepoStore {
         Ok(mcid)
     }
 
-    /// Stores a verified leaf fetched from a peer: its bytes (if new) and its leaf record
-    /// (block CID and proof), in one batch. The leaf record holds a reference.
-    pub fn put_fetched_leaf(
-        &self,
-        tree: &Cid,
-        index: u64,
-        record: &LeafRecord,
-        data: &[u8],
-    ) -> Result<()> {
-        let key = leaf_key(tree, index);
+    /// Stores verified leaves fetched from peers: their bytes (if new) and leaf records
+    /// (block CID and proof), all in one batch. Each leaf record holds a reference.
+    pub fn put_fetched_leaves(&self, leaves: &[(Cid, u64, LeafRecord, Bytes)]) -> Result<()> {
+        let expiry = self.expiry_from_now();
         let mut counters = lock(&self.counters);
-        if self.db.get_pinned_cf(self.cf(CF_LEAVES), &key)?.is_some() {
-            return Ok(());
-        }
         let mut t = Txn::new(self);
-        t.add_ref(&record.block.to_bytes(), data, self.expiry_from_now())?;
-        t.batch.put_cf(self.cf(CF_LEAVES), &key, record.encode());
+        let mut seen = std::collections::HashSet::new();
+        for (tree, index, record, data) in leaves {
+            let key = leaf_key(tree, *index);
+            if !seen.insert(key.clone())
+                || self.db.get_pinned_cf(self.cf(CF_LEAVES), &key)?.is_some()
+            {
+                continue;
+            }
+            t.add_ref(&record.block.to_bytes(), data, expiry)?;
+            t.batch.put_cf(self.cf(CF_LEAVES), &key, record.encode());
+        }
         t.commit(&mut counters, false)
     }
 
