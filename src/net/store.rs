@@ -153,12 +153,9 @@ impl BlockSource for NetworkStore {
     }
 
     fn block(&self, dataset: &Dataset, index: u64) -> Result<Bytes> {
-        let local = match dataset {
-            Dataset::Manifest(_, m) => self.node.repo().leaf_block(&m.tree_cid, index)?.is_some(),
-            Dataset::Block(c, _) => self.node.repo().has_block(c)?,
-        };
-        if local {
-            return self.node.block(dataset, index);
+        match self.node.block(dataset, index) {
+            Err(Error::NotFound(_)) => {}
+            local => return local,
         }
         let (address, leaves) = match dataset {
             Dataset::Manifest(_, m) => (
@@ -175,6 +172,7 @@ impl BlockSource for NetworkStore {
             .block_on(self.exchange.fetch(address, leaves, peers, self.timeout))
     }
 
+    /// Local blocks are read at once; the rest (not found here) are waited for.
     fn read_now(
         &self,
         dataset: &Dataset,
@@ -182,13 +180,9 @@ impl BlockSource for NetworkStore {
         range: Range<usize>,
         out: &mut Vec<u8>,
     ) -> Result<bool> {
-        let local = match dataset {
-            Dataset::Manifest(_, m) => self.node.repo().leaf_block(&m.tree_cid, index)?.is_some(),
-            Dataset::Block(c, _) => self.node.repo().has_block(c)?,
-        };
-        if !local {
-            return Ok(false);
+        match self.node.read_now(dataset, index, range, out) {
+            Err(Error::NotFound(_)) => Ok(false),
+            other => other,
         }
-        self.node.read_now(dataset, index, range, out)
     }
 }
