@@ -114,15 +114,26 @@ impl Prefetcher {
         &self.dataset
     }
 
+    /// Starts fetching block `index` (known not to be at hand): as a task when the source
+    /// can wait without a thread (the network), else on the blocking pool.
     fn spawn_fetch(&self, index: u64) -> Arc<Slot> {
         let slot = Arc::new(Slot::default());
-        let (source, dataset, s) = (self.source.clone(), self.dataset.clone(), slot.clone());
-        self.runtime.spawn_blocking(move || {
-            s.fill(source.block(&dataset, index).map_err(|e| {
-                tracing::debug!("block {index}: {e}");
-                read_errno(&e)
-            }))
-        });
+        let s = slot.clone();
+        match self.source.block_async(&self.dataset, index) {
+            Some(fetch) => {
+                self.runtime
+                    .spawn(async move { s.fill(fetch.await.map_err(|e| read_errno(&e))) });
+            }
+            None => {
+                let (source, dataset) = (self.source.clone(), self.dataset.clone());
+                self.runtime.spawn_blocking(move || {
+                    s.fill(source.block(&dataset, index).map_err(|e| {
+                        tracing::debug!("block {index}: {e}");
+                        read_errno(&e)
+                    }))
+                });
+            }
+        }
         slot
     }
 

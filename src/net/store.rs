@@ -172,6 +172,32 @@ impl BlockSource for NetworkStore {
             .block_on(self.exchange.fetch(address, leaves, peers, self.timeout))
     }
 
+    /// Blocks not found here come from peers; waiting for them holds no thread.
+    fn block_async(
+        &self,
+        dataset: &Dataset,
+        index: u64,
+    ) -> Option<futures::future::BoxFuture<'static, Result<Bytes>>> {
+        let (address, leaves) = match dataset {
+            Dataset::Manifest(_, m) => (
+                BlockAddress::Leaf {
+                    tree: m.tree_cid,
+                    index,
+                },
+                m.block_count(),
+            ),
+            Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
+        };
+        let (ex, peers, timeout) = (
+            self.exchange.clone(),
+            self.providers_of(dataset),
+            self.timeout,
+        );
+        Some(Box::pin(async move {
+            ex.fetch(address, leaves, peers, timeout).await
+        }))
+    }
+
     /// Local blocks are read at once; the rest (not found here) are waited for.
     fn read_now(
         &self,

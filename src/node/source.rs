@@ -55,6 +55,16 @@ pub trait BlockSource: Send + Sync + 'static {
     /// Block `index` of a resolved dataset, verified; may wait (for the network).
     fn block(&self, dataset: &Dataset, index: u64) -> Result<Bytes>;
 
+    /// A future for block `index` when it has to come from elsewhere: waiting on it
+    /// holds no thread. `None` means use [`Self::block`] on a blocking thread.
+    fn block_async(
+        &self,
+        _dataset: &Dataset,
+        _index: u64,
+    ) -> Option<futures::future::BoxFuture<'static, Result<Bytes>>> {
+        None
+    }
+
     /// Appends bytes `range` of block `index` to `out` if the block can be had without
     /// waiting (cache, local store) and returns true; false if it has to be waited for.
     /// Readers call this on their own thread and hand only real waits to the pool.
