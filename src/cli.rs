@@ -190,10 +190,15 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let cid = parse_cid(&cid)?;
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
-            if codexfs::node::BlockSource::resolve(&node, &cid)?.is_none()
-                && !net.bootstrap.is_empty()
-            {
-                // Not here: join the network for as long as the download takes.
+            let remote = codexfs::node::BlockSource::resolve(&node, &cid)?.is_none()
+                && !net.bootstrap.is_empty();
+            // Writes the dataset to `out`: from the local store, or — when it is not here
+            // and a network is given — streamed from peers as it arrives.
+            let mut write_to = |out: &mut dyn Write| -> Result<()> {
+                if !remote {
+                    io::copy(&mut node.retrieve(&cid)?, out)?;
+                    return Ok(());
+                }
                 if net
                     .listen
                     .iter()
@@ -204,7 +209,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let runtime = crate::mount_cmd::runtime()?;
                 let network =
                     codexfs::net::service::start(&node, net.config(), runtime.handle(), timeout)?;
-                network.store.fetch_all(&cid)?;
+                network.store.stream_to(&cid, out)?;
                 eprintln!(
                     "codexfs: fetched from the network, refused {} deliveries",
                     network
@@ -213,13 +218,13 @@ pub fn run(cli: Cli) -> Result<()> {
                         .load(std::sync::atomic::Ordering::Relaxed)
                 );
                 runtime.shutdown_timeout(Duration::from_secs(1));
-            }
-            let mut reader = node.retrieve(&cid)?;
+                Ok(())
+            };
             match output {
                 Some(path) => {
                     let result = (|| -> Result<()> {
                         let mut out = BufWriter::with_capacity(1 << 20, File::create(&path)?);
-                        io::copy(&mut reader, &mut out)?;
+                        write_to(&mut out)?;
                         let file = out.into_inner().map_err(|e| e.into_error())?;
                         if file.metadata()?.is_file() {
                             file.sync_all()?;
@@ -234,7 +239,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 None => {
                     let stdout = io::stdout();
                     let mut out = BufWriter::with_capacity(1 << 20, stdout.lock());
-                    io::copy(&mut reader, &mut out)?;
+                    write_to(&mut out)?;
                     out.flush()?;
                 }
             }

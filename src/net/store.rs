@@ -71,47 +71,53 @@ impl NetworkStore {
             .unwrap_or_default()
     }
 
-    /// Fetches every block of a dataset not yet local, then records it as a local dataset.
-    pub fn fetch_all(&self, cid: &Cid) -> Result<Manifest> {
+    /// Streams a dataset to `out` in order as its blocks arrive (local ones read here,
+    /// the rest fetched from peers, many in flight), then records it as a local dataset.
+    /// Bytes start flowing before the dataset is complete.
+    pub fn stream_to(&self, cid: &Cid, out: &mut dyn std::io::Write) -> Result<Manifest> {
         let dataset = self
             .resolve(cid)?
             .ok_or_else(|| Error::NotFound(format!("{} not found", cid_string(cid))))?;
         let Dataset::Manifest(_, manifest) = dataset.clone() else {
-            return Err(Error::InvalidArgument("not a dataset".into()));
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a dataset",
+                cid_string(cid)
+            )));
         };
-        let n = manifest.block_count();
+        let (n, bs, size) = (
+            manifest.block_count(),
+            manifest.block_size,
+            manifest.dataset_size,
+        );
         let peers = self.providers_of(&dataset);
-        let ex = self.exchange.clone();
-        let repo = self.node.repo().clone();
-        let timeout = self.timeout;
+        let (ex, node, timeout) = (self.exchange.clone(), self.node.clone(), self.timeout);
+        let tree = manifest.tree_cid;
         self.runtime.block_on(async move {
-            let mut tasks = futures::stream::iter((0..n).filter_map(|i| {
-                (repo
-                    .leaf_block(&manifest.tree_cid, i)
-                    .ok()
-                    .flatten()
-                    .is_none())
-                .then_some(i)
-            }))
-            .map(|i| {
-                let (ex, peers) = (ex.clone(), peers.clone());
-                async move {
-                    ex.fetch(
-                        BlockAddress::Leaf {
-                            tree: manifest.tree_cid,
-                            index: i,
-                        },
-                        n,
-                        peers,
-                        timeout,
-                    )
-                    .await
-                }
-            })
-            .buffer_unordered(256);
             use futures::StreamExt;
-            while let Some(r) = tasks.next().await {
-                r?;
+            let mut blocks = futures::stream::iter(0..n)
+                .map(|i| {
+                    let (ex, peers, node, d) =
+                        (ex.clone(), peers.clone(), node.clone(), dataset.clone());
+                    async move {
+                        match node.block(&d, i) {
+                            Err(Error::NotFound(_)) => {}
+                            local => return local,
+                        }
+                        ex.fetch(BlockAddress::Leaf { tree, index: i }, n, peers, timeout)
+                            .await
+                    }
+                })
+                .buffered(256);
+            let mut i = 0u64;
+            while let Some(block) = blocks.next().await {
+                let block = block?;
+                let len = ((i + 1) * bs).min(size).saturating_sub(i * bs) as usize;
+                out.write_all(
+                    block
+                        .get(..len)
+                        .ok_or_else(|| Error::Corrupt("short block".into()))?,
+                )?;
+                i += 1;
             }
             Ok::<_, Error>(())
         })?;
