@@ -1,0 +1,191 @@
+//! Deleting datasets, sweeping expired data, and giving deleted blocks' space back.
+
+use super::*;
+
+impl RepoStore {
+    // ---- deletion and expiry ----
+
+    /// Deletes a dataset and every block no other dataset uses. `Ok(false)` if it was not
+    /// stored here.
+    pub fn delete_dataset(&self, cid: &Cid) -> Result<bool> {
+        let _guard = lock(&self.datasets_lock);
+        let key = cid.to_bytes();
+        if self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)?.is_none() {
+            return Ok(false);
+        }
+        let manifest = self
+            .manifest(cid)?
+            .ok_or_else(|| Error::Corrupt(format!("dataset {cid} has no manifest block")))?;
+        let tree_key = manifest.tree_cid.to_bytes();
+        let released = {
+            let mut counters = lock(&self.counters);
+            let mut t = Txn::new(self);
+            t.unref(&key)?;
+            t.batch.delete_cf(self.cf(CF_DATASETS), &key);
+            let mut released = false;
+            if let Some(b) = self.db.get_pinned_cf(self.cf(CF_TREES), &tree_key)? {
+                let mut tree = TreeRecord::decode(&b)?;
+                tree.datasets = tree.datasets.saturating_sub(1);
+                if tree.datasets == 0 {
+                    t.batch.delete_cf(self.cf(CF_TREES), &tree_key);
+                    let jk = JournalKey::ReleaseTree {
+                        tree: tree_key.clone(),
+                    }
+                    .encode();
+                    t.batch.put_cf(self.cf(CF_JOURNAL), jk, []);
+                    released = true;
+                } else {
+                    t.batch.put_cf(self.cf(CF_TREES), &tree_key, tree.encode());
+                }
+            }
+            t.commit(&mut counters, false)?;
+            released
+        };
+        if released {
+            self.release_tree(&manifest.tree_cid)?;
+        }
+        Ok(true)
+    }
+
+    /// Drops the leaves of a tree no dataset uses, with the block references they hold.
+    pub(super) fn release_tree(&self, tree: &Cid) -> Result<()> {
+        let (from, to) = (leaf_key(tree, 0), leaf_key(tree, u64::MAX));
+        loop {
+            let leaves = self.scan(CF_LEAVES, &from, &to, BATCH_RECORDS)?;
+            if leaves.is_empty() {
+                break;
+            }
+            let mut counters = lock(&self.counters);
+            let mut t = Txn::new(self);
+            for (k, v) in &leaves {
+                t.unref(&LeafRecord::decode_block(v)?.to_bytes())?;
+                t.batch.delete_cf(self.cf(CF_LEAVES), k);
+            }
+            t.commit(&mut counters, false)?;
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(
+            self.cf(CF_JOURNAL),
+            JournalKey::ReleaseTree {
+                tree: tree.to_bytes(),
+            }
+            .encode(),
+        );
+        self.write(batch, false)
+    }
+
+    /// Deletes datasets whose lifetime has ended and unreferenced blocks past their expiry.
+    pub fn sweep_expired(&self, now: u64) -> Result<SweepReport> {
+        let mut report = SweepReport::default();
+        let mut expired = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_DATASETS), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            if DatasetRecord::decode(&v)?.expiry <= now {
+                expired.push(cid_from_bytes(&k, "dataset key")?);
+            }
+        }
+        for cid in expired {
+            if self.delete_dataset(&cid)? {
+                report.datasets += 1;
+            }
+        }
+        // Unreferenced blocks (cached from the network, say): delete once expired.
+        let mut candidates = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_BLOCK_META), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let m = BlockMeta::decode(&v)?;
+            if m.refs == 0 && m.expiry <= now {
+                candidates.push(k);
+            }
+        }
+        for chunk in candidates.chunks(BATCH_RECORDS) {
+            let mut counters = lock(&self.counters);
+            let mut t = Txn::new(self);
+            for k in chunk {
+                // Re-read under the lock: an upload may have taken a reference since.
+                if let Some(m) = self.block_meta_raw(k)? {
+                    if m.refs == 0 && m.expiry <= now {
+                        t.drop_block(k, m);
+                        report.blocks += 1;
+                    }
+                }
+            }
+            t.commit(&mut counters, false)?;
+        }
+        Ok(report)
+    }
+
+    /// Runs [`Self::sweep_expired`] every `interval` on a thread of its own until the repo
+    /// is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>, interval: Duration) -> std::thread::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("repo-sweeper".into())
+            .spawn(move || loop {
+                let step = Duration::from_millis(200).min(interval);
+                let mut waited = Duration::ZERO;
+                while waited < interval {
+                    std::thread::sleep(step);
+                    waited += step;
+                    if weak.strong_count() == 0 {
+                        return;
+                    }
+                }
+                let Some(repo) = weak.upgrade() else { return };
+                if let Err(e) = repo.reclaim_space_if_worth_it() {
+                    tracing::warn!("reclaiming deleted block space failed: {e}");
+                }
+                match repo.sweep_expired(unix_now()) {
+                    Ok(r) if r != SweepReport::default() => {
+                        tracing::info!(datasets = r.datasets, blocks = r.blocks, "swept expired")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("sweep failed: {e}"),
+                }
+            })
+            .expect("spawn sweeper thread")
+    }
+
+    /// Block bytes live in blob files, which RocksDB's blob garbage collection would
+    /// rewrite on every compaction; it is off, and deleted blocks' space comes back here
+    /// instead: one compaction of the blocks with garbage collection on.
+    pub fn reclaim_space(&self) -> Result<()> {
+        let cf = self.cf(CF_BLOCKS);
+        self.db.set_options_cf(
+            cf,
+            &[
+                ("enable_blob_garbage_collection", "true"),
+                ("blob_garbage_collection_age_cutoff", "1.0"),
+            ],
+        )?;
+        self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        self.db
+            .set_options_cf(cf, &[("enable_blob_garbage_collection", "false")])?;
+        self.freed_since_reclaim.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reclaims once deleted blocks are over 256 MiB and a quarter of what is stored.
+    pub fn reclaim_space_if_worth_it(&self) -> Result<bool> {
+        let freed = self.freed_since_reclaim.load(Ordering::Relaxed);
+        if freed > (256 << 20) && freed > self.space().quota_used_bytes / 4 {
+            self.reclaim_space()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Bytes of the blob files holding block data on disk.
+    pub fn blob_bytes_on_disk(&self) -> Result<u64> {
+        Ok(self
+            .db
+            .property_int_value_cf(self.cf(CF_BLOCKS), "rocksdb.total-blob-file-size")?
+            .unwrap_or(0))
+    }
+}

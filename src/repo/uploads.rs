@@ -1,0 +1,309 @@
+//! Uploads: blocks held through the journal until the dataset commits, and the
+//! datasets that arrive from peers (fetched leaves, adopted manifests).
+
+use super::*;
+
+impl RepoStore {
+    // ---- uploads ----
+
+    /// Starts an upload: blocks put through it are held by the upload until it commits,
+    /// and released if it is dropped uncommitted or the process dies first.
+    pub fn begin_upload(&self) -> Result<Upload<'_>> {
+        let id = {
+            let mut c = lock(&self.counters);
+            let mut next = *c;
+            next.next_upload_id += 1;
+            let mut batch = WriteBatch::default();
+            batch.put(COUNTERS_KEY, next.encode());
+            self.write(batch, false)?;
+            let id = c.next_upload_id;
+            *c = next;
+            id
+        };
+        Ok(Upload {
+            repo: self,
+            id,
+            finished: false,
+            bytes_put: AtomicU64::new(0),
+        })
+    }
+
+    /// Gives back every block an unfinished upload holds, and the leaves it wrote of a
+    /// tree that no dataset uses. Idempotent: each batch removes the entries it handled.
+    pub(super) fn release_upload(&self, id: u64) -> Result<()> {
+        let (from, to) = JournalKey::upload_blocks_range(id);
+        loop {
+            let entries = self.scan(CF_JOURNAL, &from, &to, BATCH_RECORDS)?;
+            if entries.is_empty() {
+                break;
+            }
+            let mut counters = lock(&self.counters);
+            let mut t = Txn::new(self);
+            for (k, cid) in &entries {
+                t.unref(cid)?;
+                t.batch.delete_cf(self.cf(CF_JOURNAL), k);
+            }
+            t.commit(&mut counters, false)?;
+        }
+        let tree_key = JournalKey::UploadTree { upload: id }.encode();
+        if let Some(tree) = self.db.get_cf(self.cf(CF_JOURNAL), &tree_key)? {
+            let mut batch = WriteBatch::default();
+            if self.db.get_pinned_cf(self.cf(CF_TREES), &tree)?.is_none() {
+                let tree_cid = cid_from_bytes(&tree, "journal")?;
+                let (lo, hi) = (leaf_key(&tree_cid, 0), leaf_key(&tree_cid, u64::MAX));
+                batch.delete_range_cf(self.cf(CF_LEAVES), &lo, &hi);
+                batch.delete_cf(self.cf(CF_LEAVES), &hi);
+            }
+            batch.delete_cf(self.cf(CF_JOURNAL), &tree_key);
+            self.write(batch, false)?;
+        }
+        Ok(())
+    }
+
+    /// Stores a manifest whose tree is already stored (the same bytes under another
+    /// filename, say): no block but the manifest is written. Returns its CID.
+    pub fn store_manifest_for_stored_tree(&self, manifest: &Manifest) -> Result<Cid> {
+        let encoded = manifest.encode();
+        let mcid = crate::manifest::manifest_cid(&encoded);
+        let mkey = mcid.to_bytes();
+        let tree_key = manifest.tree_cid.to_bytes();
+        let _guard = lock(&self.datasets_lock);
+        let mut tree = match self.db.get_pinned_cf(self.cf(CF_TREES), &tree_key)? {
+            Some(b) => TreeRecord::decode(&b)?,
+            None => {
+                return Err(Error::NotFound(format!(
+                    "tree {} is not stored here",
+                    manifest.tree_cid
+                )))
+            }
+        };
+        let record = DatasetRecord {
+            stored_at: unix_now(),
+            expiry: self.expiry_from_now(),
+        };
+        let mut counters = lock(&self.counters);
+        let mut t = Txn::new(self);
+        if self
+            .db
+            .get_pinned_cf(self.cf(CF_DATASETS), &mkey)?
+            .is_none()
+        {
+            t.add_ref(&mkey, &encoded, record.expiry)?;
+            tree.datasets += 1;
+            t.batch.put_cf(self.cf(CF_TREES), &tree_key, tree.encode());
+        }
+        t.batch.put_cf(self.cf(CF_DATASETS), &mkey, record.encode());
+        t.commit(&mut counters, true)?;
+        Ok(mcid)
+    }
+
+    /// Stores verified leaves fetched from peers: their bytes (if new) and leaf records
+    /// (block CID and proof), all in one batch. Each leaf record holds a reference.
+    pub fn put_fetched_leaves(&self, leaves: &[(Cid, u64, LeafRecord, Bytes)]) -> Result<()> {
+        let expiry = self.expiry_from_now();
+        let mut counters = lock(&self.counters);
+        let mut t = Txn::new(self);
+        let mut seen = std::collections::HashSet::new();
+        for (tree, index, record, data) in leaves {
+            let key = leaf_key(tree, *index);
+            if !seen.insert(key.clone())
+                || self.db.get_pinned_cf(self.cf(CF_LEAVES), &key)?.is_some()
+            {
+                continue;
+            }
+            t.add_ref(&record.block.to_bytes(), data, expiry)?;
+            t.batch.put_cf(self.cf(CF_LEAVES), &key, record.encode());
+        }
+        t.commit(&mut counters, false)
+    }
+
+    /// Makes a dataset whose leaves are all stored (fetched from peers) a local dataset:
+    /// its tree and dataset records and its manifest block. Fails if a leaf is missing.
+    pub fn adopt_dataset(&self, manifest: &Manifest) -> Result<Cid> {
+        {
+            let _guard = lock(&self.datasets_lock);
+            let tree_key = manifest.tree_cid.to_bytes();
+            if self
+                .db
+                .get_pinned_cf(self.cf(CF_TREES), &tree_key)?
+                .is_none()
+            {
+                let n = manifest.block_count();
+                for i in 0..n {
+                    if self.leaf_block(&manifest.tree_cid, i)?.is_none() {
+                        return Err(Error::NotFound(format!(
+                            "leaf {i} of {} is not stored",
+                            manifest.tree_cid
+                        )));
+                    }
+                }
+                let mut batch = WriteBatch::default();
+                batch.put_cf(
+                    self.cf(CF_TREES),
+                    &tree_key,
+                    TreeRecord {
+                        datasets: 0,
+                        leaves: n,
+                    }
+                    .encode(),
+                );
+                self.write(batch, true)?;
+            }
+        }
+        self.store_manifest_for_stored_tree(manifest)
+    }
+}
+
+/// An upload in progress. Blocks may be put from several threads at once; `commit` makes
+/// the dataset; dropping it uncommitted gives every block back.
+pub struct Upload<'a> {
+    repo: &'a RepoStore,
+    id: u64,
+    finished: bool,
+    /// Block bytes put so far; past `UNLOGGED_AFTER` they skip the WAL.
+    bytes_put: AtomicU64,
+}
+
+/// Uploads write their first bytes through the WAL, so small files commit without a
+/// flush; beyond this, block bytes skip the WAL (it would write them a second time) and
+/// the commit flushes them instead.
+const UNLOGGED_AFTER: u64 = 4 << 20;
+
+impl Upload<'_> {
+    /// Stores blocks `start, start+1, …` of the dataset, each with its CID, in one batch.
+    /// Fails with `QuotaExceeded` (storing nothing of this batch) when they do not fit.
+    pub fn put_blocks(&self, start: u64, blocks: &[(Cid, &[u8])]) -> Result<()> {
+        let expiry = self.repo.expiry_from_now();
+        let mut keys = Vec::with_capacity(blocks.len());
+        for (i, (cid, _)) in blocks.iter().enumerate() {
+            keys.push((
+                JournalKey::UploadBlock {
+                    upload: self.id,
+                    index: start + i as u64,
+                }
+                .encode(),
+                cid.to_bytes(),
+            ));
+        }
+        let size: u64 = blocks.iter().map(|(_, d)| d.len() as u64).sum();
+        let unlogged = self.bytes_put.fetch_add(size, Ordering::Relaxed) >= UNLOGGED_AFTER;
+        let mut counters = lock(&self.repo.counters);
+        let mut t = Txn::new(self.repo);
+        if unlogged {
+            t.data_without_wal();
+        }
+        for ((jk, cid), (_, data)) in keys.iter().zip(blocks) {
+            t.add_ref(cid, data, expiry)?;
+            t.batch.put_cf(self.repo.cf(CF_JOURNAL), jk, cid);
+        }
+        t.commit(&mut counters, false)
+    }
+
+    /// Records the dataset: leaves with proofs, the manifest block, the dataset record. The
+    /// blocks of `tree` must all have been put. Returns the manifest CID.
+    pub fn commit(mut self, tree: &MerkleTree, manifest: &Manifest) -> Result<Cid> {
+        let repo = self.repo;
+        let encoded = manifest.encode();
+        let mcid = crate::manifest::manifest_cid(&encoded);
+        let mkey = mcid.to_bytes();
+        let tree_cid = manifest.tree_cid;
+        let tree_key = tree_cid.to_bytes();
+        let _guard = lock(&repo.datasets_lock);
+
+        let tree_known = repo
+            .db
+            .get_pinned_cf(repo.cf(CF_TREES), &tree_key)?
+            .is_some();
+        if !tree_known {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(
+                repo.cf(CF_JOURNAL),
+                JournalKey::UploadTree { upload: self.id }.encode(),
+                &tree_key,
+            );
+            repo.write(batch, false)?;
+            let mut batch = WriteBatch::default();
+            for (i, digest) in tree.leaves().iter().enumerate() {
+                let record = LeafRecord {
+                    block: crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, digest),
+                    proof: tree.proof(i as u64)?,
+                };
+                batch.put_cf(
+                    repo.cf(CF_LEAVES),
+                    leaf_key(&tree_cid, i as u64),
+                    record.encode(),
+                );
+                if batch.len() >= BATCH_RECORDS {
+                    repo.write(std::mem::take(&mut batch), false)?;
+                }
+            }
+            repo.write(batch, false)?;
+        }
+
+        // Every block the dataset names (its own, or another upload's it shares) must be
+        // on disk before the dataset record is.
+        repo.persist_unlogged_blocks()?;
+        let now = unix_now();
+        let record = DatasetRecord {
+            stored_at: now,
+            expiry: repo.expiry_from_now(),
+        };
+        {
+            let mut counters = lock(&repo.counters);
+            let mut t = Txn::new(repo);
+            let new_dataset = repo
+                .db
+                .get_pinned_cf(repo.cf(CF_DATASETS), &mkey)?
+                .is_none();
+            if new_dataset {
+                t.add_ref(&mkey, &encoded, record.expiry)?;
+                let tree_rec = match repo.db.get_pinned_cf(repo.cf(CF_TREES), &tree_key)? {
+                    Some(b) => {
+                        let mut r = TreeRecord::decode(&b)?;
+                        r.datasets += 1;
+                        r
+                    }
+                    None => TreeRecord {
+                        datasets: 1,
+                        leaves: tree.leaf_count(),
+                    },
+                };
+                t.batch
+                    .put_cf(repo.cf(CF_TREES), &tree_key, tree_rec.encode());
+            }
+            t.batch.put_cf(repo.cf(CF_DATASETS), &mkey, record.encode());
+            if !tree_known {
+                // The upload's block references become the new tree's leaf references.
+                let (from, to) = JournalKey::upload_blocks_range(self.id);
+                t.batch.delete_range_cf(repo.cf(CF_JOURNAL), &from, &to);
+                t.batch.delete_cf(
+                    repo.cf(CF_JOURNAL),
+                    JournalKey::UploadTree { upload: self.id }.encode(),
+                );
+            }
+            // Synced: once the caller has the CID, the dataset survives a power loss too.
+            t.commit(&mut counters, true)?;
+        }
+        // A tree already stored holds its own references: give the upload's back.
+        self.finished = true;
+        if tree_known {
+            repo.release_upload(self.id)?;
+        }
+        Ok(mcid)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for Upload<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _guard = lock(&self.repo.datasets_lock);
+            if let Err(e) = self.repo.release_upload(self.id) {
+                tracing::error!(upload = self.id, "could not roll back upload: {e}");
+            }
+        }
+    }
+}
