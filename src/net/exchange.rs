@@ -40,7 +40,7 @@ struct Pending {
     candidates: Vec<PeerId>,
     tried: HashSet<PeerId>,
     asked: Option<PeerId>,
-    attempt: u64,
+    asked_at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -91,6 +91,17 @@ impl Exchange {
         tokio::spawn(async move {
             while let Some((peer, stream)) = incoming.next().await {
                 tokio::spawn(inbound.clone().read_stream(peer, stream));
+            }
+        });
+        let weak = Arc::downgrade(&ex);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(ex) => ex.expire_requests(),
+                    None => break,
+                }
             }
         });
         let weak = Arc::downgrade(&ex);
@@ -326,13 +337,12 @@ impl Exchange {
         };
         let p = st.pending.get_mut(&address).expect("present");
         p.asked = Some(peer);
-        p.attempt += 1;
-        let attempt = p.attempt;
+        p.asked_at = std::time::Instant::now();
         *st.load.entry(peer).or_default() += 1;
         let msg = Message {
             wantlist: Wantlist {
                 entries: vec![Entry {
-                    address: address.clone(),
+                    address,
                     priority: 0,
                     cancel: false,
                     want: WantType::Block,
@@ -342,36 +352,48 @@ impl Exchange {
             },
             ..Message::default()
         };
-        let ex = self.clone();
-        tokio::spawn(async move {
-            ex.send(peer, msg).await;
-            tokio::time::sleep(REQUEST_TIMEOUT).await;
-            let late = {
-                let st = lock(&ex.state);
-                st.pending
-                    .get(&address)
-                    .map(|p| p.asked == Some(peer) && p.attempt == attempt)
-                    .unwrap_or(false)
-            };
-            if late {
-                ex.move_on(&address, peer);
-            }
-        });
+        // Straight into the peer's queue; only a full queue needs a task to wait.
+        let sender = self.sender(st, peer);
+        if let Err(mpsc::error::TrySendError::Full(msg)) = sender.try_send(msg) {
+            tokio::spawn(async move {
+                let _ = sender.send(msg).await;
+            });
+        }
+    }
+
+    /// Wants asked longer than the request timeout ago move to the next peer.
+    fn expire_requests(self: &Arc<Self>) {
+        let late: Vec<(BlockAddress, PeerId)> = {
+            let st = lock(&self.state);
+            st.pending
+                .iter()
+                .filter_map(|(a, p)| match p.asked {
+                    Some(peer) if p.asked_at.elapsed() > REQUEST_TIMEOUT => Some((a.clone(), peer)),
+                    _ => None,
+                })
+                .collect()
+        };
+        for (address, peer) in late {
+            self.move_on(&address, peer);
+        }
+    }
+
+    /// The queue of messages to `peer`, starting its writer on first use.
+    fn sender(self: &Arc<Self>, st: &mut State, peer: PeerId) -> mpsc::Sender<Message> {
+        if let Some(s) = st.senders.get(&peer) {
+            return s.clone();
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        st.senders.insert(peer, tx.clone());
+        tokio::spawn(self.clone().write_stream(peer, rx));
+        tx
     }
 
     /// Queues `msg` to `peer`, opening the peer's outbound stream on first use.
     async fn send(self: &Arc<Self>, peer: PeerId, msg: Message) {
         let sender = {
             let mut st = lock(&self.state);
-            match st.senders.get(&peer) {
-                Some(s) => s.clone(),
-                None => {
-                    let (tx, rx) = mpsc::channel(PEER_QUEUE);
-                    st.senders.insert(peer, tx.clone());
-                    tokio::spawn(self.clone().write_stream(peer, rx));
-                    tx
-                }
-            }
+            self.sender(&mut st, peer)
         };
         let _ = sender.send(msg).await;
     }
@@ -438,7 +460,7 @@ impl Exchange {
                             candidates,
                             tried: HashSet::new(),
                             asked: None,
-                            attempt: 0,
+                            asked_at: std::time::Instant::now(),
                         },
                     );
                     self.dispatch(&mut st, address.clone());
