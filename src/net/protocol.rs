@@ -310,10 +310,11 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Splits a byte stream into messages, whatever pieces it arrives in.
+/// Splits a byte stream into messages, whatever pieces it arrives in. A whole frame is
+/// split off the buffer without copying, and deliveries' data point into it.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
-    buf: Vec<u8>,
+    buf: bytes::BytesMut,
 }
 
 impl FrameDecoder {
@@ -342,10 +343,11 @@ impl FrameDecoder {
         }
         let len = len as usize;
         if self.buf.len() < n + len {
+            self.buf.reserve(n + len - self.buf.len());
             return Ok(None);
         }
-        let frame = Bytes::copy_from_slice(&self.buf[n..n + len]);
-        self.buf.drain(..n + len);
+        let mut frame = self.buf.split_to(n + len);
+        let frame = frame.split_off(n).freeze();
         Message::decode(&frame).map(Some)
     }
 }
