@@ -77,6 +77,100 @@ impl<R: Read> Chunker<R> {
     }
 }
 
+/// Where batches come from: a reader ([`Chunker`]) or owned buffers ([`BufferBatcher`]).
+pub trait BatchSource {
+    /// The next batch, or `None` after the last one.
+    fn next_batch(&mut self) -> io::Result<Option<ChunkBatch>>;
+    /// Bytes taken in so far (the dataset size once drained).
+    fn bytes_read(&self) -> u64;
+}
+
+impl<R: Read> BatchSource for Chunker<R> {
+    fn next_batch(&mut self) -> io::Result<Option<ChunkBatch>> {
+        Chunker::next_batch(self)
+    }
+    fn bytes_read(&self) -> u64 {
+        Chunker::bytes_read(self)
+    }
+}
+
+/// Batches from buffers handed over whole (the mount's writes): a buffer of whole blocks
+/// that starts on a block boundary becomes a batch as it is, without a copy; anything
+/// else is gathered until whole blocks can go.
+pub struct BufferBatcher<I> {
+    buffers: I,
+    block_size: usize,
+    batch_bytes: usize,
+    pending: Vec<u8>,
+    next_index: u64,
+    bytes_read: u64,
+    done: bool,
+}
+
+impl<I: Iterator<Item = Vec<u8>>> BufferBatcher<I> {
+    pub fn new(buffers: I, block_size: usize, batch_bytes: usize) -> Self {
+        assert!(block_size > 0, "block size must be positive");
+        Self {
+            buffers,
+            block_size,
+            batch_bytes: batch_bytes.max(block_size),
+            pending: Vec::new(),
+            next_index: 0,
+            bytes_read: 0,
+            done: false,
+        }
+    }
+
+    fn emit(&mut self, data: Vec<u8>) -> ChunkBatch {
+        let batch = ChunkBatch {
+            start: self.next_index,
+            data,
+        };
+        self.next_index += (batch.data.len() / self.block_size) as u64;
+        batch
+    }
+}
+
+impl<I: Iterator<Item = Vec<u8>>> BatchSource for BufferBatcher<I> {
+    fn next_batch(&mut self) -> io::Result<Option<ChunkBatch>> {
+        let bs = self.block_size;
+        loop {
+            if self.pending.len() >= self.batch_bytes {
+                let whole = self.pending.len() / bs * bs;
+                let tail = self.pending.split_off(whole);
+                let head = std::mem::replace(&mut self.pending, tail);
+                return Ok(Some(self.emit(head)));
+            }
+            if self.done {
+                if !self.pending.is_empty() {
+                    let mut last = std::mem::take(&mut self.pending);
+                    last.resize(last.len().div_ceil(bs) * bs, 0);
+                    return Ok(Some(self.emit(last)));
+                }
+                if self.next_index == 0 {
+                    // An empty input is one all-zero block.
+                    return Ok(Some(self.emit(vec![0u8; bs])));
+                }
+                return Ok(None);
+            }
+            match self.buffers.next() {
+                Some(buf) => {
+                    self.bytes_read += buf.len() as u64;
+                    if self.pending.is_empty() && !buf.is_empty() && buf.len() % bs == 0 {
+                        return Ok(Some(self.emit(buf)));
+                    }
+                    self.pending.extend_from_slice(&buf);
+                }
+                None => self.done = true,
+            }
+        }
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+}
+
 /// Fills `buf` as far as the reader goes; short only at the end of the input.
 fn read_full<R: Read>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
@@ -124,6 +218,33 @@ mod tests {
         assert_eq!(n, 16);
         let blocks: usize = batches.iter().map(|b| b.data.len() / 4).sum();
         assert_eq!(blocks, 4);
+    }
+
+    #[test]
+    fn buffers_batch_like_a_reader() {
+        let input: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        for split in [1usize, 3, 4, 7, 8, 64, 10_000] {
+            let bufs: Vec<Vec<u8>> = input.chunks(split).map(|c| c.to_vec()).collect();
+            let mut b = BufferBatcher::new(bufs.into_iter(), 4, 16);
+            let mut got = Vec::new();
+            let mut next = 0;
+            while let Some(batch) = b.next_batch().unwrap() {
+                assert_eq!(batch.start, next, "split {split}");
+                next += (batch.data.len() / 4) as u64;
+                got.extend_from_slice(&batch.data);
+            }
+            assert_eq!(b.bytes_read(), 10_000);
+            assert_eq!(&got[..10_000], &input[..], "split {split}");
+            assert_eq!(got.len(), 10_000); // a multiple of 4: no padding
+        }
+        let mut b = BufferBatcher::new(vec![vec![1u8; 5]].into_iter(), 4, 16);
+        assert_eq!(
+            b.next_batch().unwrap().unwrap().data,
+            vec![1, 1, 1, 1, 1, 0, 0, 0]
+        );
+        let mut empty = BufferBatcher::new(std::iter::empty(), 4, 16);
+        assert_eq!(empty.next_batch().unwrap().unwrap().data, vec![0; 4]);
+        assert!(empty.next_batch().unwrap().is_none());
     }
 
     #[test]

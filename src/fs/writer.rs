@@ -1,16 +1,17 @@
 //! A file being written through the mount.
 //!
 //! Sequential writes from offset 0 stream straight into the upload pipeline (memory stays
-//! bounded: a few queued buffers). Anything else — a write elsewhere, a truncate to a
-//! non-zero size, a read of what is being written — moves the file to a spool file in the
-//! data dir, which any tool can write at random; it is uploaded on publish.
+//! bounded: a few queued buffers; whole-block writes become batches without a copy).
+//! Anything else — a write elsewhere, a truncate to a non-zero size, a read of what is
+//! being written — moves the file to a spool file in the data dir, which any tool can write
+//! at random; it is uploaded on publish.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::thread::JoinHandle;
 
 use cid::Cid;
@@ -21,31 +22,6 @@ use crate::node::Node;
 
 /// Write buffers queued between the FUSE writer and the upload pipeline.
 const STREAM_QUEUE: usize = 8;
-
-/// Feeds queued buffers to the upload pipeline as a `Read`.
-struct ChannelReader {
-    rx: Receiver<Vec<u8>>,
-    current: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.current.len() {
-            match self.rx.recv() {
-                Ok(next) => {
-                    self.current = next;
-                    self.pos = 0;
-                }
-                Err(_) => return Ok(0), // the writer closed: end of file
-            }
-        }
-        let n = buf.len().min(self.current.len() - self.pos);
-        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
 
 struct Stream {
     tx: SyncSender<Vec<u8>>,
@@ -205,17 +181,7 @@ impl FileWriter {
         let name = self.name.clone();
         let upload = std::thread::Builder::new()
             .name("fs-upload".into())
-            .spawn(move || {
-                node.store(
-                    ChannelReader {
-                        rx,
-                        current: Vec::new(),
-                        pos: 0,
-                    },
-                    Some(name),
-                    None,
-                )
-            })
+            .spawn(move || node.store_buffers(rx.into_iter(), Some(name), None))
             .expect("spawn upload thread");
         self.state = State::Streaming(Stream {
             tx,

@@ -117,6 +117,23 @@ impl Node {
         )
     }
 
+    /// Stores buffers handed over whole as one dataset (the mount's sequential writes).
+    pub fn store_buffers(
+        &self,
+        buffers: impl Iterator<Item = Vec<u8>>,
+        filename: Option<String>,
+        mimetype: Option<String>,
+    ) -> Result<Cid> {
+        Ok(upload::store_buffers(
+            &self.repo,
+            self.config.block_size,
+            buffers,
+            filename,
+            mimetype,
+        )?
+        .0)
+    }
+
     /// A seekable reader of a dataset (or of a single block, for a CID that is not a
     /// manifest). `NotFound` if it is not stored here.
     pub fn retrieve(&self, cid: &Cid) -> Result<DatasetReader> {

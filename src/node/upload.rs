@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use cid::Cid;
 
-use crate::chunker::{ChunkBatch, Chunker};
+use crate::chunker::{BatchSource, BufferBatcher, ChunkBatch, Chunker};
 use crate::cids::{cid_from_digest, sha256, Digest, BLOCK_CODEC};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
@@ -51,8 +51,8 @@ impl BlockSink for Discard {
 /// Reads `reader` to its end in padded blocks, hashing on every core and handing blocks
 /// to `sink`. Returns the leaf digests in order and the unpadded size. An empty input
 /// gives one all-zero block (see README: empty files).
-fn chunk_and_hash<R: Read + Send>(
-    reader: R,
+fn chunk_and_hash(
+    source: &mut dyn BatchSource,
     block_size: usize,
     sink: &dyn BlockSink,
 ) -> Result<(Vec<Digest>, u64)> {
@@ -69,13 +69,12 @@ fn chunk_and_hash<R: Read + Send>(
 
     let (tx, rx) = sync_channel::<ChunkBatch>(HASH_WORKERS);
     let rx = Mutex::new(rx);
-    let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
     std::thread::scope(|s| {
         for _ in 0..HASH_WORKERS {
             s.spawn(|| hash_worker(&rx, block_size, sink, &digests, &abort, &fail));
         }
         while !abort.load(Ordering::SeqCst) {
-            match chunker.next_batch() {
+            match source.next_batch() {
                 Ok(Some(batch)) => {
                     if tx.send(batch).is_err() {
                         break;
@@ -87,7 +86,7 @@ fn chunk_and_hash<R: Read + Send>(
         }
         drop(tx);
     });
-    let size = chunker.bytes_read();
+    let size = source.bytes_read();
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
@@ -154,11 +153,13 @@ pub fn compute_cid<R: Read + Send>(
     mimetype: Option<String>,
 ) -> Result<(Cid, Manifest)> {
     super::check_block_size(block_size)?;
-    let (digests, size) = chunk_and_hash(reader, block_size, &Discard)?;
+    let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
+    let (digests, size) = chunk_and_hash(&mut chunker, block_size, &Discard)?;
     let (_, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
     Ok((manifest.cid(), manifest))
 }
 
+/// Stores what a reader yields.
 pub(super) fn store<R: Read + Send>(
     repo: &RepoStore,
     block_size: usize,
@@ -166,10 +167,33 @@ pub(super) fn store<R: Read + Send>(
     filename: Option<String>,
     mimetype: Option<String>,
 ) -> Result<(Cid, UploadStats)> {
+    let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
+    store_batches(repo, block_size, &mut chunker, filename, mimetype)
+}
+
+/// Stores buffers handed over whole (block-aligned ones are not copied again).
+pub(super) fn store_buffers(
+    repo: &RepoStore,
+    block_size: usize,
+    buffers: impl Iterator<Item = Vec<u8>>,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<(Cid, UploadStats)> {
+    let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES);
+    store_batches(repo, block_size, &mut batcher, filename, mimetype)
+}
+
+fn store_batches(
+    repo: &RepoStore,
+    block_size: usize,
+    source: &mut dyn BatchSource,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<(Cid, UploadStats)> {
     let started = Instant::now();
     let upload = repo.begin_upload()?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
-    let (digests, size) = chunk_and_hash(reader, block_size, &upload)?;
+    let (digests, size) = chunk_and_hash(source, block_size, &upload)?;
     let blocks = digests.len() as u64;
     let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
     let cid = upload.commit(&tree, &manifest)?;
