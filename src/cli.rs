@@ -206,7 +206,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 {
                     net.listen = vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid address")];
                 }
-                let runtime = crate::mount_cmd::runtime()?;
+                let runtime = crate::node_cmd::runtime()?;
                 let network =
                     codexfs::net::service::start(&node, net.config(), runtime.handle(), timeout)?;
                 network.store.stream_to(&cid, out)?;
@@ -273,7 +273,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("quotaReservedBytes\t{}", s.quota_reserved_bytes);
         }
         Command::Node { timeout, repo, net } => {
-            crate::mount_cmd::run(
+            crate::node_cmd::run(
                 &data_dir(&repo)?,
                 node_config(&repo),
                 net.config(),
@@ -289,7 +289,7 @@ pub fn run(cli: Cli) -> Result<()> {
             repo,
             net,
         } => {
-            crate::mount_cmd::run(
+            crate::node_cmd::run(
                 &data_dir(&repo)?,
                 node_config(&repo),
                 net.config(),

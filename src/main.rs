@@ -1,7 +1,7 @@
 //! `codexfs`: parses the command line and dispatches to the commands in `cli`.
 
 mod cli;
-mod mount_cmd;
+mod node_cmd;
 
 use clap::Parser;
 

@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cid::Cid;
 
@@ -817,21 +817,5 @@ impl FsCore {
                 tracing::warn!("flushing an open file on unmount failed: errno {e}");
             }
         }
-    }
-
-    pub fn open_handles(&self) -> usize {
-        lock(&self.handles).len()
-    }
-
-    #[doc(hidden)]
-    pub fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.open_handles() > 0 {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
     }
 }

@@ -137,14 +137,6 @@ impl InodeTable {
             }
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.by_ino.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_ino.is_empty()
-    }
 }
 
 #[cfg(test)]

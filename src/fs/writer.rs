@@ -17,7 +17,6 @@ use std::thread::JoinHandle;
 use cid::Cid;
 
 use super::prefetch::Errno;
-use crate::error::Error;
 use crate::node::Node;
 
 /// Write buffers queued between the FUSE writer and the upload pipeline.
@@ -63,10 +62,6 @@ pub struct FileWriter {
 }
 
 static SPOOL_SEQ: AtomicU64 = AtomicU64::new(0);
-
-fn errno_of(e: &Error) -> Errno {
-    e.errno()
-}
 
 impl FileWriter {
     /// `base` is the file's published content (None for a new file); `truncate` empties it.
@@ -196,7 +191,7 @@ impl FileWriter {
             State::Streaming(s) => {
                 drop(s.tx);
                 match s.upload.join() {
-                    Ok(Err(e)) => errno_of(&e),
+                    Ok(Err(e)) => e.errno(),
                     _ => libc::EIO,
                 }
             }
@@ -223,7 +218,7 @@ impl FileWriter {
                 match s.upload.join() {
                     Ok(Ok(cid)) => Ok(Some((cid, s.written))),
                     Ok(Err(e)) => {
-                        let errno = errno_of(&e);
+                        let errno = e.errno();
                         self.state = State::Failed(errno);
                         Err(errno)
                     }
@@ -266,7 +261,7 @@ impl FileWriter {
                 size: 0,
             };
             if let Some((cid, _)) = from {
-                let mut reader = self.node.retrieve(&cid).map_err(|e| errno_of(&e))?;
+                let mut reader = self.node.retrieve(&cid).map_err(|e| e.errno())?;
                 let mut out = io::BufWriter::with_capacity(1 << 20, &spool.file);
                 spool.size = io::copy(&mut reader, &mut out)
                     .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
@@ -307,12 +302,12 @@ impl FileWriter {
                 let size = spool.size;
                 match self.node.store(reader, Some(self.name.clone()), None) {
                     Ok(cid) => Some((cid, size)),
-                    Err(e) => return Err(errno_of(&e)),
+                    Err(e) => return Err(e.errno()),
                 }
             }
             State::Clean => match self.node.store(io::empty(), Some(self.name.clone()), None) {
                 Ok(cid) => Some((cid, 0)),
-                Err(e) => return Err(errno_of(&e)),
+                Err(e) => return Err(e.errno()),
             },
             State::Failed(e) => return Err(*e),
         };
@@ -338,13 +333,6 @@ impl FileWriter {
     /// Whether this writer holds changes not yet published.
     pub fn is_dirty(&self) -> bool {
         self.dirty && !matches!(self.state, State::Failed(_))
-    }
-
-    pub fn failed(&self) -> Option<Errno> {
-        match self.state {
-            State::Failed(e) => Some(e),
-            _ => None,
-        }
     }
 }
 

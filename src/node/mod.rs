@@ -18,7 +18,7 @@ use crate::manifest::MAX_BLOCK_SIZE;
 use crate::repo::{RepoConfig, RepoStore, DEFAULT_SWEEP_INTERVAL};
 pub use reader::DatasetReader;
 pub use source::{BlockSource, Dataset};
-pub use upload::{compute_cid, UploadStats};
+pub use upload::compute_cid;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -99,15 +99,6 @@ impl Node {
         filename: Option<String>,
         mimetype: Option<String>,
     ) -> Result<Cid> {
-        Ok(self.store_with_stats(reader, filename, mimetype)?.0)
-    }
-
-    pub fn store_with_stats<R: Read + Send>(
-        &self,
-        reader: R,
-        filename: Option<String>,
-        mimetype: Option<String>,
-    ) -> Result<(Cid, UploadStats)> {
         upload::store(
             &self.repo,
             self.config.block_size,
@@ -124,14 +115,13 @@ impl Node {
         filename: Option<String>,
         mimetype: Option<String>,
     ) -> Result<Cid> {
-        Ok(upload::store_buffers(
+        upload::store_buffers(
             &self.repo,
             self.config.block_size,
             buffers,
             filename,
             mimetype,
-        )?
-        .0)
+        )
     }
 
     /// A seekable reader of a dataset (or of a single block, for a CID that is not a

@@ -8,7 +8,6 @@ use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use cid::Cid;
 
@@ -22,13 +21,6 @@ use crate::repo::RepoStore;
 /// Bytes read per batch (rounded to whole blocks).
 const BATCH_BYTES: usize = 1 << 20;
 const HASH_WORKERS: usize = 2;
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct UploadStats {
-    pub bytes: u64,
-    pub blocks: u64,
-    pub elapsed: Duration,
-}
 
 /// Where hashed blocks go: the repo for an upload, nowhere for `codexfs cid`.
 trait BlockSink: Sync {
@@ -166,7 +158,7 @@ pub(super) fn store<R: Read + Send>(
     reader: R,
     filename: Option<String>,
     mimetype: Option<String>,
-) -> Result<(Cid, UploadStats)> {
+) -> Result<Cid> {
     let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
     store_batches(repo, block_size, &mut chunker, filename, mimetype)
 }
@@ -178,7 +170,7 @@ pub(super) fn store_buffers(
     buffers: impl Iterator<Item = Vec<u8>>,
     filename: Option<String>,
     mimetype: Option<String>,
-) -> Result<(Cid, UploadStats)> {
+) -> Result<Cid> {
     let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES);
     store_batches(repo, block_size, &mut batcher, filename, mimetype)
 }
@@ -189,20 +181,11 @@ fn store_batches(
     source: &mut dyn BatchSource,
     filename: Option<String>,
     mimetype: Option<String>,
-) -> Result<(Cid, UploadStats)> {
-    let started = Instant::now();
+) -> Result<Cid> {
     let upload = repo.begin_upload()?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
     let (digests, size) = chunk_and_hash(source, block_size, &upload)?;
-    let blocks = digests.len() as u64;
     let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
     let cid = upload.commit(&tree, &manifest)?;
-    Ok((
-        cid,
-        UploadStats {
-            bytes: size,
-            blocks,
-            elapsed: started.elapsed(),
-        },
-    ))
+    Ok(cid)
 }

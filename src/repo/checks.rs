@@ -134,10 +134,6 @@ impl RepoStore {
             problems,
         })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -291,10 +291,6 @@ impl Upload<'_> {
         }
         Ok(mcid)
     }
-
-    pub fn id(&self) -> u64 {
-        self.id
-    }
 }
 
 impl Drop for Upload<'_> {
