@@ -133,6 +133,21 @@ impl Prefetcher {
         slot
     }
 
+    /// A fetch that failed is not kept: the next read of that block tries again. (One that
+    /// timed out stays: it may still arrive.)
+    fn forget_failed(&self, index: u64, slot: &Arc<Slot>) {
+        let failed = matches!(
+            slot.result.lock().map(|r| r.as_ref().map(|x| x.is_err())),
+            Ok(Some(true))
+        );
+        if failed {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.slots.get(&index).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                st.slots.remove(&index);
+            }
+        }
+    }
+
     /// Reads up to `size` bytes at `offset` (fewer only at the end of the dataset).
     pub fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let total = self.dataset.size();
@@ -217,19 +232,17 @@ impl Prefetcher {
         let deadline = Instant::now() + self.config.timeout;
         for part in parts {
             if let Part::Waiting(index, slot) = part {
-                let block = slot.wait(deadline)?;
+                let block = match slot.wait(deadline) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        self.forget_failed(index, &slot);
+                        return Err(e);
+                    }
+                };
                 let r = range_in(index);
                 out.extend_from_slice(block.get(r).ok_or(libc::EIO)?);
             }
         }
-        // A failed fetch is not kept: the next read tries again.
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.slots.retain(|_, s| {
-            !matches!(
-                s.result.lock().map(|r| r.as_ref().map(|x| x.is_err())),
-                Ok(Some(true))
-            )
-        });
         Ok(out)
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cid::Cid;
+use futures::future::BoxFuture;
 use libp2p::PeerId;
 
 use super::exchange::Exchange;
@@ -71,6 +72,26 @@ impl NetworkStore {
             .unwrap_or_default()
     }
 
+    /// A future for block `index` of `dataset` from the peers that have it.
+    fn fetch_remote(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
+        let (address, leaves) = match dataset {
+            Dataset::Manifest(_, m) => (
+                BlockAddress::Leaf {
+                    tree: m.tree_cid,
+                    index,
+                },
+                m.block_count(),
+            ),
+            Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
+        };
+        let (ex, peers, timeout) = (
+            self.exchange.clone(),
+            self.providers_of(dataset),
+            self.timeout,
+        );
+        Box::pin(async move { ex.fetch(address, leaves, peers, timeout).await })
+    }
+
     /// Streams a dataset to `out` in order as its blocks arrive (local ones read here,
     /// the rest fetched from peers, many in flight), then records it as a local dataset.
     /// Bytes start flowing before the dataset is complete.
@@ -89,23 +110,12 @@ impl NetworkStore {
             manifest.block_size,
             manifest.dataset_size,
         );
-        let peers = self.providers_of(&dataset);
-        let (ex, node, timeout) = (self.exchange.clone(), self.node.clone(), self.timeout);
-        let tree = manifest.tree_cid;
-        self.runtime.block_on(async move {
+        self.runtime.block_on(async {
             use futures::StreamExt;
             let mut blocks = futures::stream::iter(0..n)
-                .map(|i| {
-                    let (ex, peers, node, d) =
-                        (ex.clone(), peers.clone(), node.clone(), dataset.clone());
-                    async move {
-                        match node.block(&d, i) {
-                            Err(Error::NotFound(_)) => {}
-                            local => return local,
-                        }
-                        ex.fetch(BlockAddress::Leaf { tree, index: i }, n, peers, timeout)
-                            .await
-                    }
+                .map(|i| match self.node.block(&dataset, i) {
+                    Err(Error::NotFound(_)) => self.fetch_remote(&dataset, i),
+                    local => Box::pin(futures::future::ready(local)),
                 })
                 .buffered(256);
             let mut i = 0u64;
@@ -160,22 +170,9 @@ impl BlockSource for NetworkStore {
 
     fn block(&self, dataset: &Dataset, index: u64) -> Result<Bytes> {
         match self.node.block(dataset, index) {
-            Err(Error::NotFound(_)) => {}
-            local => return local,
+            Err(Error::NotFound(_)) => self.runtime.block_on(self.fetch_remote(dataset, index)),
+            local => local,
         }
-        let (address, leaves) = match dataset {
-            Dataset::Manifest(_, m) => (
-                BlockAddress::Leaf {
-                    tree: m.tree_cid,
-                    index,
-                },
-                m.block_count(),
-            ),
-            Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
-        };
-        let peers = self.providers_of(dataset);
-        self.runtime
-            .block_on(self.exchange.fetch(address, leaves, peers, self.timeout))
     }
 
     /// Blocks not found here come from peers; waiting for them holds no thread.
@@ -183,25 +180,8 @@ impl BlockSource for NetworkStore {
         &self,
         dataset: &Dataset,
         index: u64,
-    ) -> Option<futures::future::BoxFuture<'static, Result<Bytes>>> {
-        let (address, leaves) = match dataset {
-            Dataset::Manifest(_, m) => (
-                BlockAddress::Leaf {
-                    tree: m.tree_cid,
-                    index,
-                },
-                m.block_count(),
-            ),
-            Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
-        };
-        let (ex, peers, timeout) = (
-            self.exchange.clone(),
-            self.providers_of(dataset),
-            self.timeout,
-        );
-        Some(Box::pin(async move {
-            ex.fetch(address, leaves, peers, timeout).await
-        }))
+    ) -> Option<BoxFuture<'static, Result<Bytes>>> {
+        Some(self.fetch_remote(dataset, index))
     }
 
     /// Local blocks are read at once; the rest (not found here) are waited for.

@@ -50,19 +50,9 @@ impl RepoStore {
     /// Drops the leaves of a tree no dataset uses, with the block references they hold.
     pub(super) fn release_tree(&self, tree: &Cid) -> Result<()> {
         let (from, to) = (leaf_key(tree, 0), leaf_key(tree, u64::MAX));
-        loop {
-            let leaves = self.scan(CF_LEAVES, &from, &to, BATCH_RECORDS)?;
-            if leaves.is_empty() {
-                break;
-            }
-            let mut counters = lock(&self.counters);
-            let mut t = Txn::new(self);
-            for (k, v) in &leaves {
-                t.unref(&LeafRecord::decode_block(v)?.to_bytes())?;
-                t.batch.delete_cf(self.cf(CF_LEAVES), k);
-            }
-            t.commit(&mut counters, false)?;
-        }
+        self.release_records(CF_LEAVES, &from, &to, |leaf| {
+            Ok(LeafRecord::decode_block(leaf)?.to_bytes())
+        })?;
         let mut batch = WriteBatch::default();
         batch.delete_cf(
             self.cf(CF_JOURNAL),

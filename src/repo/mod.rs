@@ -220,6 +220,31 @@ impl RepoStore {
         Ok(out)
     }
 
+    /// Deletes the records of `cf` in `[from, to)`, each dropping the block reference it
+    /// holds (`block_of` reads the block CID out of a record's value). Each batch deletes
+    /// the records it released, so after a crash part way the rest is released once.
+    fn release_records(
+        &self,
+        cf: &str,
+        from: &[u8],
+        to: &[u8],
+        block_of: impl Fn(&[u8]) -> Result<Vec<u8>>,
+    ) -> Result<()> {
+        loop {
+            let records = self.scan(cf, from, to, BATCH_RECORDS)?;
+            if records.is_empty() {
+                return Ok(());
+            }
+            let mut counters = lock(&self.counters);
+            let mut t = Txn::new(self);
+            for (k, v) in &records {
+                t.unref(&block_of(v)?)?;
+                t.batch.delete_cf(self.cf(cf), k);
+            }
+            t.commit(&mut counters, false)?;
+        }
+    }
+
     // ---- reads ----
 
     pub fn get_block(&self, cid: &Cid) -> Result<Option<Bytes>> {

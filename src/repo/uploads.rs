@@ -32,19 +32,7 @@ impl RepoStore {
     /// tree that no dataset uses. Idempotent: each batch removes the entries it handled.
     pub(super) fn release_upload(&self, id: u64) -> Result<()> {
         let (from, to) = JournalKey::upload_blocks_range(id);
-        loop {
-            let entries = self.scan(CF_JOURNAL, &from, &to, BATCH_RECORDS)?;
-            if entries.is_empty() {
-                break;
-            }
-            let mut counters = lock(&self.counters);
-            let mut t = Txn::new(self);
-            for (k, cid) in &entries {
-                t.unref(cid)?;
-                t.batch.delete_cf(self.cf(CF_JOURNAL), k);
-            }
-            t.commit(&mut counters, false)?;
-        }
+        self.release_records(CF_JOURNAL, &from, &to, |cid| Ok(cid.to_vec()))?;
         let tree_key = JournalKey::UploadTree { upload: id }.encode();
         if let Some(tree) = self.db.get_cf(self.cf(CF_JOURNAL), &tree_key)? {
             let mut batch = WriteBatch::default();
