@@ -1,10 +1,11 @@
 //! The `codexfs` binary end to end: upload/download round trips, `cid`, `ls`, `rm`,
 //! `space`, and each error told apart by message and exit code.
 
+mod common;
+use common::random_file;
+
 use std::path::Path;
 use std::process::{Command, Output};
-
-use rand::{RngCore, SeedableRng};
 
 fn codexfs(data_dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_codexfs"))
@@ -24,13 +25,6 @@ fn ok(out: Output) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; size];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    std::fs::write(path, &v).unwrap();
-    v
-}
-
 #[test]
 fn files_round_trip_through_upload_and_download() {
     let tmp = tempfile::tempdir().unwrap();
@@ -40,7 +34,7 @@ fn files_round_trip_through_upload_and_download() {
         .enumerate()
     {
         let src = tmp.path().join(format!("in-{size}.bin"));
-        let bytes = write_random(&src, size, i as u64);
+        let bytes = random_file(&src, size, i as u64);
         let cid = ok(codexfs(&data, &["upload", src.to_str().unwrap()]));
         assert!(cid.starts_with('z'), "{cid}");
         // `cid` predicts the same CID without storing
@@ -71,7 +65,7 @@ fn stdin_upload_has_no_filename_and_download_to_stdout_works() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let src = tmp.path().join("x");
-    let bytes = write_random(&src, 200_000, 9);
+    let bytes = random_file(&src, 200_000, 9);
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -106,7 +100,7 @@ fn rm_frees_space_and_space_reports_the_fields() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let src = tmp.path().join("f");
-    write_random(&src, 3 * 65536, 1);
+    random_file(&src, 3 * 65536, 1);
     let cid = ok(codexfs(&data, &["upload", src.to_str().unwrap()]));
     let space = ok(codexfs(&data, &["space"]));
     assert!(space.contains("totalBlocks\t4"), "{space}");
@@ -140,7 +134,7 @@ fn errors_are_one_line_and_told_apart() {
     check(codexfs(&data, &["rm", unknown]), 4, "not stored here");
 
     let big = tmp.path().join("big");
-    write_random(&big, 2 << 20, 2);
+    random_file(&big, 2 << 20, 2);
     check(
         codexfs(&data, &["upload", big.to_str().unwrap(), "--quota", "1MiB"]),
         5,

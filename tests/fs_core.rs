@@ -22,6 +22,14 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn fixture(quota: u64, source: Option<Arc<dyn BlockSource>>, timeout: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
@@ -32,11 +40,7 @@ fn fixture(quota: u64, source: Option<Arc<dyn BlockSource>>, timeout: Duration) 
         ..NodeConfig::default()
     };
     let node = Node::open(dir.path(), config).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let mut fs_config = FsConfig::new(dir.path().join("spool"));
     fs_config.prefetch.timeout = timeout;
     let source = source.unwrap_or_else(|| Arc::new(node.clone()));
@@ -242,11 +246,7 @@ fn a_block_that_never_comes_is_eio_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
     let cid = node.store(&random(100_000, 4)[..], None, None).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let mut config = FsConfig::new(dir.path().join("spool"));
     config.prefetch.timeout = Duration::from_millis(300);
     let core = FsCore::new(
@@ -287,11 +287,7 @@ fn sequential_reads_fetch_ahead_and_seeks_do_not() {
     let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
     let data = random(64 * 65536, 5);
     let cid = node.store(&data[..], None, None).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let counting = Arc::new(Counting(node.clone(), AtomicU64::new(0)));
     let core = FsCore::new(
         node.clone(),
@@ -350,11 +346,7 @@ fn a_missing_block_reads_as_eio_not_enoent() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
     let cid = node.store(&random(100_000, 6)[..], None, None).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let core = FsCore::new(
         node.clone(),
         Arc::new(Lost(node.clone())),

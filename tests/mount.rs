@@ -1,6 +1,9 @@
 //! The real mount: `codexfs mount` in a child process, used with cp, cat, dd, rsync and
 //! xattr calls as a person would. Needs /dev/fuse and root (CI has both).
 
+mod common;
+use common::{bin, random_file};
+
 use std::ffi::CString;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
@@ -8,18 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use rand::{Rng, RngCore, SeedableRng};
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_codexfs")
-}
-
-fn random_file(path: &Path, size: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; size];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    std::fs::write(path, &v).unwrap();
-    v
-}
+use rand::{Rng, SeedableRng};
 
 fn is_mounted(path: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

@@ -2,24 +2,14 @@
 //! through Kademlia, downloads through the mount and `codexfs download`, a swarm of
 //! seeders, a seeder killed mid-download, a lying peer, and an unknown CID.
 
+mod common;
+use common::{bin, random_file};
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use rand::{RngCore, SeedableRng};
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_codexfs")
-}
-
-fn random_file(path: &Path, size: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; size];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    std::fs::write(path, &v).unwrap();
-    v
-}
 
 fn upload(data: &Path, file: &Path) -> String {
     let out = Command::new(bin())
