@@ -42,10 +42,12 @@ impl BlockCache {
         match inner.lru.get(cid).cloned() {
             Some(b) => {
                 inner.hits += 1;
+                crate::metrics::metrics().cache_hits.inc();
                 Some(b)
             }
             None => {
                 inner.misses += 1;
+                crate::metrics::metrics().cache_misses.inc();
                 None
             }
         }

@@ -1,19 +1,25 @@
 //! The command line: argument definitions and one function per command.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, IsTerminal, Read, Write};
+use std::sync::Arc;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use codexfs::api::{DataItem, DataList, LogLevelSetter, SpaceJson};
 use codexfs::cids::{cid_string, parse_cid};
 use codexfs::net::swarm::NetConfig;
 use codexfs::node::{compute_cid, Node, NodeConfig};
 use codexfs::repo::RepoConfig;
 use codexfs::Error;
+use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::Multiaddr;
+
+use crate::client::{self, ApiClient};
+use crate::node_cmd::RunOptions;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,6 +28,10 @@ use libp2p::Multiaddr;
     about = "A Codex-compatible storage node with a FUSE mount"
 )]
 pub struct Cli {
+    /// A TOML file of settings (keys as the long options, e.g. `data-dir = "/srv/codexfs"`).
+    /// Flags override environment variables, which override the file.
+    #[arg(long, global = true, env = "CODEXFS_CONFIG")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,16 +55,16 @@ pub struct RepoArgs {
 #[derive(Args, Debug, Clone)]
 pub struct NetArgs {
     /// Address to listen on (repeatable).
-    #[arg(long, env = "CODEXFS_LISTEN", default_value = "/ip4/0.0.0.0/tcp/8070")]
+    #[arg(long, env = "CODEXFS_LISTEN", value_delimiter = ',', default_value = "/ip4/0.0.0.0/tcp/8070")]
     listen: Vec<Multiaddr>,
     /// A peer to join the network through, with its /p2p/<peer id> (repeatable).
-    #[arg(long, env = "CODEXFS_BOOTSTRAP")]
+    #[arg(long, env = "CODEXFS_BOOTSTRAP", value_delimiter = ',')]
     bootstrap: Vec<Multiaddr>,
     /// An address to tell peers instead of the listen addresses (repeatable).
-    #[arg(long)]
+    #[arg(long, env = "CODEXFS_ANNOUNCE", value_delimiter = ',')]
     announce: Vec<Multiaddr>,
     /// Do not look for peers on the local network with mDNS.
-    #[arg(long)]
+    #[arg(long, env = "CODEXFS_NO_MDNS")]
     no_mdns: bool,
 }
 
@@ -67,6 +77,24 @@ impl NetArgs {
             mdns: !self.no_mdns,
         }
     }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Address the REST API listens on (port 0: any free port).
+    #[arg(long, env = "CODEXFS_API_ADDR", default_value = "127.0.0.1:8080")]
+    api_addr: std::net::SocketAddr,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The API of a running node to talk to (default: the node running on the data dir,
+    /// if any; otherwise the command works on the data dir itself).
+    #[arg(long, env = "CODEXFS_API")]
+    api: Option<String>,
+    /// Print results as JSON (for scripts).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,20 +116,25 @@ enum Command {
         /// The filename recorded in the manifest (default: FILE's base name; none for -).
         #[arg(long)]
         filename: Option<String>,
+        /// Block size (only when working on the data dir directly).
         #[arg(long, default_value_t = codexfs::chunker::DEFAULT_BLOCK_SIZE)]
         block_size: usize,
+        #[command(flatten)]
+        client: ClientArgs,
         #[command(flatten)]
         repo: RepoArgs,
     },
     /// Write a dataset to FILE, or to standard output; one not stored here is fetched
-    /// from the network first (join it with --bootstrap).
+    /// from the network (by the running node, or with --bootstrap).
     Download {
         cid: String,
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// How long one block may take to arrive.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        #[arg(long, env = "CODEXFS_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
+        #[command(flatten)]
+        client: ClientArgs,
         #[command(flatten)]
         repo: RepoArgs,
         #[command(flatten)]
@@ -110,24 +143,47 @@ enum Command {
     /// List the stored datasets: CID, size, filename.
     Ls {
         #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
         repo: RepoArgs,
     },
     /// Delete a stored dataset and the blocks no other dataset uses.
     Rm {
         cid: String,
         #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
         repo: RepoArgs,
     },
     /// Show the repo's space figures (as the /space endpoint).
     Space {
         #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
         repo: RepoArgs,
     },
-    /// Run the node (network, no mount) until SIGINT/SIGTERM.
+    /// Show the running node's identity, addresses and peers.
+    Info {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Have the running node connect to a peer (MULTIADDR ends in /p2p/<peer id>).
+    Connect {
+        multiaddr: Multiaddr,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Run the node (network and REST API, no mount) until SIGINT/SIGTERM.
     Node {
-        /// How long a block fetched for a peer may take.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        /// How long a block fetched for a reader or a peer may take.
+        #[arg(long, env = "CODEXFS_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
+        #[command(flatten)]
+        api: ApiArgs,
         #[command(flatten)]
         repo: RepoArgs,
         #[command(flatten)]
@@ -140,8 +196,10 @@ enum Command {
         #[arg(long, env = "CODEXFS_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
         read_timeout: Duration,
         /// FUSE worker threads.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, env = "CODEXFS_THREADS", default_value_t = 8)]
         threads: usize,
+        #[command(flatten)]
+        api: ApiArgs,
         #[command(flatten)]
         repo: RepoArgs,
         #[command(flatten)]
@@ -154,7 +212,64 @@ enum Command {
     },
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+/// What a client command works on: a running node's API, or the data dir itself when no
+/// node holds it.
+enum Target {
+    Api(ApiClient),
+    Local(Node),
+}
+
+fn target(client: &ClientArgs, repo: &RepoArgs, config: NodeConfig) -> Result<Target> {
+    if let Some(url) = &client.api {
+        return Ok(Target::Api(ApiClient::new(url)?));
+    }
+    let dir = data_dir(repo)?;
+    match Node::open(&dir, config) {
+        Ok(node) => Ok(Target::Local(node)),
+        Err(e @ Error::DataDirLocked { .. }) => {
+            match std::fs::read_to_string(dir.join(crate::node_cmd::API_URL_FILE)) {
+                Ok(url) => Ok(Target::Api(ApiClient::new(url.trim())?)),
+                Err(_) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// For commands that need a running node.
+fn running_node(client: &ClientArgs, repo: &RepoArgs) -> Result<ApiClient> {
+    match target(client, repo, node_config(repo))? {
+        Target::Api(api) => Ok(api),
+        Target::Local(node) => Err(NoNode(node.data_dir().to_path_buf()).into()),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no codexfs node is running on {} (start one with `codexfs node` or `codexfs mount`, or pass --api URL)", .0.display())]
+pub struct NoNode(PathBuf);
+
+/// A progress bar on standard error when it is a terminal (and output is not JSON).
+fn progress_bar(len: Option<u64>, quiet: bool) -> ProgressBar {
+    if quiet || !io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let style = ProgressStyle::with_template(
+        "{bytes:>10}/{total_bytes:10} {wide_bar} {binary_bytes_per_sec:>12} eta {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bar = match len {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::no_length(),
+    };
+    bar.set_style(style);
+    bar
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
     match cli.command {
         Command::Cid {
             file,
@@ -171,121 +286,208 @@ pub fn run(cli: Cli) -> Result<()> {
             mimetype,
             filename,
             block_size,
+            client,
             repo,
         } => {
             let filename = filename.or_else(|| base_name(&file));
             let input = open_input(Some(&file))?;
+            let len = input_len(&file);
+            let bar = progress_bar(len, client.json);
             let mut config = node_config(&repo);
             config.block_size = block_size;
-            let node = Node::open(&data_dir(&repo)?, config)?;
-            let cid = node.store(input, filename, mimetype)?;
-            println!("{}", cid_string(&cid));
+            let cid = match target(&client, &repo, config)? {
+                Target::Local(node) => {
+                    let cid = node.store(bar.wrap_read(input), filename, mimetype)?;
+                    cid_string(&cid)
+                }
+                Target::Api(api) => api.upload(
+                    bar.wrap_read(input),
+                    len,
+                    filename.as_deref(),
+                    mimetype.as_deref(),
+                )?,
+            };
+            bar.finish_and_clear();
+            if client.json {
+                print_json(&serde_json::json!({ "cid": cid }));
+            } else {
+                println!("{cid}");
+            }
         }
         Command::Download {
             cid,
             output,
             timeout,
+            client,
             repo,
-            mut net,
+            net,
         } => {
             let cid = parse_cid(&cid)?;
-            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
-            let remote = codexfs::node::BlockSource::resolve(&node, &cid)?.is_none()
-                && !net.bootstrap.is_empty();
-            // Writes the dataset to `out`: from the local store, or — when it is not here
-            // and a network is given — streamed from peers as it arrives.
-            let mut write_to = |out: &mut dyn Write| -> Result<()> {
-                if !remote {
-                    io::copy(&mut node.retrieve(&cid)?, out)?;
-                    return Ok(());
+            let target = target(&client, &repo, node_config(&repo))?;
+            let json = client.json && output.is_some();
+            let write_to = |out: &mut dyn Write| -> Result<u64> {
+                match &target {
+                    Target::Api(api) => {
+                        let response = api.download(&cid)?;
+                        let bar = progress_bar(response.content_length(), json);
+                        let n = client::copy_body(response, &mut bar.wrap_write(out))?;
+                        bar.finish_and_clear();
+                        Ok(n)
+                    }
+                    Target::Local(node) => download_local(node, &cid, timeout, net.clone(), out, json),
                 }
-                if net
-                    .listen
-                    .iter()
-                    .any(|a| a.to_string() == "/ip4/0.0.0.0/tcp/8070")
-                {
-                    net.listen = vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid address")];
-                }
-                let runtime = crate::node_cmd::runtime()?;
-                let network =
-                    codexfs::net::service::start(&node, net.config(), runtime.handle(), timeout)?;
-                network.store.stream_to(&cid, out)?;
-                eprintln!(
-                    "codexfs: fetched from the network, refused {} deliveries",
-                    network
-                        .exchange
-                        .refused
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                );
-                runtime.shutdown_timeout(Duration::from_secs(1));
-                Ok(())
             };
-            match output {
+            let bytes = match &output {
                 Some(path) => {
-                    let result = (|| -> Result<()> {
-                        let mut out = BufWriter::with_capacity(1 << 20, File::create(&path)?);
-                        write_to(&mut out)?;
+                    let result = (|| -> Result<u64> {
+                        let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+                        let n = write_to(&mut out)?;
                         let file = out.into_inner().map_err(|e| e.into_error())?;
                         if file.metadata()?.is_file() {
                             file.sync_all()?;
                         }
-                        Ok(())
+                        Ok(n)
                     })();
                     if result.is_err() {
-                        let _ = std::fs::remove_file(&path);
+                        let _ = std::fs::remove_file(path);
                     }
-                    result.with_context(|| format!("writing {}", path.display()))?;
+                    result.with_context(|| format!("writing {}", path.display()))?
                 }
                 None => {
                     let stdout = io::stdout();
                     let mut out = BufWriter::with_capacity(1 << 20, stdout.lock());
-                    write_to(&mut out)?;
+                    let n = write_to(&mut out)?;
                     out.flush()?;
+                    n
+                }
+            };
+            if json {
+                print_json(&serde_json::json!({
+                    "cid": cid_string(&cid),
+                    "bytes": bytes,
+                    "path": output.as_ref().map(|p| p.display().to_string()),
+                }));
+            }
+        }
+        Command::Ls { client, repo } => {
+            let listing = match target(&client, &repo, node_config(&repo))? {
+                Target::Api(api) => api.get_json("/data")?,
+                Target::Local(node) => serde_json::to_value(DataList {
+                    content: node
+                        .repo()
+                        .datasets()?
+                        .iter()
+                        .map(|(c, m)| DataItem::new(c, m))
+                        .collect(),
+                })?,
+            };
+            if client.json {
+                print_json(&listing);
+            } else {
+                let items = listing["content"].as_array().cloned().unwrap_or_default();
+                for item in items {
+                    let m = &item["manifest"];
+                    println!(
+                        "{}\t{}\t{}",
+                        item["cid"].as_str().unwrap_or("?"),
+                        m["datasetSize"].as_u64().unwrap_or(0),
+                        m["filename"].as_str().unwrap_or("-")
+                    );
                 }
             }
         }
-        Command::Ls { repo } => {
-            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
-            for (cid, m) in node.repo().datasets()? {
-                println!(
-                    "{}\t{}\t{}",
-                    cid_string(&cid),
-                    m.dataset_size,
-                    m.filename.as_deref().unwrap_or("-")
-                );
-            }
-        }
-        Command::Rm { cid, repo } => {
+        Command::Rm { cid, client, repo } => {
             let cid = parse_cid(&cid)?;
-            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
-            if !node.delete(&cid)? {
-                return Err(
-                    Error::NotFound(format!("{} is not stored here", cid_string(&cid))).into(),
-                );
+            match target(&client, &repo, node_config(&repo))? {
+                Target::Api(api) => {
+                    // DELETE answers 204 whether or not the dataset was there.
+                    let has = api.get_json(&format!("/data/{}/exists", cid_string(&cid)))?;
+                    if has["has"] != serde_json::Value::Bool(true) {
+                        return Err(not_stored(&cid));
+                    }
+                    api.delete(&cid)?;
+                }
+                Target::Local(node) => {
+                    if !node.delete(&cid)? {
+                        return Err(not_stored(&cid));
+                    }
+                }
+            }
+            if client.json {
+                print_json(&serde_json::json!({ "cid": cid_string(&cid), "deleted": true }));
             }
         }
-        Command::Space { repo } => {
-            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
-            let s = node.repo().space();
-            println!("totalBlocks\t{}", s.total_blocks);
-            println!("quotaMaxBytes\t{}", s.quota_max_bytes);
-            println!("quotaUsedBytes\t{}", s.quota_used_bytes);
-            println!("quotaReservedBytes\t{}", s.quota_reserved_bytes);
+        Command::Space { client, repo } => {
+            let space = match target(&client, &repo, node_config(&repo))? {
+                Target::Api(api) => api.get_json("/space")?,
+                Target::Local(node) => {
+                    let s = node.repo().space();
+                    serde_json::to_value(SpaceJson {
+                        total_blocks: s.total_blocks,
+                        quota_max_bytes: s.quota_max_bytes,
+                        quota_used_bytes: s.quota_used_bytes,
+                        quota_reserved_bytes: s.quota_reserved_bytes,
+                    })?
+                }
+            };
+            if client.json {
+                print_json(&space);
+            } else {
+                for key in [
+                    "totalBlocks",
+                    "quotaMaxBytes",
+                    "quotaUsedBytes",
+                    "quotaReservedBytes",
+                ] {
+                    println!("{key}\t{}", space[key].as_u64().unwrap_or(0));
+                }
+            }
         }
-        Command::Node { timeout, repo, net } => {
-            crate::node_cmd::run(
-                &data_dir(&repo)?,
-                node_config(&repo),
-                net.config(),
-                None,
-                timeout,
-                1,
-            )?;
+        Command::Info { client, repo } => {
+            let api = running_node(&client, &repo)?;
+            let info = api.get_json("/debug/info")?;
+            if client.json {
+                print_json(&info);
+            } else {
+                println!("peer id\t{}", info["id"].as_str().unwrap_or("?"));
+                println!("api\t{}", api.base());
+                println!("repo\t{}", info["repo"].as_str().unwrap_or("?"));
+                for a in info["announceAddresses"].as_array().into_iter().flatten() {
+                    println!("address\t{}", a.as_str().unwrap_or("?"));
+                }
+                let peers = info["table"]["nodes"].as_array().cloned().unwrap_or_default();
+                println!("peers\t{}", peers.len());
+                for p in peers {
+                    println!("peer\t{}", p["peerId"].as_str().unwrap_or("?"));
+                }
+            }
         }
-        Command::Mount {
-            mountpoint,
-            read_timeout,
-            threads,
+        Command::Connect {
+            multiaddr,
+            client,
+            repo,
+        } => {
+            let api = running_node(&client, &repo)?;
+            let mut addr = multiaddr.clone();
+            let peer = match addr.pop() {
+                Some(libp2p::multiaddr::Protocol::P2p(peer)) => peer,
+                _ => anyhow::bail!("{multiaddr} does not end in /p2p/<peer id>"),
+            };
+            let addrs: Vec<String> = if addr.is_empty() {
+                Vec::new()
+            } else {
+                vec![addr.to_string()]
+            };
+            api.connect(&peer.to_string(), &addrs)?;
+            if client.json {
+                print_json(&serde_json::json!({ "peer": peer.to_string(), "connected": true }));
+            } else {
+                println!("connected to {peer}");
+            }
+        }
+        Command::Node {
+            timeout,
+            api,
             repo,
             net,
         } => {
@@ -293,9 +495,34 @@ pub fn run(cli: Cli) -> Result<()> {
                 &data_dir(&repo)?,
                 node_config(&repo),
                 net.config(),
-                Some(mountpoint),
-                read_timeout,
-                threads,
+                RunOptions {
+                    mountpoint: None,
+                    read_timeout: timeout,
+                    threads: 1,
+                    api_addr: api.api_addr,
+                    set_log_level: set_log_level.clone(),
+                },
+            )?;
+        }
+        Command::Mount {
+            mountpoint,
+            read_timeout,
+            threads,
+            api,
+            repo,
+            net,
+        } => {
+            crate::node_cmd::run(
+                &data_dir(&repo)?,
+                node_config(&repo),
+                net.config(),
+                RunOptions {
+                    mountpoint: Some(mountpoint),
+                    read_timeout,
+                    threads,
+                    api_addr: api.api_addr,
+                    set_log_level: set_log_level.clone(),
+                },
             )?;
         }
         Command::Check { repo } => {
@@ -314,6 +541,63 @@ pub fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn not_stored(cid: &cid::Cid) -> anyhow::Error {
+    Error::NotFound(format!("{} is not stored here", cid_string(cid))).into()
+}
+
+/// The size of an input file, for progress and `Content-Length` (none for pipes).
+fn input_len(path: &Path) -> Option<u64> {
+    if path == Path::new("-") {
+        return None;
+    }
+    std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+}
+
+/// `download` without a running node: from the data dir, or — when the dataset is not
+/// here and a network is given — streamed from peers as it arrives.
+fn download_local(
+    node: &Node,
+    cid: &cid::Cid,
+    timeout: Duration,
+    mut net: NetArgs,
+    out: &mut dyn Write,
+    quiet: bool,
+) -> Result<u64> {
+    let local = codexfs::node::BlockSource::resolve(node, cid)?;
+    if local.is_some() || net.bootstrap.is_empty() {
+        let reader = node.retrieve(cid)?;
+        let bar = progress_bar(Some(reader.size()), quiet);
+        let n = io::copy(&mut bar.wrap_read(reader), out)?;
+        bar.finish_and_clear();
+        return Ok(n);
+    }
+    if net
+        .listen
+        .iter()
+        .any(|a| a.to_string() == "/ip4/0.0.0.0/tcp/8070")
+    {
+        net.listen = vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid address")];
+    }
+    let runtime = crate::node_cmd::runtime()?;
+    let network = codexfs::net::service::start(node, net.config(), runtime.handle(), timeout)?;
+    let bar = progress_bar(None, quiet);
+    let mut counted = bar.wrap_write(out);
+    let manifest = network.store.stream_to(cid, &mut counted)?;
+    bar.finish_and_clear();
+    eprintln!(
+        "codexfs: fetched from the network, refused {} deliveries",
+        network
+            .exchange
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(manifest.dataset_size)
 }
 
 fn node_config(repo: &RepoArgs) -> NodeConfig {
@@ -402,8 +686,15 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         Some(Error::NotFound(_)) => 4,
         Some(Error::QuotaExceeded { .. }) => 5,
         Some(Error::DataDirLocked { .. }) => 6,
-        _ if io_kind(e) == Some(io::ErrorKind::NotFound) => 4,
-        _ => 1,
+        _ if e.downcast_ref::<NoNode>().is_some() => 7,
+        _ => match e.downcast_ref::<client::ApiFailure>().map(|f| f.status.as_u16()) {
+            Some(404) => 4,
+            Some(507) => 5,
+            Some(400) if e.to_string().contains("invalid CID") => 3,
+            Some(_) => 1,
+            None if io_kind(e) == Some(io::ErrorKind::NotFound) => 4,
+            None => 1,
+        },
     }
 }
 

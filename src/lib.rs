@@ -5,6 +5,7 @@
 //! proofs → [`manifest`] → manifest CID. The download path goes the other way through
 //! [`node::DatasetReader`]: offset → block index → [`cache`] → [`repo`].
 
+pub mod api;
 pub mod cache;
 pub mod chunker;
 pub mod cids;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod fs;
 pub mod manifest;
 pub mod merkle;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod protobuf;

@@ -7,9 +7,22 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use codexfs::api::{self, ApiState, Downloads, LogLevelSetter};
 use codexfs::fs::{self, FsConfig, FsCore, MountConfig};
 use codexfs::net::{service, swarm::NetConfig};
 use codexfs::node::{Node, NodeConfig};
+
+/// Where a running node writes its API's URL, for client commands on the same data dir.
+pub const API_URL_FILE: &str = "api-url";
+
+/// How the node runs.
+pub struct RunOptions {
+    pub mountpoint: Option<PathBuf>,
+    pub read_timeout: Duration,
+    pub threads: usize,
+    pub api_addr: std::net::SocketAddr,
+    pub set_log_level: Option<Arc<LogLevelSetter>>,
+}
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -20,20 +33,34 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
-pub fn run(
-    data_dir: &Path,
-    config: NodeConfig,
-    net: NetConfig,
-    mountpoint: Option<PathBuf>,
-    read_timeout: Duration,
-    threads: usize,
-) -> Result<()> {
+pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions) -> Result<()> {
+    let RunOptions {
+        mountpoint,
+        read_timeout,
+        threads,
+        api_addr,
+        set_log_level,
+    } = opts;
     let runtime = runtime()?;
     let node = Node::open(data_dir, config)?;
     let _sweeper = node.spawn_sweeper();
-    let network = service::start(&node, net, runtime.handle(), read_timeout)
-        .context("starting the network")?;
+    let network = Arc::new(
+        service::start(&node, net, runtime.handle(), read_timeout)
+            .context("starting the network")?,
+    );
     eprintln!("codexfs: peer id {}", network.handle.peer_id);
+    let state = ApiState {
+        node: node.clone(),
+        network: network.clone(),
+        downloads: Arc::new(Downloads::default()),
+        timeout: read_timeout,
+        set_log_level,
+    };
+    let bound = runtime.block_on(api::serve(api_addr, state))?;
+    let api_url = format!("http://{bound}");
+    std::fs::write(data_dir.join(API_URL_FILE), &api_url)
+        .context("recording the API address in the data dir")?;
+    eprintln!("codexfs: API at {api_url}{}", api::CODEX_PREFIX);
 
     let mounted = match &mountpoint {
         Some(mountpoint) => {
@@ -77,6 +104,7 @@ pub fn run(
             _ = int.recv() => {},
         }
     });
+    let _ = std::fs::remove_file(data_dir.join(API_URL_FILE));
     if let Some(mounted) = mounted {
         eprintln!("codexfs: unmounting {}", mounted.mountpoint().display());
         mounted.unmount().context("unmounting")?;

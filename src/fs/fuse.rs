@@ -52,10 +52,11 @@ fn file_attr(a: &Attr) -> FileAttr {
 }
 
 /// Logs slow or failed operations; FUSE workers should never sit long in one.
-fn traced<T>(op: &str, f: impl FnOnce() -> Result<T, i32>) -> Result<T, i32> {
+fn traced<T>(op: &'static str, f: impl FnOnce() -> Result<T, i32>) -> Result<T, i32> {
     let started = Instant::now();
     let r = f();
     let took = started.elapsed();
+    crate::metrics::metrics().fuse_op(op, took, r.is_err());
     if took > Duration::from_secs(1) {
         tracing::info!(op, ?took, "slow filesystem operation");
     }
@@ -303,7 +304,7 @@ impl Filesystem for CodexFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.core.readdir(fh.0, offset) {
+        match traced("readdir", || self.core.readdir(fh.0, offset)) {
             Ok(entries) => {
                 for (cookie, e) in entries {
                     let kind = if e.kind == Kind::Directory {
@@ -349,7 +350,7 @@ impl Filesystem for CodexFuse {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.core.getxattr(ino.0, name) {
+        match traced("getxattr", || self.core.getxattr(ino.0, name)) {
             Ok(data) => xattr_reply(reply, data, size),
             Err(e) => reply.error(errno(e)),
         }

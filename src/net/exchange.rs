@@ -26,6 +26,7 @@ use super::provider::answer;
 use super::swarm::{protocol, NetHandle, PeerEvent};
 use super::verify::verify_delivery;
 use crate::error::{Error, Result};
+use crate::metrics::{metrics, Direction};
 use crate::repo::schema::LeafRecord;
 use crate::repo::RepoStore;
 
@@ -108,9 +109,15 @@ impl Exchange {
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 let Some(ex) = weak.upgrade() else { break };
-                if let PeerEvent::Disconnected(peer) = event {
-                    ex.peer_gone(peer);
-                }
+                match event {
+                    PeerEvent::Connected(_) => {
+                        metrics().connected_peers.inc();
+                    }
+                    PeerEvent::Disconnected(peer) => {
+                        metrics().connected_peers.dec();
+                        ex.peer_gone(peer);
+                    }
+                };
             }
         });
         Ok(ex)
@@ -172,6 +179,11 @@ impl Exchange {
                     self.served.fetch_add(
                         a.deliveries.len() as u64,
                         std::sync::atomic::Ordering::Relaxed,
+                    );
+                    metrics().blocks_served.inc_by(a.deliveries.len() as u64);
+                    metrics().network_bytes(
+                        Direction::Sent,
+                        a.deliveries.iter().map(|d| d.data.len() as u64).sum(),
                     );
                     if self.lie {
                         for d in &mut a.deliveries {
@@ -238,9 +250,14 @@ impl Exchange {
         let Ok(results) = checked else { return };
         for (address, result) in results {
             match result {
-                Ok(v) => self.complete(&address, v.data),
+                Ok(v) => {
+                    metrics().blocks_received.inc();
+                    metrics().network_bytes(Direction::Received, v.data.len() as u64);
+                    self.complete(&address, v.data)
+                }
                 Err(e) => {
                     tracing::info!(%peer, "refused a delivery: {e}");
+                    metrics().blocks_rejected.inc();
                     self.refused
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let drop_peer = {
@@ -263,6 +280,7 @@ impl Exchange {
         let done = {
             let mut st = lock(&self.state);
             let done = st.pending.remove(address);
+            metrics().pending_blocks.set(st.pending.len() as i64);
             if let Some(a) = done.as_ref().and_then(|p| p.asked) {
                 if let Some(l) = st.load.get_mut(&a) {
                     *l = l.saturating_sub(1);
@@ -327,6 +345,7 @@ impl Exchange {
             .copied();
         let Some(peer) = choice else {
             if let Some(p) = st.pending.remove(&address) {
+                metrics().pending_blocks.set(st.pending.len() as i64);
                 for w in p.waiters {
                     let _ = w.send(Err(Error::NotFound(format!(
                         "no peer delivered {address:?}"
@@ -463,6 +482,7 @@ impl Exchange {
                             asked_at: std::time::Instant::now(),
                         },
                     );
+                    metrics().pending_blocks.set(st.pending.len() as i64);
                     self.dispatch(&mut st, address.clone());
                 }
             }

@@ -74,22 +74,13 @@ impl NetworkStore {
 
     /// A future for block `index` of `dataset` from the peers that have it.
     fn fetch_remote(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
-        let (address, leaves) = match dataset {
-            Dataset::Manifest(_, m) => (
-                BlockAddress::Leaf {
-                    tree: m.tree_cid,
-                    index,
-                },
-                m.block_count(),
-            ),
-            Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
-        };
-        let (ex, peers, timeout) = (
+        remote_block(
             self.exchange.clone(),
+            dataset,
+            index,
             self.providers_of(dataset),
             self.timeout,
-        );
-        Box::pin(async move { ex.fetch(address, leaves, peers, timeout).await })
+        )
     }
 
     /// Streams a dataset to `out` in order as its blocks arrive (local ones read here,
@@ -105,35 +96,94 @@ impl NetworkStore {
                 cid_string(cid)
             )));
         };
-        let (n, bs, size) = (
-            manifest.block_count(),
-            manifest.block_size,
-            manifest.dataset_size,
+        self.stream_range(&dataset, 0..dataset.size(), out)?;
+        Ok(manifest)
+    }
+
+    /// Streams bytes `range` of a resolved dataset to `out` in order, fetching what is
+    /// not here (many blocks in flight). A dataset streamed whole becomes a local dataset.
+    pub fn stream_range(
+        &self,
+        dataset: &Dataset,
+        range: Range<u64>,
+        out: &mut dyn std::io::Write,
+    ) -> Result<()> {
+        let (bs, size) = (dataset.block_size(), dataset.size());
+        let range = range.start.min(size)..range.end.min(size);
+        if range.is_empty() {
+            return Ok(());
+        }
+        let (first, last) = (range.start / bs, (range.end - 1) / bs);
+        // A task fetches (many blocks in flight) and hands blocks over in order; this
+        // thread writes them, so a slow `out` blocks no runtime thread.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(64);
+        let (node, ex, peers, timeout, ds) = (
+            self.node.clone(),
+            self.exchange.clone(),
+            self.providers_of(dataset),
+            self.timeout,
+            dataset.clone(),
         );
-        self.runtime.block_on(async {
+        let fetcher = self.runtime.spawn(async move {
             use futures::StreamExt;
-            let mut blocks = futures::stream::iter(0..n)
-                .map(|i| match self.node.block(&dataset, i) {
-                    Err(Error::NotFound(_)) => self.fetch_remote(&dataset, i),
+            let mut blocks = futures::stream::iter(first..=last)
+                .map(|i| match node.block(&ds, i) {
+                    Err(Error::NotFound(_)) => {
+                        remote_block(ex.clone(), &ds, i, peers.clone(), timeout)
+                    }
                     local => Box::pin(futures::future::ready(local)),
                 })
                 .buffered(256);
-            let mut i = 0u64;
             while let Some(block) = blocks.next().await {
-                let block = block?;
-                let len = ((i + 1) * bs).min(size).saturating_sub(i * bs) as usize;
+                let failed = block.is_err();
+                if tx.send(block).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let written = (|| {
+            for i in first..=last {
+                let block = rx
+                    .blocking_recv()
+                    .ok_or_else(|| Error::NotFound("the block fetcher stopped".into()))??;
+                let from = range.start.max(i * bs) - i * bs;
+                let to = range.end.min((i + 1) * bs) - i * bs;
                 out.write_all(
                     block
-                        .get(..len)
+                        .get(from as usize..to as usize)
                         .ok_or_else(|| Error::Corrupt("short block".into()))?,
                 )?;
-                i += 1;
             }
             Ok::<_, Error>(())
-        })?;
-        self.node.repo().adopt_dataset(&manifest)?;
-        Ok(manifest)
+        })();
+        fetcher.abort();
+        written?;
+        if let (Some(m), true) = (dataset.manifest(), range == (0..size)) {
+            self.node.repo().adopt_dataset(m)?;
+        }
+        Ok(())
     }
+}
+
+/// A future for block `index` of `dataset` from `peers`, verified by the exchange.
+fn remote_block(
+    ex: Arc<Exchange>,
+    dataset: &Dataset,
+    index: u64,
+    peers: Vec<PeerId>,
+    timeout: Duration,
+) -> BoxFuture<'static, Result<Bytes>> {
+    let (address, leaves) = match dataset {
+        Dataset::Manifest(_, m) => (
+            BlockAddress::Leaf {
+                tree: m.tree_cid,
+                index,
+            },
+            m.block_count(),
+        ),
+        Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
+    };
+    Box::pin(async move { ex.fetch(address, leaves, peers, timeout).await })
 }
 
 impl BlockSource for NetworkStore {

@@ -48,6 +48,16 @@ enum Command {
     FindProviders(RecordKey, oneshot::Sender<Vec<PeerId>>),
     Dial(PeerId),
     Peers(oneshot::Sender<Vec<PeerId>>),
+    Connect(PeerId, Vec<Multiaddr>, oneshot::Sender<Result<(), String>>),
+    Addresses(oneshot::Sender<Addresses>),
+}
+
+/// Where this node can be reached.
+#[derive(Debug, Clone, Default)]
+pub struct Addresses {
+    pub listen: Vec<Multiaddr>,
+    /// What peers are told (`--announce`), else empty.
+    pub announce: Vec<Multiaddr>,
 }
 
 /// Talks to the swarm task.
@@ -83,6 +93,25 @@ impl NetHandle {
 
     pub fn dial(&self, peer: PeerId) {
         let _ = self.commands.send(Command::Dial(peer));
+    }
+
+    /// Dials `peer` (at `addrs`, or where the routing table knows it) and waits until a
+    /// connection is up or the dial failed.
+    pub async fn connect(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Connect(peer, addrs, tx)).is_err() {
+            return Err("the network is not running".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("the network is not running".into()))
+    }
+
+    pub async fn addresses(&self) -> Addresses {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Addresses(tx)).is_err() {
+            return Addresses::default();
+        }
+        rx.await.unwrap_or_default()
     }
 
     pub async fn connected_peers(&self) -> Vec<PeerId> {
@@ -187,6 +216,9 @@ pub fn start(
     tokio::spawn(async move {
         let mut finding: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)> =
             HashMap::new();
+        let mut connecting: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>> =
+            HashMap::new();
+        let announce = config.announce.clone();
         let mut reprovide = tokio::time::interval(Duration::from_secs(3600));
         let mut provided: HashSet<RecordKey> = HashSet::new();
         // Records are put on the peers known when providing starts: when new peers come,
@@ -217,6 +249,29 @@ pub fn start(
                         Command::Peers(reply) => {
                             let _ = reply.send(swarm.connected_peers().copied().collect());
                         }
+                        Command::Connect(peer, addrs, reply) => {
+                            if swarm.is_connected(&peer) {
+                                let _ = reply.send(Ok(()));
+                                continue;
+                            }
+                            for a in &addrs {
+                                swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+                            }
+                            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                                .addresses(addrs)
+                                .extend_addresses_through_behaviour()
+                                .build();
+                            match swarm.dial(opts) {
+                                Ok(()) => connecting.entry(peer).or_default().push(reply),
+                                Err(e) => { let _ = reply.send(Err(e.to_string())); }
+                            }
+                        }
+                        Command::Addresses(reply) => {
+                            let _ = reply.send(Addresses {
+                                listen: swarm.listeners().cloned().collect(),
+                                announce: announce.clone(),
+                            });
+                        }
                     }
                 }
                 _ = soon.tick() => {
@@ -233,10 +288,18 @@ pub fn start(
                     }
                 }
                 event = swarm.select_next_some() => match event {
+                    SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                        for reply in connecting.remove(&peer).unwrap_or_default() {
+                            let _ = reply.send(Err(error.to_string()));
+                        }
+                    }
                     SwarmEvent::NewListenAddr { address, .. } => {
                         eprintln!("codexfs: listening on {address}/p2p/{peer_id}");
                     }
                     SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
+                        for reply in connecting.remove(&peer_id).unwrap_or_default() {
+                            let _ = reply.send(Ok(()));
+                        }
                         if num_established.get() == 1 {
                             new_peers = true;
                             let _ = events_tx.send(PeerEvent::Connected(peer_id));

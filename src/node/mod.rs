@@ -106,6 +106,9 @@ impl Node {
             filename,
             mimetype,
         )
+        .inspect(|_| {
+            crate::metrics::metrics().uploads.inc();
+        })
     }
 
     /// Stores buffers handed over whole as one dataset (the mount's sequential writes).
@@ -122,6 +125,9 @@ impl Node {
             filename,
             mimetype,
         )
+        .inspect(|_| {
+            crate::metrics::metrics().uploads.inc();
+        })
     }
 
     /// A seekable reader of a dataset (or of a single block, for a CID that is not a

@@ -133,6 +133,7 @@ impl<'a> Txn<'a> {
             self.repo.write_without_wal(data)?;
         }
         self.repo.note_freed(self.freed_bytes);
+        crate::metrics::metrics().blocks_stored.inc_by(self.added_blocks);
         *counters = next;
         Ok(())
     }

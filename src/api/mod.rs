@@ -1,0 +1,88 @@
+//! The REST API: Codex's contract (`/api/codex/v1`, see `../shared/spec/codex-openapi.yaml`)
+//! plus Range requests, download progress under `/api/codexfs/v1` (documented in
+//! `docs/codexfs-api.yaml`) and Prometheus metrics at `/metrics`.
+//!
+//! Handlers only translate HTTP: the node does the work on blocking threads, and bytes
+//! move through the bounded bridges of [`body`].
+
+mod body;
+mod data;
+mod downloads;
+mod error;
+mod info;
+pub mod range;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{any, get, post};
+use axum::Router;
+
+pub use data::{DataItem, DataList};
+pub use downloads::{DownloadProgress, Downloads};
+pub use info::SpaceJson;
+pub use error::ApiError;
+
+use crate::net::service::Network;
+use crate::node::Node;
+
+/// What the handlers work on.
+#[derive(Clone)]
+pub struct ApiState {
+    pub node: Node,
+    pub network: Arc<Network>,
+    pub downloads: Arc<Downloads>,
+    /// How long a peer-facing call (connect, manifest lookup) may take.
+    pub timeout: Duration,
+    /// Changes the log filter at run time (`/debug/chronicles/loglevel`).
+    pub set_log_level: Option<Arc<LogLevelSetter>>,
+}
+
+pub type LogLevelSetter = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+pub const CODEX_PREFIX: &str = "/api/codex/v1";
+pub const OWN_PREFIX: &str = "/api/codexfs/v1";
+
+fn router(state: ApiState) -> Router {
+    let codex = Router::new()
+        .route("/data", get(data::list).post(data::upload))
+        .route("/data/{cid}", get(data::download_local).delete(data::delete))
+        .route("/data/{cid}/network", post(data::download_background))
+        .route("/data/{cid}/network/stream", get(data::download_stream))
+        .route("/data/{cid}/network/manifest", get(data::network_manifest))
+        .route("/data/{cid}/exists", get(data::exists))
+        .route("/space", get(info::space))
+        .route("/peerid", get(info::peer_id))
+        .route("/spr", get(info::spr))
+        .route("/debug/info", get(info::debug_info))
+        .route("/debug/chronicles/loglevel", post(info::log_level))
+        .route("/connect/{peer}", get(info::connect))
+        .route("/sales/{*rest}", any(info::marketplace))
+        .route("/storage/{*rest}", any(info::marketplace));
+    let own = Router::new()
+        .route("/downloads", get(downloads::list))
+        .route("/downloads/{cid}", get(downloads::one));
+    Router::new()
+        .nest(CODEX_PREFIX, codex)
+        .nest(OWN_PREFIX, own)
+        .route("/metrics", get(info::metrics_text))
+        .fallback(error::not_found)
+        .with_state(state)
+}
+
+/// Binds `addr` and serves the API on the current runtime. Returns the bound address
+/// (useful with port 0).
+pub async fn serve(addr: SocketAddr, state: ApiState) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen for the API on {addr}: {e}"))
+    })?;
+    let bound = listener.local_addr()?;
+    let app = router(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("API server stopped: {e}");
+        }
+    });
+    Ok(bound)
+}
