@@ -93,10 +93,11 @@ impl ApiClient {
                 format!("attachment; filename=\"{escaped}\""),
             );
         }
-        request = request.header(
-            reqwest::header::CONTENT_TYPE,
-            mimetype.unwrap_or("application/octet-stream"),
-        );
+        // No Content-Type unless asked: the node records it as the mimetype, and the
+        // CID must not depend on whether a node was running.
+        if let Some(t) = mimetype {
+            request = request.header(reqwest::header::CONTENT_TYPE, t);
+        }
         Ok(self.check(request.send())?.text()?.trim().to_string())
     }
 

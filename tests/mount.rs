@@ -76,7 +76,7 @@ impl MountedNode {
             .arg(&self.mnt)
             .arg("--data-dir")
             .arg(&self.data)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--api-addr", "127.0.0.1:0"])
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()
@@ -231,6 +231,28 @@ fn concurrent_random_reads_match_the_source() {
             });
         }
     });
+    // The reads were counted: FUSE operations with latency histograms at /metrics.
+    let api = {
+        let log = node.log.lock().unwrap();
+        let line = log.lines().find(|l| l.contains("API at ")).unwrap().to_string();
+        line.split("API at ").nth(1).unwrap().trim().to_string()
+    };
+    let base = api.trim_end_matches("/api/codex/v1");
+    let metrics = reqwest::blocking::get(format!("{base}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    let count = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in metrics"))
+    };
+    assert!(count("codexfs_fuse_operation_seconds_count{op=\"read\"}") >= 16.0);
+    assert!(count("codexfs_fuse_operation_seconds_count{op=\"lookup\"}") >= 1.0);
+    assert!(count("codexfs_fuse_operation_seconds_count{op=\"write\"}") >= 1.0);
+    assert_eq!(count("codexfs_uploads_total"), 1.0);
 }
 
 #[test]

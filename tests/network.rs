@@ -48,7 +48,7 @@ impl Peer {
         };
         cmd.arg("--data-dir")
             .arg(data)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]);
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--api-addr", "127.0.0.1:0"]);
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
         }
