@@ -2,8 +2,8 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal, Read, Write};
-use std::sync::Arc;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -55,7 +55,12 @@ pub struct RepoArgs {
 #[derive(Args, Debug, Clone)]
 pub struct NetArgs {
     /// Address to listen on (repeatable).
-    #[arg(long, env = "CODEXFS_LISTEN", value_delimiter = ',', default_value = "/ip4/0.0.0.0/tcp/8070")]
+    #[arg(
+        long,
+        env = "CODEXFS_LISTEN",
+        value_delimiter = ',',
+        default_value = "/ip4/0.0.0.0/tcp/8070"
+    )]
     listen: Vec<Multiaddr>,
     /// A peer to join the network through, with its /p2p/<peer id> (repeatable).
     #[arg(long, env = "CODEXFS_BOOTSTRAP", value_delimiter = ',')]
@@ -334,7 +339,9 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                         bar.finish_and_clear();
                         Ok(n)
                     }
-                    Target::Local(node) => download_local(node, &cid, timeout, net.clone(), out, json),
+                    Target::Local(node) => {
+                        download_local(node, &cid, timeout, net.clone(), out, json)
+                    }
                 }
             };
             let bytes = match &output {
@@ -455,7 +462,10 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                 for a in info["announceAddresses"].as_array().into_iter().flatten() {
                     println!("address\t{}", a.as_str().unwrap_or("?"));
                 }
-                let peers = info["table"]["nodes"].as_array().cloned().unwrap_or_default();
+                let peers = info["table"]["nodes"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
                 println!("peers\t{}", peers.len());
                 for p in peers {
                     println!("peer\t{}", p["peerId"].as_str().unwrap_or("?"));
@@ -687,7 +697,10 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         Some(Error::QuotaExceeded { .. }) => 5,
         Some(Error::DataDirLocked { .. }) => 6,
         _ if e.downcast_ref::<NoNode>().is_some() => 7,
-        _ => match e.downcast_ref::<client::ApiFailure>().map(|f| f.status.as_u16()) {
+        _ => match e
+            .downcast_ref::<client::ApiFailure>()
+            .map(|f| f.status.as_u16())
+        {
             Some(404) => 4,
             Some(507) => 5,
             Some(400) if e.to_string().contains("invalid CID") => 3,

@@ -70,9 +70,7 @@ pub fn apply(command: &clap::Command) -> Result<()> {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => return Ok(()),
-        Err(e) => {
-            return Err(e).with_context(|| format!("reading config file {}", path.display()))
-        }
+        Err(e) => return Err(e).with_context(|| format!("reading config file {}", path.display())),
     };
     let table: toml::Table = text
         .parse()

@@ -120,7 +120,10 @@ fn upload(node: &ApiNode, data: &[u8], filename: Option<&str>) -> String {
         .header("Content-Type", "application/octet-stream")
         .body(data.to_vec());
     if let Some(f) = filename {
-        req = req.header("Content-Disposition", format!("attachment; filename=\"{f}\""));
+        req = req.header(
+            "Content-Disposition",
+            format!("attachment; filename=\"{f}\""),
+        );
     }
     let resp = req.send().unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -229,10 +232,18 @@ fn every_endpoint_answers_as_codex_does() {
     let info = get_json(&node, "/debug/info");
     assert_eq!(info["id"], peer.as_str());
     assert_eq!(info["repo"], data.display().to_string());
-    assert!(info["addrs"][0].as_str().unwrap().starts_with("/ip4/127.0.0.1/tcp/"));
+    assert!(info["addrs"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("/ip4/127.0.0.1/tcp/"));
     assert!(info["table"]["nodes"].as_array().unwrap().is_empty());
 
-    for path in ["/spr", "/sales/slots", "/sales/availability", "/storage/purchases"] {
+    for path in [
+        "/spr",
+        "/sales/slots",
+        "/sales/availability",
+        "/storage/purchases",
+    ] {
         let resp = c.get(node.url(path)).send().unwrap();
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
     }
@@ -254,7 +265,10 @@ fn every_endpoint_answers_as_codex_does() {
 
     let resp = c.delete(node.url(&format!("/data/{cid}"))).send().unwrap();
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-    assert_eq!(get_json(&node, &format!("/data/{cid}/exists"))["has"], false);
+    assert_eq!(
+        get_json(&node, &format!("/data/{cid}/exists"))["has"],
+        false
+    );
     let resp = c.get(node.url(&format!("/data/{cid}"))).send().unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let resp = c.delete(node.url(&format!("/data/{cid}"))).send().unwrap();
@@ -287,7 +301,10 @@ fn range_requests_return_the_files_bytes() {
         (format!("bytes={}-{}", size - 1, size - 1), size - 1..size),
         ("bytes=131072-262143".into(), 131_072..262_144),
     ];
-    for path in [format!("/data/{cid}"), format!("/data/{cid}/network/stream")] {
+    for path in [
+        format!("/data/{cid}"),
+        format!("/data/{cid}/network/stream"),
+    ] {
         for (range, want) in &cases {
             let resp = c
                 .get(node.url(&path))
@@ -322,7 +339,11 @@ fn range_requests_return_the_files_bytes() {
         }
         // Ranges we do not serve are ignored: the whole body.
         for range in ["bytes=0-1,5-6", "lines=1-2", "bytes=9-3"] {
-            let resp = c.get(node.url(&path)).header("Range", range).send().unwrap();
+            let resp = c
+                .get(node.url(&path))
+                .header("Range", range)
+                .send()
+                .unwrap();
             assert_eq!(resp.status(), StatusCode::OK, "{range}");
             assert_eq!(resp.bytes().unwrap().len(), size);
         }
@@ -369,7 +390,13 @@ fn ten_concurrent_uploads_each_get_the_cid_codexfs_computes() {
             .unwrap();
         assert!(got.as_ref() == std::fs::read(path).unwrap().as_slice());
     }
-    assert_eq!(get_json(&node, "/data")["content"].as_array().unwrap().len(), 10);
+    assert_eq!(
+        get_json(&node, "/data")["content"]
+            .as_array()
+            .unwrap()
+            .len(),
+        10
+    );
     node.stop();
     check_repo(&data);
 }
@@ -413,7 +440,11 @@ fn malformed_requests_get_a_4xx_with_a_message() {
             .body("x")
             .send()
             .unwrap();
-        assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY, "{name}: {value}");
+        assert_eq!(
+            resp.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{name}: {value}"
+        );
     }
     let unknown = "zDvZRwzm6xb7uZ99BNHrmNRtFpHuYuaKy6co1upbmCYD7MnDMSxA";
     for path in [format!("/data/{unknown}"), "/nothing/here".to_string()] {
@@ -459,7 +490,10 @@ fn clients_that_go_away_leave_nothing_partial() {
     abandon_upload(&node, 1 << 20, 1000);
     let deadline = Instant::now() + Duration::from_secs(10);
     while space_used(&node) != 0 {
-        assert!(Instant::now() < deadline, "an abandoned upload stayed counted");
+        assert!(
+            Instant::now() < deadline,
+            "an abandoned upload stayed counted"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(get_json(&node, "/data")["content"]
@@ -470,7 +504,10 @@ fn clients_that_go_away_leave_nothing_partial() {
     // Mid-download: read a little, hang up, many times; the node keeps serving.
     let bytes = random_bytes(12 << 20, 3);
     let cid = upload(&node, &bytes, None);
-    for path in [format!("/data/{cid}"), format!("/data/{cid}/network/stream")] {
+    for path in [
+        format!("/data/{cid}"),
+        format!("/data/{cid}/network/stream"),
+    ] {
         for _ in 0..10 {
             let mut s = TcpStream::connect(node.host_port()).unwrap();
             write!(s, "GET /api/codex/v1{path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -623,7 +660,10 @@ fn background_download_between_two_nodes_reports_progress() {
     let received = m["codexfs_network_block_bytes_total{direction=\"received\"}"];
     assert!(received > (blocks * 65536) as f64 && received < ((blocks + 1) * 65536) as f64);
     assert!(m["codexfs_connected_peers"] >= 1.0);
-    assert_eq!(metrics(&a)["codexfs_blocks_served_total"], (blocks + 1) as f64);
+    assert_eq!(
+        metrics(&a)["codexfs_blocks_served_total"],
+        (blocks + 1) as f64
+    );
 
     // A range streamed from the network by a third node.
     let c = ApiNode::start(&tmp.path().join("c"), &[]);
@@ -688,7 +728,10 @@ fn client_commands_talk_to_the_running_node() {
     );
     assert!(std::fs::read(&out).unwrap() == bytes);
     let listing = ok(codexfs(&["ls"], &data));
-    assert!(listing.contains(&format!("{cid}\t500000\tnotes.txt")), "{listing}");
+    assert!(
+        listing.contains(&format!("{cid}\t500000\tnotes.txt")),
+        "{listing}"
+    );
     let ls: Value = serde_json::from_str(&ok(codexfs(&["ls", "--json"], &data))).unwrap();
     assert_eq!(ls["content"][0]["manifest"]["filename"], "notes.txt");
     let space: Value = serde_json::from_str(&ok(codexfs(&["space", "--json"], &data))).unwrap();
@@ -766,7 +809,13 @@ fn settings_come_from_flags_then_environment_then_the_config_file() {
         .args(["mount", "--help"])
         .output()
         .unwrap());
-    for word in ["--api-addr", "CODEXFS_API_ADDR", "--quota", "CODEXFS_QUOTA", "--config"] {
+    for word in [
+        "--api-addr",
+        "CODEXFS_API_ADDR",
+        "--quota",
+        "CODEXFS_QUOTA",
+        "--config",
+    ] {
         assert!(help.contains(word), "help lacks {word}");
     }
 }

@@ -76,7 +76,13 @@ impl MountedNode {
             .arg(&self.mnt)
             .arg("--data-dir")
             .arg(&self.data)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--api-addr", "127.0.0.1:0"])
+            .args([
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--no-mdns",
+                "--api-addr",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()
@@ -234,7 +240,11 @@ fn concurrent_random_reads_match_the_source() {
     // The reads were counted: FUSE operations with latency histograms at /metrics.
     let api = {
         let log = node.log.lock().unwrap();
-        let line = log.lines().find(|l| l.contains("API at ")).unwrap().to_string();
+        let line = log
+            .lines()
+            .find(|l| l.contains("API at "))
+            .unwrap()
+            .to_string();
         line.split("API at ").nth(1).unwrap().trim().to_string()
     };
     let base = api.trim_end_matches("/api/codex/v1");

@@ -46,9 +46,13 @@ impl Peer {
             Some(m) => cmd.arg("mount").arg(m).args(["--read-timeout", "10s"]),
             None => cmd.arg("node"),
         };
-        cmd.arg("--data-dir")
-            .arg(data)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--api-addr", "127.0.0.1:0"]);
+        cmd.arg("--data-dir").arg(data).args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--api-addr",
+            "127.0.0.1:0",
+        ]);
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
         }
@@ -166,10 +170,17 @@ fn a_node_that_knows_only_a_bootstrap_peer_finds_the_seeder_and_reads() {
 
     let b = Peer::start(&tmp.path().join("b"), None, None, &[]);
     let a = Peer::start(&a_data, None, Some(&b.addr()), &[]);
-    std::thread::sleep(Duration::from_secs(1)); // A advertises to B
+    a.wait_for("advertised all"); // A's records are on B
     let mnt = tmp.path().join("mnt");
     let c = Peer::start(&tmp.path().join("c"), Some(&mnt), Some(&b.addr()), &[]);
-    let read = std::fs::read(mnt.join(&cid)).unwrap();
+    let read = std::fs::read(mnt.join(&cid)).unwrap_or_else(|e| {
+        panic!(
+            "reading through the mount: {e}\nC:\n{}\nA:\n{}\nB:\n{}",
+            c.log.lock().unwrap(),
+            a.log.lock().unwrap(),
+            b.log.lock().unwrap()
+        )
+    });
     assert!(read == bytes, "read through the mount differs");
 
     let out = tmp.path().join("out.bin");
@@ -189,12 +200,13 @@ fn three_seeders_share_the_load_and_one_may_die() {
         .map(|i| {
             let data = tmp.path().join(format!("s{i}"));
             upload(&data, &file);
-            Peer::start(&data, None, Some(&b.addr()), &[])
+            let s = Peer::start(&data, None, Some(&b.addr()), &[]);
+            s.wait_for("advertised all");
+            s
         })
         .collect();
     let cid = Command::new(bin()).arg("cid").arg(&file).output().unwrap();
     let cid = String::from_utf8(cid.stdout).unwrap().trim().to_string();
-    std::thread::sleep(Duration::from_secs(1));
 
     let out = tmp.path().join("out.bin");
     let d = download(&tmp.path().join("d1"), &cid, &out, &b.addr());
@@ -203,7 +215,8 @@ fn three_seeders_share_the_load_and_one_may_die() {
     let served: Vec<u64> = seeders.iter_mut().map(|s| s.stop()).collect();
     assert!(
         served.iter().all(|&n| n > 0),
-        "every seeder served blocks: {served:?}"
+        "every seeder served blocks: {served:?}\n{}",
+        String::from_utf8_lossy(&d.stderr)
     );
     assert!(
         served.iter().sum::<u64>() >= 384,
@@ -213,15 +226,16 @@ fn three_seeders_share_the_load_and_one_may_die() {
     // Again, killing one seeder part way.
     let mut seeders: Vec<Peer> = (0..3)
         .map(|i| {
-            Peer::start(
+            let s = Peer::start(
                 &tmp.path().join(format!("s{i}")),
                 None,
                 Some(&b.addr()),
                 &[],
-            )
+            );
+            s.wait_for("advertised all");
+            s
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(1));
     let out2 = tmp.path().join("out2.bin");
     let d_data = tmp.path().join("d2");
     let mut dl = Command::new(bin())
@@ -255,7 +269,7 @@ fn three_seeders_share_the_load_and_one_may_die() {
 fn a_lying_peer_is_refused_and_the_data_comes_from_an_honest_one() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("f.bin");
-    let bytes = random_file(&file, 2 * 1024 * 1024, 3);
+    let bytes = random_file(&file, 8 * 1024 * 1024, 3);
     let b = Peer::start(&tmp.path().join("b"), None, None, &[]);
     let liar_data = tmp.path().join("liar");
     let cid = upload(&liar_data, &file);
@@ -268,7 +282,8 @@ fn a_lying_peer_is_refused_and_the_data_comes_from_an_honest_one() {
         &[("CODEXFS_TEST_SERVE_CORRUPT_BLOCKS", "1")],
     );
     let _honest = Peer::start(&honest_data, None, Some(&b.addr()), &[]);
-    std::thread::sleep(Duration::from_secs(1));
+    _liar.wait_for("advertised all");
+    _honest.wait_for("advertised all");
     let out = tmp.path().join("out.bin");
     let d_data = tmp.path().join("d");
     let d = download(&d_data, &cid, &out, &b.addr());

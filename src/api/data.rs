@@ -238,7 +238,10 @@ fn respond_with(st: &ApiState, dataset: Dataset, headers: &HeaderMap, network: b
             return (
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 [(header::CONTENT_RANGE, format!("bytes */{size}"))],
-                format!("range {} is outside the {size} bytes\n", range_header.unwrap_or("")),
+                format!(
+                    "range {} is outside the {size} bytes\n",
+                    range_header.unwrap_or("")
+                ),
             )
                 .into_response();
         }
@@ -286,9 +289,9 @@ fn respond_with(st: &ApiState, dataset: Dataset, headers: &HeaderMap, network: b
             }
         }
     });
-    response
-        .body(body)
-        .unwrap_or_else(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response())
+    response.body(body).unwrap_or_else(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+    })
 }
 
 fn copy_local(

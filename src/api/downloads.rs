@@ -139,7 +139,13 @@ impl From<&DownloadProgress> for ProgressJson {
 
 /// `GET /api/codexfs/v1/downloads`
 pub async fn list(State(st): State<ApiState>) -> Json<Vec<ProgressJson>> {
-    Json(st.downloads.all().iter().map(|p| p.as_ref().into()).collect())
+    Json(
+        st.downloads
+            .all()
+            .iter()
+            .map(|p| p.as_ref().into())
+            .collect(),
+    )
 }
 
 /// `GET /api/codexfs/v1/downloads/{cid}`

@@ -21,8 +21,8 @@ use axum::Router;
 
 pub use data::{DataItem, DataList};
 pub use downloads::{DownloadProgress, Downloads};
-pub use info::SpaceJson;
 pub use error::ApiError;
+pub use info::SpaceJson;
 
 use crate::net::service::Network;
 use crate::node::Node;
@@ -47,7 +47,10 @@ pub const OWN_PREFIX: &str = "/api/codexfs/v1";
 fn router(state: ApiState) -> Router {
     let codex = Router::new()
         .route("/data", get(data::list).post(data::upload))
-        .route("/data/{cid}", get(data::download_local).delete(data::delete))
+        .route(
+            "/data/{cid}",
+            get(data::download_local).delete(data::delete),
+        )
         .route("/data/{cid}/network", post(data::download_background))
         .route("/data/{cid}/network/stream", get(data::download_stream))
         .route("/data/{cid}/network/manifest", get(data::network_manifest))
@@ -75,7 +78,10 @@ fn router(state: ApiState) -> Router {
 /// (useful with port 0).
 pub async fn serve(addr: SocketAddr, state: ApiState) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen for the API on {addr}: {e}"))
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for the API on {addr}: {e}"),
+        )
     })?;
     let bound = listener.local_addr()?;
     let app = router(state);

@@ -6,6 +6,7 @@
 pub mod exchange;
 pub mod protocol;
 pub mod provider;
+pub mod serve;
 pub mod service;
 pub mod store;
 pub mod swarm;

@@ -194,14 +194,25 @@ impl BlockSource for NetworkStore {
         let c = *cid;
         let found = self.runtime.block_on(async {
             let peers = self.candidates(&c).await;
+            tracing::info!(
+                "{}: {} candidate peers {peers:?}",
+                cid_string(&c),
+                peers.len()
+            );
             if peers.is_empty() {
                 return Ok(None);
             }
-            let data = self
+            match self
                 .exchange
                 .fetch(BlockAddress::Cid(c), 0, peers.clone(), self.timeout)
-                .await;
-            Ok::<_, Error>(data.ok().map(|d| (d, peers)))
+                .await
+            {
+                Ok(d) => Ok::<_, Error>(Some((d, peers))),
+                Err(e) => {
+                    tracing::info!("{} from {} peers: {e}", cid_string(&c), peers.len());
+                    Ok(None)
+                }
+            }
         })?;
         let Some((data, peers)) = found else {
             return Ok(None);

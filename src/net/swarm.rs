@@ -99,7 +99,11 @@ impl NetHandle {
     /// connection is up or the dial failed.
     pub async fn connect(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::Connect(peer, addrs, tx)).is_err() {
+        if self
+            .commands
+            .send(Command::Connect(peer, addrs, tx))
+            .is_err()
+        {
             return Err("the network is not running".into());
         }
         rx.await
@@ -221,6 +225,8 @@ pub fn start(
         let announce = config.announce.clone();
         let mut reprovide = tokio::time::interval(Duration::from_secs(3600));
         let mut provided: HashSet<RecordKey> = HashSet::new();
+        // Keys whose provider record reached at least one peer.
+        let mut advertised: HashSet<RecordKey> = HashSet::new();
         // Records are put on the peers known when providing starts: when new peers come,
         // provide again (at most once a second), so a node that advertised before its
         // bootstrap connection was up is still found.
@@ -321,6 +327,13 @@ pub fn start(
                             if !swarm.is_connected(&peer) {
                                 let _ = swarm.dial(peer);
                             }
+                        }
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                        result: QueryResult::StartProviding(Ok(kad::AddProviderOk { key })), ..
+                    })) => {
+                        if advertised.insert(key) && advertised.len() >= provided.len() {
+                            eprintln!("codexfs: advertised all {} keys", advertised.len());
                         }
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. })) => {

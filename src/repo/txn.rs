@@ -133,7 +133,9 @@ impl<'a> Txn<'a> {
             self.repo.write_without_wal(data)?;
         }
         self.repo.note_freed(self.freed_bytes);
-        crate::metrics::metrics().blocks_stored.inc_by(self.added_blocks);
+        crate::metrics::metrics()
+            .blocks_stored
+            .inc_by(self.added_blocks);
         *counters = next;
         Ok(())
     }
