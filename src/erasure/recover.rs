@@ -1,0 +1,385 @@
+//! Reading through lost blocks, and repairing a protected dataset.
+//!
+//! A reader streams a protected dataset's data blocks as usual; only when one cannot be
+//! had (not local, no peer has it, or what came failed verification) is its column
+//! decoded: the column's other blocks are fetched the same way, any K of them rebuild the
+//! rest, each rebuilt block's Merkle path is worked out and checked against the tree
+//! ([`super::paths`]), and the verified blocks are stored with their proofs so later
+//! reads are local. A column missing more than M blocks is [`Error::TooManyLosses`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use cid::Cid;
+
+use super::codec::ColumnCodec;
+use super::layout::Layout;
+use super::paths::{LeafSource, PathBuilder};
+use crate::cids::{cid_from_digest, cid_string, digest_of, sha256, Digest, BLOCK_CODEC};
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::merkle::{MerkleProof, MerkleTree};
+use crate::node::Dataset;
+use crate::repo::schema::LeafRecord;
+use crate::repo::RepoStore;
+
+/// How blocks are had without erasure decoding: the local store, or the local store and
+/// then peers (each delivery verified and stored with its proof).
+pub trait Fetch: Send + Sync {
+    /// Blocks `indices` of `dataset`, each on its own (fetched concurrently where that helps).
+    fn fetch(&self, dataset: &Dataset, indices: &[u64]) -> Vec<Result<Bytes>>;
+}
+
+/// Errors that mean "this block cannot be had" (so decoding may help), as opposed to
+/// errors of the store itself.
+pub fn is_loss(e: &Error) -> bool {
+    matches!(e, Error::NotFound(_) | Error::Corrupt(_))
+}
+
+/// Whether reads of `dataset` go through erasure decoding when a block is lost.
+pub fn is_protected(dataset: &Dataset) -> bool {
+    dataset.manifest().is_some_and(Manifest::is_protected)
+}
+
+/// Leaf fetches one path may make to learn hashes, and columns it may decode besides its own.
+const FETCH_BUDGET: usize = 64;
+const EXTRA_DECODES: usize = 4;
+
+/// One lock per column being decoded, so concurrent readers decode it once.
+fn column_lock(tree: &Cid, step: u64) -> Arc<Mutex<()>> {
+    static LOCKS: OnceLock<Mutex<HashMap<(Vec<u8>, u64), Arc<Mutex<()>>>>> = OnceLock::new();
+    let mut locks = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    // Forget locks nobody holds any more.
+    if locks.len() > 1024 {
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+    }
+    locks
+        .entry((tree.to_bytes(), step))
+        .or_default()
+        .clone()
+}
+
+struct Ctx<'a> {
+    fetch: &'a dyn Fetch,
+    repo: &'a RepoStore,
+    dataset: &'a Dataset,
+    manifest: &'a Manifest,
+    layout: Layout,
+    zero: Bytes,
+}
+
+/// A decoded column: every block by row.
+struct Column {
+    members: Vec<u64>,
+    shards: Vec<Bytes>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(fetch: &'a dyn Fetch, repo: &'a RepoStore, dataset: &'a Dataset) -> Result<Self> {
+        let not_protected = || {
+            Error::InvalidArgument(format!(
+                "{} is not an erasure-coded dataset",
+                cid_string(dataset.cid())
+            ))
+        };
+        let manifest = dataset.manifest().ok_or_else(not_protected)?;
+        let layout = Layout::of(manifest)?.ok_or_else(not_protected)?;
+        super::codec::check_block_size(manifest.block_size)?;
+        Ok(Self {
+            fetch,
+            repo,
+            dataset,
+            manifest,
+            layout,
+            zero: Bytes::from(vec![0u8; manifest.block_size as usize]),
+        })
+    }
+
+    fn tree(&self) -> &Cid {
+        &self.manifest.tree_cid
+    }
+
+    /// Whether the leaf's record and bytes are stored here.
+    fn is_stored(&self, index: u64) -> Result<bool> {
+        match self.repo.leaf_block(self.tree(), index)? {
+            Some(b) => self.repo.has_block(&b),
+            None => Ok(false),
+        }
+    }
+
+    /// Fetches the column's blocks (all but `skip`, known lost, and padding, known zero)
+    /// and rebuilds the missing ones.
+    fn decode(&self, step: u64, skip: &[u64]) -> Result<Column> {
+        let l = &self.layout;
+        let members = l.column(step);
+        let wanted: Vec<u64> = members
+            .iter()
+            .copied()
+            .filter(|i| !l.is_padding(*i) && !skip.contains(i))
+            .collect();
+        let mut got: HashMap<u64, Bytes> = HashMap::new();
+        for (i, r) in wanted.iter().zip(self.fetch.fetch(self.dataset, &wanted)) {
+            match r {
+                Ok(b) if b.len() as u64 == self.manifest.block_size => {
+                    got.insert(*i, b);
+                }
+                Ok(_) => tracing::info!(index = i, "a block of the wrong size counts as lost"),
+                Err(e) if is_loss(&e) => tracing::debug!(index = i, "lost: {e}"),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut shards: Vec<Option<Bytes>> = members
+            .iter()
+            .map(|i| {
+                if l.is_padding(*i) {
+                    Some(self.zero.clone())
+                } else {
+                    got.remove(i)
+                }
+            })
+            .collect();
+        let present = shards.iter().filter(|s| s.is_some()).count();
+        if present < l.k as usize {
+            return Err(Error::TooManyLosses {
+                dataset: cid_string(self.dataset.cid()),
+                column: step,
+                lost: l.width() - present,
+                width: l.width(),
+                m: l.m as usize,
+            });
+        }
+        let mut codec = ColumnCodec::new(
+            l.k as usize,
+            l.m as usize,
+            self.manifest.block_size as usize,
+        )?;
+        codec.reconstruct(&mut shards)?;
+        Ok(Column {
+            members,
+            shards: shards.into_iter().map(|s| s.expect("reconstructed")).collect(),
+        })
+    }
+
+    /// Checks each block of the column not stored here (and `also`, whatever it is)
+    /// against the tree and stores those that pass. Fails if `also` does not pass.
+    /// Returns how many were stored.
+    fn verify_and_store(&self, col: &Column, also: Option<u64>) -> Result<usize> {
+        let mut todo = Vec::new();
+        for (row, &i) in col.members.iter().enumerate() {
+            if Some(i) == also || !self.is_stored(i)? {
+                todo.push(row);
+            }
+        }
+        if todo.is_empty() {
+            return Ok(0);
+        }
+        let known: HashMap<u64, Digest> = col
+            .members
+            .iter()
+            .zip(&col.shards)
+            .map(|(i, s)| (*i, sha256(s)))
+            .collect();
+        let root = digest_of(self.tree())
+            .ok_or_else(|| Error::malformed("manifest", "tree CID without a sha2-256 root"))?;
+        let mut leaves = Leaves {
+            ctx: self,
+            known: known.clone(),
+            fetches: FETCH_BUDGET,
+            decodes: EXTRA_DECODES,
+        };
+        let mut builder = PathBuilder::new(
+            &mut leaves,
+            root,
+            self.layout.total,
+            col.members.clone(),
+        );
+        let mut records = Vec::new();
+        for row in todo {
+            let i = col.members[row];
+            let digest = known[&i];
+            match builder.proof(i, &digest) {
+                Ok(proof) => records.push((
+                    *self.tree(),
+                    i,
+                    LeafRecord {
+                        block: cid_from_digest(BLOCK_CODEC, &digest),
+                        proof,
+                    },
+                    col.shards[row].clone(),
+                )),
+                Err(e) if Some(i) == also => return Err(e),
+                Err(e) => tracing::warn!(index = i, "a rebuilt block is not kept: {e}"),
+            }
+        }
+        // The read goes on even if storing fails (a full quota, say): the bytes are verified.
+        if let Err(e) = self.repo.put_fetched_leaves(&records) {
+            tracing::warn!("storing rebuilt blocks: {e}");
+            return Ok(0);
+        }
+        Ok(records.len())
+    }
+}
+
+/// What the path builder asks about the protected tree, answered from the local store,
+/// the column's digests, fetches and (a few) decodes of neighbouring columns.
+struct Leaves<'c, 'a> {
+    ctx: &'c Ctx<'a>,
+    known: HashMap<u64, Digest>,
+    fetches: usize,
+    decodes: usize,
+}
+
+impl LeafSource for Leaves<'_, '_> {
+    fn stored(&mut self, index: u64) -> Option<(Digest, MerkleProof)> {
+        let rec = self.ctx.repo.leaf(self.ctx.tree(), index).ok()??;
+        Some((digest_of(&rec.block)?, rec.proof))
+    }
+
+    fn fetch(&mut self, index: u64) -> bool {
+        if index >= self.ctx.layout.total || self.fetches == 0 {
+            return false;
+        }
+        if self.stored(index).is_some() {
+            return true;
+        }
+        self.fetches -= 1;
+        let got = self.ctx.fetch.fetch(self.ctx.dataset, &[index]).pop();
+        if let Some(Ok(b)) = got {
+            self.known.insert(index, sha256(&b));
+        }
+        self.stored(index).is_some()
+    }
+
+    fn digest(&mut self, index: u64) -> Option<Digest> {
+        if let Some(d) = self.known.get(&index) {
+            return Some(*d);
+        }
+        if let Some((d, _)) = self.stored(index) {
+            return Some(d);
+        }
+        if self.ctx.layout.is_padding(index) {
+            return Some(sha256(&self.ctx.zero));
+        }
+        self.fetch(index);
+        if let Some(d) = self.known.get(&index) {
+            return Some(*d);
+        }
+        // Lost too: decode its column for the digest (checked by the root like the rest).
+        if self.decodes == 0 {
+            return None;
+        }
+        self.decodes -= 1;
+        let col = self
+            .ctx
+            .decode(self.ctx.layout.step_of(index), &[index])
+            .ok()?;
+        for (i, s) in col.members.iter().zip(&col.shards) {
+            self.known.entry(*i).or_insert_with(|| sha256(s));
+        }
+        self.known.get(&index).copied()
+    }
+}
+
+/// Block `index` of a protected dataset whose own fetch failed: decoded from its column,
+/// verified against the tree and stored (with the column's other rebuilt blocks).
+pub fn recover_block(
+    fetch: &dyn Fetch,
+    repo: &RepoStore,
+    dataset: &Dataset,
+    index: u64,
+) -> Result<Bytes> {
+    let ctx = Ctx::new(fetch, repo, dataset)?;
+    if index >= ctx.layout.total {
+        return Err(Error::InvalidArgument(format!(
+            "block {index} of a {}-block dataset",
+            ctx.layout.total
+        )));
+    }
+    let step = ctx.layout.step_of(index);
+    let lock = column_lock(ctx.tree(), step);
+    let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+    // Another reader may have rebuilt it meanwhile.
+    if let Some(b) = repo.leaf_block(ctx.tree(), index)? {
+        if let Some(data) = repo.get_block(&b)? {
+            if data.len() as u64 == ctx.manifest.block_size && sha256(&data) == digest_of(&b).unwrap_or_default() {
+                return Ok(data);
+            }
+        }
+    }
+    let col = ctx.decode(step, &[index])?;
+    let block = col.shards[ctx.layout.row_of(index)].clone();
+    let stored = ctx.verify_and_store(&col, Some(index))?;
+    tracing::info!(
+        dataset = %cid_string(dataset.cid()),
+        column = step,
+        index,
+        stored,
+        "rebuilt a lost block"
+    );
+    Ok(block)
+}
+
+/// What `repair` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Blocks of the dataset that were not stored here.
+    pub missing: u64,
+    /// Of those, rebuilt, verified and stored.
+    pub rebuilt: u64,
+}
+
+/// Re-creates every block of a protected dataset that is not stored here, column by
+/// column, then checks that the data blocks still make the original tree.
+pub fn repair(fetch: &dyn Fetch, repo: &RepoStore, dataset: &Dataset) -> Result<RepairReport> {
+    let ctx = Ctx::new(fetch, repo, dataset)?;
+    let mut report = RepairReport::default();
+    for step in 0..ctx.layout.steps {
+        let mut missing = Vec::new();
+        for i in ctx.layout.column(step) {
+            if !ctx.is_stored(i)? {
+                missing.push(i);
+            }
+        }
+        if missing.is_empty() {
+            continue;
+        }
+        report.missing += missing.len() as u64;
+        let lock = column_lock(ctx.tree(), step);
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let col = ctx.decode(step, &missing)?;
+        report.rebuilt += ctx.verify_and_store(&col, None)? as u64;
+    }
+    if report.rebuilt > 0 {
+        check_original_tree(repo, ctx.manifest)?;
+    }
+    Ok(report)
+}
+
+/// Checks that the dataset's data blocks (all stored here) make its original tree, as the
+/// spec asks after a decode.
+pub fn check_original_tree(repo: &RepoStore, manifest: &Manifest) -> Result<()> {
+    let Some(layout) = Layout::of(manifest)? else {
+        return Ok(());
+    };
+    let info = manifest.erasure.as_ref().expect("protected");
+    let mut digests = Vec::with_capacity(layout.blocks as usize);
+    for i in 0..layout.blocks {
+        let block = repo.leaf_block(&manifest.tree_cid, i)?.ok_or_else(|| {
+            Error::NotFound(format!("leaf {i} is not stored, the original tree cannot be checked"))
+        })?;
+        digests.push(digest_of(&block).ok_or_else(|| Error::Corrupt("leaf CID without digest".into()))?);
+    }
+    let tree = MerkleTree::new(digests)?;
+    if tree.root_cid() != info.original_tree_cid {
+        return Err(Error::Corrupt(format!(
+            "the data blocks make tree {}, not the original tree {} the manifest names",
+            cid_string(&tree.root_cid()),
+            cid_string(&info.original_tree_cid)
+        )));
+    }
+    Ok(())
+}
