@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use codexfs::cids::{cid_string, parse_cid};
+use codexfs::erasure::EcParams;
 use codexfs::net::swarm::NetConfig;
 use codexfs::node::{compute_cid, Node, NodeConfig};
 use codexfs::repo::RepoConfig;
@@ -90,6 +91,10 @@ enum Command {
         filename: Option<String>,
         #[arg(long, default_value_t = codexfs::chunker::DEFAULT_BLOCK_SIZE)]
         block_size: usize,
+        /// Erasure-code the dataset: K data and M parity blocks per column (e.g. 4,2);
+        /// prints the protected manifest's CID.
+        #[arg(long, value_name = "K,M")]
+        ec: Option<EcParams>,
         #[command(flatten)]
         repo: RepoArgs,
     },
@@ -142,10 +147,29 @@ enum Command {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 8)]
         threads: usize,
+        /// Erasure-code files written into the mount: K data and M parity blocks per column.
+        #[arg(long, value_name = "K,M", env = "CODEXFS_MOUNT_EC")]
+        ec: Option<EcParams>,
         #[command(flatten)]
         repo: RepoArgs,
         #[command(flatten)]
         net: NetArgs,
+    },
+    /// Re-create the missing blocks of an erasure-coded dataset in the local store.
+    Repair {
+        cid: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Testing aid: lose blocks (by index) of a stored dataset, as a failed disk would;
+    /// the dataset stays listed.
+    #[command(hide = true)]
+    DebugLoseBlocks {
+        cid: String,
+        #[arg(required = true, value_delimiter = ',')]
+        indices: Vec<u64>,
+        #[command(flatten)]
+        repo: RepoArgs,
     },
     /// Check the repo's invariants (counters, reference counts, datasets complete).
     Check {
@@ -171,6 +195,7 @@ pub fn run(cli: Cli) -> Result<()> {
             mimetype,
             filename,
             block_size,
+            ec,
             repo,
         } => {
             let filename = filename.or_else(|| base_name(&file));
@@ -178,7 +203,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let mut config = node_config(&repo);
             config.block_size = block_size;
             let node = Node::open(&data_dir(&repo)?, config)?;
-            let cid = node.store(input, filename, mimetype)?;
+            let cid = node.store_ec(input, filename, mimetype, ec)?;
             println!("{}", cid_string(&cid));
         }
         Command::Download {
@@ -286,17 +311,41 @@ pub fn run(cli: Cli) -> Result<()> {
             mountpoint,
             read_timeout,
             threads,
+            ec,
             repo,
             net,
         } => {
+            let mut config = node_config(&repo);
+            config.publish_ec = ec;
             crate::node_cmd::run(
                 &data_dir(&repo)?,
-                node_config(&repo),
+                config,
                 net.config(),
                 Some(mountpoint),
                 read_timeout,
                 threads,
             )?;
+        }
+        Command::Repair { cid, repo } => {
+            let cid = parse_cid(&cid)?;
+            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
+            let r = node.repair(&cid)?;
+            println!("missing {} rebuilt {}", r.missing, r.rebuilt);
+            if r.rebuilt < r.missing {
+                anyhow::bail!("{} blocks could not be rebuilt", r.missing - r.rebuilt);
+            }
+        }
+        Command::DebugLoseBlocks { cid, indices, repo } => {
+            let cid = parse_cid(&cid)?;
+            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
+            let manifest = node.repo().manifest(&cid)?.ok_or_else(|| {
+                Error::NotFound(format!("{} is not stored here", cid_string(&cid)))
+            })?;
+            for i in indices {
+                if !node.repo().lose_leaf(&manifest.tree_cid, i)? {
+                    anyhow::bail!("the dataset has no stored block {i}");
+                }
+            }
         }
         Command::Check { repo } => {
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;

@@ -7,7 +7,7 @@
 //! ([`super::paths`]), and the verified blocks are stored with their proofs so later
 //! reads are local. A column missing more than M blocks is [`Error::TooManyLosses`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -42,9 +42,12 @@ pub fn is_protected(dataset: &Dataset) -> bool {
     dataset.manifest().is_some_and(Manifest::is_protected)
 }
 
-/// Leaf fetches one path may make to learn hashes, and columns it may decode besides its own.
-const FETCH_BUDGET: usize = 64;
-const EXTRA_DECODES: usize = 4;
+/// Leaf fetches the paths of one column may make to learn hashes, and columns they may
+/// decode besides their own.
+const FETCH_BUDGET: usize = 256;
+const EXTRA_DECODES: usize = 32;
+/// Rebuilt bytes `repair` keeps between its two passes (beyond that it decodes again).
+const REPAIR_KEEP_BYTES: usize = 64 << 20;
 
 /// One lock per column being decoded, so concurrent readers decode it once.
 fn column_lock(tree: &Cid, step: u64) -> Arc<Mutex<()>> {
@@ -188,6 +191,7 @@ impl<'a> Ctx<'a> {
         let mut leaves = Leaves {
             ctx: self,
             known: known.clone(),
+            failed: HashSet::new(),
             fetches: FETCH_BUDGET,
             decodes: EXTRA_DECODES,
         };
@@ -229,6 +233,8 @@ impl<'a> Ctx<'a> {
 struct Leaves<'c, 'a> {
     ctx: &'c Ctx<'a>,
     known: HashMap<u64, Digest>,
+    /// Leaves (fetches) and columns (decodes, by step) that failed already.
+    failed: HashSet<(bool, u64)>,
     fetches: usize,
     decodes: usize,
 }
@@ -245,6 +251,9 @@ impl LeafSource for Leaves<'_, '_> {
         }
         if self.stored(index).is_some() {
             return true;
+        }
+        if self.known.contains_key(&index) || !self.failed.insert((false, index)) {
+            return false;
         }
         self.fetches -= 1;
         let got = self.ctx.fetch.fetch(self.ctx.dataset, &[index]).pop();
@@ -269,14 +278,12 @@ impl LeafSource for Leaves<'_, '_> {
             return Some(*d);
         }
         // Lost too: decode its column for the digest (checked by the root like the rest).
-        if self.decodes == 0 {
+        let step = self.ctx.layout.step_of(index);
+        if self.decodes == 0 || !self.failed.insert((true, step)) {
             return None;
         }
         self.decodes -= 1;
-        let col = self
-            .ctx
-            .decode(self.ctx.layout.step_of(index), &[index])
-            .ok()?;
+        let col = self.ctx.decode(step, &[index]).ok()?;
         for (i, s) in col.members.iter().zip(&col.shards) {
             self.known.entry(*i).or_insert_with(|| sha256(s));
         }
@@ -312,7 +319,22 @@ pub fn recover_block(
     }
     let col = ctx.decode(step, &[index])?;
     let block = col.shards[ctx.layout.row_of(index)].clone();
-    let stored = ctx.verify_and_store(&col, Some(index))?;
+    let stored = match ctx.verify_and_store(&col, Some(index)) {
+        Ok(n) => n,
+        // Too little is left around the block to work out its path (losses everywhere
+        // near it): rebuild and check the whole tree instead, as `repair` does.
+        Err(Error::NotFound(why)) => {
+            tracing::info!("{why}; repairing the whole dataset instead");
+            repair(fetch, repo, dataset)?;
+            let b = repo
+                .leaf_block(ctx.tree(), index)?
+                .ok_or_else(|| Error::NotFound(format!("block {index} was not repaired")))?;
+            return repo
+                .get_block(&b)?
+                .ok_or_else(|| Error::NotFound(format!("block {index} was not repaired")));
+        }
+        Err(e) => return Err(e),
+    };
     tracing::info!(
         dataset = %cid_string(dataset.cid()),
         column = step,
@@ -332,29 +354,91 @@ pub struct RepairReport {
     pub rebuilt: u64,
 }
 
-/// Re-creates every block of a protected dataset that is not stored here, column by
-/// column, then checks that the data blocks still make the original tree.
+/// Re-creates every block of a protected dataset that is not stored here. Two passes:
+/// the columns with missing blocks are decoded and the whole tree is rebuilt from the
+/// stored and rebuilt digests, which must give the dataset's tree (and its data blocks
+/// the original tree); then the rebuilt blocks are stored with proofs cut from it.
 pub fn repair(fetch: &dyn Fetch, repo: &RepoStore, dataset: &Dataset) -> Result<RepairReport> {
     let ctx = Ctx::new(fetch, repo, dataset)?;
+    let l = ctx.layout;
     let mut report = RepairReport::default();
-    for step in 0..ctx.layout.steps {
-        let mut missing = Vec::new();
-        for i in ctx.layout.column(step) {
-            if !ctx.is_stored(i)? {
-                missing.push(i);
+    let mut digests: Vec<Option<Digest>> = Vec::with_capacity(l.total as usize);
+    let mut missing: Vec<(u64, Vec<u64>)> = Vec::new();
+    for i in 0..l.total {
+        digests.push(match repo.leaf_block(ctx.tree(), i)? {
+            Some(b) if repo.has_block(&b)? => digest_of(&b),
+            _ => None,
+        });
+    }
+    for step in 0..l.steps {
+        let lost: Vec<u64> = l
+            .column(step)
+            .into_iter()
+            .filter(|&i| digests[i as usize].is_none())
+            .collect();
+        if !lost.is_empty() {
+            report.missing += lost.len() as u64;
+            missing.push((step, lost));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(report);
+    }
+    // Pass 1: digests of the rebuilt blocks (bytes kept while they are few).
+    let mut kept: HashMap<u64, Bytes> = HashMap::new();
+    let mut kept_bytes = 0usize;
+    for (step, lost) in &missing {
+        let col = ctx.decode(*step, lost)?;
+        for (i, shard) in col.members.iter().zip(&col.shards) {
+            if lost.contains(i) {
+                digests[*i as usize] = Some(sha256(shard));
+                if kept_bytes + shard.len() <= REPAIR_KEEP_BYTES {
+                    kept_bytes += shard.len();
+                    kept.insert(*i, shard.clone());
+                }
             }
         }
-        if missing.is_empty() {
-            continue;
-        }
-        report.missing += missing.len() as u64;
-        let lock = column_lock(ctx.tree(), step);
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let col = ctx.decode(step, &missing)?;
-        report.rebuilt += ctx.verify_and_store(&col, None)? as u64;
     }
-    if report.rebuilt > 0 {
-        check_original_tree(repo, ctx.manifest)?;
+    let digests: Vec<Digest> = digests.into_iter().map(|d| d.expect("every column decoded")).collect();
+    let tree = MerkleTree::new(digests)?;
+    if &tree.root_cid() != ctx.tree() {
+        return Err(Error::Corrupt(format!(
+            "the rebuilt blocks of {} do not make its tree: its parity does not match its data",
+            cid_string(dataset.cid())
+        )));
+    }
+    check_original_tree_of(ctx.manifest, &tree.leaves()[..l.blocks as usize])?;
+    // Pass 2: store them, one batch per column.
+    for (step, lost) in &missing {
+        let mut shards: Vec<(u64, Bytes)> = lost
+            .iter()
+            .filter_map(|i| kept.remove(i).map(|b| (*i, b)))
+            .collect();
+        if shards.len() < lost.len() {
+            let col = ctx.decode(*step, lost)?;
+            shards = col
+                .members
+                .into_iter()
+                .zip(col.shards)
+                .filter(|(i, _)| lost.contains(i))
+                .collect();
+        }
+        let mut records = Vec::new();
+        for (i, data) in shards {
+            let digest = sha256(&data);
+            if digest != tree.leaves()[i as usize] {
+                return Err(Error::Corrupt(format!(
+                    "block {i} decoded differently twice (column {step})"
+                )));
+            }
+            let record = LeafRecord {
+                block: cid_from_digest(BLOCK_CODEC, &digest),
+                proof: tree.proof(i)?,
+            };
+            records.push((*ctx.tree(), i, record, data));
+        }
+        repo.put_fetched_leaves(&records)?;
+        report.rebuilt += records.len() as u64;
     }
     Ok(report)
 }
@@ -365,7 +449,6 @@ pub fn check_original_tree(repo: &RepoStore, manifest: &Manifest) -> Result<()> 
     let Some(layout) = Layout::of(manifest)? else {
         return Ok(());
     };
-    let info = manifest.erasure.as_ref().expect("protected");
     let mut digests = Vec::with_capacity(layout.blocks as usize);
     for i in 0..layout.blocks {
         let block = repo.leaf_block(&manifest.tree_cid, i)?.ok_or_else(|| {
@@ -373,7 +456,15 @@ pub fn check_original_tree(repo: &RepoStore, manifest: &Manifest) -> Result<()> 
         })?;
         digests.push(digest_of(&block).ok_or_else(|| Error::Corrupt("leaf CID without digest".into()))?);
     }
-    let tree = MerkleTree::new(digests)?;
+    check_original_tree_of(manifest, &digests)
+}
+
+/// Checks that the data block digests make the manifest's original tree.
+fn check_original_tree_of(manifest: &Manifest, data: &[Digest]) -> Result<()> {
+    let Some(info) = &manifest.erasure else {
+        return Ok(());
+    };
+    let tree = MerkleTree::new(data.to_vec())?;
     if tree.root_cid() != info.original_tree_cid {
         return Err(Error::Corrupt(format!(
             "the data blocks make tree {}, not the original tree {} the manifest names",
