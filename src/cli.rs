@@ -155,6 +155,15 @@ enum Command {
         #[command(flatten)]
         net: NetArgs,
     },
+    /// Erasure-code a stored dataset (K data and M parity blocks per column); prints the
+    /// protected manifest's CID. The unprotected dataset stays stored.
+    Protect {
+        cid: String,
+        #[arg(long, value_name = "K,M")]
+        ec: EcParams,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// Re-create the missing blocks of an erasure-coded dataset in the local store.
     Repair {
         cid: String,
@@ -325,6 +334,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 read_timeout,
                 threads,
             )?;
+        }
+        Command::Protect { cid, ec, repo } => {
+            let cid = parse_cid(&cid)?;
+            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
+            println!("{}", cid_string(&node.protect(&cid, ec)?));
         }
         Command::Repair { cid, repo } => {
             let cid = parse_cid(&cid)?;

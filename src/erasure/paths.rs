@@ -26,6 +26,9 @@ pub trait LeafSource {
     fn digest(&mut self, index: u64) -> Option<Digest>;
 }
 
+/// How far (by XOR distance) to look for a stored leaf that shares most of a path.
+const NEAR: u64 = 16;
+
 /// Nodes hashed from their children before the builder gives up.
 const MAX_HASHED_NODES: usize = 1 << 16;
 
@@ -66,8 +69,25 @@ impl<'a, L: LeafSource> PathBuilder<'a, L> {
     pub fn proof(&mut self, index: u64, digest: &Digest) -> Result<MerkleProof> {
         let n = self.nleaves();
         let depth = self.sizes.len() - 1;
+        // A stored leaf close by shares the upper part of the path: above the layer where
+        // the two leaves' ancestors are siblings, its path is this one's.
+        let near = (1..=NEAR.min(n))
+            .map(|d| index ^ d)
+            .filter(|&j| j < n)
+            .find_map(|j| self.stored(j).map(|(d, p)| (j, d, p)));
         let mut path = Vec::with_capacity(depth);
         for level in 0..depth {
+            if let Some((j, d, p)) = &near {
+                let split = (63 - (index ^ j).leading_zeros()) as usize;
+                if level > split {
+                    path.push(p.path[level]);
+                    continue;
+                }
+                if level == split {
+                    path.push(p.reconstruct_up_to(d, level));
+                    continue;
+                }
+            }
             let sibling = (index >> level) ^ 1;
             if sibling < self.sizes[level] {
                 path.push(self.node(level, sibling).ok_or_else(|| {

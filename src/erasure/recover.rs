@@ -49,6 +49,25 @@ const EXTRA_DECODES: usize = 32;
 /// Rebuilt bytes `repair` keeps between its two passes (beyond that it decodes again).
 const REPAIR_KEEP_BYTES: usize = 64 << 20;
 
+/// Bytes of recently decoded columns kept (for all datasets together).
+const DECODED_BYTES: usize = 16 << 20;
+
+type DecodedColumns = lru::LruCache<(Vec<u8>, u64), Arc<Vec<Bytes>>>;
+
+fn decoded_columns() -> &'static Mutex<DecodedColumns> {
+    static CACHE: OnceLock<Mutex<DecodedColumns>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(lru::LruCache::unbounded()))
+}
+
+/// Forgets the recently decoded columns (for tests that lose blocks in-process: a column
+/// decoded before the losses would otherwise still be at hand).
+pub fn forget_decoded_columns() {
+    decoded_columns()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+}
+
 /// One lock per column being decoded, so concurrent readers decode it once.
 fn column_lock(tree: &Cid, step: u64) -> Arc<Mutex<()>> {
     static LOCKS: OnceLock<Mutex<HashMap<(Vec<u8>, u64), Arc<Mutex<()>>>>> = OnceLock::new();
@@ -115,8 +134,27 @@ impl<'a> Ctx<'a> {
     }
 
     /// Fetches the column's blocks (all but `skip`, known lost, and padding, known zero)
-    /// and rebuilds the missing ones.
+    /// and rebuilds the missing ones. Recently decoded columns are kept (a read through
+    /// losses decodes a column for its own block and for its neighbours' paths).
     fn decode(&self, step: u64, skip: &[u64]) -> Result<Column> {
+        let key = (self.tree().to_bytes(), step);
+        if let Some(shards) = decoded_columns().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(Column {
+                members: self.layout.column(step),
+                shards: shards.as_ref().clone(),
+            });
+        }
+        let col = self.decode_uncached(step, skip)?;
+        let cap = (DECODED_BYTES / (self.layout.width() * self.manifest.block_size as usize)).max(1);
+        let mut cache = decoded_columns().lock().unwrap_or_else(|e| e.into_inner());
+        cache.push(key, Arc::new(col.shards.clone()));
+        while cache.len() > cap {
+            cache.pop_lru();
+        }
+        Ok(col)
+    }
+
+    fn decode_uncached(&self, step: u64, skip: &[u64]) -> Result<Column> {
         let l = &self.layout;
         let members = l.column(step);
         let wanted: Vec<u64> = members
@@ -180,17 +218,18 @@ impl<'a> Ctx<'a> {
         if todo.is_empty() {
             return Ok(0);
         }
-        let known: HashMap<u64, Digest> = col
+        let shards: HashMap<u64, Bytes> = col
             .members
             .iter()
-            .zip(&col.shards)
-            .map(|(i, s)| (*i, sha256(s)))
+            .copied()
+            .zip(col.shards.iter().cloned())
             .collect();
         let root = digest_of(self.tree())
             .ok_or_else(|| Error::malformed("manifest", "tree CID without a sha2-256 root"))?;
         let mut leaves = Leaves {
             ctx: self,
-            known: known.clone(),
+            shards,
+            known: HashMap::new(),
             failed: HashSet::new(),
             fetches: FETCH_BUDGET,
             decodes: EXTRA_DECODES,
@@ -204,7 +243,7 @@ impl<'a> Ctx<'a> {
         let mut records = Vec::new();
         for row in todo {
             let i = col.members[row];
-            let digest = known[&i];
+            let digest = sha256(&col.shards[row]);
             match builder.proof(i, &digest) {
                 Ok(proof) => records.push((
                     *self.tree(),
@@ -217,6 +256,27 @@ impl<'a> Ctx<'a> {
                 )),
                 Err(e) if Some(i) == also => return Err(e),
                 Err(e) => tracing::warn!(index = i, "a rebuilt block is not kept: {e}"),
+            }
+        }
+        drop(builder);
+        // Neighbouring columns decoded for these paths: their lost blocks are checked and
+        // kept too, so a reader coming to them finds them here instead of decoding again.
+        let mut extra: Vec<(u64, Bytes, Digest)> = Vec::new();
+        for (i, b) in &leaves.shards {
+            if !col.members.contains(i) && !self.is_stored(*i)? {
+                let digest = leaves.known.get(i).copied().unwrap_or_else(|| sha256(b));
+                extra.push((*i, b.clone(), digest));
+            }
+        }
+        extra.sort_unstable_by_key(|(i, _, _)| *i);
+        if !extra.is_empty() {
+            let hints = extra.iter().map(|(i, _, _)| *i).collect();
+            let mut builder = PathBuilder::new(&mut leaves, root, self.layout.total, hints);
+            for (i, data, digest) in extra {
+                if let Ok(proof) = builder.proof(i, &digest) {
+                    let block = cid_from_digest(BLOCK_CODEC, &digest);
+                    records.push((*self.tree(), i, LeafRecord { block, proof }, data));
+                }
             }
         }
         // The read goes on even if storing fails (a full quota, say): the bytes are verified.
@@ -232,6 +292,8 @@ impl<'a> Ctx<'a> {
 /// the column's digests, fetches and (a few) decodes of neighbouring columns.
 struct Leaves<'c, 'a> {
     ctx: &'c Ctx<'a>,
+    /// Blocks decoded (this column's, neighbours'), hashed when asked for.
+    shards: HashMap<u64, Bytes>,
     known: HashMap<u64, Digest>,
     /// Leaves (fetches) and columns (decodes, by step) that failed already.
     failed: HashSet<(bool, u64)>,
@@ -270,6 +332,11 @@ impl LeafSource for Leaves<'_, '_> {
         if let Some((d, _)) = self.stored(index) {
             return Some(d);
         }
+        if let Some(b) = self.shards.get(&index) {
+            let d = sha256(b);
+            self.known.insert(index, d);
+            return Some(d);
+        }
         if self.ctx.layout.is_padding(index) {
             return Some(sha256(&self.ctx.zero));
         }
@@ -284,10 +351,12 @@ impl LeafSource for Leaves<'_, '_> {
         }
         self.decodes -= 1;
         let col = self.ctx.decode(step, &[index]).ok()?;
-        for (i, s) in col.members.iter().zip(&col.shards) {
-            self.known.entry(*i).or_insert_with(|| sha256(s));
+        for (i, s) in col.members.into_iter().zip(col.shards) {
+            self.shards.entry(i).or_insert(s);
         }
-        self.known.get(&index).copied()
+        let d = sha256(self.shards.get(&index)?);
+        self.known.insert(index, d);
+        Some(d)
     }
 }
 
@@ -312,7 +381,7 @@ pub fn recover_block(
     // Another reader may have rebuilt it meanwhile.
     if let Some(b) = repo.leaf_block(ctx.tree(), index)? {
         if let Some(data) = repo.get_block(&b)? {
-            if data.len() as u64 == ctx.manifest.block_size && sha256(&data) == digest_of(&b).unwrap_or_default() {
+            if data.len() as u64 == ctx.manifest.block_size {
                 return Ok(data);
             }
         }
@@ -388,7 +457,7 @@ pub fn repair(fetch: &dyn Fetch, repo: &RepoStore, dataset: &Dataset) -> Result<
     let mut kept: HashMap<u64, Bytes> = HashMap::new();
     let mut kept_bytes = 0usize;
     for (step, lost) in &missing {
-        let col = ctx.decode(*step, lost)?;
+        let col = ctx.decode_uncached(*step, lost)?;
         for (i, shard) in col.members.iter().zip(&col.shards) {
             if lost.contains(i) {
                 digests[*i as usize] = Some(sha256(shard));
@@ -415,7 +484,7 @@ pub fn repair(fetch: &dyn Fetch, repo: &RepoStore, dataset: &Dataset) -> Result<
             .filter_map(|i| kept.remove(i).map(|b| (*i, b)))
             .collect();
         if shards.len() < lost.len() {
-            let col = ctx.decode(*step, lost)?;
+            let col = ctx.decode_uncached(*step, lost)?;
             shards = col
                 .members
                 .into_iter()
