@@ -15,9 +15,15 @@ use codexfs::erasure::Layout;
 const BS: usize = 65536;
 
 fn main() {
-    let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse().expect("a number")).collect();
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("a number"))
+        .collect();
     let size_mib = args.first().copied().unwrap_or(1024);
-    let (k, m) = (args.get(1).copied().unwrap_or(10), args.get(2).copied().unwrap_or(4));
+    let (k, m) = (
+        args.get(1).copied().unwrap_or(10),
+        args.get(2).copied().unwrap_or(4),
+    );
     let n = (size_mib << 20) / BS as u64;
     let layout = Layout::new(n, k, m);
     // Reproducible, incompressible-looking data (xorshift).
@@ -37,7 +43,9 @@ fn main() {
             Bytes::from(v)
         })
         .collect();
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let parity: Vec<std::sync::Mutex<Vec<Bytes>>> =
         (0..layout.steps).map(|_| Default::default()).collect();
 
@@ -52,10 +60,12 @@ fn main() {
                     if step >= layout.steps {
                         return;
                     }
-                    let data: Vec<&Bytes> =
-                        (0..k as usize).map(|r| &blocks[layout.member(step, r) as usize]).collect();
+                    let data: Vec<&Bytes> = (0..k as usize)
+                        .map(|r| &blocks[layout.member(step, r) as usize])
+                        .collect();
                     let p = codec.encode(&data).unwrap();
-                    *parity[step as usize].lock().unwrap() = p.into_iter().map(Bytes::from).collect();
+                    *parity[step as usize].lock().unwrap() =
+                        p.into_iter().map(Bytes::from).collect();
                 }
             });
         }
@@ -84,7 +94,10 @@ fn main() {
                     }
                     codec.reconstruct(&mut shards).unwrap();
                     let r0 = shards[0].as_ref().unwrap();
-                    assert!(r0 == &blocks[layout.member(step, 0) as usize], "decode differs");
+                    assert!(
+                        r0 == &blocks[layout.member(step, 0) as usize],
+                        "decode differs"
+                    );
                 }
             });
         }

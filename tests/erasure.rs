@@ -64,7 +64,17 @@ fn protected_datasets_read_back_exactly_and_through_m_losses_per_column() {
     let dir = tempfile::tempdir().unwrap();
     let bs = 4096;
     let node = node(dir.path(), bs);
-    let params = [(1, 1), (2, 1), (4, 2), (3, 5), (7, 3), (10, 4), (16, 16), (1, 16), (16, 1)];
+    let params = [
+        (1, 1),
+        (2, 1),
+        (4, 2),
+        (3, 5),
+        (7, 3),
+        (10, 4),
+        (16, 16),
+        (1, 16),
+        (16, 1),
+    ];
     // one-block datasets (empty and 1 byte), a multiple of K, and not
     let sizes = [0usize, 1, bs, 12 * bs, 37 * bs + 11];
     for (pi, &(k, m)) in params.iter().enumerate() {
@@ -73,7 +83,9 @@ fn protected_datasets_read_back_exactly_and_through_m_losses_per_column() {
             let what = format!("K={k} M={m} size={size}");
             let data = random_bytes(size, seed);
             let original = node.store(&data[..], Some("f.bin".into()), None).unwrap();
-            let cid = node.protect(&original, EcParams::new(k, m).unwrap()).unwrap();
+            let cid = node
+                .protect(&original, EcParams::new(k, m).unwrap())
+                .unwrap();
             let manifest = node.repo().manifest(&cid).unwrap().unwrap();
             let info = manifest.erasure.clone().expect("protected");
             let layout = Layout::of(&manifest).unwrap().unwrap();
@@ -104,7 +116,10 @@ fn protected_datasets_read_back_exactly_and_through_m_losses_per_column() {
                 assert!(node.repo().lose_leaf(&manifest.tree_cid, i).unwrap());
             }
             codexfs::erasure::recover::forget_decoded_columns();
-            assert!(!problems(&node).is_empty(), "{what}: losses not seen by check");
+            assert!(
+                !problems(&node).is_empty(),
+                "{what}: losses not seen by check"
+            );
             let read = read_all(&node, &cid).unwrap_or_else(|e| panic!("{what}: {e}"));
             assert!(read == data, "{what}: after losses");
             let r = node.repair(&cid).unwrap();
@@ -113,7 +128,11 @@ fn protected_datasets_read_back_exactly_and_through_m_losses_per_column() {
 
             // M+1 losses in one column (the one of block 0): an error that says so
             let col: Vec<u64> = layout.column(0);
-            let victims: Vec<u64> = col.iter().copied().filter(|&i| !layout.is_padding(i)).collect();
+            let victims: Vec<u64> = col
+                .iter()
+                .copied()
+                .filter(|&i| !layout.is_padding(i))
+                .collect();
             if victims.len() > m && victims.contains(&0) {
                 let mut v = vec![0u64];
                 v.extend(victims.iter().copied().filter(|&i| i != 0).take(m));
@@ -195,7 +214,10 @@ fn upload_ec_download_through_losses_repair_and_m_plus_1_fails_cleanly() {
     let file = tmp.path().join("in.bin");
     let size = 41 * 65536 + 100; // 42 blocks, not a multiple of K
     let bytes = random_file(&file, size, 5);
-    let cid = ok(codexfs(&data, &["upload", file.to_str().unwrap(), "--ec", "4,2"]));
+    let cid = ok(codexfs(
+        &data,
+        &["upload", file.to_str().unwrap(), "--ec", "4,2"],
+    ));
     // only the protected dataset is listed
     let ls = ok(codexfs(&data, &["ls"]));
     assert_eq!(ls.lines().count(), 1, "{ls}");
@@ -205,8 +227,14 @@ fn upload_ec_download_through_losses_repair_and_m_plus_1_fails_cleanly() {
     lose(&data, &cid, &losses(&layout, 2, 1));
     assert!(!codexfs(&data, &["check"]).status.success());
     let out = tmp.path().join("out.bin");
-    ok(codexfs(&data, &["download", &cid, "-o", out.to_str().unwrap()]));
-    assert!(std::fs::read(&out).unwrap() == bytes, "download through losses differs");
+    ok(codexfs(
+        &data,
+        &["download", &cid, "-o", out.to_str().unwrap()],
+    ));
+    assert!(
+        std::fs::read(&out).unwrap() == bytes,
+        "download through losses differs"
+    );
     // the read stored the rebuilt data blocks; repair re-creates the lost parity too
     let r = ok(codexfs(&data, &["repair", &cid]));
     assert!(r.starts_with("missing "), "{r}");
@@ -289,7 +317,11 @@ impl Peer {
             log,
             mnt: mount.map(Path::to_path_buf),
         };
-        peer.wait_for(if mount.is_some() { "mounted at" } else { "node running" });
+        peer.wait_for(if mount.is_some() {
+            "mounted at"
+        } else {
+            "node running"
+        });
         peer.wait_for("listening on");
         peer
     }
@@ -297,7 +329,11 @@ impl Peer {
     fn wait_for(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.log.lock().unwrap().contains(needle) {
-            assert!(Instant::now() < deadline, "no {needle:?} in:\n{}", self.log.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in:\n{}",
+                self.log.lock().unwrap()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -305,7 +341,11 @@ impl Peer {
     fn addr(&self) -> String {
         let log = self.log.lock().unwrap();
         let line = log.lines().find(|l| l.contains("listening on")).unwrap();
-        line.split("listening on ").nth(1).unwrap().trim().to_string()
+        line.split("listening on ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     fn stop(&mut self) {
@@ -366,13 +406,22 @@ fn a_dataset_copied_into_a_mount_with_ec_4_2_survives_2_losses_per_column_on_its
             .map(|(c, _)| cid_string(c))
             .collect();
         assert_eq!(ls.len(), 2, "only the protected datasets are kept: {ls:?}");
-        let m = n.repo().manifest(&codexfs::cids::parse_cid(&cid).unwrap()).unwrap().unwrap();
+        let m = n
+            .repo()
+            .manifest(&codexfs::cids::parse_cid(&cid).unwrap())
+            .unwrap()
+            .unwrap();
         assert_eq!(Layout::of(&m).unwrap().unwrap(), layout);
     }
 
     let seeder = Peer::start(&seeder_data, None, None, &[]);
     let mnt = tmp.path().join("mnt");
-    let reader = Peer::start(&tmp.path().join("reader"), Some(&mnt), Some(&seeder.addr()), &[]);
+    let reader = Peer::start(
+        &tmp.path().join("reader"),
+        Some(&mnt),
+        Some(&seeder.addr()),
+        &[],
+    );
     let read = std::fs::read(mnt.join(&cid)).unwrap();
     assert_eq!(read.len(), bytes.len());
     assert!(read == bytes, "read through the mount differs");
@@ -387,7 +436,13 @@ fn a_dataset_copied_into_a_mount_with_ec_4_2_survives_2_losses_per_column_on_its
         .arg(&out)
         .arg("--data-dir")
         .arg(&d_data)
-        .args(["--bootstrap", &seeder.addr(), "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args([
+            "--bootstrap",
+            &seeder.addr(),
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
         .output()
         .unwrap();
     assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
@@ -396,4 +451,62 @@ fn a_dataset_copied_into_a_mount_with_ec_4_2_survives_2_losses_per_column_on_its
     let ls = ok(codexfs(&d_data, &["ls"]));
     assert!(ls.starts_with(&cid), "{ls}");
     ok(codexfs(&d_data, &["check"]));
+}
+
+#[test]
+fn kill_9_during_upload_ec_leaves_a_consistent_repo() {
+    use rand::{Rng, RngCore};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let mut buf = vec![0u8; 16 << 20];
+    let t = Instant::now();
+    let first = tmp.path().join("first.bin");
+    rng.fill_bytes(&mut buf);
+    std::fs::write(&first, &buf).unwrap();
+    let cid = ok(codexfs(
+        &data,
+        &["upload", first.to_str().unwrap(), "--ec", "4,2"],
+    ));
+    let full = t.elapsed();
+    let mut stored = vec![(cid, first)];
+    let mut kills = 0;
+    for i in 0..12 {
+        let path = tmp.path().join(format!("f{i}.bin"));
+        rng.fill_bytes(&mut buf);
+        std::fs::write(&path, &buf).unwrap();
+        let mut child = Command::new(bin())
+            .args([
+                "upload",
+                path.to_str().unwrap(),
+                "--ec",
+                "3,2",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(full.mul_f64(rng.random_range(0.0..1.4)));
+        let finished = child.try_wait().unwrap().is_some();
+        if !finished {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        let out = child.wait_with_output().unwrap();
+        if finished && out.status.success() {
+            stored.push((
+                String::from_utf8(out.stdout).unwrap().trim().to_string(),
+                path,
+            ));
+        }
+        ok(codexfs(&data, &["check"]));
+    }
+    assert!(kills >= 3, "only {kills} runs were killed mid-way");
+    for (cid, path) in &stored {
+        let out = codexfs(&data, &["download", cid]);
+        assert!(out.status.success(), "{cid}");
+        assert!(out.stdout == std::fs::read(path).unwrap(), "{cid} differs");
+    }
 }

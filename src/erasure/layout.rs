@@ -26,7 +26,10 @@ pub const STEPPED: u64 = 1;
 impl Layout {
     /// `blocks`, `k`, `m` ≥ 1.
     pub fn new(blocks: u64, k: u64, m: u64) -> Self {
-        assert!(blocks >= 1 && k >= 1 && m >= 1, "layout of {blocks} blocks, {k},{m}");
+        assert!(
+            blocks >= 1 && k >= 1 && m >= 1,
+            "layout of {blocks} blocks, {k},{m}"
+        );
         let rounded = blocks.div_ceil(k) * k;
         let steps = rounded / k;
         Self {

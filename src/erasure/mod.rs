@@ -71,9 +71,14 @@ mod tests {
     #[test]
     fn parses_and_validates_k_m() {
         assert_eq!("4,2".parse::<EcParams>().unwrap(), EcParams { k: 4, m: 2 });
-        assert_eq!(" 10 , 4 ".parse::<EcParams>().unwrap(), EcParams { k: 10, m: 4 });
+        assert_eq!(
+            " 10 , 4 ".parse::<EcParams>().unwrap(),
+            EcParams { k: 10, m: 4 }
+        );
         assert_eq!(EcParams { k: 3, m: 1 }.to_string(), "3,1");
-        for bad in ["", "4", "4,", ",2", "0,2", "4,0", "a,b", "4,2,1", "-1,2", "65536,1"] {
+        for bad in [
+            "", "4", "4,", ",2", "0,2", "4,0", "a,b", "4,2,1", "-1,2", "65536,1",
+        ] {
             assert!(bad.parse::<EcParams>().is_err(), "{bad:?}");
         }
     }

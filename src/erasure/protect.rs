@@ -137,8 +137,8 @@ fn encode_all(
             upload.put_indexed_blocks(&batch)?;
             let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
             for (i, c, _) in &blocks {
-                all[*i as usize] =
-                    digest_of(c).ok_or_else(|| Error::Corrupt("block CID without digest".into()))?;
+                all[*i as usize] = digest_of(c)
+                    .ok_or_else(|| Error::Corrupt("block CID without digest".into()))?;
             }
         }
     };

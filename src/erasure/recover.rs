@@ -79,10 +79,7 @@ fn column_lock(tree: &Cid, step: u64) -> Arc<Mutex<()>> {
     if locks.len() > 1024 {
         locks.retain(|_, l| Arc::strong_count(l) > 1);
     }
-    locks
-        .entry((tree.to_bytes(), step))
-        .or_default()
-        .clone()
+    locks.entry((tree.to_bytes(), step)).or_default().clone()
 }
 
 struct Ctx<'a> {
@@ -138,14 +135,19 @@ impl<'a> Ctx<'a> {
     /// losses decodes a column for its own block and for its neighbours' paths).
     fn decode(&self, step: u64, skip: &[u64]) -> Result<Column> {
         let key = (self.tree().to_bytes(), step);
-        if let Some(shards) = decoded_columns().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(shards) = decoded_columns()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Ok(Column {
                 members: self.layout.column(step),
                 shards: shards.as_ref().clone(),
             });
         }
         let col = self.decode_uncached(step, skip)?;
-        let cap = (DECODED_BYTES / (self.layout.width() * self.manifest.block_size as usize)).max(1);
+        let cap =
+            (DECODED_BYTES / (self.layout.width() * self.manifest.block_size as usize)).max(1);
         let mut cache = decoded_columns().lock().unwrap_or_else(|e| e.into_inner());
         cache.push(key, Arc::new(col.shards.clone()));
         while cache.len() > cap {
@@ -201,7 +203,10 @@ impl<'a> Ctx<'a> {
         codec.reconstruct(&mut shards)?;
         Ok(Column {
             members,
-            shards: shards.into_iter().map(|s| s.expect("reconstructed")).collect(),
+            shards: shards
+                .into_iter()
+                .map(|s| s.expect("reconstructed"))
+                .collect(),
         })
     }
 
@@ -234,12 +239,8 @@ impl<'a> Ctx<'a> {
             fetches: FETCH_BUDGET,
             decodes: EXTRA_DECODES,
         };
-        let mut builder = PathBuilder::new(
-            &mut leaves,
-            root,
-            self.layout.total,
-            col.members.clone(),
-        );
+        let mut builder =
+            PathBuilder::new(&mut leaves, root, self.layout.total, col.members.clone());
         let mut records = Vec::new();
         for row in todo {
             let i = col.members[row];
@@ -468,7 +469,10 @@ pub fn repair(fetch: &dyn Fetch, repo: &RepoStore, dataset: &Dataset) -> Result<
             }
         }
     }
-    let digests: Vec<Digest> = digests.into_iter().map(|d| d.expect("every column decoded")).collect();
+    let digests: Vec<Digest> = digests
+        .into_iter()
+        .map(|d| d.expect("every column decoded"))
+        .collect();
     let tree = MerkleTree::new(digests)?;
     if &tree.root_cid() != ctx.tree() {
         return Err(Error::Corrupt(format!(
@@ -521,9 +525,13 @@ pub fn check_original_tree(repo: &RepoStore, manifest: &Manifest) -> Result<()> 
     let mut digests = Vec::with_capacity(layout.blocks as usize);
     for i in 0..layout.blocks {
         let block = repo.leaf_block(&manifest.tree_cid, i)?.ok_or_else(|| {
-            Error::NotFound(format!("leaf {i} is not stored, the original tree cannot be checked"))
+            Error::NotFound(format!(
+                "leaf {i} is not stored, the original tree cannot be checked"
+            ))
         })?;
-        digests.push(digest_of(&block).ok_or_else(|| Error::Corrupt("leaf CID without digest".into()))?);
+        digests.push(
+            digest_of(&block).ok_or_else(|| Error::Corrupt("leaf CID without digest".into()))?,
+        );
     }
     check_original_tree_of(manifest, &digests)
 }

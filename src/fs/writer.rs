@@ -304,7 +304,10 @@ impl FileWriter {
                 );
                 let size = spool.size;
                 let ec = self.node.config().publish_ec;
-                match self.node.store_ec(reader, Some(self.name.clone()), None, ec) {
+                match self
+                    .node
+                    .store_ec(reader, Some(self.name.clone()), None, ec)
+                {
                     Ok(cid) => Some((cid, size)),
                     Err(e) => return Err(e.errno()),
                 }
