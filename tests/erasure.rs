@@ -390,9 +390,31 @@ fn a_dataset_copied_into_a_mount_with_ec_4_2_survives_2_losses_per_column_on_its
     seeder.stop();
     drop(seeder);
 
-    // Two blocks of every column lost on the seeder; three in a column of the small one.
+    // And one uploaded with `upload --ec 4,2` (42 blocks: the last column has padding).
+    let up = tmp.path().join("up.bin");
+    let up_bytes = random_file(&up, 41 * 65536 + 777, 13);
+    let up_cid = ok(codexfs(
+        &seeder_data,
+        &["upload", up.to_str().unwrap(), "--ec", "4,2"],
+    ));
+
+    // Two blocks of every column lost on the seeder (for the uploaded one, two data
+    // blocks of every column: the worst case for a reader); three in a column of the
+    // small one.
     let layout = Layout::new(size.div_ceil(65536) as u64, 4, 2);
     lose(&seeder_data, &cid, &losses(&layout, 2, 3));
+    let up_layout = Layout::new(42, 4, 2);
+    let data_losses: Vec<u64> = (0..up_layout.steps)
+        .flat_map(|s| {
+            let rows: Vec<u64> = (0..4)
+                .map(|r| up_layout.member(s, r))
+                .filter(|&i| !up_layout.is_padding(i))
+                .collect();
+            let from = (s as usize) % (rows.len() - 1);
+            rows[from..from + 2].to_vec()
+        })
+        .collect();
+    lose(&seeder_data, &up_cid, &data_losses);
     let small_layout = Layout::new(3, 4, 2);
     let col = small_layout.column(0);
     lose(&seeder_data, &small_cid, &[col[0], col[1], col[4]]);
@@ -405,7 +427,7 @@ fn a_dataset_copied_into_a_mount_with_ec_4_2_survives_2_losses_per_column_on_its
             .iter()
             .map(|(c, _)| cid_string(c))
             .collect();
-        assert_eq!(ls.len(), 2, "only the protected datasets are kept: {ls:?}");
+        assert_eq!(ls.len(), 3, "only the protected datasets are kept: {ls:?}");
         let m = n
             .repo()
             .manifest(&codexfs::cids::parse_cid(&cid).unwrap())
@@ -425,6 +447,11 @@ fn a_dataset_copied_into_a_mount_with_ec_4_2_survives_2_losses_per_column_on_its
     let read = std::fs::read(mnt.join(&cid)).unwrap();
     assert_eq!(read.len(), bytes.len());
     assert!(read == bytes, "read through the mount differs");
+    let read = std::fs::read(mnt.join(&up_cid)).unwrap();
+    assert!(
+        read == up_bytes,
+        "read of the uploaded dataset through the mount differs"
+    );
     let err = std::fs::read(mnt.join(&small_cid)).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
 
