@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use codexfs::api::{DataItem, DataList, LogLevelSetter, SpaceJson};
 use codexfs::cids::{cid_string, parse_cid};
+use codexfs::erasure::EcParams;
 use codexfs::net::swarm::NetConfig;
 use codexfs::node::{compute_cid, Node, NodeConfig};
 use codexfs::repo::RepoConfig;
@@ -124,6 +125,10 @@ enum Command {
         /// Block size (only when working on the data dir directly).
         #[arg(long, default_value_t = codexfs::chunker::DEFAULT_BLOCK_SIZE)]
         block_size: usize,
+        /// Erasure-code the dataset: K data and M parity blocks per column (e.g. 4,2);
+        /// prints the protected manifest's CID.
+        #[arg(long, value_name = "K,M")]
+        ec: Option<EcParams>,
         #[command(flatten)]
         client: ClientArgs,
         #[command(flatten)]
@@ -203,12 +208,40 @@ enum Command {
         /// FUSE worker threads.
         #[arg(long, env = "CODEXFS_THREADS", default_value_t = 8)]
         threads: usize,
+        /// Erasure-code files written into the mount: K data and M parity blocks per column.
+        #[arg(long, value_name = "K,M", env = "CODEXFS_MOUNT_EC")]
+        ec: Option<EcParams>,
         #[command(flatten)]
         api: ApiArgs,
         #[command(flatten)]
         repo: RepoArgs,
         #[command(flatten)]
         net: NetArgs,
+    },
+    /// Erasure-code a stored dataset (K data and M parity blocks per column); prints the
+    /// protected manifest's CID. The unprotected dataset stays stored.
+    Protect {
+        cid: String,
+        #[arg(long, value_name = "K,M")]
+        ec: EcParams,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Re-create the missing blocks of an erasure-coded dataset in the local store.
+    Repair {
+        cid: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Testing aid: lose blocks (by index) of a stored dataset, as a failed disk would;
+    /// the dataset stays listed.
+    #[command(hide = true)]
+    DebugLoseBlocks {
+        cid: String,
+        #[arg(required = true, value_delimiter = ',')]
+        indices: Vec<u64>,
+        #[command(flatten)]
+        repo: RepoArgs,
     },
     /// Check the repo's invariants (counters, reference counts, datasets complete).
     Check {
@@ -291,6 +324,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
             mimetype,
             filename,
             block_size,
+            ec,
             client,
             repo,
         } => {
@@ -302,7 +336,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
             config.block_size = block_size;
             let cid = match target(&client, &repo, config)? {
                 Target::Local(node) => {
-                    let cid = node.store(bar.wrap_read(input), filename, mimetype)?;
+                    let cid = node.store_ec(bar.wrap_read(input), filename, mimetype, ec)?;
                     cid_string(&cid)
                 }
                 Target::Api(api) => api.upload(
@@ -310,6 +344,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     len,
                     filename.as_deref(),
                     mimetype.as_deref(),
+                    ec,
                 )?,
             };
             bar.finish_and_clear();
@@ -518,13 +553,16 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
             mountpoint,
             read_timeout,
             threads,
+            ec,
             api,
             repo,
             net,
         } => {
+            let mut config = node_config(&repo);
+            config.publish_ec = ec;
             crate::node_cmd::run(
                 &data_dir(&repo)?,
-                node_config(&repo),
+                config,
                 net.config(),
                 RunOptions {
                     mountpoint: Some(mountpoint),
@@ -534,6 +572,32 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     set_log_level: set_log_level.clone(),
                 },
             )?;
+        }
+        Command::Protect { cid, ec, repo } => {
+            let cid = parse_cid(&cid)?;
+            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
+            println!("{}", cid_string(&node.protect(&cid, ec)?));
+        }
+        Command::Repair { cid, repo } => {
+            let cid = parse_cid(&cid)?;
+            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
+            let r = node.repair(&cid)?;
+            println!("missing {} rebuilt {}", r.missing, r.rebuilt);
+            if r.rebuilt < r.missing {
+                anyhow::bail!("{} blocks could not be rebuilt", r.missing - r.rebuilt);
+            }
+        }
+        Command::DebugLoseBlocks { cid, indices, repo } => {
+            let cid = parse_cid(&cid)?;
+            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
+            let manifest = node.repo().manifest(&cid)?.ok_or_else(|| {
+                Error::NotFound(format!("{} is not stored here", cid_string(&cid)))
+            })?;
+            for i in indices {
+                if !node.repo().lose_leaf(&manifest.tree_cid, i)? {
+                    anyhow::bail!("the dataset has no stored block {i}");
+                }
+            }
         }
         Command::Check { repo } => {
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;

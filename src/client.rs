@@ -80,12 +80,17 @@ impl ApiClient {
         len: Option<u64>,
         filename: Option<&str>,
         mimetype: Option<&str>,
+        ec: Option<codexfs::erasure::EcParams>,
     ) -> Result<String> {
         let body = match len {
             Some(len) => Body::sized(body, len),
             None => Body::new(body),
         };
-        let mut request = self.http.post(self.url("/data")).body(body);
+        let url = match ec {
+            Some(ec) => format!("{}?ec={ec}", self.url("/data")),
+            None => self.url("/data"),
+        };
+        let mut request = self.http.post(url).body(body);
         if let Some(name) = filename {
             let escaped = name.replace('\\', "\\\\").replace('"', "\\\"");
             request = request.header(

@@ -31,6 +31,16 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// A column of an erasure-coded dataset lost more blocks than its code can rebuild.
+    #[error("{dataset}: column {column} has {lost} of its {width} blocks missing, more than the {m} the erasure code can rebuild")]
+    TooManyLosses {
+        dataset: String,
+        column: u64,
+        lost: usize,
+        width: usize,
+        m: usize,
+    },
+
     #[error("store is corrupt: {0}")]
     Corrupt(String),
 

@@ -26,6 +26,17 @@ pub fn compress(x: &Digest, y: &Digest, key: u8) -> Digest {
     h.finalize().into()
 }
 
+/// The parent of `left` and `right` on a layer (`bottom`: the leaves); `None` for the
+/// right child of an odd last node, which is paired with 32 zero bytes.
+pub fn parent(left: &Digest, right: Option<&Digest>, bottom: bool) -> Digest {
+    match (right, bottom) {
+        (Some(r), true) => compress(left, r, KEY_BOTTOM),
+        (Some(r), false) => compress(left, r, KEY_INNER),
+        (None, true) => compress(left, &ZERO, KEY_ODD_BOTTOM),
+        (None, false) => compress(left, &ZERO, KEY_ODD_INNER),
+    }
+}
+
 /// A whole tree, every layer kept so proofs can be cut from it.
 #[derive(Debug, Clone)]
 pub struct MerkleTree {
@@ -147,11 +158,17 @@ pub struct MerkleProof {
 impl MerkleProof {
     /// The root this proof reaches from `leaf`, following Codex's verification walk.
     pub fn reconstruct_root(&self, leaf: &Digest) -> Digest {
+        self.reconstruct_up_to(leaf, self.path.len())
+    }
+
+    /// The hash of the leaf's ancestor `levels` layers up (0: the leaf itself), walking
+    /// the first `levels` nodes of the path as [`Self::reconstruct_root`] does.
+    pub fn reconstruct_up_to(&self, leaf: &Digest, levels: usize) -> Digest {
         let mut h = *leaf;
         let mut j = self.index;
         let mut m = self.nleaves;
         let mut bottom = true;
-        for p in &self.path {
+        for p in self.path.iter().take(levels) {
             let k = if bottom { KEY_BOTTOM } else { KEY_INNER };
             h = if j % 2 == 1 {
                 compress(p, &h, k)

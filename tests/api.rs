@@ -842,3 +842,31 @@ fn a_script_written_for_codex_works_unchanged() {
     node.stop();
     check_repo(&data);
 }
+
+#[test]
+fn uploads_can_ask_for_erasure_coding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = ApiNode::start(&tmp.path().join("data"), &[]);
+    let bytes = random_bytes(700_000, 8);
+    let c = http();
+    let resp = c
+        .post(node.url("/data?ec=4,2"))
+        .body(bytes.clone())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let cid = resp.text().unwrap();
+    let item = get_json(&node, &format!("/data/{cid}/network/manifest"));
+    assert_eq!(item["manifest"]["protected"], true);
+    let resp = c.get(node.url(&format!("/data/{cid}"))).send().unwrap();
+    assert_eq!(resp.headers()["content-length"], "700000");
+    assert!(resp.bytes().unwrap().as_ref() == bytes.as_slice());
+    for bad in ["0,2", "4", "x,y"] {
+        let resp = c
+            .post(node.url(&format!("/data?ec={bad}")))
+            .body("x")
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "ec={bad}");
+    }
+}

@@ -5,7 +5,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -18,6 +18,7 @@ use super::error::ApiError;
 use super::range::{parse_range, RangeRequest};
 use super::ApiState;
 use crate::cids::{cid_string, parse_cid};
+use crate::erasure::EcParams;
 use crate::manifest::Manifest;
 use crate::metrics::metrics;
 use crate::node::{BlockSource, Dataset, DatasetReader, Node};
@@ -129,17 +130,32 @@ fn filename(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(name))
 }
 
-/// `POST /data`: the body streams into the chunker. Nothing is stored unless the whole
-/// body arrived (a client that disconnects leaves nothing behind).
+/// `POST /data[?ec=K,M]`: the body streams into the chunker (and is erasure-coded when
+/// asked). Nothing is stored unless the whole body arrived (a client that disconnects
+/// leaves nothing behind).
+#[derive(serde::Deserialize)]
+pub struct UploadQuery {
+    /// Erasure coding, "K,M".
+    ec: Option<String>,
+}
+
 pub async fn upload(
     State(st): State<ApiState>,
+    Query(query): Query<UploadQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let (mimetype, filename) = (mimetype(&headers)?, filename(&headers)?);
+    let ec = match query.ec.as_deref() {
+        Some(text) => Some(
+            text.parse::<EcParams>()
+                .map_err(|e| ApiError::bad_request(format!("ec={text:?}: {e}")))?,
+        ),
+        None => None,
+    };
     let (reader, feed) = body_reader(body);
     let node = st.node.clone();
-    let stored = tokio::task::spawn_blocking(move || node.store(reader, filename, mimetype));
+    let stored = tokio::task::spawn_blocking(move || node.store_ec(reader, filename, mimetype, ec));
     feed.await;
     let cid = stored.await??;
     Ok(([(header::CONTENT_TYPE, "text/plain")], cid_string(&cid)).into_response())

@@ -31,7 +31,10 @@ impl From<Error> for ApiError {
             Error::InvalidCid { .. } | Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::QuotaExceeded { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            Error::DataDirLocked { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            // Lost blocks beyond what the erasure code can rebuild: the data is unavailable.
+            Error::DataDirLocked { .. } | Error::TooManyLosses { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Malformed { .. } => StatusCode::BAD_GATEWAY,
             Error::Corrupt(_) | Error::Db(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

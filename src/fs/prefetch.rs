@@ -157,11 +157,7 @@ impl Prefetcher {
         let end = total.min(offset + size as u64);
         let bs = self.dataset.block_size();
         let (first, last) = (offset / bs, (end - 1) / bs);
-        let blocks_count = self
-            .dataset
-            .manifest()
-            .map(|m| m.block_count())
-            .unwrap_or(1);
+        let blocks_count = self.dataset.block_count();
 
         // Each block of the request: already being fetched, or read now on this thread.
         enum Part {

@@ -176,7 +176,10 @@ impl FileWriter {
         let name = self.name.clone();
         let upload = std::thread::Builder::new()
             .name("fs-upload".into())
-            .spawn(move || node.store_buffers(rx.into_iter(), Some(name), None))
+            .spawn(move || {
+                let ec = node.config().publish_ec;
+                node.store_buffers_ec(rx.into_iter(), Some(name), None, ec)
+            })
             .expect("spawn upload thread");
         self.state = State::Streaming(Stream {
             tx,
@@ -300,12 +303,21 @@ impl FileWriter {
                     },
                 );
                 let size = spool.size;
-                match self.node.store(reader, Some(self.name.clone()), None) {
+                let ec = self.node.config().publish_ec;
+                match self
+                    .node
+                    .store_ec(reader, Some(self.name.clone()), None, ec)
+                {
                     Ok(cid) => Some((cid, size)),
                     Err(e) => return Err(e.errno()),
                 }
             }
-            State::Clean => match self.node.store(io::empty(), Some(self.name.clone()), None) {
+            State::Clean => match self.node.store_ec(
+                io::empty(),
+                Some(self.name.clone()),
+                None,
+                self.node.config().publish_ec,
+            ) {
                 Ok(cid) => Some((cid, 0)),
                 Err(e) => return Err(e.errno()),
             },

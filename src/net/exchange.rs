@@ -320,9 +320,17 @@ impl Exchange {
                 Presence::DontHave if asked_here => {
                     self.give_up_on(&mut st, &p.address, peer, false)
                 }
+                // It lacks this block, not necessarily the dataset (a partial copy, a
+                // lost block): this block is not asked of it again, and presence for
+                // the dataset goes back to unknown unless it said Have before.
                 Presence::DontHave => {
-                    st.presence
-                        .insert((peer, key_of(&p.address)), Known::DontHave);
+                    let key = (peer, key_of(&p.address));
+                    if matches!(st.presence.get(&key), Some(Known::Asked(..))) {
+                        st.presence.remove(&key);
+                    }
+                    if let Some(q) = st.pending.get_mut(&p.address) {
+                        q.tried.insert(peer);
+                    }
                 }
                 Presence::Have => {
                     st.presence.insert((peer, key_of(&p.address)), Known::Have);

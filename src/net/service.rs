@@ -29,13 +29,13 @@ pub fn start(
     let key = swarm::load_or_create_key(&node.data_dir().join("node.key"))?;
     let (handle, events) = swarm::start(key, config)?;
     let exchange = Exchange::start(node.repo().clone(), handle.clone(), events)?;
-    let store = Arc::new(NetworkStore::new(
+    let store = NetworkStore::new(
         node.clone(),
         exchange.clone(),
         handle.clone(),
         runtime.clone(),
         timeout,
-    ));
+    );
     let (repo, h) = (node.repo().clone(), handle.clone());
     runtime.spawn(async move {
         let mut tick = tokio::time::interval(ADVERTISE_EVERY);

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use super::exchange::Exchange;
 use super::protocol::BlockAddress;
 use super::swarm::NetHandle;
 use crate::cids::{cid_string, MANIFEST_CODEC};
+use crate::erasure::recover::{is_loss, is_protected, recover_block};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::node::{BlockSource, Dataset, Node};
@@ -29,6 +30,8 @@ pub struct NetworkStore {
     timeout: Duration,
     /// Who has each dataset fetched from the network.
     providers: Mutex<HashMap<Cid, Vec<PeerId>>>,
+    /// Itself, for decodes that run on the blocking pool.
+    me: Weak<NetworkStore>,
 }
 
 impl NetworkStore {
@@ -38,15 +41,57 @@ impl NetworkStore {
         net: NetHandle,
         runtime: tokio::runtime::Handle,
         timeout: Duration,
-    ) -> Self {
-        Self {
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             node,
             exchange,
             net,
             runtime,
             timeout,
             providers: Mutex::new(HashMap::new()),
+            me: me.clone(),
+        })
+    }
+
+    /// Block `index`, local or from peers, without erasure decoding.
+    fn get(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
+        match self.node.local_block(dataset, index) {
+            Err(Error::NotFound(_)) => self.fetch_remote(dataset, index),
+            local => Box::pin(futures::future::ready(local)),
         }
+    }
+
+    /// `fetch`, and for an erasure-coded dataset, if it fails, the block decoded from the
+    /// rest of its column (on the blocking pool).
+    fn or_recover(
+        &self,
+        dataset: &Dataset,
+        index: u64,
+        fetch: BoxFuture<'static, Result<Bytes>>,
+    ) -> BoxFuture<'static, Result<Bytes>> {
+        if !is_protected(dataset) {
+            return fetch;
+        }
+        let (me, dataset) = (self.me.clone(), dataset.clone());
+        Box::pin(async move {
+            match fetch.await {
+                Err(e) if is_loss(&e) => {
+                    let me = me
+                        .upgrade()
+                        .ok_or_else(|| Error::NotFound("the network store is gone".into()))?;
+                    tokio::task::spawn_blocking(move || me.recover(&dataset, index))
+                        .await
+                        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+                }
+                other => other,
+            }
+        })
+    }
+
+    /// Decodes block `index` of a protected dataset from its column (blocking: call it
+    /// outside the runtime or on its blocking pool).
+    fn recover(&self, dataset: &Dataset, index: u64) -> Result<Bytes> {
+        recover_block(self, self.node.repo(), dataset, index)
     }
 
     /// Peers that may have `cid`: Kademlia providers, then every connected peer.
@@ -117,22 +162,16 @@ impl NetworkStore {
         // A task fetches (many blocks in flight) and hands blocks over in order; this
         // thread writes them, so a slow `out` blocks no runtime thread.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(64);
-        let (node, ex, peers, timeout, ds) = (
-            self.node.clone(),
-            self.exchange.clone(),
-            self.providers_of(dataset),
-            self.timeout,
-            dataset.clone(),
-        );
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Error::NotFound("the network store is gone".into()))?;
+        let ds = dataset.clone();
         let fetcher = self.runtime.spawn(async move {
             use futures::StreamExt;
+            // Local blocks, else from peers, else (erasure-coded) decoded.
             let mut blocks = futures::stream::iter(first..=last)
-                .map(|i| match node.block(&ds, i) {
-                    Err(Error::NotFound(_)) => {
-                        remote_block(ex.clone(), &ds, i, peers.clone(), timeout)
-                    }
-                    local => Box::pin(futures::future::ready(local)),
-                })
+                .map(|i| me.or_recover(&ds, i, me.get(&ds, i)))
                 .buffered(256);
             while let Some(block) = blocks.next().await {
                 let failed = block.is_err();
@@ -158,10 +197,32 @@ impl NetworkStore {
         })();
         fetcher.abort();
         written?;
-        if let (Some(m), true) = (dataset.manifest(), range == (0..size)) {
-            self.node.repo().adopt_dataset(m)?;
+        if range != (0..size) {
+            return Ok(());
         }
+        let Some(manifest) = dataset.manifest() else {
+            return Ok(());
+        };
+        if is_protected(dataset) {
+            // Keep it as a protected dataset: parity and padding are re-created (or
+            // fetched) and checked, and the data must make the original tree.
+            let kept = crate::erasure::recover::repair(self, self.node.repo(), dataset)
+                .and_then(|_| self.node.repo().adopt_dataset(manifest));
+            if let Err(e) = kept {
+                tracing::warn!("the protected dataset is not kept here: {e}");
+            }
+            return Ok(());
+        }
+        self.node.repo().adopt_dataset(manifest)?;
         Ok(())
+    }
+}
+
+impl crate::erasure::Fetch for NetworkStore {
+    /// Local blocks, and the rest from peers, all at once. Blocking.
+    fn fetch(&self, dataset: &Dataset, indices: &[u64]) -> Vec<Result<Bytes>> {
+        let all: Vec<_> = indices.iter().map(|&i| self.get(dataset, i)).collect();
+        self.runtime.block_on(futures::future::join_all(all))
     }
 }
 
@@ -230,19 +291,24 @@ impl BlockSource for NetworkStore {
     }
 
     fn block(&self, dataset: &Dataset, index: u64) -> Result<Bytes> {
-        match self.node.block(dataset, index) {
+        let got = match self.node.local_block(dataset, index) {
             Err(Error::NotFound(_)) => self.runtime.block_on(self.fetch_remote(dataset, index)),
             local => local,
+        };
+        match got {
+            Err(e) if is_loss(&e) && is_protected(dataset) => self.recover(dataset, index),
+            other => other,
         }
     }
 
-    /// Blocks not found here come from peers; waiting for them holds no thread.
+    /// Blocks not found here come from peers; waiting for them holds no thread (nor
+    /// does a decode when a protected dataset's block cannot be had).
     fn block_async(
         &self,
         dataset: &Dataset,
         index: u64,
     ) -> Option<BoxFuture<'static, Result<Bytes>>> {
-        Some(self.fetch_remote(dataset, index))
+        Some(self.or_recover(dataset, index, self.fetch_remote(dataset, index)))
     }
 
     /// Local blocks are read at once; the rest (not found here) are waited for.

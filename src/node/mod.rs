@@ -13,6 +13,7 @@ use cid::Cid;
 
 use crate::cache::BlockCache;
 use crate::chunker::DEFAULT_BLOCK_SIZE;
+use crate::erasure::{EcParams, RepairReport};
 use crate::error::{Error, Result};
 use crate::manifest::MAX_BLOCK_SIZE;
 use crate::repo::{RepoConfig, RepoStore, DEFAULT_SWEEP_INTERVAL};
@@ -27,6 +28,8 @@ pub struct NodeConfig {
     pub cache_bytes: usize,
     pub repo: RepoConfig,
     pub sweep_interval: Duration,
+    /// Erasure coding for files published through the mount (`mount --ec K,M`).
+    pub publish_ec: Option<EcParams>,
 }
 
 impl Default for NodeConfig {
@@ -36,6 +39,7 @@ impl Default for NodeConfig {
             cache_bytes: 32 << 20,
             repo: RepoConfig::default(),
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            publish_ec: None,
         }
     }
 }
@@ -128,6 +132,81 @@ impl Node {
         .inspect(|_| {
             crate::metrics::metrics().uploads.inc();
         })
+    }
+
+    /// [`Self::store`], erasure-coded with `ec` when given: returns the protected
+    /// manifest's CID, and the unprotected dataset is not kept (unless it was stored
+    /// already).
+    pub fn store_ec<R: Read + Send>(
+        &self,
+        reader: R,
+        filename: Option<String>,
+        mimetype: Option<String>,
+        ec: Option<EcParams>,
+    ) -> Result<Cid> {
+        let Some(ec) = ec else {
+            return self.store(reader, filename, mimetype);
+        };
+        let (cid, new) = upload::store_reporting_new(
+            &self.repo,
+            self.config.block_size,
+            reader,
+            filename,
+            mimetype,
+        )?;
+        self.protect_stored(cid, new, ec)
+    }
+
+    /// [`Self::store_buffers`], erasure-coded with `ec` when given (as [`Self::store_ec`]).
+    pub fn store_buffers_ec(
+        &self,
+        buffers: impl Iterator<Item = Vec<u8>>,
+        filename: Option<String>,
+        mimetype: Option<String>,
+        ec: Option<EcParams>,
+    ) -> Result<Cid> {
+        let Some(ec) = ec else {
+            return self.store_buffers(buffers, filename, mimetype);
+        };
+        let (cid, new) = upload::store_buffers_reporting_new(
+            &self.repo,
+            self.config.block_size,
+            buffers,
+            filename,
+            mimetype,
+        )?;
+        self.protect_stored(cid, new, ec)
+    }
+
+    fn protect_stored(&self, cid: Cid, new: bool, ec: EcParams) -> Result<Cid> {
+        let protected = self.protect(&cid, ec);
+        if new {
+            // The protected dataset holds its own references to the blocks.
+            self.delete(&cid)?;
+        }
+        protected
+    }
+
+    /// Erasure-codes stored dataset `cid` with K data and M parity blocks per column
+    /// (§4, stepped layout); returns the protected manifest's CID. Both datasets stay
+    /// stored; reading the protected one yields the original bytes.
+    pub fn protect(&self, cid: &Cid, ec: EcParams) -> Result<Cid> {
+        crate::erasure::protect::protect(&self.repo, cid, ec)
+    }
+
+    /// Re-creates the blocks of protected dataset `cid` missing from the local store
+    /// (decoded from the rest of their columns, verified against the tree).
+    pub fn repair(&self, cid: &Cid) -> Result<RepairReport> {
+        let manifest = match self.repo.manifest(cid)? {
+            Some(m) if self.repo.has_dataset(cid)? => m,
+            _ => {
+                return Err(Error::NotFound(format!(
+                    "{} is not a dataset stored here",
+                    crate::cids::cid_string(cid)
+                )))
+            }
+        };
+        crate::erasure::recover::repair(self, &self.repo, &Dataset::Manifest(*cid, manifest))
     }
 
     /// A seekable reader of a dataset (or of a single block, for a CID that is not a

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use cid::Cid;
 
 use crate::cids::{cid_string, MANIFEST_CODEC};
+use crate::erasure::recover::{is_loss, is_protected, recover_block};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 
@@ -26,11 +27,26 @@ impl Dataset {
         }
     }
 
-    /// Bytes a reader yields.
+    /// Bytes a reader yields: for an erasure-coded dataset, the original bytes.
     pub fn size(&self) -> u64 {
         match self {
-            Dataset::Manifest(_, m) => m.dataset_size,
+            Dataset::Manifest(_, m) => match &m.erasure {
+                Some(e) => e.original_dataset_size,
+                None => m.dataset_size,
+            },
             Dataset::Block(_, size) => *size,
+        }
+    }
+
+    /// Blocks a reader reads (for an erasure-coded dataset, the original data blocks, not
+    /// padding or parity).
+    pub fn block_count(&self) -> u64 {
+        match self {
+            Dataset::Manifest(_, m) => match &m.erasure {
+                Some(e) => crate::chunker::block_count(e.original_dataset_size, m.block_size),
+                None => m.block_count(),
+            },
+            Dataset::Block(..) => 1,
         }
     }
 
@@ -87,6 +103,22 @@ fn short_block(cid: &Cid) -> Error {
 }
 
 impl super::Node {
+    /// Block `index` as stored here, without erasure decoding: `NotFound` if it is not.
+    pub fn local_block(&self, dataset: &Dataset, index: u64) -> Result<Bytes> {
+        let cid = self.block_cid(dataset, index)?;
+        if let Some(b) = self.cache().get(&cid) {
+            return Ok(b);
+        }
+        let data = self.repo().get_block(&cid)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "block {} (index {index}) is not stored here",
+                cid_string(&cid)
+            ))
+        })?;
+        self.cache().insert(cid, data.clone());
+        Ok(data)
+    }
+
     /// The CID of block `index` of a dataset stored here.
     fn block_cid(&self, dataset: &Dataset, index: u64) -> Result<Cid> {
         match dataset {
@@ -117,34 +149,45 @@ impl BlockSource for super::Node {
             .map(|m| Dataset::Block(*cid, m.size)))
     }
 
+    /// A lost block of an erasure-coded dataset is decoded from the rest of its column.
     fn block(&self, dataset: &Dataset, index: u64) -> Result<Bytes> {
-        let cid = match dataset {
-            Dataset::Manifest(_, m) => {
-                self.repo().leaf_block(&m.tree_cid, index)?.ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "leaf {index} of tree {} is not stored here",
-                        cid_string(&m.tree_cid)
-                    ))
-                })?
+        match self.local_block(dataset, index) {
+            Err(e) if is_loss(&e) && is_protected(dataset) => {
+                recover_block(self, self.repo(), dataset, index)
             }
-            Dataset::Block(cid, _) => *cid,
-        };
-        if let Some(b) = self.cache().get(&cid) {
-            return Ok(b);
+            other => other,
         }
-        let data = self.repo().get_block(&cid)?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "block {} (index {index}) is not stored here",
-                cid_string(&cid)
-            ))
-        })?;
-        self.cache().insert(cid, data.clone());
-        Ok(data)
     }
 
     /// Everything a node without a network has is local. Copies straight from RocksDB's
     /// pinned value: one copy, and a sequential scan does not churn the cache.
     fn read_now(
+        &self,
+        dataset: &Dataset,
+        index: u64,
+        range: Range<usize>,
+        out: &mut Vec<u8>,
+    ) -> Result<bool> {
+        let found = self.read_local(dataset, index, range, out);
+        match found {
+            // A lost block of an erasure-coded dataset is decoded by `block`.
+            Err(e) if is_loss(&e) && is_protected(dataset) => Ok(false),
+            other => other,
+        }
+    }
+}
+
+impl crate::erasure::Fetch for super::Node {
+    fn fetch(&self, dataset: &Dataset, indices: &[u64]) -> Vec<Result<Bytes>> {
+        indices
+            .iter()
+            .map(|&i| self.local_block(dataset, i))
+            .collect()
+    }
+}
+
+impl super::Node {
+    fn read_local(
         &self,
         dataset: &Dataset,
         index: u64,

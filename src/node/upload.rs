@@ -163,6 +163,30 @@ pub(super) fn store<R: Read + Send>(
     store_batches(repo, block_size, &mut chunker, filename, mimetype)
 }
 
+/// [`store`], also saying whether the dataset is new (false: it was stored already).
+pub(super) fn store_reporting_new<R: Read + Send>(
+    repo: &RepoStore,
+    block_size: usize,
+    reader: R,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<(Cid, bool)> {
+    let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
+    store_batches_reporting_new(repo, block_size, &mut chunker, filename, mimetype)
+}
+
+/// [`store_buffers`], also saying whether the dataset is new.
+pub(super) fn store_buffers_reporting_new(
+    repo: &RepoStore,
+    block_size: usize,
+    buffers: impl Iterator<Item = Vec<u8>>,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<(Cid, bool)> {
+    let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES);
+    store_batches_reporting_new(repo, block_size, &mut batcher, filename, mimetype)
+}
+
 /// Stores buffers handed over whole (block-aligned ones are not copied again).
 pub(super) fn store_buffers(
     repo: &RepoStore,
@@ -182,10 +206,19 @@ fn store_batches(
     filename: Option<String>,
     mimetype: Option<String>,
 ) -> Result<Cid> {
+    Ok(store_batches_reporting_new(repo, block_size, source, filename, mimetype)?.0)
+}
+
+fn store_batches_reporting_new(
+    repo: &RepoStore,
+    block_size: usize,
+    source: &mut dyn BatchSource,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<(Cid, bool)> {
     let upload = repo.begin_upload()?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
     let (digests, size) = chunk_and_hash(source, block_size, &upload)?;
     let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
-    let cid = upload.commit(&tree, &manifest)?;
-    Ok(cid)
+    upload.commit_reporting_new(&tree, &manifest)
 }

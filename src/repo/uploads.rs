@@ -161,26 +161,37 @@ impl Upload<'_> {
     /// Stores blocks `start, start+1, …` of the dataset, each with its CID, in one batch.
     /// Fails with `QuotaExceeded` (storing nothing of this batch) when they do not fit.
     pub fn put_blocks(&self, start: u64, blocks: &[(Cid, &[u8])]) -> Result<()> {
+        let indexed: Vec<(u64, Cid, &[u8])> = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, (cid, data))| (start + i as u64, *cid, *data))
+            .collect();
+        self.put_indexed_blocks(&indexed)
+    }
+
+    /// Stores blocks at the given positions of the dataset (each position once per
+    /// upload), in one batch; as [`Self::put_blocks`] otherwise.
+    pub fn put_indexed_blocks(&self, blocks: &[(u64, Cid, &[u8])]) -> Result<()> {
         let expiry = self.repo.expiry_from_now();
         let mut keys = Vec::with_capacity(blocks.len());
-        for (i, (cid, _)) in blocks.iter().enumerate() {
+        for (index, cid, _) in blocks {
             keys.push((
                 JournalKey::UploadBlock {
                     upload: self.id,
-                    index: start + i as u64,
+                    index: *index,
                 }
                 .encode(),
                 cid.to_bytes(),
             ));
         }
-        let size: u64 = blocks.iter().map(|(_, d)| d.len() as u64).sum();
+        let size: u64 = blocks.iter().map(|(_, _, d)| d.len() as u64).sum();
         let unlogged = self.bytes_put.fetch_add(size, Ordering::Relaxed) >= UNLOGGED_AFTER;
         let mut counters = lock(&self.repo.counters);
         let mut t = Txn::new(self.repo);
         if unlogged {
             t.data_without_wal();
         }
-        for ((jk, cid), (_, data)) in keys.iter().zip(blocks) {
+        for ((jk, cid), (_, _, data)) in keys.iter().zip(blocks) {
             t.add_ref(cid, data, expiry)?;
             t.batch.put_cf(self.repo.cf(CF_JOURNAL), jk, cid);
         }
@@ -189,7 +200,17 @@ impl Upload<'_> {
 
     /// Records the dataset: leaves with proofs, the manifest block, the dataset record. The
     /// blocks of `tree` must all have been put. Returns the manifest CID.
-    pub fn commit(mut self, tree: &MerkleTree, manifest: &Manifest) -> Result<Cid> {
+    pub fn commit(self, tree: &MerkleTree, manifest: &Manifest) -> Result<Cid> {
+        Ok(self.commit_reporting_new(tree, manifest)?.0)
+    }
+
+    /// [`Self::commit`], also saying whether this commit made the dataset (false: it was
+    /// stored already).
+    pub fn commit_reporting_new(
+        mut self,
+        tree: &MerkleTree,
+        manifest: &Manifest,
+    ) -> Result<(Cid, bool)> {
         let repo = self.repo;
         let encoded = manifest.encode();
         let mcid = crate::manifest::manifest_cid(&encoded);
@@ -236,7 +257,7 @@ impl Upload<'_> {
             stored_at: now,
             expiry: repo.expiry_from_now(),
         };
-        {
+        let new_dataset = {
             let mut counters = lock(&repo.counters);
             let mut t = Txn::new(repo);
             let new_dataset = repo
@@ -271,13 +292,14 @@ impl Upload<'_> {
             }
             // Synced: once the caller has the CID, the dataset survives a power loss too.
             t.commit(&mut counters, true)?;
-        }
+            new_dataset
+        };
         // A tree already stored holds its own references: give the upload's back.
         self.finished = true;
         if tree_known {
             repo.release_upload(self.id)?;
         }
-        Ok(mcid)
+        Ok((mcid, new_dataset))
     }
 }
 
