@@ -7,6 +7,7 @@
 //! names a missing block.
 
 mod checks;
+mod dirs;
 mod lifecycle;
 mod lock;
 mod names;
