@@ -73,7 +73,8 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
                 network.store.clone(),
                 runtime.handle().clone(),
                 fs_config,
-            ));
+            )
+            .with_dir_blocks(network.store.clone()));
             let mounted = fs::mount(
                 core,
                 &MountConfig {
