@@ -16,21 +16,23 @@ use crate::error::{Error, Result};
 
 /// Where an upload stores what it finds.
 pub trait TreeSink {
+    type Error: From<Error> + From<std::io::Error>;
     /// Stores the regular file at `path` under the filename `name`: its manifest CID and
     /// size.
-    fn store_file(&mut self, path: &Path, name: &str) -> Result<(Cid, u64)>;
+    fn store_file(&mut self, path: &Path, name: &str) -> Result<(Cid, u64), Self::Error>;
     /// Stores a directory of `items`: its CID.
-    fn store_dir(&mut self, items: Vec<Item>) -> Result<Cid>;
+    fn store_dir(&mut self, items: Vec<Item>) -> Result<Cid, Self::Error>;
     /// Told about an entry that is neither a file nor a directory (left out).
     fn skipped(&mut self, path: &Path);
 }
 
 /// Where a restore reads from.
 pub trait TreeSource {
+    type Error: From<Error> + From<std::io::Error>;
     /// Every entry of directory `cid`, validated.
-    fn list(&mut self, cid: &Cid) -> Result<Vec<Item>>;
+    fn list(&mut self, cid: &Cid) -> Result<Vec<Item>, Self::Error>;
     /// Writes the content of a file entry to `out`; returns the bytes written.
-    fn fetch_file(&mut self, item: &Item, out: &mut dyn Write) -> Result<u64>;
+    fn fetch_file(&mut self, item: &Item, out: &mut dyn Write) -> Result<u64, Self::Error>;
 }
 
 /// Bytes of the regular files under `dir` (for a progress bar).
@@ -56,7 +58,7 @@ fn item_times(meta: &std::fs::Metadata) -> (u64, u32) {
 
 /// Publishes the tree under `dir`, depth first: files, then the directory that lists
 /// them. Returns the CID of `dir`'s directory and its number of entries.
-pub fn upload(dir: &Path, sink: &mut dyn TreeSink) -> Result<(Cid, u64)> {
+pub fn upload<S: TreeSink + ?Sized>(dir: &Path, sink: &mut S) -> Result<(Cid, u64), S::Error> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
     entries.sort_by_key(|e| e.file_name());
     let mut items = Vec::with_capacity(entries.len());
@@ -65,6 +67,7 @@ pub fn upload(dir: &Path, sink: &mut dyn TreeSink) -> Result<(Cid, u64)> {
         let name = entry.file_name().into_string().map_err(|n| {
             Error::InvalidArgument(format!("{:?} in {} is not UTF-8", n, dir.display()))
         })?;
+        check_name(&name)?;
         let meta = std::fs::symlink_metadata(&path)?;
         let (kind, cid, size) = if meta.is_dir() {
             let (cid, count) = upload(&path, sink)?;
@@ -110,7 +113,11 @@ pub fn set_mtime(path: &Path, secs: u64, nsec: u32) -> Result<()> {
 /// Restores directory `cid` into `dest` (created if missing; what is there is
 /// overwritten entry by entry): files with their bytes, modes and mtimes, directories
 /// with their modes and mtimes once their content is in. Returns the bytes written.
-pub fn restore(source: &mut dyn TreeSource, cid: &Cid, dest: &Path) -> Result<u64> {
+pub fn restore<S: TreeSource + ?Sized>(
+    source: &mut S,
+    cid: &Cid,
+    dest: &Path,
+) -> Result<u64, S::Error> {
     std::fs::create_dir_all(dest)?;
     let mut bytes = 0;
     for item in source.list(cid)? {
@@ -134,7 +141,8 @@ pub fn restore(source: &mut dyn TreeSource, cid: &Cid, dest: &Path) -> Result<u6
                     return Err(Error::malformed(
                         "directory",
                         format!("{:?} is {n} bytes, its entry says {}", item.name, item.size),
-                    ));
+                    )
+                    .into());
                 }
                 bytes += n;
             }
