@@ -516,9 +516,11 @@ impl FsCore {
         if !n.mtime_set {
             n.mtime = now_times();
         }
+        // New content changes the parent's listing (a CID), not its mtime: as on any
+        // filesystem, only entries coming and going do.
         let parent = n.parent;
         if parent != DETACHED {
-            t.touch(parent, self.config.publish_delay);
+            t.mark(parent, self.config.publish_delay, false);
         }
     }
 
