@@ -320,8 +320,21 @@ fn upload_dir_and_download_dir_locally_and_through_a_node_and_the_api() {
 
     // The API: a listing as JSON (paged), files by path with Range.
     let api = node.api();
-    let listing = sh_ok(&format!("curl -sf '{api}/data/{cid}'"));
-    let v: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    let http = reqwest::blocking::Client::new();
+    let get = |path: &str, range: Option<&str>| {
+        let mut r = http.get(format!("{api}{path}"));
+        if let Some(range) = range {
+            r = r.header("Range", range);
+        }
+        let resp = r.send().unwrap();
+        (resp.status().as_u16(), resp.bytes().unwrap().to_vec())
+    };
+    let json = |path: &str| -> serde_json::Value {
+        let (status, body) = get(path, None);
+        assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    };
+    let v = json(&format!("/data/{cid}"));
     assert_eq!(v["entryCount"], 7);
     let names: Vec<_> = v["entries"]
         .as_array()
@@ -333,27 +346,26 @@ fn upload_dir_and_download_dir_locally_and_through_a_node_and_the_api() {
         names,
         [".git", ".gitignore", "a", "big.bin", "empty", "name with spaces.txt", "ünï ✓"]
     );
-    let page = sh_ok(&format!("curl -sf '{api}/data/{cid}?offset=2&limit=2'"));
-    let p: serde_json::Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(v["entries"][4]["mode"], 0o600);
+    let p = json(&format!("/data/{cid}?offset=2&limit=2"));
     assert_eq!(p["entries"][0]["name"], "a");
+    assert_eq!(p["entries"][0]["kind"], "directory");
     assert_eq!(p["entries"].as_array().unwrap().len(), 2);
-    let sub = sh_ok(&format!("curl -sf '{api}/data/{cid}/a/b'"));
-    assert!(sub.contains("\"name\":\"c\""), "{sub}");
-    let deep = sh_ok(&format!("curl -sf '{api}/data/{cid}/a/b/c/deep.txt'"));
-    assert_eq!(deep, "deep");
-    let part = sh_ok(&format!(
-        "curl -sf -H 'Range: bytes=1048576-1048591' '{api}/data/{cid}/big.bin' | od -An -tx1"
-    ));
+    let sub = json(&format!("/data/{cid}/a/b"));
+    assert_eq!(sub["entries"][0]["name"], "c");
+    assert_eq!(get(&format!("/data/{cid}/a/b/c/deep.txt"), None), (200, b"deep\n".to_vec()));
     let big_bytes = std::fs::read(project.join("big.bin")).unwrap();
-    let want: String = big_bytes[1048576..1048592]
-        .iter()
-        .map(|b| format!(" {b:02x}"))
-        .collect();
-    assert_eq!(part.split_whitespace().collect::<Vec<_>>(), want.split_whitespace().collect::<Vec<_>>());
-    let spaced = sh_ok(&format!(
-        "curl -sf '{api}/data/{cid}/%C3%BCn%C3%AF%20%E2%9C%93/fa%C3%A7ade%20%E2%98%83.md'"
-    ));
-    assert_eq!(spaced, "snow ☃");
-    let missing = sh_ok(&format!("curl -s -o /dev/null -w '%{{http_code}}' '{api}/data/{cid}/a/nope'"));
-    assert_eq!(missing, "404");
+    assert_eq!(
+        get(&format!("/data/{cid}/big.bin"), Some("bytes=1048576-1048591")),
+        (206, big_bytes[1048576..1048592].to_vec())
+    );
+    assert_eq!(
+        get(
+            &format!("/data/{cid}/%C3%BCn%C3%AF%20%E2%9C%93/fa%C3%A7ade%20%E2%98%83.md"),
+            None
+        ),
+        (200, "snow ☃\n".as_bytes().to_vec())
+    );
+    assert_eq!(get(&format!("/data/{cid}/a/nope"), None).0, 404);
+    assert_eq!(get(&format!("/data/{cid}/big.bin/under"), None).0, 404);
 }
