@@ -175,6 +175,12 @@ fn make_project(root: &Path) {
     random_file(&root.join(".git/objects/pack"), 70_000, 2);
     std::fs::set_permissions(root.join("empty"), std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::set_permissions(root.join("a/b"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    // Times of their own, in the past: rsync leaves a directory's mtime alone when it
+    // is in the same second as the source's, which a tree made just now would be.
+    sh_ok(&format!(
+        "find '{}' -exec touch -h -d '2022-05-06 07:08:09.5' {{}} +",
+        root.display()
+    ));
     sh_ok(&format!(
         "touch -h -d '2021-03-04 05:06:07.123456789' '{}' '{}'",
         root.join("name with spaces.txt").display(),

@@ -414,6 +414,10 @@ impl FsCore {
         }
         drop(handles);
         for (cid, _) in repo.datasets().map_err(|e| e.errno())? {
+            // Files of stored trees are reached through their trees.
+            if repo.holds(&cid).map_err(|e| e.errno())? > 0 {
+                continue;
+            }
             let ino = inodes.cid(&cid, false);
             entries.push(DirEntry {
                 ino,
