@@ -44,6 +44,13 @@ impl DirBlocks for NetworkStore {
             self.exchange
                 .fetch(BlockAddress::Cid(*cid), 0, peers, self.timeout)
                 .await
+        });
+        let data = data.inspect_err(|_| {
+            // Those peers did not deliver: look the providers up again next time.
+            self.providers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(top);
         })?;
         self.node.cache().insert(*cid, data.clone());
         Ok(data)
