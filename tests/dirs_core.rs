@@ -211,17 +211,19 @@ fn a_tree_built_in_the_mount_publishes_and_reads_back_by_cid() {
 fn a_published_top_comes_back_as_a_tree_after_a_restart_and_rmdir_empties_it() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let make = || {
+    let make_with_node = || {
         let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
         let mut config = FsConfig::new(dir.path().join("spool"));
         config.publish_delay = Duration::from_secs(3600);
-        FsCore::new(
+        let core = FsCore::new(
             node.clone(),
-            Arc::new(node),
+            Arc::new(node.clone()),
             runtime.handle().clone(),
             config,
-        )
+        );
+        (core, node)
     };
+    let make = || make_with_node().0;
     let core = make();
     let top = core.mkdir(ROOT_INO, os("docs")).unwrap().ino;
     let a = core.mkdir(top, os("a")).unwrap().ino;
@@ -252,9 +254,24 @@ fn a_published_top_comes_back_as_a_tree_after_a_restart_and_rmdir_empties_it() {
     assert_eq!(lookup_path(&core, "a-top").unwrap_err(), libc::ENOENT);
     core.flush_all();
     drop(core);
-    let core = make();
+    let (core, node) = make_with_node();
     assert_eq!(lookup_path(&core, "a-top").unwrap_err(), libc::ENOENT);
     assert!(list(&core, lookup_path(&core, "docs").unwrap(), 100).is_empty());
+    drop(core);
+
+    // A name whose tree was deleted under it (rm) is not there, and unlink removes it.
+    let docs = node.repo().name("docs").unwrap().unwrap().cid;
+    assert!(node.delete(&docs).unwrap());
+    let core = FsCore::new(
+        node.clone(),
+        Arc::new(node.clone()),
+        runtime.handle().clone(),
+        FsConfig::new(dir.path().join("spool")),
+    );
+    assert_eq!(lookup_path(&core, "docs").unwrap_err(), libc::ENOENT);
+    core.unlink(ROOT_INO, os("docs")).unwrap();
+    assert!(node.repo().name("docs").unwrap().is_none());
+    assert!(node.repo().check_consistency().unwrap().problems.is_empty());
 }
 
 /// Counts the directory blocks asked for.

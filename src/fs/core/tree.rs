@@ -251,7 +251,12 @@ impl FsCore {
         if record.cid.codec() != DIR_CODEC {
             return Ok(None);
         }
-        let root = dir::load_root(&self.node, &record.cid, &record.cid).map_err(errno)?;
+        let root = match dir::load_root(&self.node, &record.cid, &record.cid) {
+            Ok(r) => r,
+            // The tree was deleted (`codexfs rm`): a dangling name, which unlink removes.
+            Err(crate::Error::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(errno(e)),
+        };
         let kind = TKind::Dir {
             children: None,
             base: Some((record.cid, root.count)),
