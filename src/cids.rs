@@ -1,4 +1,5 @@
-//! CIDs as Codex uses them: CIDv1, sha2-256, three codecs of its own.
+//! CIDs as Codex uses them: CIDv1, sha2-256, three codecs of its own (and two of
+//! codexfs's for directories).
 
 use cid::multibase::Base;
 use sha2::{Digest as _, Sha256};
@@ -13,6 +14,11 @@ pub const MANIFEST_CODEC: u64 = 0xCD01;
 pub const BLOCK_CODEC: u64 = 0xCD02;
 /// Multicodec of a dataset's Merkle root (the `treeCid`).
 pub const ROOT_CODEC: u64 = 0xCD03;
+/// Multicodec of a directory's root block (codexfs's own, from the private-use range
+/// beside Codex's codecs; see docs/directories.md).
+pub const DIR_CODEC: u64 = 0x30CD01;
+/// Multicodec of a block of a large directory's entries.
+pub const DIR_PAGE_CODEC: u64 = 0x30CD02;
 /// Multihash code of sha2-256.
 pub const SHA2_256: u64 = 0x12;
 

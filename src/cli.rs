@@ -75,6 +75,19 @@ pub struct NetArgs {
 }
 
 impl NetArgs {
+    /// For a command that only fetches: the default listen port becomes any free one.
+    fn for_client(&self) -> NetArgs {
+        let mut net = self.clone();
+        if net
+            .listen
+            .iter()
+            .any(|a| a.to_string() == "/ip4/0.0.0.0/tcp/8070")
+        {
+            net.listen = vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid address")];
+        }
+        net
+    }
+
     fn config(&self) -> NetConfig {
         NetConfig {
             listen: self.listen.clone(),
@@ -114,7 +127,8 @@ enum Command {
         #[arg(long, default_value_t = codexfs::chunker::DEFAULT_BLOCK_SIZE)]
         block_size: usize,
     },
-    /// Store FILE (or - for standard input) and print its manifest CID.
+    /// Store FILE (or - for standard input) and print its manifest CID; a directory is
+    /// stored as a tree (its files, then its directories) and its root CID printed.
     Upload {
         file: PathBuf,
         #[arg(long)]
@@ -135,7 +149,8 @@ enum Command {
         repo: RepoArgs,
     },
     /// Write a dataset to FILE, or to standard output; one not stored here is fetched
-    /// from the network (by the running node, or with --bootstrap).
+    /// from the network (by the running node, or with --bootstrap). A directory CID is
+    /// restored into the directory given with -o, with modes and mtimes.
     Download {
         cid: String,
         #[arg(short, long)]
@@ -252,7 +267,7 @@ enum Command {
 
 /// What a client command works on: a running node's API, or the data dir itself when no
 /// node holds it.
-enum Target {
+pub(crate) enum Target {
     Api(ApiClient),
     Local(Node),
 }
@@ -287,7 +302,7 @@ fn running_node(client: &ClientArgs, repo: &RepoArgs) -> Result<ApiClient> {
 pub struct NoNode(PathBuf);
 
 /// A progress bar on standard error when it is a terminal (and output is not JSON).
-fn progress_bar(len: Option<u64>, quiet: bool) -> ProgressBar {
+pub(crate) fn progress_bar(len: Option<u64>, quiet: bool) -> ProgressBar {
     if quiet || !io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -318,6 +333,45 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
             let (cid, _) =
                 compute_cid(open_input(file.as_deref())?, block_size, filename, mimetype)?;
             println!("{}", cid_string(&cid));
+        }
+        Command::Upload {
+            file,
+            block_size,
+            client,
+            repo,
+            ..
+        } if file.is_dir() => {
+            let mut config = node_config(&repo);
+            config.block_size = block_size;
+            let cid = crate::dir_cmd::upload(&file, target(&client, &repo, config)?, client.json)?;
+            if client.json {
+                print_json(&serde_json::json!({ "cid": cid_string(&cid) }));
+            } else {
+                println!("{}", cid_string(&cid));
+            }
+        }
+        Command::Download {
+            cid,
+            output,
+            timeout,
+            client,
+            repo,
+            net,
+        } if parse_cid(&cid).is_ok_and(|c| c.codec() == codexfs::cids::DIR_CODEC) => {
+            let cid = parse_cid(&cid)?;
+            let output =
+                output.context("a directory is restored into a directory: give it with -o DIR")?;
+            let target = target(&client, &repo, node_config(&repo))?;
+            let network = (!net.bootstrap.is_empty()).then(|| (net.for_client().config(), timeout));
+            let bytes = crate::dir_cmd::download(&cid, &output, &target, network, client.json)
+                .with_context(|| format!("restoring into {}", output.display()))?;
+            if client.json {
+                print_json(&serde_json::json!({
+                    "cid": cid_string(&cid),
+                    "bytes": bytes,
+                    "path": output.display().to_string(),
+                }));
+            }
         }
         Command::Upload {
             file,

@@ -113,6 +113,17 @@ impl ApiClient {
         self.check(self.http.get(url).send())
     }
 
+    /// Stores a directory of entries the node has (`POST /api/codexfs/v1/directories`).
+    pub fn create_directory(&self, entries: &[codexfs::api::ItemJson]) -> Result<String> {
+        let url = format!("{}{}/directories", self.base, codexfs::api::OWN_PREFIX);
+        let body = serde_json::json!({ "entries": entries });
+        Ok(self
+            .check(self.http.post(url).json(&body).send())?
+            .text()?
+            .trim()
+            .to_string())
+    }
+
     pub fn get_json(&self, path: &str) -> Result<Value> {
         Ok(self.check(self.http.get(self.url(path)).send())?.json()?)
     }

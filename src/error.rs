@@ -28,6 +28,10 @@ pub enum Error {
     #[error("malformed {what}: {reason}")]
     Malformed { what: &'static str, reason: String },
 
+    /// Something else still needs it (a dataset that a stored directory names).
+    #[error("in use: {0}")]
+    InUse(String),
+
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
@@ -65,6 +69,7 @@ impl Error {
             Error::NotFound(_) | Error::InvalidCid { .. } => libc::ENOENT,
             Error::QuotaExceeded { .. } => libc::ENOSPC,
             Error::InvalidArgument(_) => libc::EINVAL,
+            Error::InUse(_) => libc::EBUSY,
             Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             _ => libc::EIO,
         }

@@ -9,6 +9,7 @@ pub mod api;
 pub mod cache;
 pub mod chunker;
 pub mod cids;
+pub mod dir;
 pub mod erasure;
 pub mod error;
 pub mod fs;

@@ -4,6 +4,7 @@
 mod cli;
 mod client;
 mod config_file;
+mod dir_cmd;
 mod node_cmd;
 
 use std::sync::Arc;

@@ -68,12 +68,15 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
             fs_config.prefetch.timeout = read_timeout;
             // Spool files of a previous run were never published: nothing refers to them.
             let _ = std::fs::remove_dir_all(&fs_config.spool_dir);
-            let core = Arc::new(FsCore::new(
-                node.clone(),
-                network.store.clone(),
-                runtime.handle().clone(),
-                fs_config,
-            ));
+            let core = Arc::new(
+                FsCore::new(
+                    node.clone(),
+                    network.store.clone(),
+                    runtime.handle().clone(),
+                    fs_config,
+                )
+                .with_dir_blocks(network.store.clone()),
+            );
             let mounted = fs::mount(
                 core,
                 &MountConfig {

@@ -253,15 +253,7 @@ fn the_consistency_check_finds_a_missing_block() {
     };
     {
         // Remove one data block behind the repo's back.
-        let cfs = [
-            "blocks",
-            "block_meta",
-            "leaves",
-            "trees",
-            "datasets",
-            "journal",
-            "names",
-        ];
+        let cfs = codexfs::repo::schema::ALL_CFS;
         let mut opts = rocksdb::Options::default();
         opts.create_missing_column_families(true);
         let db = rocksdb::DB::open_cf(&opts, dir.path().join("repo"), cfs).unwrap();

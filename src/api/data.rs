@@ -5,7 +5,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -70,7 +70,7 @@ pub struct DataList {
     pub content: Vec<DataItem>,
 }
 
-fn cid_param(text: &str) -> Result<Cid, ApiError> {
+pub(super) fn cid_param(text: &str) -> Result<Cid, ApiError> {
     parse_cid(text).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
@@ -179,13 +179,18 @@ fn local_dataset(node: &Node, cid: &Cid) -> crate::Result<Dataset> {
     node.resolve(cid)?.ok_or_else(not_here)
 }
 
-/// `GET /data/{cid}`: from the local store only (404 if not complete here).
+/// `GET /data/{cid}`: from the local store only (404 if not complete here). A directory
+/// CID answers its listing (`api/dirs.rs`).
 pub async fn download_local(
     State(st): State<ApiState>,
     Path(cid): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let cid = cid_param(&cid)?;
+    if cid.codec() == crate::cids::DIR_CODEC {
+        return super::dirs::list(&st, cid, query, headers).await;
+    }
     let node = st.node.clone();
     let dataset = tokio::task::spawn_blocking(move || local_dataset(&node, &cid)).await??;
     Ok(respond_with(&st, dataset, &headers, false))
@@ -196,9 +201,13 @@ pub async fn download_local(
 pub async fn download_stream(
     State(st): State<ApiState>,
     Path(cid): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let cid = cid_param(&cid)?;
+    if cid.codec() == crate::cids::DIR_CODEC {
+        return super::dirs::list(&st, cid, query, headers).await;
+    }
     let dataset = resolve_network(&st, cid).await?;
     Ok(respond_with(&st, dataset, &headers, true))
 }
@@ -244,7 +253,12 @@ fn content_disposition(name: &str) -> HeaderValue {
 
 /// The response for a dataset: headers, Range handling, and a body produced on a
 /// blocking thread (from the local store, or through the network store).
-fn respond_with(st: &ApiState, dataset: Dataset, headers: &HeaderMap, network: bool) -> Response {
+pub(super) fn respond_with(
+    st: &ApiState,
+    dataset: Dataset,
+    headers: &HeaderMap,
+    network: bool,
+) -> Response {
     let size = dataset.size();
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, range) = match parse_range(range_header, size) {

@@ -30,6 +30,7 @@ impl From<Error> for ApiError {
         let status = match &e {
             Error::InvalidCid { .. } | Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::InUse(_) => StatusCode::CONFLICT,
             Error::QuotaExceeded { .. } => StatusCode::INSUFFICIENT_STORAGE,
             // Lost blocks beyond what the erasure code can rebuild: the data is unavailable.
             Error::DataDirLocked { .. } | Error::TooManyLosses { .. } => {

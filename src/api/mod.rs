@@ -7,6 +7,7 @@
 
 mod body;
 mod data;
+mod dirs;
 mod downloads;
 mod error;
 mod info;
@@ -20,6 +21,7 @@ use axum::routing::{any, get, post};
 use axum::Router;
 
 pub use data::{DataItem, DataList};
+pub use dirs::{ItemJson, ListingJson};
 pub use downloads::{DownloadProgress, Downloads};
 pub use error::ApiError;
 pub use info::SpaceJson;
@@ -55,6 +57,7 @@ fn router(state: ApiState) -> Router {
         .route("/data/{cid}/network/stream", get(data::download_stream))
         .route("/data/{cid}/network/manifest", get(data::network_manifest))
         .route("/data/{cid}/exists", get(data::exists))
+        .route("/data/{cid}/{*path}", get(dirs::by_path))
         .route("/space", get(info::space))
         .route("/peerid", get(info::peer_id))
         .route("/spr", get(info::spr))
@@ -65,7 +68,8 @@ fn router(state: ApiState) -> Router {
         .route("/storage/{*rest}", any(info::marketplace));
     let own = Router::new()
         .route("/downloads", get(downloads::list))
-        .route("/downloads/{cid}", get(downloads::one));
+        .route("/downloads/{cid}", get(downloads::one))
+        .route("/directories", post(dirs::create));
     Router::new()
         .nest(CODEX_PREFIX, codex)
         .nest(OWN_PREFIX, own)

@@ -2,9 +2,14 @@
 //! kernel in sight. The FUSE glue (`fuse.rs`) only translates to and from it, so tests
 //! drive this directly, with the local store or a failing block source behind it.
 //!
-//! Namespace: the root holds the names of files written into the mount (persisted in the
-//! repo) and the CIDs of stored datasets; any name that parses as a CID resolves to that
-//! dataset, read-only, even when not listed.
+//! Namespace: the root holds the names of files and directories written into the mount
+//! (persisted in the repo) and the CIDs of stored datasets and directories; any name that
+//! parses as a CID resolves to that dataset, read-only, even when not listed — a directory
+//! CID to a read-only tree (`core/pubdir.rs`). Directories written into the mount are
+//! trees that publish themselves (`core/tree.rs`).
+
+mod pubdir;
+mod tree;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -19,6 +24,7 @@ use super::inodes::{Entry, InodeTable, ROOT_INO};
 use super::prefetch::{Errno, PrefetchConfig, Prefetcher};
 use super::writer::FileWriter;
 use crate::cids::{cid_string, parse_cid};
+use crate::dir::{DirBlocks, DirRoot, Item};
 use crate::node::{BlockSource, Dataset, Node};
 use crate::repo::schema::NameRecord;
 use crate::repo::unix_now;
@@ -38,6 +44,9 @@ pub struct FsConfig {
     pub cid_ttl: Duration,
     /// The same for names (they change only through this mount).
     pub name_ttl: Duration,
+    /// How long a directory tree written into the mount stays quiet (no file open for
+    /// writing in it, no change) before it is published.
+    pub publish_delay: Duration,
 }
 
 impl FsConfig {
@@ -51,6 +60,7 @@ impl FsConfig {
             gid,
             cid_ttl: Duration::from_secs(3600),
             name_ttl: Duration::from_secs(1),
+            publish_delay: Duration::from_millis(500),
         }
     }
 }
@@ -89,6 +99,12 @@ enum Handle {
         writable: bool,
     },
     Dir(Arc<Vec<DirEntry>>),
+    /// A published directory, listed a page at a time.
+    PubDir {
+        ino: u64,
+        root: Arc<DirRoot>,
+        top: Cid,
+    },
 }
 
 /// What the core knows from an `open`: the handle and whether the kernel may keep its
@@ -109,6 +125,12 @@ pub struct FsCore {
     next_fh: AtomicU64,
     /// Serialises changes of names (publish, rename, unlink).
     names_lock: Mutex<()>,
+    /// Where published directories' blocks come from (the network store when mounted).
+    dir_blocks: Arc<dyn DirBlocks>,
+    dir_roots: Mutex<lru::LruCache<Cid, Arc<DirRoot>>>,
+    dir_pages: Mutex<lru::LruCache<Cid, Arc<Vec<Item>>>>,
+    /// Directory trees written into the mount.
+    tree: Mutex<tree::Trees>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -139,7 +161,9 @@ impl FsCore {
         runtime: tokio::runtime::Handle,
         config: FsConfig,
     ) -> Self {
+        let cap = |n: usize| std::num::NonZeroUsize::new(n).expect("non-zero");
         Self {
+            dir_blocks: Arc::new(node.clone()),
             node,
             source,
             runtime,
@@ -148,7 +172,17 @@ impl FsCore {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             names_lock: Mutex::new(()),
+            dir_roots: Mutex::new(lru::LruCache::new(cap(pubdir::ROOTS_CACHED))),
+            dir_pages: Mutex::new(lru::LruCache::new(cap(pubdir::PAGES_CACHED))),
+            tree: Mutex::new(tree::Trees::default()),
         }
+    }
+
+    /// Reads published directories' blocks from `blocks` (the network store) instead of
+    /// the local store only.
+    pub fn with_dir_blocks(mut self, blocks: Arc<dyn DirBlocks>) -> Self {
+        self.dir_blocks = blocks;
+        self
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -157,7 +191,7 @@ impl FsCore {
 
     pub fn ttl(&self, attr: &Attr) -> Duration {
         match lock(&self.inodes).get(attr.ino) {
-            Some(Entry::Cid(_)) => self.config.cid_ttl,
+            Some(Entry::Cid(_)) | Some(Entry::Child { .. }) => self.config.cid_ttl,
             _ => self.config.name_ttl,
         }
     }
@@ -245,9 +279,22 @@ impl FsCore {
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, Errno> {
         if parent != ROOT_INO {
-            return Err(libc::ENOENT);
+            if self.is_tree(parent) {
+                return self.tree_lookup(parent, name);
+            }
+            let entry = lock(&self.inodes)
+                .get(parent)
+                .cloned()
+                .ok_or(libc::ENOENT)?;
+            return match self.pub_dir_of(&entry) {
+                Some(d) => self.pub_lookup(parent, &d, name),
+                None => Err(libc::ENOTDIR),
+            };
         }
         let name = name.to_str().ok_or(libc::ENOENT)?;
+        if let Some(attr) = self.tree_lookup_top(name)? {
+            return Ok(attr);
+        }
         let published = self.node.repo().name(name).map_err(|e| e.errno())?;
         let in_flight = lock(&self.inodes).find_name(name);
         if published.is_some() || in_flight.is_some() {
@@ -257,13 +304,33 @@ impl FsCore {
             return Ok(attr);
         }
         let cid = parse_cid(name).map_err(|_| libc::ENOENT)?;
+        if let Some(d) = self.pub_dir_of(&Entry::Cid(cid)) {
+            // A directory that cannot be had is not there; one that fails to validate
+            // is an I/O error.
+            let attr = self.pub_dir_attr(0, &d, UNIX_EPOCH, 0o555);
+            let ino = lock(&self.inodes).cid(&cid, true);
+            return match attr {
+                Ok(a) => Ok(Attr { ino, ..a }),
+                Err(e) => {
+                    self.forget(ino, 1);
+                    Err(e)
+                }
+            };
+        }
         let dataset = self.resolve(&cid)?;
         let ino = lock(&self.inodes).cid(&cid, true);
         Ok(self.file_attr(ino, dataset.size(), 0o444, UNIX_EPOCH))
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
-        lock(&self.inodes).forget(ino, n);
+        let tree = {
+            let mut inodes = lock(&self.inodes);
+            inodes.forget(ino, n);
+            matches!(inodes.get(ino), Some(Entry::Tree))
+        };
+        if tree {
+            self.tree_forget(ino);
+        }
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr, Errno> {
@@ -271,9 +338,15 @@ impl FsCore {
         match entry {
             Entry::Root => Ok(self.root_attr()),
             Entry::Named(name) => self.named_attr(ino, name.as_deref()),
+            Entry::Cid(cid) if cid.codec() == crate::cids::DIR_CODEC => {
+                let d = self.pub_dir_of(&entry).ok_or(libc::EIO)?;
+                self.pub_dir_attr(ino, &d, UNIX_EPOCH, 0o555)
+            }
             Entry::Cid(cid) => {
                 Ok(self.file_attr(ino, self.resolve(&cid)?.size(), 0o444, UNIX_EPOCH))
             }
+            Entry::Child { item, top, .. } => self.child_attr(ino, &item, &top),
+            Entry::Tree => self.tree_getattr(ino),
         }
     }
 
@@ -281,9 +354,18 @@ impl FsCore {
 
     pub fn opendir(&self, ino: u64) -> Result<u64, Errno> {
         if ino != ROOT_INO {
-            return Err(libc::ENOTDIR);
+            if self.is_tree(ino) {
+                return self.tree_opendir(ino);
+            }
+            let entry = lock(&self.inodes).get(ino).cloned().ok_or(libc::ENOENT)?;
+            return match self.pub_dir_of(&entry) {
+                Some(d) => self.pub_opendir(ino, &d),
+                None => Err(libc::ENOTDIR),
+            };
         }
         let repo = self.node.repo();
+        let names = repo.names().map_err(|e| e.errno())?;
+        let tops = self.tree_tops(&names);
         let mut entries = vec![
             DirEntry {
                 ino: ROOT_INO,
@@ -297,8 +379,19 @@ impl FsCore {
             },
         ];
         let mut seen = std::collections::HashSet::new();
+        for (name, ino) in tops {
+            seen.insert(name.clone());
+            entries.push(DirEntry {
+                ino,
+                kind: Kind::Directory,
+                name,
+            });
+        }
         let mut inodes = lock(&self.inodes);
-        for (name, _) in repo.names().map_err(|e| e.errno())? {
+        for (name, record) in names {
+            if tree::is_dir_record(&record) {
+                continue;
+            }
             let ino = inodes.named(&name, false);
             seen.insert(name.clone());
             entries.push(DirEntry {
@@ -324,10 +417,22 @@ impl FsCore {
         }
         drop(handles);
         for (cid, _) in repo.datasets().map_err(|e| e.errno())? {
+            // Files of stored trees are reached through their trees.
+            if repo.holds(&cid).map_err(|e| e.errno())? > 0 {
+                continue;
+            }
             let ino = inodes.cid(&cid, false);
             entries.push(DirEntry {
                 ino,
                 kind: Kind::File,
+                name: cid_string(&cid),
+            });
+        }
+        for cid in repo.top_directories().map_err(|e| e.errno())? {
+            let ino = inodes.cid(&cid, false);
+            entries.push(DirEntry {
+                ino,
+                kind: Kind::Directory,
                 name: cid_string(&cid),
             });
         }
@@ -339,6 +444,10 @@ impl FsCore {
     pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>, Errno> {
         let entries = match lock(&self.handles).get(&fh) {
             Some(Handle::Dir(e)) => e.clone(),
+            Some(Handle::PubDir { ino, root, top }) => {
+                let (ino, root, top) = (*ino, root.clone(), *top);
+                return self.pub_readdir(ino, &root, &top, offset);
+            }
             _ => return Err(libc::EBADF),
         };
         Ok(entries
@@ -349,8 +458,55 @@ impl FsCore {
             .collect())
     }
 
-    pub fn mkdir(&self, _parent: u64, _name: &OsStr) -> Result<Attr, Errno> {
-        Err(libc::EOPNOTSUPP)
+    pub fn mkdir(&self, parent: u64, name: &OsStr) -> Result<Attr, Errno> {
+        self.mkdir_mode(parent, name, 0o755)
+    }
+
+    /// `mkdir` with the mode asked for: a new top-level directory, or one in a tree.
+    pub fn mkdir_mode(&self, parent: u64, name: &OsStr, mode: u32) -> Result<Attr, Errno> {
+        if parent == ROOT_INO || self.is_tree(parent) {
+            return self.tree_mkdir(parent, name, mode);
+        }
+        self.not_in_tree(parent)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        if parent == ROOT_INO || self.is_tree(parent) {
+            return self.tree_unlink(parent, name, true);
+        }
+        self.not_in_tree(parent)
+    }
+
+    /// The answer to a change under `parent`, which is not a tree: EROFS in a published
+    /// directory, else not a directory.
+    fn not_in_tree<T>(&self, parent: u64) -> Result<T, Errno> {
+        match lock(&self.inodes).get(parent) {
+            Some(e) if self.pub_dir_of(e).is_some() => Err(libc::EROFS),
+            Some(_) => Err(libc::ENOTDIR),
+            None => Err(libc::ENOENT),
+        }
+    }
+
+    /// chmod and utimes: kept for entries of trees (they are in their directory's
+    /// listing); accepted and ignored elsewhere, so that cp -p, rsync -a and touch work.
+    pub fn setattr_meta(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        mtime: Option<SystemTime>,
+    ) -> Result<(), Errno> {
+        if (mode.is_some() || mtime.is_some()) && self.is_tree(ino) {
+            return self.tree_setattr(ino, mode, mtime);
+        }
+        Ok(())
+    }
+
+    /// fsync on a directory: publishes the tree it is in.
+    pub fn fsyncdir(&self, ino: u64) -> Result<(), Errno> {
+        if self.is_tree(ino) {
+            return self.tree_sync(ino);
+        }
+        Ok(())
     }
 
     // ---- open, read, write ----
@@ -367,6 +523,9 @@ impl FsCore {
         let entry = lock(&self.inodes).get(ino).cloned().ok_or(libc::ENOENT)?;
         match entry {
             Entry::Root => Err(libc::EISDIR),
+            Entry::Cid(cid) if cid.codec() == crate::cids::DIR_CODEC => Err(libc::EISDIR),
+            Entry::Child { item, .. } => self.pub_open(&item, writing),
+            Entry::Tree => self.tree_open(ino, flags),
             Entry::Cid(cid) => {
                 if writing {
                     return Err(libc::EROFS);
@@ -446,12 +605,29 @@ impl FsCore {
     }
 
     pub fn create(&self, parent: u64, name: &OsStr, flags: i32) -> Result<(Attr, Opened), Errno> {
+        self.create_mode(parent, name, flags, 0o644)
+    }
+
+    /// `create` with the mode asked for (kept for files in trees).
+    pub fn create_mode(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        flags: i32,
+        mode: u32,
+    ) -> Result<(Attr, Opened), Errno> {
         if parent != ROOT_INO {
-            return Err(libc::ENOENT);
+            if self.is_tree(parent) {
+                return self.tree_create(parent, name, flags, mode);
+            }
+            return self.not_in_tree(parent);
         }
         let name = file_name(name)?;
         if looks_like_cid(name) {
             return Err(libc::EROFS);
+        }
+        if self.tree_lookup_top_exists(name)? {
+            return Err(libc::EISDIR);
         }
         let published = self.published(name)?;
         if published.is_some() && flags & libc::O_EXCL != 0 {
@@ -528,7 +704,7 @@ impl FsCore {
         let result = lock(&writer).publish();
         match result {
             Ok(Some((cid, size))) => {
-                self.bind_name(ino, cid)?;
+                self.bind_name(ino, cid, size)?;
                 self.rebase_clean_writers(ino, Some(fh), Some((cid, size)));
                 Ok(())
             }
@@ -548,12 +724,21 @@ impl FsCore {
 
     pub fn release(&self, fh: u64) -> Result<(), Errno> {
         let result = self.flush(fh);
-        lock(&self.handles).remove(&fh);
+        let handle = lock(&self.handles).remove(&fh);
+        if let Some(Handle::Write { ino, .. }) = handle {
+            if self.is_tree(ino) {
+                self.tree_writer_closed(ino);
+            }
+        }
         result
     }
 
     /// Points the inode's current name (if it still has one) at `cid`.
-    fn bind_name(&self, ino: u64, cid: Cid) -> Result<(), Errno> {
+    fn bind_name(&self, ino: u64, cid: Cid, size: u64) -> Result<(), Errno> {
+        if self.is_tree(ino) {
+            self.tree_set_version(ino, cid, size);
+            return Ok(());
+        }
         let _g = lock(&self.names_lock);
         let name = match lock(&self.inodes).get(ino) {
             Some(Entry::Named(Some(name))) => name.clone(),
@@ -593,6 +778,9 @@ impl FsCore {
 
     /// A new file whose first version failed leaves no name behind.
     fn drop_unpublished_name(&self, ino: u64) {
+        if self.is_tree(ino) {
+            return self.tree_drop_unpublished(ino);
+        }
         let _g = lock(&self.names_lock);
         let mut inodes = lock(&self.inodes);
         if let Some(Entry::Named(Some(name))) = inodes.get(ino).cloned() {
@@ -607,8 +795,9 @@ impl FsCore {
         let entry = lock(&self.inodes).get(ino).cloned().ok_or(libc::ENOENT)?;
         let name = match entry {
             Entry::Root => return Err(libc::EISDIR),
-            Entry::Cid(_) => return Err(libc::EROFS),
+            Entry::Cid(_) | Entry::Child { .. } => return Err(libc::EROFS),
             Entry::Named(name) => name,
+            Entry::Tree => None,
         };
         let via_handle = fh.and_then(|fh| match lock(&self.handles).get(&fh) {
             Some(Handle::Write {
@@ -621,6 +810,13 @@ impl FsCore {
         let writer = via_handle.or_else(|| self.open_writer(ino));
         match writer {
             Some(w) => lock(&w).truncate(size)?,
+            None if self.is_tree(ino) => {
+                let mut w = self.tree_writer(ino)?;
+                w.truncate(size)?;
+                if let Some((cid, size)) = w.publish()? {
+                    self.bind_name(ino, cid, size)?;
+                }
+            }
             None => {
                 // truncate(1) on a closed file: a new version now.
                 let name = name.ok_or(libc::ENOENT)?;
@@ -634,7 +830,7 @@ impl FsCore {
                 );
                 w.truncate(size)?;
                 if let Some((cid, size)) = w.publish()? {
-                    self.bind_name(ino, cid)?;
+                    self.bind_name(ino, cid, size)?;
                     self.rebase_clean_writers(ino, None, Some((cid, size)));
                 }
             }
@@ -644,9 +840,15 @@ impl FsCore {
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
         if parent != ROOT_INO {
-            return Err(libc::ENOENT);
+            if self.is_tree(parent) {
+                return self.tree_unlink(parent, name, false);
+            }
+            return self.not_in_tree(parent);
         }
         let name = name.to_str().ok_or(libc::ENOENT)?;
+        if self.tree_lookup_top_exists(name)? {
+            return Err(libc::EISDIR);
+        }
         let _g = lock(&self.names_lock);
         let published = self
             .node
@@ -677,8 +879,18 @@ impl FsCore {
         to: &OsStr,
         noreplace: bool,
     ) -> Result<(), Errno> {
-        if parent != ROOT_INO || new_parent != ROOT_INO {
-            return Err(libc::ENOENT);
+        for p in [parent, new_parent] {
+            if p != ROOT_INO && !self.is_tree(p) {
+                return self.not_in_tree(p);
+            }
+        }
+        let from_top = parent == ROOT_INO
+            && self.tree_lookup_top_exists(from.to_str().ok_or(libc::ENOENT)?)?;
+        if parent != ROOT_INO || new_parent != ROOT_INO || from_top {
+            return self.tree_rename(parent, from, new_parent, to, noreplace);
+        }
+        if self.tree_lookup_top_exists(to.to_str().ok_or(libc::EINVAL)?)? {
+            return Err(libc::EISDIR);
         }
         let from = from.to_str().ok_or(libc::ENOENT)?;
         let to = file_name(to)?;
@@ -774,6 +986,8 @@ impl FsCore {
         let cid = match entry {
             Entry::Root => return Err(libc::ENODATA),
             Entry::Cid(cid) => cid,
+            Entry::Child { item, .. } => item.cid,
+            Entry::Tree => self.tree_cid(ino)?,
             Entry::Named(Some(name)) => {
                 self.node
                     .repo()
@@ -817,5 +1031,6 @@ impl FsCore {
                 tracing::warn!("flushing an open file on unmount failed: errno {e}");
             }
         }
+        self.publish_all();
     }
 }

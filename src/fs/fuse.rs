@@ -113,12 +113,12 @@ impl Filesystem for CodexFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _mode: Option<u32>,
+        mode: Option<u32>,
         _uid: Option<u32>,
         _gid: Option<u32>,
         size: Option<u64>,
         _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<std::time::SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<std::time::SystemTime>,
@@ -127,8 +127,15 @@ impl Filesystem for CodexFuse {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // Only the size means anything here; modes, owners and times are accepted as a
-        // no-op so that cp -p, rsync -a and touch work.
+        // The size, and modes and mtimes of entries of directory trees, mean something;
+        // the rest is accepted as a no-op so that cp -p, rsync -a and touch work.
+        let mtime = mtime.map(|t| match t {
+            TimeOrNow::SpecificTime(t) => t,
+            TimeOrNow::Now => std::time::SystemTime::now(),
+        });
+        if let Err(e) = traced("setattr", || self.core.setattr_meta(ino.0, mode, mtime)) {
+            return reply.error(errno(e));
+        }
         let r = match size {
             Some(size) => traced("truncate", || {
                 self.core.setattr_size(ino.0, fh.map(|f| f.0), size)
@@ -146,14 +153,18 @@ impl Filesystem for CodexFuse {
         _req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
+        mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.core.mkdir(parent.0, name) {
+        match traced("mkdir", || self.core.mkdir_mode(parent.0, name, mode)) {
             Ok(a) => reply.entry(&self.core.ttl(&a), &file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, traced("rmdir", || self.core.rmdir(parent.0, name)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -202,12 +213,14 @@ impl Filesystem for CodexFuse {
         _req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
+        mode: u32,
         _umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match traced("create", || self.core.create(parent.0, name, flags)) {
+        match traced("create", || {
+            self.core.create_mode(parent.0, name, flags, mode)
+        }) {
             Ok((a, o)) => reply.created(
                 &self.core.ttl(&a),
                 &file_attr(&a),
@@ -332,6 +345,17 @@ impl Filesystem for CodexFuse {
     ) {
         let _ = self.core.release(fh.0);
         reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, traced("fsyncdir", || self.core.fsyncdir(ino.0)));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -1,8 +1,11 @@
 //! Inode numbers for the mount's entries, kept until the kernel forgets them.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 
 use cid::Cid;
+
+use crate::dir::Item;
 
 pub const ROOT_INO: u64 = 1;
 
@@ -11,8 +14,18 @@ pub enum Entry {
     Root,
     /// A name in the root; `None` once unlinked while still in use.
     Named(Option<String>),
-    /// A CID looked up by its text form: immutable.
+    /// A CID looked up by its text form: immutable (a directory CID is a directory).
     Cid(Cid),
+    /// An entry of a published directory, reached under a directory CID: immutable.
+    /// `top` is the directory CID the walk started at (whose providers have it).
+    Child {
+        parent: u64,
+        item: Item,
+        top: Cid,
+    },
+    /// A directory or file of a tree being built in the mount (`core/tree.rs` has it);
+    /// lives as long as the tree node does.
+    Tree,
 }
 
 #[derive(Debug)]
@@ -26,7 +39,17 @@ pub struct InodeTable {
     by_ino: HashMap<u64, Inode>,
     by_name: HashMap<String, u64>,
     by_cid: HashMap<Cid, u64>,
+    by_child: HashMap<(u64, String), u64>,
     next: u64,
+}
+
+/// The inode number of entry `name` of the published directory `parent`, as readdir
+/// reports it before any lookup: the same number the lookup then gives (unless two
+/// entries collide, which only costs `ls -i` a mismatch).
+pub fn child_ino(parent: u64, name: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (parent, name).hash(&mut h);
+    h.finish() | (1 << 63)
 }
 
 impl Default for InodeTable {
@@ -43,6 +66,7 @@ impl Default for InodeTable {
             by_ino,
             by_name: HashMap::new(),
             by_cid: HashMap::new(),
+            by_child: HashMap::new(),
             next: ROOT_INO + 1,
         }
     }
@@ -96,6 +120,55 @@ impl InodeTable {
         ino
     }
 
+    /// The inode of entry `item` of published directory `parent`; counts one lookup.
+    pub fn child(&mut self, parent: u64, item: &Item, top: &Cid) -> u64 {
+        let key = (parent, item.name.clone());
+        let ino = match self.by_child.get(&key) {
+            Some(&ino) => ino,
+            None => {
+                let entry = Entry::Child {
+                    parent,
+                    item: item.clone(),
+                    top: *top,
+                };
+                let wanted = child_ino(parent, &item.name);
+                let ino = if self.by_ino.contains_key(&wanted) {
+                    self.insert(entry)
+                } else {
+                    self.by_ino.insert(wanted, Inode { entry, lookups: 0 });
+                    wanted
+                };
+                self.by_child.insert(key, ino);
+                ino
+            }
+        };
+        self.by_ino.get_mut(&ino).expect("just found").lookups += 1;
+        ino
+    }
+
+    /// A new inode for a tree node.
+    pub fn alloc_tree(&mut self) -> u64 {
+        self.insert(Entry::Tree)
+    }
+
+    /// Counts one lookup of an inode the kernel is told about (tree nodes).
+    pub fn looked_up(&mut self, ino: u64) {
+        if let Some(i) = self.by_ino.get_mut(&ino) {
+            i.lookups += 1;
+        }
+    }
+
+    /// Drops a tree node's inode once the kernel holds it no more; true if it went.
+    pub fn drop_tree_if_unused(&mut self, ino: u64) -> bool {
+        match self.by_ino.get(&ino) {
+            Some(i) if i.entry == Entry::Tree && i.lookups == 0 => {
+                self.by_ino.remove(&ino);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Detaches a name from its inode (which lives on while the kernel holds it).
     pub fn unlink(&mut self, name: &str) -> Option<u64> {
         let ino = self.by_name.remove(name)?;
@@ -124,7 +197,8 @@ impl InodeTable {
             return;
         };
         inode.lookups = inode.lookups.saturating_sub(n);
-        if inode.lookups == 0 {
+        // Tree nodes keep their inode while the tree has them (see `drop_tree_if_unused`).
+        if inode.lookups == 0 && inode.entry != Entry::Tree {
             let inode = self.by_ino.remove(&ino).expect("present");
             match inode.entry {
                 Entry::Named(Some(name)) => {
@@ -132,6 +206,9 @@ impl InodeTable {
                 }
                 Entry::Cid(cid) => {
                     self.by_cid.remove(&cid);
+                }
+                Entry::Child { parent, item, .. } => {
+                    self.by_child.remove(&(parent, item.name));
                 }
                 _ => {}
             }

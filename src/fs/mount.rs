@@ -109,6 +109,8 @@ pub fn mount(core: Arc<FsCore>, config: &MountConfig) -> Result<Mounted> {
     ];
     fuse_config.n_threads = Some(config.threads.max(1));
     fuse_config.clone_fd = true;
+    // Directory trees written into the mount publish themselves once quiet.
+    core.spawn_publisher();
     let session = fuser::spawn_mount(
         CodexFuse::new(core.clone()),
         &config.mountpoint,

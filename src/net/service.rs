@@ -42,7 +42,10 @@ pub fn start(
         loop {
             tick.tick().await;
             let repo = repo.clone();
-            let Ok(Ok(datasets)) = tokio::task::spawn_blocking(move || repo.datasets()).await
+            let Ok(Ok((datasets, tops))) = tokio::task::spawn_blocking(move || {
+                Ok::<_, crate::Error>((repo.datasets()?, repo.top_directories()?))
+            })
+            .await
             else {
                 continue;
             };
@@ -50,6 +53,10 @@ pub fn start(
                 // The swarm task remembers what it provides; repeats cost nothing.
                 h.provide(&cid.to_bytes());
                 h.provide(&manifest.tree_cid.to_bytes());
+            }
+            // Directories: only the tops of trees (walks ask their providers for the rest).
+            for cid in tops {
+                h.provide(&cid.to_bytes());
             }
         }
     });

@@ -21,6 +21,8 @@ use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::node::{BlockSource, Dataset, Node};
 
+mod dirs;
+
 pub struct NetworkStore {
     node: Node,
     exchange: Arc<Exchange>,

@@ -100,6 +100,7 @@ impl RepoStore {
                 }
             }
         }
+        let directories = self.check_directories(&mut refs, &mut problems)?;
         for item in self
             .db
             .iterator_cf(self.cf(CF_BLOCK_META), IteratorMode::Start)
@@ -129,6 +130,7 @@ impl RepoStore {
         }
         Ok(ConsistencyReport {
             datasets,
+            directories,
             blocks: count,
             bytes: used,
             problems,
@@ -139,6 +141,7 @@ impl RepoStore {
 #[derive(Debug, Clone)]
 pub struct ConsistencyReport {
     pub datasets: u64,
+    pub directories: u64,
     pub blocks: u64,
     pub bytes: u64,
     pub problems: Vec<String>,

@@ -6,12 +6,22 @@ impl RepoStore {
     // ---- deletion and expiry ----
 
     /// Deletes a dataset and every block no other dataset uses. `Ok(false)` if it was not
-    /// stored here.
+    /// stored here. A directory CID deletes the directory and the entries no other stored
+    /// directory names; a dataset or directory that a stored directory names is `InUse`.
     pub fn delete_dataset(&self, cid: &Cid) -> Result<bool> {
+        if cid.codec() == crate::cids::DIR_CODEC {
+            return self.delete_directory(cid, true);
+        }
         let _guard = lock(&self.datasets_lock);
         let key = cid.to_bytes();
         if self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)?.is_none() {
             return Ok(false);
+        }
+        if self.holds(cid)? > 0 {
+            return Err(Error::InUse(format!(
+                "dataset {} is named by a stored directory; delete the directory",
+                crate::cids::cid_string(cid)
+            )));
         }
         let manifest = self
             .manifest(cid)?
@@ -64,16 +74,18 @@ impl RepoStore {
         self.write(batch, false)
     }
 
-    /// Deletes datasets whose lifetime has ended and unreferenced blocks past their expiry.
+    /// Deletes datasets and directories whose lifetime has ended (unless a stored
+    /// directory still names them) and unreferenced blocks past their expiry.
     pub fn sweep_expired(&self, now: u64) -> Result<SweepReport> {
         let mut report = SweepReport::default();
+        report.datasets += self.sweep_directories(now)?;
         let mut expired = Vec::new();
         for item in self
             .db
             .iterator_cf(self.cf(CF_DATASETS), IteratorMode::Start)
         {
             let (k, v) = item?;
-            if DatasetRecord::decode(&v)?.expiry <= now {
+            if DatasetRecord::decode(&v)?.expiry <= now && self.hold_raw(&k)? == 0 {
                 expired.push(cid_from_bytes(&k, "dataset key")?);
             }
         }

@@ -7,6 +7,7 @@
 //! names a missing block.
 
 mod checks;
+mod dirs;
 mod faults;
 mod lifecycle;
 mod lock;

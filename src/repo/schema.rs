@@ -9,11 +9,15 @@
 //! | `datasets` | manifest CID | [`DatasetRecord`]: stored-at, expiry |
 //! | `journal` | see [`JournalKey`] | work that must finish or be undone after a crash |
 //! | `names` | file name | manifest CID (the mount's names) |
+//! | `dirs` | directory root CID | [`DatasetRecord`]: stored-at, expiry |
+//! | `holds` | manifest or directory CID | u64 LE: entries of stored directories naming it |
 //! | `default` | `counters` | [`Counters`] |
 //!
 //! A block's reference count is the number of leaf records that name it plus the number
 //! of unfinished uploads holding it (journal entries), plus one per dataset whose manifest
-//! it is. A block is deleted, and its bytes uncounted, when the count reaches zero.
+//! it is, plus one per stored directory whose root or page it is. A block is deleted, and
+//! its bytes uncounted, when the count reaches zero. A dataset or directory that a stored
+//! directory names (a hold) is not deleted or swept until no stored directory names it.
 
 use cid::Cid;
 
@@ -28,7 +32,9 @@ pub const CF_TREES: &str = "trees";
 pub const CF_DATASETS: &str = "datasets";
 pub const CF_JOURNAL: &str = "journal";
 pub const CF_NAMES: &str = "names";
-pub const ALL_CFS: [&str; 7] = [
+pub const CF_DIRS: &str = "dirs";
+pub const CF_HOLDS: &str = "holds";
+pub const ALL_CFS: [&str; 9] = [
     CF_BLOCKS,
     CF_BLOCK_META,
     CF_LEAVES,
@@ -36,6 +42,8 @@ pub const ALL_CFS: [&str; 7] = [
     CF_DATASETS,
     CF_JOURNAL,
     CF_NAMES,
+    CF_DIRS,
+    CF_HOLDS,
 ];
 pub const COUNTERS_KEY: &[u8] = b"counters";
 

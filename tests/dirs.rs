@@ -1,0 +1,430 @@
+//! Directories end to end, with real processes: `cp -r`, `rsync -a` and `tar -x` into a
+//! mount and `diff -r` on the same node and on another one through the network;
+//! `codexfs upload DIR` / `download CID -o DIR` on the data dir, through a running node
+//! and from peers; the API's listing and files by path.
+
+mod common;
+use common::{bin, random_file};
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn sh_ok(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn codexfs(data: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap()
+}
+
+fn xattr_cid(path: &Path) -> String {
+    let p = CString::new(path.to_str().unwrap()).unwrap();
+    let n = CString::new("user.codex.cid").unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the size passed.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(
+        len > 0,
+        "getxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    buf.truncate(len as usize);
+    String::from_utf8(buf).unwrap()
+}
+
+/// A `codexfs node` or `codexfs mount` process; its stderr is collected.
+struct Peer {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    mnt: Option<PathBuf>,
+    data: PathBuf,
+}
+
+impl Peer {
+    fn start(data: &Path, mount: Option<&Path>, bootstrap: Option<&str>) -> Self {
+        let mut cmd = Command::new(bin());
+        match mount {
+            Some(m) => cmd.arg("mount").arg(m).args(["--read-timeout", "10s"]),
+            None => cmd.arg("node"),
+        };
+        cmd.arg("--data-dir").arg(data).args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--api-addr",
+            "127.0.0.1:0",
+        ]);
+        if let Some(b) = bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let peer = Self {
+            child: Some(child),
+            log,
+            mnt: mount.map(Path::to_path_buf),
+            data: data.to_path_buf(),
+        };
+        peer.wait_for(if mount.is_some() {
+            "mounted at"
+        } else {
+            "node running"
+        });
+        peer.wait_for("listening on");
+        peer
+    }
+
+    fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log.lock().unwrap().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn addr(&self) -> String {
+        let log = self.log.lock().unwrap();
+        let line = log.lines().find(|l| l.contains("listening on")).unwrap();
+        line.split("listening on ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn api(&self) -> String {
+        std::fs::read_to_string(self.data.join("api-url"))
+            .unwrap()
+            .trim()
+            .to_string()
+            + "/api/codex/v1"
+    }
+
+    fn mnt(&self) -> &Path {
+        self.mnt.as_deref().unwrap()
+    }
+
+    /// SIGTERM and wait (a mount publishes what is pending and unmounts).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(m) = &self.mnt {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}
+
+/// A project: nested directories, an empty one, empty files, a 10 MiB file, names with
+/// spaces, unicode and leading dots, modes and mtimes of its own.
+fn make_project(root: &Path) {
+    let dirs = ["a/b/c", "a/empty dir", "ünï ✓/.hidden dir", ".git/objects"];
+    for d in dirs {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    random_file(&root.join("big.bin"), 10 << 20, 1);
+    std::fs::write(root.join("empty"), b"").unwrap();
+    std::fs::write(root.join("a/b/c/empty too"), b"").unwrap();
+    std::fs::write(root.join("a/b/c/deep.txt"), b"deep\n").unwrap();
+    std::fs::write(root.join("name with spaces.txt"), b"spaces\n").unwrap();
+    std::fs::write(root.join("ünï ✓/façade ☃.md"), "snow ☃\n").unwrap();
+    std::fs::write(root.join("ünï ✓/.hidden dir/..two dots"), b"..\n").unwrap();
+    std::fs::write(root.join(".gitignore"), b"target\n").unwrap();
+    random_file(&root.join(".git/objects/pack"), 70_000, 2);
+    std::fs::set_permissions(root.join("empty"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(root.join("a/b"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    // Times of their own, in the past: rsync leaves a directory's mtime alone when it
+    // is in the same second as the source's, which a tree made just now would be.
+    sh_ok(&format!(
+        "find '{}' -exec touch -h -d '2022-05-06 07:08:09.5' {{}} +",
+        root.display()
+    ));
+    sh_ok(&format!(
+        "touch -h -d '2021-03-04 05:06:07.123456789' '{}' '{}'",
+        root.join("name with spaces.txt").display(),
+        root.join("a/b/c").display()
+    ));
+}
+
+/// Relative path → (mode bits, mtime ns), everything under `root` but `root` itself.
+fn metadata(root: &Path) -> BTreeMap<PathBuf, (u32, i128)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, (u32, i128)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            let t = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
+            out.insert(
+                e.path().strip_prefix(root).unwrap().to_path_buf(),
+                (m.mode() & 0o7777, t),
+            );
+            if m.is_dir() {
+                walk(root, &e.path(), out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn diff_r(a: &Path, b: &Path) {
+    sh_ok(&format!("diff -r '{}' '{}'", a.display(), b.display()));
+}
+
+#[test]
+fn cp_r_into_the_mount_and_diff_r_here_and_on_another_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    make_project(&project);
+    let mut a = Peer::start(&tmp.path().join("a"), Some(&tmp.path().join("mnt-a")), None);
+
+    // cp -r: published once quiet (or when its CID is asked for).
+    sh_ok(&format!(
+        "cp -r '{}' '{}/'",
+        project.display(),
+        a.mnt().display()
+    ));
+    let cid = xattr_cid(&a.mnt().join("project"));
+    assert!(cid.starts_with('z'), "{cid}");
+    diff_r(&project, &a.mnt().join("project"));
+    diff_r(&project, &a.mnt().join(&cid));
+    let listed = sh_ok(&format!("ls -a '{}'", a.mnt().display()));
+    assert!(listed.lines().any(|l| l == "project"), "{listed}");
+    // A published tree by CID is read-only.
+    let err = std::fs::write(a.mnt().join(&cid).join("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+
+    // rsync -a and tar -x keep modes and mtimes.
+    sh_ok(&format!(
+        "rsync -a '{}/' '{}/rs/'",
+        project.display(),
+        a.mnt().display()
+    ));
+    let rs = xattr_cid(&a.mnt().join("rs"));
+    diff_r(&project, &a.mnt().join("rs"));
+    assert_eq!(metadata(&project), metadata(&a.mnt().join(&rs)));
+    std::fs::create_dir(a.mnt().join("tx")).unwrap();
+    sh_ok(&format!(
+        "tar -C '{}' -cf - project | tar -C '{}/tx' -xf -",
+        tmp.path().display(),
+        a.mnt().display()
+    ));
+    diff_r(&project, &a.mnt().join("tx/project"));
+
+    // Renames and unlinks in a published tree make a new version; the old one stays.
+    std::fs::rename(a.mnt().join("rs/empty"), a.mnt().join("rs/a/moved")).unwrap();
+    std::fs::remove_file(a.mnt().join("rs/.gitignore")).unwrap();
+    std::fs::remove_dir(a.mnt().join("rs/a/empty dir")).unwrap();
+    let rs2 = xattr_cid(&a.mnt().join("rs"));
+    assert_ne!(rs, rs2);
+    assert!(a.mnt().join(&rs2).join("a/moved").exists());
+    assert!(!a.mnt().join(&rs2).join(".gitignore").exists());
+    diff_r(&project, &a.mnt().join(&rs));
+
+    // Another node mounts the tree lazily through the network.
+    let b = Peer::start(
+        &tmp.path().join("b"),
+        Some(&tmp.path().join("mnt-b")),
+        Some(&a.addr()),
+    );
+    diff_r(&project, &b.mnt().join(&cid));
+    assert_eq!(metadata(&project), metadata(&b.mnt().join(&rs)));
+    let found = sh_ok(&format!(
+        "cd '{}' && find . | sort",
+        b.mnt().join(&cid).display()
+    ));
+    let expected = sh_ok(&format!("cd '{}' && find . | sort", project.display()));
+    assert_eq!(found, expected);
+
+    // download -o DIR from a peer, with no node running on this data dir.
+    let out = tmp.path().join("restored");
+    let fetched = Command::new(bin())
+        .args(["download", &rs, "-o"])
+        .arg(&out)
+        .arg("--data-dir")
+        .arg(tmp.path().join("c"))
+        .args([
+            "--bootstrap",
+            &a.addr(),
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .output()
+        .unwrap();
+    ok(fetched);
+    diff_r(&project, &out);
+    assert_eq!(metadata(&project), metadata(&out));
+
+    // The mount's repo is consistent after all that.
+    drop(b);
+    a.stop();
+    let check = ok(codexfs(&tmp.path().join("a"), &["check"]));
+    assert!(check.starts_with("datasets"), "{check}");
+    let check = ok(codexfs(&tmp.path().join("c"), &["check"]));
+    assert!(check.starts_with("datasets"), "{check}");
+}
+
+#[test]
+fn upload_dir_and_download_dir_locally_and_through_a_node_and_the_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    make_project(&project);
+
+    // On the data dir, no node running.
+    let data = tmp.path().join("data");
+    let cid = ok(codexfs(&data, &["upload", project.to_str().unwrap()]));
+    assert!(cid.starts_with('z'));
+    let out = tmp.path().join("out");
+    ok(codexfs(
+        &data,
+        &["download", &cid, "-o", out.to_str().unwrap()],
+    ));
+    diff_r(&project, &out);
+    assert_eq!(metadata(&project), metadata(&out));
+    ok(codexfs(&data, &["check"]));
+    // A file inside cannot go alone; the tree can.
+    let listing = ok(codexfs(&data, &["ls"]));
+    let big = listing
+        .lines()
+        .find(|l| l.ends_with("big.bin"))
+        .unwrap()
+        .split('\t')
+        .next()
+        .unwrap()
+        .to_string();
+    let held = codexfs(&data, &["rm", &big]);
+    assert!(!held.status.success());
+    assert!(String::from_utf8_lossy(&held.stderr).contains("directory"));
+
+    // Through a running node: the same CID, the same tree back.
+    let node = Peer::start(&tmp.path().join("node"), None, None);
+    let via_api = ok(codexfs(
+        &tmp.path().join("node"),
+        &["upload", project.to_str().unwrap()],
+    ));
+    assert_eq!(via_api, cid);
+    let out2 = tmp.path().join("out2");
+    ok(codexfs(
+        &tmp.path().join("node"),
+        &["download", &cid, "-o", out2.to_str().unwrap()],
+    ));
+    diff_r(&project, &out2);
+    assert_eq!(metadata(&project), metadata(&out2));
+
+    // The API: a listing as JSON (paged), files by path with Range.
+    let api = node.api();
+    let http = reqwest::blocking::Client::new();
+    let get = |path: &str, range: Option<&str>| {
+        let mut r = http.get(format!("{api}{path}"));
+        if let Some(range) = range {
+            r = r.header("Range", range);
+        }
+        let resp = r.send().unwrap();
+        (resp.status().as_u16(), resp.bytes().unwrap().to_vec())
+    };
+    let json = |path: &str| -> serde_json::Value {
+        let (status, body) = get(path, None);
+        assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    };
+    let v = json(&format!("/data/{cid}"));
+    assert_eq!(v["entryCount"], 7);
+    let names: Vec<_> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ".git",
+            ".gitignore",
+            "a",
+            "big.bin",
+            "empty",
+            "name with spaces.txt",
+            "ünï ✓"
+        ]
+    );
+    assert_eq!(v["entries"][4]["mode"], 0o600);
+    let p = json(&format!("/data/{cid}?offset=2&limit=2"));
+    assert_eq!(p["entries"][0]["name"], "a");
+    assert_eq!(p["entries"][0]["kind"], "directory");
+    assert_eq!(p["entries"].as_array().unwrap().len(), 2);
+    let sub = json(&format!("/data/{cid}/a/b"));
+    assert_eq!(sub["entries"][0]["name"], "c");
+    assert_eq!(
+        get(&format!("/data/{cid}/a/b/c/deep.txt"), None),
+        (200, b"deep\n".to_vec())
+    );
+    let big_bytes = std::fs::read(project.join("big.bin")).unwrap();
+    assert_eq!(
+        get(
+            &format!("/data/{cid}/big.bin"),
+            Some("bytes=1048576-1048591")
+        ),
+        (206, big_bytes[1048576..1048592].to_vec())
+    );
+    assert_eq!(
+        get(
+            &format!("/data/{cid}/%C3%BCn%C3%AF%20%E2%9C%93/fa%C3%A7ade%20%E2%98%83.md"),
+            None
+        ),
+        (200, "snow ☃\n".as_bytes().to_vec())
+    );
+    assert_eq!(get(&format!("/data/{cid}/a/nope"), None).0, 404);
+    assert_eq!(get(&format!("/data/{cid}/big.bin/under"), None).0, 404);
+}
