@@ -72,6 +72,9 @@ pub struct NetArgs {
     /// Do not look for peers on the local network with mDNS.
     #[arg(long, env = "CODEXFS_NO_MDNS")]
     no_mdns: bool,
+    /// Most peers connected at once; connections past it are closed.
+    #[arg(long, env = "CODEXFS_MAX_PEERS", default_value_t = 128)]
+    max_peers: usize,
 }
 
 impl NetArgs {
@@ -94,6 +97,7 @@ impl NetArgs {
             bootstrap: self.bootstrap.clone(),
             announce: self.announce.clone(),
             mdns: !self.no_mdns,
+            max_peers: self.max_peers,
         }
     }
 }

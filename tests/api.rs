@@ -870,3 +870,29 @@ fn uploads_can_ask_for_erasure_coding() {
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "ec={bad}");
     }
 }
+
+#[test]
+fn a_node_keeps_no_more_peers_than_its_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let x = ApiNode::start(&tmp.path().join("x"), &["--max-peers", "1"]);
+    let y = ApiNode::start(&tmp.path().join("y"), &[]);
+    let z = ApiNode::start(&tmp.path().join("z"), &[]);
+    let x_addr = x.p2p_addr();
+    let (addr, peer) = x_addr.rsplit_once("/p2p/").unwrap();
+    let connect = |from: &ApiNode| {
+        http()
+            .get(from.url(&format!("/connect/{peer}?addrs={addr}")))
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(connect(&y), StatusCode::OK);
+    let _ = connect(&z); // X closes this one
+    std::thread::sleep(Duration::from_millis(500));
+    let nodes = get_json(&x, "/debug/info")["table"]["nodes"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(nodes, 1, "X kept one peer");
+    assert_eq!(metrics(&x)["codexfs_connected_peers"], 1.0);
+}

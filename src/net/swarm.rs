@@ -25,7 +25,12 @@ pub struct NetConfig {
     /// Addresses to tell others instead of the listen addresses.
     pub announce: Vec<Multiaddr>,
     pub mdns: bool,
+    /// Most peers connected at once.
+    pub max_peers: usize,
 }
+
+/// Connections kept to one peer (a simultaneous dial from both sides makes two).
+const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
@@ -161,6 +166,7 @@ pub fn start(
 ) -> Result<(NetHandle, mpsc::UnboundedReceiver<PeerEvent>)> {
     let peer_id = key.public().to_peer_id();
     let mdns_on = config.mdns;
+    let max_peers = config.max_peers.max(1);
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -223,6 +229,8 @@ pub fn start(
         let mut connecting: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>> =
             HashMap::new();
         let announce = config.announce.clone();
+        // Connections closed by the limits: their closing is not news to the exchange.
+        let mut refused: HashSet<libp2p::swarm::ConnectionId> = HashSet::new();
         let mut reprovide = tokio::time::interval(Duration::from_secs(3600));
         let mut provided: HashSet<RecordKey> = HashSet::new();
         // Keys whose provider record reached at least one peer.
@@ -302,7 +310,22 @@ pub fn start(
                     SwarmEvent::NewListenAddr { address, .. } => {
                         eprintln!("codexfs: listening on {address}/p2p/{peer_id}");
                     }
-                    SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
+                    SwarmEvent::ConnectionEstablished { peer_id, num_established, connection_id, .. } => {
+                        // Connection limits: extra connections to one peer, and new peers
+                        // past the maximum, are closed at once.
+                        let too_many = num_established.get() > MAX_CONNECTIONS_PER_PEER
+                            || (num_established.get() == 1
+                                && swarm.connected_peers().filter(|p| **p != peer_id).count()
+                                    >= max_peers);
+                        if too_many {
+                            tracing::info!(%peer_id, "connection limit reached; closing");
+                            swarm.close_connection(connection_id);
+                            refused.insert(connection_id);
+                            for reply in connecting.remove(&peer_id).unwrap_or_default() {
+                                let _ = reply.send(Err("connection limit reached".into()));
+                            }
+                            continue;
+                        }
                         for reply in connecting.remove(&peer_id).unwrap_or_default() {
                             let _ = reply.send(Ok(()));
                         }
@@ -311,7 +334,10 @@ pub fn start(
                             let _ = events_tx.send(PeerEvent::Connected(peer_id));
                         }
                     }
-                    SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                    SwarmEvent::ConnectionClosed { peer_id, num_established, connection_id, .. } => {
+                        if refused.remove(&connection_id) {
+                            continue;
+                        }
                         if num_established == 0 {
                             let _ = events_tx.send(PeerEvent::Disconnected(peer_id));
                         }
