@@ -49,7 +49,7 @@ const PEER_QUEUE: usize = 8;
 /// trip), and its bounds.
 const INITIAL_WINDOW: usize = 16;
 const MIN_WINDOW: usize = 4;
-const MAX_WINDOW: usize = 1024;
+const MAX_WINDOW: usize = 256;
 /// Kademlia lookups: at most this many at once, and one per key this often.
 const MAX_LOOKUPS: usize = 4;
 const LOOKUP_EVERY: Duration = Duration::from_secs(10);
