@@ -729,7 +729,7 @@ fn download_local(
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     runtime.shutdown_timeout(Duration::from_secs(1));
-    Ok(manifest.dataset_size)
+    Ok(manifest.content_size())
 }
 
 fn node_config(repo: &RepoArgs) -> NodeConfig {

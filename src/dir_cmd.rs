@@ -40,7 +40,7 @@ impl TreeSink for LocalSink<'_> {
             .node
             .repo()
             .manifest(&cid)?
-            .map(|m| m.dataset_size)
+            .map(|m| m.content_size())
             .unwrap_or(0);
         Ok((cid, size))
     }
@@ -143,7 +143,7 @@ impl TreeSource for LocalSource {
     fn fetch_file(&mut self, item: &Item, out: &mut dyn Write) -> Result<u64> {
         let mut out = self.bar.wrap_write(out);
         if let Some(store) = &self.net {
-            return Ok(store.stream_to(&item.cid, &mut out)?.dataset_size);
+            return Ok(store.stream_to(&item.cid, &mut out)?.content_size());
         }
         let mut reader = DatasetReader::open(self.files.clone(), &item.cid)?;
         Ok(std::io::copy(&mut reader, &mut out)?)

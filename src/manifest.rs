@@ -57,6 +57,15 @@ impl Manifest {
         crate::chunker::block_count(self.dataset_size, self.block_size)
     }
 
+    /// The bytes a reader gets: the original size for an erasure-coded dataset (whose
+    /// `dataset_size` counts parity and padding blocks too).
+    pub fn content_size(&self) -> u64 {
+        match &self.erasure {
+            Some(e) => e.original_dataset_size,
+            None => self.dataset_size,
+        }
+    }
+
     pub fn is_protected(&self) -> bool {
         self.erasure.is_some()
     }

@@ -70,7 +70,17 @@ struct Peer {
 
 impl Peer {
     fn start(data: &Path, mount: Option<&Path>, bootstrap: Option<&str>) -> Self {
+        Self::start_with_env(data, mount, bootstrap, &[])
+    }
+
+    fn start_with_env(
+        data: &Path,
+        mount: Option<&Path>,
+        bootstrap: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut cmd = Command::new(bin());
+        cmd.envs(env.iter().copied());
         match mount {
             Some(m) => cmd.arg("mount").arg(m).args(["--read-timeout", "10s"]),
             None => cmd.arg("node"),
@@ -427,4 +437,45 @@ fn upload_dir_and_download_dir_locally_and_through_a_node_and_the_api() {
     );
     assert_eq!(get(&format!("/data/{cid}/a/nope"), None).0, 404);
     assert_eq!(get(&format!("/data/{cid}/big.bin/under"), None).0, 404);
+}
+
+/// Files in a tree copied into a mount that erasure-codes what it publishes: the entries
+/// name the protected manifests, with the files' own sizes.
+#[test]
+fn a_tree_in_an_erasure_coding_mount_publishes_and_reads_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    make_project(&project);
+    let a = Peer::start_with_env(
+        &tmp.path().join("a"),
+        Some(&tmp.path().join("mnt-a")),
+        None,
+        &[("CODEXFS_MOUNT_EC", "2,1")],
+    );
+    sh_ok(&format!(
+        "cp -r '{}' '{}/'",
+        project.display(),
+        a.mnt().display()
+    ));
+    let cid = xattr_cid(&a.mnt().join("project"));
+    assert!(cid.starts_with('z'), "{cid}");
+    diff_r(&project, &a.mnt().join(&cid));
+    let file = std::fs::read_dir(&project)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_type().unwrap().is_file() && e.metadata().unwrap().len() > 0)
+        .expect("a non-empty file at the top of the project");
+    let file_cid = xattr_cid(&a.mnt().join("project").join(file.file_name()));
+    let m = ok(codexfs(
+        &tmp.path().join("unused"),
+        &["ls", "--json", "--api", &a.api()],
+    ));
+    let ls: serde_json::Value = serde_json::from_str(&m).unwrap();
+    let item = ls["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["cid"] == file_cid.as_str())
+        .expect("the file's dataset is listed");
+    assert_eq!(item["manifest"]["protected"], true);
 }

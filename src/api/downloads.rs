@@ -114,7 +114,9 @@ pub struct ProgressJson {
 impl From<&DownloadProgress> for ProgressJson {
     fn from(p: &DownloadProgress) -> Self {
         let m = &p.manifest;
-        let total = m.block_count();
+        // Blocks of the content (an erasure-coded dataset's data blocks; its parity is
+        // fetched or rebuilt at the end).
+        let total = crate::chunker::block_count(m.content_size(), m.block_size);
         let bytes = p.bytes.load(Relaxed);
         let error = p.error();
         let done = p.done.load(Relaxed);
@@ -126,7 +128,7 @@ impl From<&DownloadProgress> for ProgressJson {
         Self {
             cid: cid_string(&p.cid),
             filename: m.filename.clone(),
-            dataset_size: m.dataset_size,
+            dataset_size: m.content_size(),
             total_blocks: total,
             local_blocks: local,
             bytes,

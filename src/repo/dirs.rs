@@ -166,7 +166,7 @@ impl RepoStore {
                 if !self.has_dataset(cid)? {
                     return Err(missing());
                 }
-                self.manifest(cid)?.ok_or_else(missing)?.dataset_size
+                self.manifest(cid)?.ok_or_else(missing)?.content_size()
             }
             ItemKind::Dir => {
                 if !self.has_directory(cid)? {
