@@ -341,13 +341,15 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
         Command::Upload {
             file,
             block_size,
+            ec,
             client,
             repo,
             ..
         } if file.is_dir() => {
             let mut config = node_config(&repo);
             config.block_size = block_size;
-            let cid = crate::dir_cmd::upload(&file, target(&client, &repo, config)?, client.json)?;
+            let cid =
+                crate::dir_cmd::upload(&file, target(&client, &repo, config)?, client.json, ec)?;
             if client.json {
                 print_json(&serde_json::json!({ "cid": cid_string(&cid) }));
             } else {

@@ -21,10 +21,12 @@ use indicatif::ProgressBar;
 
 use crate::cli::{progress_bar, Target};
 use crate::client::{self, ApiClient};
+use codexfs::erasure::EcParams;
 
 struct LocalSink<'a> {
     node: &'a Node,
     bar: ProgressBar,
+    ec: Option<EcParams>,
 }
 
 impl TreeSink for LocalSink<'_> {
@@ -34,7 +36,12 @@ impl TreeSink for LocalSink<'_> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let cid = self
             .node
-            .store(self.bar.wrap_read(file), Some(name.to_string()), None)
+            .store_ec(
+                self.bar.wrap_read(file),
+                Some(name.to_string()),
+                None,
+                self.ec,
+            )
             .with_context(|| format!("storing {}", path.display()))?;
         let size = self
             .node
@@ -63,6 +70,7 @@ impl TreeSink for LocalSink<'_> {
 struct ApiSink<'a> {
     api: &'a ApiClient,
     bar: ProgressBar,
+    ec: Option<EcParams>,
 }
 
 impl TreeSink for ApiSink<'_> {
@@ -73,7 +81,13 @@ impl TreeSink for ApiSink<'_> {
         let len = file.metadata()?.len();
         let cid = self
             .api
-            .upload(self.bar.wrap_read(file), Some(len), Some(name), None, None)
+            .upload(
+                self.bar.wrap_read(file),
+                Some(len),
+                Some(name),
+                None,
+                self.ec,
+            )
             .with_context(|| format!("uploading {}", path.display()))?;
         Ok((codexfs::cids::parse_cid(&cid)?, len))
     }
@@ -94,8 +108,9 @@ impl TreeSink for ApiSink<'_> {
     }
 }
 
-/// Publishes the tree under `dir`; returns the root CID.
-pub fn upload(dir: &Path, target: Target, quiet: bool) -> Result<Cid> {
+/// Publishes the tree under `dir` (its files erasure-coded when `ec` is given); returns
+/// the root CID.
+pub fn upload(dir: &Path, target: Target, quiet: bool, ec: Option<EcParams>) -> Result<Cid> {
     let bar = progress_bar(Some(tree::tree_size(dir)), quiet);
     let (cid, _) = match &target {
         Target::Local(node) => tree::upload(
@@ -103,6 +118,7 @@ pub fn upload(dir: &Path, target: Target, quiet: bool) -> Result<Cid> {
             &mut LocalSink {
                 node,
                 bar: bar.clone(),
+                ec,
             },
         )?,
         Target::Api(api) => tree::upload(
@@ -110,6 +126,7 @@ pub fn upload(dir: &Path, target: Target, quiet: bool) -> Result<Cid> {
             &mut ApiSink {
                 api,
                 bar: bar.clone(),
+                ec,
             },
         )?,
     };

@@ -478,4 +478,31 @@ fn a_tree_in_an_erasure_coding_mount_publishes_and_reads_back() {
         .find(|i| i["cid"] == file_cid.as_str())
         .expect("the file's dataset is listed");
     assert_eq!(item["manifest"]["protected"], true);
+
+    // `upload DIR --ec` protects the files it stores; the tree restores byte for byte.
+    let api = a.api();
+    let root = ok(codexfs(
+        &tmp.path().join("unused"),
+        &[
+            "upload",
+            project.to_str().unwrap(),
+            "--ec",
+            "2,1",
+            "--api",
+            &api,
+        ],
+    ));
+    let out = tmp.path().join("restored");
+    ok(codexfs(
+        &tmp.path().join("unused"),
+        &[
+            "download",
+            &root,
+            "-o",
+            out.to_str().unwrap(),
+            "--api",
+            &api,
+        ],
+    ));
+    diff_r(&project, &out);
 }
