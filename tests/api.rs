@@ -896,3 +896,34 @@ fn a_node_keeps_no_more_peers_than_its_limit() {
     assert_eq!(nodes, 1, "X kept one peer");
     assert_eq!(metrics(&x)["codexfs_connected_peers"], 1.0);
 }
+
+#[test]
+fn a_client_that_stalls_mid_upload_is_cut_off_after_the_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = ApiNode::start(&tmp.path().join("data"), &[]); // --timeout 10s
+    let mut s = TcpStream::connect(node.host_port()).unwrap();
+    write!(
+        s,
+        "POST /api/codex/v1/data HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        20 << 20
+    )
+    .unwrap();
+    s.write_all(&random_bytes(6 << 20, 10)).unwrap();
+    s.flush().unwrap();
+    // The connection stays open and silent: the upload is abandoned after the timeout.
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    let mut counted = false;
+    loop {
+        let used = space_used(&node);
+        counted |= used > 0;
+        if counted && used == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a stalled upload was never cut off");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(counted, "the upload's blocks were stored while it ran");
+    assert!(started.elapsed() >= Duration::from_secs(5), "cut off too early");
+    drop(s);
+}

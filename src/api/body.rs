@@ -4,6 +4,7 @@
 //! holds back the fast one and memory stays small; either side going away ends the other.
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
@@ -41,12 +42,22 @@ impl Read for BodyReader {
 
 /// Starts moving `body` into a [`BodyReader`]. The returned future must be polled (it
 /// feeds the reader) and ends when the body ends, fails, or the reader is dropped.
-pub fn body_reader(body: Body) -> (BodyReader, impl std::future::Future<Output = ()>) {
+/// A client that sends nothing for `idle` fails the upload.
+pub fn body_reader(
+    body: Body,
+    idle: Duration,
+) -> (BodyReader, impl std::future::Future<Output = ()>) {
     let (tx, rx) = mpsc::channel(DEPTH);
     let feed = async move {
         let mut stream = body.into_data_stream();
         loop {
-            let item = match stream.next().await {
+            let next = match tokio::time::timeout(idle, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => Some(Err(axum::Error::new(format!(
+                    "no bytes for {idle:?}; upload abandoned"
+                )))),
+            };
+            let item = match next {
                 Some(Ok(chunk)) => {
                     metrics().api_bytes(Direction::Received, chunk.len() as u64);
                     Ok(chunk)
@@ -77,13 +88,32 @@ pub fn body_reader(body: Body) -> (BodyReader, impl std::future::Future<Output =
 pub struct BodyWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
+    runtime: tokio::runtime::Handle,
+    idle: Duration,
 }
 
 impl BodyWriter {
+    /// Hands a chunk to the response; a client that takes nothing for `idle` counts as
+    /// gone, so a stalled reader holds no thread for good.
     fn send(&mut self, chunk: io::Result<Bytes>) -> io::Result<()> {
-        self.tx
-            .blocking_send(chunk)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))
+        let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "client went away");
+        let chunk = match self.tx.try_send(chunk) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(gone()),
+            Err(mpsc::error::TrySendError::Full(chunk)) => chunk,
+        };
+        let (tx, idle) = (self.tx.clone(), self.idle);
+        match self
+            .runtime
+            .block_on(tokio::time::timeout(idle, tx.send(chunk)))
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("client took nothing for {idle:?}"),
+            )),
+        }
     }
 
     /// Ends the body with an error: the client sees the connection cut short of
@@ -117,8 +147,9 @@ impl Write for BodyWriter {
     }
 }
 
-/// A response body fed by the returned [`BodyWriter`].
-pub fn body_writer() -> (BodyWriter, Body) {
+/// A response body fed by the returned [`BodyWriter`] (used on a blocking thread of
+/// the current runtime).
+pub fn body_writer(idle: Duration) -> (BodyWriter, Body) {
     let (tx, rx) = mpsc::channel(DEPTH);
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
@@ -127,6 +158,8 @@ pub fn body_writer() -> (BodyWriter, Body) {
         BodyWriter {
             tx,
             buf: BytesMut::with_capacity(CHUNK),
+            runtime: tokio::runtime::Handle::current(),
+            idle,
         },
         Body::from_stream(stream),
     )

@@ -153,7 +153,7 @@ pub async fn upload(
         ),
         None => None,
     };
-    let (reader, feed) = body_reader(body);
+    let (reader, feed) = body_reader(body, st.timeout);
     let node = st.node.clone();
     let stored = tokio::task::spawn_blocking(move || node.store_ec(reader, filename, mimetype, ec));
     feed.await;
@@ -298,7 +298,7 @@ pub(super) fn respond_with(
             format!("bytes {}-{}/{size}", range.start, range.end - 1),
         );
     }
-    let (mut writer, body) = body_writer();
+    let (mut writer, body) = body_writer(st.timeout);
     let (node, store) = (st.node.clone(), st.network.store.clone());
     tokio::task::spawn_blocking(move || {
         let result = if network {
