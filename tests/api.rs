@@ -920,10 +920,16 @@ fn a_client_that_stalls_mid_upload_is_cut_off_after_the_timeout() {
         if counted && used == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "a stalled upload was never cut off");
+        assert!(
+            Instant::now() < deadline,
+            "a stalled upload was never cut off"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(counted, "the upload's blocks were stored while it ran");
-    assert!(started.elapsed() >= Duration::from_secs(5), "cut off too early");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "cut off too early"
+    );
     drop(s);
 }

@@ -295,3 +295,73 @@ fn reclaiming_space_shrinks_blob_files_after_deletes() {
     assert_eq!(read_all(&node, &keep).len(), 4 << 20);
     assert_consistent(&node);
 }
+
+/// Leaves fetched for a dataset that never completes here hold their blocks only until
+/// the blocks' lifetime ends; leaves of a dataset adopted here stay.
+#[test]
+fn fetched_leaves_of_an_incomplete_dataset_are_swept_once_expired() {
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let src = node(src_dir.path(), BIG, DAY);
+    let dst = node(dst_dir.path(), BIG, Duration::from_secs(60));
+    let fetched = |cid: &cid::Cid, upto: u64| {
+        let m = src.repo().manifest(cid).unwrap().unwrap();
+        let leaves: Vec<_> = (0..upto)
+            .map(|i| {
+                let rec = src.repo().leaf(&m.tree_cid, i).unwrap().unwrap();
+                let data = src.repo().get_block(&rec.block).unwrap().unwrap();
+                (m.tree_cid, i, rec, data)
+            })
+            .collect();
+        dst.repo().put_fetched_leaves(&leaves).unwrap();
+        m
+    };
+    // Half of one dataset (a reader that stopped), all of another (adopted).
+    let partial = src
+        .store(&random_bytes(10 * 65536, 20)[..], None, None)
+        .unwrap();
+    let whole = src
+        .store(&random_bytes(4 * 65536, 21)[..], None, None)
+        .unwrap();
+    fetched(&partial, 5);
+    let m = fetched(&whole, 4);
+    dst.repo().adopt_dataset(&m).unwrap();
+    let used = dst.repo().space().quota_used_bytes;
+    assert!(used >= 9 * 65536, "{used}");
+
+    let report = dst.repo().sweep_expired(unix_now()).unwrap();
+    assert_eq!(report.blocks, 0, "nothing has expired yet");
+    assert_eq!(dst.repo().space().quota_used_bytes, used);
+
+    let report = dst.repo().sweep_expired(unix_now() + 61).unwrap();
+    assert!(report.blocks >= 5, "{report:?}");
+    let pm = src.repo().manifest(&partial).unwrap().unwrap();
+    assert!(dst.repo().leaf(&pm.tree_cid, 0).unwrap().is_none());
+    // The adopted dataset expired too (same lifetime): everything is gone, consistently.
+    assert_eq!(dst.repo().space().quota_used_bytes, 0);
+    assert_consistent(&dst);
+}
+
+#[test]
+fn fetched_leaves_of_an_adopted_dataset_stay_until_it_expires() {
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let src = node(src_dir.path(), BIG, DAY);
+    let dst = node(dst_dir.path(), BIG, Duration::from_secs(60));
+    let cid = src
+        .store(&random_bytes(3 * 65536 + 5, 22)[..], None, None)
+        .unwrap();
+    let m = src.repo().manifest(&cid).unwrap().unwrap();
+    let leaves: Vec<_> = (0..m.block_count())
+        .map(|i| {
+            let rec = src.repo().leaf(&m.tree_cid, i).unwrap().unwrap();
+            let data = src.repo().get_block(&rec.block).unwrap().unwrap();
+            (m.tree_cid, i, rec, data)
+        })
+        .collect();
+    dst.repo().put_fetched_leaves(&leaves).unwrap();
+    dst.repo().adopt_dataset(&m).unwrap();
+    // Its blocks' own lifetime has ended, but the dataset (just adopted) lives on.
+    let report = dst.repo().sweep_orphan_leaves(unix_now() + 61).unwrap();
+    assert_eq!(report, 0);
+    assert!(dst.repo().leaf(&m.tree_cid, 0).unwrap().is_some());
+    assert_consistent(&dst);
+}

@@ -57,6 +57,71 @@ impl RepoStore {
         Ok(true)
     }
 
+    /// Leaves fetched from peers for a dataset that never completed here (no tree
+    /// record, no upload writing them) hold their blocks until the blocks' lifetime
+    /// ends; then they go, and the blocks no one else uses with them. Returns the leaves
+    /// dropped.
+    pub fn sweep_orphan_leaves(&self, now: u64) -> Result<u64> {
+        let mut uploading = std::collections::HashSet::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_JOURNAL), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            if let JournalKey::UploadTree { .. } = JournalKey::decode(&k)? {
+                uploading.insert(v.to_vec());
+            }
+        }
+        let mut orphan_trees: std::collections::HashMap<Vec<u8>, bool> = Default::default();
+        let mut expired = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_LEAVES), IteratorMode::Start) {
+            let (k, v) = item?;
+            let Some(tree) = k.len().checked_sub(8).map(|n| &k[..n]) else {
+                continue;
+            };
+            let orphan = match orphan_trees.get(tree) {
+                Some(o) => *o,
+                None => {
+                    let o = !uploading.contains(tree)
+                        && self.db.get_pinned_cf(self.cf(CF_TREES), tree)?.is_none();
+                    orphan_trees.insert(tree.to_vec(), o);
+                    o
+                }
+            };
+            if !orphan {
+                continue;
+            }
+            let block = LeafRecord::decode_block(&v)?.to_bytes();
+            if self
+                .block_meta_raw(&block)?
+                .is_some_and(|m| m.expiry <= now)
+            {
+                expired.push(k.to_vec());
+            }
+        }
+        let mut dropped = 0;
+        for chunk in expired.chunks(BATCH_RECORDS) {
+            // Under the datasets lock: a dataset adopted meanwhile keeps its leaves.
+            let _guard = lock(&self.datasets_lock);
+            let mut counters = lock(&self.counters);
+            let mut t = Txn::new(self);
+            for k in chunk {
+                let tree = &k[..k.len() - 8];
+                if self.db.get_pinned_cf(self.cf(CF_TREES), tree)?.is_some() {
+                    continue;
+                }
+                let Some(v) = self.db.get_pinned_cf(self.cf(CF_LEAVES), k)? else {
+                    continue;
+                };
+                t.unref(&LeafRecord::decode_block(&v)?.to_bytes())?;
+                t.batch.delete_cf(self.cf(CF_LEAVES), k);
+                dropped += 1;
+            }
+            t.commit(&mut counters, false)?;
+        }
+        Ok(dropped)
+    }
+
     /// Drops the leaves of a tree no dataset uses, with the block references they hold.
     pub(super) fn release_tree(&self, tree: &Cid) -> Result<()> {
         let (from, to) = (leaf_key(tree, 0), leaf_key(tree, u64::MAX));
@@ -94,6 +159,7 @@ impl RepoStore {
                 report.datasets += 1;
             }
         }
+        report.blocks += self.sweep_orphan_leaves(now)?;
         // Unreferenced blocks (cached from the network, say): delete once expired.
         let mut candidates = Vec::new();
         for item in self
