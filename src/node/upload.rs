@@ -59,11 +59,34 @@ fn chunk_and_hash(
             .get_or_insert(e);
     };
 
+    // Input of one batch (a small file) is hashed right here: starting workers would
+    // cost more than the hashing.
+    let first = source.next_batch()?;
+    let second = match first {
+        Some(_) => source.next_batch()?,
+        None => None,
+    };
+    if second.is_none() {
+        if let Some(batch) = first {
+            hash_batch(batch, block_size, sink, &digests)?;
+        }
+        let size = source.bytes_read();
+        return Ok((
+            digests.into_inner().unwrap_or_else(|p| p.into_inner()),
+            size,
+        ));
+    }
+
     let (tx, rx) = sync_channel::<ChunkBatch>(HASH_WORKERS);
     let rx = Mutex::new(rx);
     std::thread::scope(|s| {
         for _ in 0..HASH_WORKERS {
             s.spawn(|| hash_worker(&rx, block_size, sink, &digests, &abort, &fail));
+        }
+        for batch in [first, second].into_iter().flatten() {
+            if tx.send(batch).is_err() {
+                break;
+            }
         }
         while !abort.load(Ordering::SeqCst) {
             match source.next_batch() {
@@ -104,23 +127,33 @@ fn hash_worker(
         if abort.load(Ordering::SeqCst) {
             continue; // drain so the reader never blocks on a full queue
         }
-        let hashed: Vec<Digest> = batch.blocks(block_size).map(sha256).collect();
-        let blocks: Vec<(Cid, &[u8])> = hashed
-            .iter()
-            .zip(batch.blocks(block_size))
-            .map(|(d, b)| (cid_from_digest(BLOCK_CODEC, d), b))
-            .collect();
-        if let Err(e) = sink.put(batch.start, &blocks) {
+        if let Err(e) = hash_batch(batch, block_size, sink, digests) {
             fail(e);
-            continue;
         }
-        let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
-        let end = batch.start as usize + hashed.len();
-        if all.len() < end {
-            all.resize(end, [0; 32]);
-        }
-        all[batch.start as usize..end].copy_from_slice(&hashed);
     }
+}
+
+/// Hashes one batch, hands its blocks to `sink` and records their digests.
+fn hash_batch(
+    batch: ChunkBatch,
+    block_size: usize,
+    sink: &dyn BlockSink,
+    digests: &Mutex<Vec<Digest>>,
+) -> Result<()> {
+    let hashed: Vec<Digest> = batch.blocks(block_size).map(sha256).collect();
+    let blocks: Vec<(Cid, &[u8])> = hashed
+        .iter()
+        .zip(batch.blocks(block_size))
+        .map(|(d, b)| (cid_from_digest(BLOCK_CODEC, d), b))
+        .collect();
+    sink.put(batch.start, &blocks)?;
+    let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
+    let end = batch.start as usize + hashed.len();
+    if all.len() < end {
+        all.resize(end, [0; 32]);
+    }
+    all[batch.start as usize..end].copy_from_slice(&hashed);
+    Ok(())
 }
 
 fn build_manifest(
