@@ -58,6 +58,26 @@ impl Writer {
     pub fn into_bytes(self) -> Vec<u8> {
         self.buf
     }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+/// Bytes a varint takes.
+pub fn varint_len(value: u64) -> usize {
+    (64 - value.max(1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Bytes a length-delimited field with a `payload`-byte value takes.
+pub fn len_field_size(field: u32, payload: usize) -> usize {
+    varint_len(((field as u64) << 3) | WIRE_LEN as u64) + varint_len(payload as u64) + payload
+}
+
+/// Appends the tag and length of a length-delimited field; its value follows.
+pub fn put_len_header(buf: &mut Vec<u8>, field: u32, payload: usize) {
+    put_varint(buf, ((field as u64) << 3) | WIRE_LEN as u64);
+    put_varint(buf, payload as u64);
 }
 
 pub fn put_varint(buf: &mut Vec<u8>, mut value: u64) {

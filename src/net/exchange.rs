@@ -28,8 +28,7 @@ use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot};
 
 use super::protocol::{
-    encode_frame, BlockAddress, BlockDelivery, Entry, FrameDecoder, Message, Presence, WantType,
-    Wantlist,
+    BlockAddress, BlockDelivery, Entry, FrameDecoder, Message, Presence, WantType, Wantlist,
 };
 use super::serve::{Outbox, Outgoing, Server};
 use super::swarm::{protocol, NetHandle, PeerEvent};
@@ -747,9 +746,10 @@ impl Exchange {
                 let mut held = Vec::new();
                 let mut next = Some(first);
                 while let Some(o) = next.take() {
-                    match encode_frame(&o.message) {
-                        Ok(f) => out.extend_from_slice(&f),
-                        Err(e) => tracing::warn!("message to {peer} not sent: {e}"),
+                    let at = out.len();
+                    if let Err(e) = o.message.encode_frame_into(&mut out) {
+                        out.truncate(at);
+                        tracing::warn!("message to {peer} not sent: {e}");
                     }
                     held.push(o._budget);
                     if out.len() < (4 << 20) {
