@@ -4,13 +4,12 @@
 //! the config file, and a shell script written for Codex's API.
 
 mod common;
-use common::{bin, random_bytes, random_file};
+use common::{bin, random_bytes, random_file, Log};
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::blocking::Client;
@@ -20,7 +19,7 @@ use serde_json::Value;
 /// A `codexfs node` with its API on a free port; stderr is collected.
 struct ApiNode {
     child: Option<Child>,
-    log: Arc<Mutex<String>>,
+    log: Log,
     /// `http://127.0.0.1:PORT`
     base: String,
 }
@@ -37,15 +36,7 @@ impl ApiNode {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let log = Log::capture(&mut child);
         let mut node = Self {
             child: Some(child),
             log,
@@ -59,22 +50,12 @@ impl ApiNode {
     }
 
     fn wait_for(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log.lock().unwrap().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in:\n{}",
-                self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.log.wait_for(needle);
     }
 
     /// The rest of the first log line containing `marker`.
     fn after(&self, marker: &str) -> String {
-        let log = self.log.lock().unwrap();
-        let line = log.lines().find(|l| l.contains(marker)).unwrap();
-        line.split(marker).nth(1).unwrap().trim().to_string()
+        self.log.after(marker)
     }
 
     fn p2p_addr(&self) -> String {

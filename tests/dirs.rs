@@ -4,16 +4,13 @@
 //! and from peers; the API's listing and files by path.
 
 mod common;
-use common::{bin, random_file};
+use common::{bin, random_file, Log};
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 fn sh_ok(cmd: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
@@ -63,7 +60,7 @@ fn xattr_cid(path: &Path) -> String {
 /// A `codexfs node` or `codexfs mount` process; its stderr is collected.
 struct Peer {
     child: Option<Child>,
-    log: Arc<Mutex<String>>,
+    log: Log,
     mnt: Option<PathBuf>,
     data: PathBuf,
 }
@@ -96,15 +93,7 @@ impl Peer {
             cmd.args(["--bootstrap", b]);
         }
         let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let log = Log::capture(&mut child);
         let peer = Self {
             child: Some(child),
             log,
@@ -121,25 +110,11 @@ impl Peer {
     }
 
     fn wait_for(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log.lock().unwrap().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in:\n{}",
-                self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.log.wait_for(needle);
     }
 
     fn addr(&self) -> String {
-        let log = self.log.lock().unwrap();
-        let line = log.lines().find(|l| l.contains("listening on")).unwrap();
-        line.split("listening on ")
-            .nth(1)
-            .unwrap()
-            .trim()
-            .to_string()
+        self.log.after("listening on ")
     }
 
     fn api(&self) -> String {

@@ -2,7 +2,7 @@
 //! xattr calls as a person would. Needs /dev/fuse and root (CI has both).
 
 mod common;
-use common::{bin, random_file};
+use common::{bin, random_file, Log};
 
 use std::ffi::CString;
 use std::io::{Read, Seek, SeekFrom};
@@ -51,7 +51,7 @@ struct MountedNode {
     child: Option<Child>,
     mnt: PathBuf,
     data: PathBuf,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
+    log: Log,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -89,30 +89,13 @@ impl MountedNode {
             .unwrap();
         // Wait for the line saying the mount is up (a stale mount from a killed node may
         // still be listed before it).
-        let stderr = child.stderr.take().unwrap();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        self.log = log;
+        self.log = Log::capture(&mut child);
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log.lock().unwrap().contains("codexfs: mounted at") {
+        while !self.log.contains("codexfs: mounted at") {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "codexfs mount exited with {status}: {}",
-                    self.log.lock().unwrap()
-                );
+                panic!("codexfs mount exited with {status}: {}", self.log.text());
             }
             assert!(Instant::now() < deadline, "mount did not come up");
             std::thread::sleep(Duration::from_millis(20));
@@ -132,7 +115,7 @@ impl MountedNode {
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 std::thread::sleep(Duration::from_millis(100));
-                return (status, self.log.lock().unwrap().clone());
+                return (status, self.log.text());
             }
             assert!(
                 Instant::now() < deadline,
@@ -238,15 +221,7 @@ fn concurrent_random_reads_match_the_source() {
         }
     });
     // The reads were counted: FUSE operations with latency histograms at /metrics.
-    let api = {
-        let log = node.log.lock().unwrap();
-        let line = log
-            .lines()
-            .find(|l| l.contains("API at "))
-            .unwrap()
-            .to_string();
-        line.split("API at ").nth(1).unwrap().trim().to_string()
-    };
+    let api = node.log.after("API at ");
     let base = api.trim_end_matches("/api/codex/v1");
     let metrics = reqwest::blocking::get(format!("{base}/metrics"))
         .unwrap()
@@ -460,9 +435,9 @@ fn kill_9_during_cp_leaves_a_consistent_store_and_a_mount_that_comes_back() {
     );
     node.spawn(&[]);
     assert!(
-        node.log.lock().unwrap().contains("recovered a stale mount"),
+        node.log.contains("recovered a stale mount"),
         "{}",
-        node.log.lock().unwrap()
+        node.log.text()
     );
     assert_eq!(
         std::fs::read(node.path("before")).unwrap(),

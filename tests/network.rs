@@ -3,12 +3,10 @@
 //! seeders, a seeder killed mid-download, a lying peer, and an unknown CID.
 
 mod common;
-use common::{bin, random_file};
+use common::{bin, random_file, Log};
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn upload(data: &Path, file: &Path) -> String {
@@ -30,7 +28,7 @@ fn upload(data: &Path, file: &Path) -> String {
 /// A `codexfs node` or `codexfs mount` process; its stderr is collected.
 struct Peer {
     child: Option<Child>,
-    log: Arc<Mutex<String>>,
+    log: Log,
     mnt: Option<PathBuf>,
 }
 
@@ -60,15 +58,7 @@ impl Peer {
             cmd.env(k, v);
         }
         let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let log = Log::capture(&mut child);
         let peer = Self {
             child: Some(child),
             log,
@@ -85,25 +75,11 @@ impl Peer {
     }
 
     fn wait_for(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log.lock().unwrap().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in:\n{}",
-                self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.log.wait_for(needle);
     }
 
     fn addr(&self) -> String {
-        let log = self.log.lock().unwrap();
-        let line = log.lines().find(|l| l.contains("listening on")).unwrap();
-        line.split("listening on ")
-            .nth(1)
-            .unwrap()
-            .trim()
-            .to_string()
+        self.log.after("listening on ")
     }
 
     /// SIGTERM and wait; returns the blocks it served.
@@ -113,8 +89,9 @@ impl Peer {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let _ = child.wait();
         std::thread::sleep(Duration::from_millis(100));
-        let log = self.log.lock().unwrap();
-        log.lines()
+        self.log
+            .text()
+            .lines()
             .find_map(|l| {
                 l.split("served ")
                     .nth(1)
@@ -176,9 +153,9 @@ fn a_node_that_knows_only_a_bootstrap_peer_finds_the_seeder_and_reads() {
     let read = std::fs::read(mnt.join(&cid)).unwrap_or_else(|e| {
         panic!(
             "reading through the mount: {e}\nC:\n{}\nA:\n{}\nB:\n{}",
-            c.log.lock().unwrap(),
-            a.log.lock().unwrap(),
-            b.log.lock().unwrap()
+            c.log.text(),
+            a.log.text(),
+            b.log.text()
         )
     });
     assert!(read == bytes, "read through the mount differs");
