@@ -4,13 +4,13 @@
 //! and from peers; the API's listing and files by path.
 
 mod common;
-use common::{bin, random_file, Log};
+use common::{bin, random_file, Peer};
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 
 fn sh_ok(cmd: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
@@ -57,98 +57,23 @@ fn xattr_cid(path: &Path) -> String {
     String::from_utf8(buf).unwrap()
 }
 
-/// A `codexfs node` or `codexfs mount` process; its stderr is collected.
-struct Peer {
-    child: Option<Child>,
-    log: Log,
-    mnt: Option<PathBuf>,
-    data: PathBuf,
+/// A node, or a mount whose reads give up after 10 s.
+fn peer(data: &Path, mount: Option<&Path>, bootstrap: Option<&str>) -> Peer {
+    peer_with_env(data, mount, bootstrap, &[])
 }
 
-impl Peer {
-    fn start(data: &Path, mount: Option<&Path>, bootstrap: Option<&str>) -> Self {
-        Self::start_with_env(data, mount, bootstrap, &[])
-    }
-
-    fn start_with_env(
-        data: &Path,
-        mount: Option<&Path>,
-        bootstrap: Option<&str>,
-        env: &[(&str, &str)],
-    ) -> Self {
-        let mut cmd = Command::new(bin());
-        cmd.envs(env.iter().copied());
-        match mount {
-            Some(m) => cmd.arg("mount").arg(m).args(["--read-timeout", "10s"]),
-            None => cmd.arg("node"),
-        };
-        cmd.arg("--data-dir").arg(data).args([
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--api-addr",
-            "127.0.0.1:0",
-        ]);
-        if let Some(b) = bootstrap {
-            cmd.args(["--bootstrap", b]);
-        }
-        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        let log = Log::capture(&mut child);
-        let peer = Self {
-            child: Some(child),
-            log,
-            mnt: mount.map(Path::to_path_buf),
-            data: data.to_path_buf(),
-        };
-        peer.wait_for(if mount.is_some() {
-            "mounted at"
-        } else {
-            "node running"
-        });
-        peer.wait_for("listening on");
-        peer
-    }
-
-    fn wait_for(&self, needle: &str) {
-        self.log.wait_for(needle);
-    }
-
-    fn addr(&self) -> String {
-        self.log.after("listening on ")
-    }
-
-    fn api(&self) -> String {
-        std::fs::read_to_string(self.data.join("api-url"))
-            .unwrap()
-            .trim()
-            .to_string()
-            + "/api/codex/v1"
-    }
-
-    fn mnt(&self) -> &Path {
-        self.mnt.as_deref().unwrap()
-    }
-
-    /// SIGTERM and wait (a mount publishes what is pending and unmounts).
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some(m) = &self.mnt {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-    }
+fn peer_with_env(
+    data: &Path,
+    mount: Option<&Path>,
+    bootstrap: Option<&str>,
+    env: &[(&str, &str)],
+) -> Peer {
+    let args: &[&str] = if mount.is_some() {
+        &["--read-timeout", "10s"]
+    } else {
+        &[]
+    };
+    Peer::start(data, mount, bootstrap, args, env)
 }
 
 /// A project: nested directories, an empty one, empty files, a 10 MiB file, names with
@@ -212,7 +137,7 @@ fn cp_r_into_the_mount_and_diff_r_here_and_on_another_node() {
     let tmp = tempfile::tempdir().unwrap();
     let project = tmp.path().join("project");
     make_project(&project);
-    let mut a = Peer::start(&tmp.path().join("a"), Some(&tmp.path().join("mnt-a")), None);
+    let mut a = peer(&tmp.path().join("a"), Some(&tmp.path().join("mnt-a")), None);
 
     // cp -r: published once quiet (or when its CID is asked for).
     sh_ok(&format!(
@@ -258,7 +183,7 @@ fn cp_r_into_the_mount_and_diff_r_here_and_on_another_node() {
     diff_r(&project, &a.mnt().join(&rs));
 
     // Another node mounts the tree lazily through the network.
-    let b = Peer::start(
+    let b = peer(
         &tmp.path().join("b"),
         Some(&tmp.path().join("mnt-b")),
         Some(&a.addr()),
@@ -334,7 +259,7 @@ fn upload_dir_and_download_dir_locally_and_through_a_node_and_the_api() {
     assert!(String::from_utf8_lossy(&held.stderr).contains("directory"));
 
     // Through a running node: the same CID, the same tree back.
-    let node = Peer::start(&tmp.path().join("node"), None, None);
+    let node = peer(&tmp.path().join("node"), None, None);
     let via_api = ok(codexfs(
         &tmp.path().join("node"),
         &["upload", project.to_str().unwrap()],
@@ -421,7 +346,7 @@ fn a_tree_in_an_erasure_coding_mount_publishes_and_reads_back() {
     let tmp = tempfile::tempdir().unwrap();
     let project = tmp.path().join("project");
     make_project(&project);
-    let a = Peer::start_with_env(
+    let a = peer_with_env(
         &tmp.path().join("a"),
         Some(&tmp.path().join("mnt-a")),
         None,

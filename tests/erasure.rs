@@ -3,12 +3,12 @@
 //! node's mount), M+1 losses that fail cleanly, `repair`, and `upload`/`mount --ec`.
 
 mod common;
-use common::{bin, random_bytes, random_file, Log};
+use common::{bin, random_bytes, random_file, Peer};
 
 use std::ffi::CString;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
 use codexfs::cids::cid_string;
@@ -280,76 +280,14 @@ fn xattr(path: &Path, name: &str) -> std::io::Result<String> {
     Ok(String::from_utf8(buf).unwrap())
 }
 
-/// A `codexfs node` or `codexfs mount` process; its stderr is collected.
-struct Peer {
-    child: Option<Child>,
-    log: Log,
-    mnt: Option<PathBuf>,
-}
-
-impl Peer {
-    fn start(data: &Path, mount: Option<&Path>, bootstrap: Option<&str>, extra: &[&str]) -> Self {
-        let mut cmd = Command::new(bin());
-        match mount {
-            Some(m) => cmd.arg("mount").arg(m).args(["--read-timeout", "20s"]),
-            None => cmd.arg("node"),
-        };
-        cmd.arg("--data-dir")
-            .arg(data)
-            .args([
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--no-mdns",
-                "--api-addr",
-                "127.0.0.1:0",
-            ])
-            .args(extra);
-        if let Some(b) = bootstrap {
-            cmd.args(["--bootstrap", b]);
-        }
-        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        let log = Log::capture(&mut child);
-        let peer = Self {
-            child: Some(child),
-            log,
-            mnt: mount.map(Path::to_path_buf),
-        };
-        peer.wait_for(if mount.is_some() {
-            "mounted at"
-        } else {
-            "node running"
-        });
-        peer.wait_for("listening on");
-        peer
+/// A node, or a mount whose reads give up after 20 s, with `extra` arguments.
+fn peer(data: &Path, mount: Option<&Path>, bootstrap: Option<&str>, extra: &[&str]) -> Peer {
+    let mut args = Vec::new();
+    if mount.is_some() {
+        args.extend(["--read-timeout", "20s"]);
     }
-
-    fn wait_for(&self, needle: &str) {
-        self.log.wait_for(needle);
-    }
-
-    fn addr(&self) -> String {
-        self.log.after("listening on ")
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some(m) = &self.mnt {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-    }
+    args.extend_from_slice(extra);
+    Peer::start(data, mount, bootstrap, &args, &[])
 }
 
 #[test]
@@ -364,7 +302,7 @@ fn a_dataset_copied_into_a_mount_with_ec_4_2_survives_2_losses_per_column_on_its
     // The seeder protects what is copied into its mount.
     let seeder_data = tmp.path().join("seeder");
     let seeder_mnt = tmp.path().join("seeder-mnt");
-    let mut seeder = Peer::start(&seeder_data, Some(&seeder_mnt), None, &["--ec", "4,2"]);
+    let mut seeder = peer(&seeder_data, Some(&seeder_mnt), None, &["--ec", "4,2"]);
     std::fs::copy(&file, seeder_mnt.join("f.bin")).unwrap();
     std::fs::copy(&small, seeder_mnt.join("small.bin")).unwrap();
     let cid = xattr(&seeder_mnt.join("f.bin"), "user.codex.cid").unwrap();
@@ -419,9 +357,9 @@ fn a_dataset_copied_into_a_mount_with_ec_4_2_survives_2_losses_per_column_on_its
         assert_eq!(Layout::of(&m).unwrap().unwrap(), layout);
     }
 
-    let seeder = Peer::start(&seeder_data, None, None, &[]);
+    let seeder = peer(&seeder_data, None, None, &[]);
     let mnt = tmp.path().join("mnt");
-    let reader = Peer::start(
+    let reader = peer(
         &tmp.path().join("reader"),
         Some(&mnt),
         Some(&seeder.addr()),

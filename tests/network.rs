@@ -3,10 +3,10 @@
 //! seeders, a seeder killed mid-download, a lying peer, and an unknown CID.
 
 mod common;
-use common::{bin, random_file, Log};
+use common::{bin, random_file, Peer};
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn upload(data: &Path, file: &Path) -> String {
@@ -25,97 +25,14 @@ fn upload(data: &Path, file: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// A `codexfs node` or `codexfs mount` process; its stderr is collected.
-struct Peer {
-    child: Option<Child>,
-    log: Log,
-    mnt: Option<PathBuf>,
-}
-
-impl Peer {
-    fn start(
-        data: &Path,
-        mount: Option<&Path>,
-        bootstrap: Option<&str>,
-        env: &[(&str, &str)],
-    ) -> Self {
-        let mut cmd = Command::new(bin());
-        match mount {
-            Some(m) => cmd.arg("mount").arg(m).args(["--read-timeout", "10s"]),
-            None => cmd.arg("node"),
-        };
-        cmd.arg("--data-dir").arg(data).args([
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--api-addr",
-            "127.0.0.1:0",
-        ]);
-        if let Some(b) = bootstrap {
-            cmd.args(["--bootstrap", b]);
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        let log = Log::capture(&mut child);
-        let peer = Self {
-            child: Some(child),
-            log,
-            mnt: mount.map(Path::to_path_buf),
-        };
-        let ready = if mount.is_some() {
-            "mounted at"
-        } else {
-            "node running"
-        };
-        peer.wait_for(ready);
-        peer.wait_for("listening on");
-        peer
-    }
-
-    fn wait_for(&self, needle: &str) {
-        self.log.wait_for(needle);
-    }
-
-    fn addr(&self) -> String {
-        self.log.after("listening on ")
-    }
-
-    /// SIGTERM and wait; returns the blocks it served.
-    fn stop(&mut self) -> u64 {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let _ = child.wait();
-        std::thread::sleep(Duration::from_millis(100));
-        self.log
-            .text()
-            .lines()
-            .find_map(|l| {
-                l.split("served ")
-                    .nth(1)
-                    .and_then(|r| r.split(' ').next())
-                    .and_then(|n| n.parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.kill();
-        if let Some(m) = &self.mnt {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-    }
+/// A node, or a mount whose reads give up after 10 s.
+fn peer(data: &Path, mount: Option<&Path>, bootstrap: Option<&str>, env: &[(&str, &str)]) -> Peer {
+    let args: &[&str] = if mount.is_some() {
+        &["--read-timeout", "10s"]
+    } else {
+        &[]
+    };
+    Peer::start(data, mount, bootstrap, args, env)
 }
 
 fn download(data: &Path, cid: &str, out: &Path, bootstrap: &str) -> std::process::Output {
@@ -145,11 +62,11 @@ fn a_node_that_knows_only_a_bootstrap_peer_finds_the_seeder_and_reads() {
     let a_data = tmp.path().join("a");
     let cid = upload(&a_data, &file);
 
-    let b = Peer::start(&tmp.path().join("b"), None, None, &[]);
-    let a = Peer::start(&a_data, None, Some(&b.addr()), &[]);
+    let b = peer(&tmp.path().join("b"), None, None, &[]);
+    let a = peer(&a_data, None, Some(&b.addr()), &[]);
     a.wait_for("advertised all"); // A's records are on B
     let mnt = tmp.path().join("mnt");
-    let c = Peer::start(&tmp.path().join("c"), Some(&mnt), Some(&b.addr()), &[]);
+    let c = peer(&tmp.path().join("c"), Some(&mnt), Some(&b.addr()), &[]);
     let read = std::fs::read(mnt.join(&cid)).unwrap_or_else(|e| {
         panic!(
             "reading through the mount: {e}\nC:\n{}\nA:\n{}\nB:\n{}",
@@ -172,12 +89,12 @@ fn three_seeders_share_the_load_and_one_may_die() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("f.bin");
     let bytes = random_file(&file, 24 * 1024 * 1024, 2);
-    let b = Peer::start(&tmp.path().join("b"), None, None, &[]);
+    let b = peer(&tmp.path().join("b"), None, None, &[]);
     let mut seeders: Vec<Peer> = (0..3)
         .map(|i| {
             let data = tmp.path().join(format!("s{i}"));
             upload(&data, &file);
-            let s = Peer::start(&data, None, Some(&b.addr()), &[]);
+            let s = peer(&data, None, Some(&b.addr()), &[]);
             s.wait_for("advertised all");
             s
         })
@@ -189,7 +106,13 @@ fn three_seeders_share_the_load_and_one_may_die() {
     let d = download(&tmp.path().join("d1"), &cid, &out, &b.addr());
     assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
     assert!(std::fs::read(&out).unwrap() == bytes);
-    let served: Vec<u64> = seeders.iter_mut().map(|s| s.stop()).collect();
+    let served: Vec<u64> = seeders
+        .iter_mut()
+        .map(|s| {
+            s.stop();
+            s.served()
+        })
+        .collect();
     assert!(
         served.iter().all(|&n| n > 0),
         "every seeder served blocks: {served:?}\n{}",
@@ -203,7 +126,7 @@ fn three_seeders_share_the_load_and_one_may_die() {
     // Again, killing one seeder part way.
     let mut seeders: Vec<Peer> = (0..3)
         .map(|i| {
-            let s = Peer::start(
+            let s = peer(
                 &tmp.path().join(format!("s{i}")),
                 None,
                 Some(&b.addr()),
@@ -247,18 +170,18 @@ fn a_lying_peer_is_refused_and_the_data_comes_from_an_honest_one() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("f.bin");
     let bytes = random_file(&file, 8 * 1024 * 1024, 3);
-    let b = Peer::start(&tmp.path().join("b"), None, None, &[]);
+    let b = peer(&tmp.path().join("b"), None, None, &[]);
     let liar_data = tmp.path().join("liar");
     let cid = upload(&liar_data, &file);
     let honest_data = tmp.path().join("honest");
     upload(&honest_data, &file);
-    let _liar = Peer::start(
+    let _liar = peer(
         &liar_data,
         None,
         Some(&b.addr()),
         &[("CODEXFS_TEST_SERVE_CORRUPT_BLOCKS", "1")],
     );
-    let _honest = Peer::start(&honest_data, None, Some(&b.addr()), &[]);
+    let _honest = peer(&honest_data, None, Some(&b.addr()), &[]);
     _liar.wait_for("advertised all");
     _honest.wait_for("advertised all");
     // Whether the liar gets asked for a block at all depends on whose presence answer
@@ -302,9 +225,9 @@ fn a_lying_peer_is_refused_and_the_data_comes_from_an_honest_one() {
 #[test]
 fn an_unknown_cid_fails_in_time_through_the_mount() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = Peer::start(&tmp.path().join("b"), None, None, &[]);
+    let b = peer(&tmp.path().join("b"), None, None, &[]);
     let mnt = tmp.path().join("mnt");
-    let _c = Peer::start(&tmp.path().join("c"), Some(&mnt), Some(&b.addr()), &[]);
+    let _c = peer(&tmp.path().join("c"), Some(&mnt), Some(&b.addr()), &[]);
     let unknown = "zDvZRwzm1ePSzKSXt57D5YxHwcSDmsCyYN65wW4HT7fuX9HrzFXy";
     let t = Instant::now();
     let err = std::fs::metadata(mnt.join(unknown)).unwrap_err();

@@ -79,3 +79,125 @@ impl Log {
         line.split(marker).nth(1).unwrap_or("").trim().to_string()
     }
 }
+
+/// A `codexfs node` or `codexfs mount` process on 127.0.0.1 with its own data dir, any
+/// free ports and no mDNS; its stderr is collected. Killed (and unmounted) when dropped.
+pub struct Peer {
+    child: Option<std::process::Child>,
+    pub log: Log,
+    pub mnt: Option<std::path::PathBuf>,
+    pub data: std::path::PathBuf,
+}
+
+impl Peer {
+    /// Starts a node, or a mount at `mount`, joined through `bootstrap`, with `args` more
+    /// on its command line and `env` in its environment; returns once it listens.
+    pub fn start(
+        data: &Path,
+        mount: Option<&Path>,
+        bootstrap: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut cmd = std::process::Command::new(bin());
+        match mount {
+            Some(m) => cmd.arg("mount").arg(m),
+            None => cmd.arg("node"),
+        };
+        cmd.arg("--data-dir").arg(data).args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--api-addr",
+            "127.0.0.1:0",
+        ]);
+        if let Some(b) = bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        cmd.args(args).envs(env.iter().copied());
+        let mut child = cmd
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start codexfs");
+        let log = Log::capture(&mut child);
+        let peer = Self {
+            child: Some(child),
+            log,
+            mnt: mount.map(Path::to_path_buf),
+            data: data.to_path_buf(),
+        };
+        peer.wait_for(if mount.is_some() {
+            "mounted at"
+        } else {
+            "node running"
+        });
+        peer.wait_for("listening on");
+        peer
+    }
+
+    pub fn wait_for(&self, needle: &str) {
+        self.log.wait_for(needle);
+    }
+
+    /// Its `/p2p/` address.
+    pub fn addr(&self) -> String {
+        self.log.after("listening on ")
+    }
+
+    /// Its API's base URL, `…/api/codex/v1`.
+    pub fn api(&self) -> String {
+        std::fs::read_to_string(self.data.join("api-url"))
+            .expect("a running node writes api-url")
+            .trim()
+            .to_string()
+            + "/api/codex/v1"
+    }
+
+    pub fn mnt(&self) -> &Path {
+        self.mnt.as_deref().expect("a mount")
+    }
+
+    /// SIGTERM and wait (a mount publishes what is pending and unmounts).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// The blocks it served, from the line it prints when stopped.
+    pub fn served(&self) -> u64 {
+        self.log
+            .text()
+            .lines()
+            .find_map(|l| {
+                l.split("served ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
+        if let Some(m) = &self.mnt {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .status();
+        }
+    }
+}
