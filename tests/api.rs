@@ -4,62 +4,37 @@
 //! the config file, and a shell script written for Codex's API.
 
 mod common;
-use common::{bin, random_bytes, random_file, Log};
+use common::{bin, random_bytes, random_file, Peer};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-/// A `codexfs node` with its API on a free port; stderr is collected.
+/// A `codexfs node` (`--timeout 10s`) with its API on a free port.
 struct ApiNode {
-    child: Option<Child>,
-    log: Log,
+    peer: Peer,
     /// `http://127.0.0.1:PORT`
     base: String,
 }
 
 impl ApiNode {
     fn start(data: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(bin())
-            .arg("node")
-            .arg("--data-dir")
-            .arg(data)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
-            .args(["--api-addr", "127.0.0.1:0", "--timeout", "10s"])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Log::capture(&mut child);
-        let mut node = Self {
-            child: Some(child),
-            log,
-            base: String::new(),
-        };
-        node.wait_for("node running");
-        node.wait_for("listening on");
-        let url = node.after("API at ");
-        node.base = url.trim_end_matches("/api/codex/v1").to_string();
-        node
-    }
-
-    fn wait_for(&self, needle: &str) {
-        self.log.wait_for(needle);
-    }
-
-    /// The rest of the first log line containing `marker`.
-    fn after(&self, marker: &str) -> String {
-        self.log.after(marker)
+        let mut args = vec!["--timeout", "10s"];
+        args.extend_from_slice(extra);
+        let peer = Peer::start(data, None, None, &args, &[]);
+        let url = peer.log.after("API at ");
+        let base = url.trim_end_matches("/api/codex/v1").to_string();
+        Self { peer, base }
     }
 
     fn p2p_addr(&self) -> String {
-        self.after("listening on ")
+        self.peer.addr()
     }
 
     fn url(&self, path: &str) -> String {
@@ -71,20 +46,7 @@ impl ApiNode {
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ApiNode {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.peer.stop();
     }
 }
 
