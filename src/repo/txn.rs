@@ -37,6 +37,17 @@ impl<'a> Txn<'a> {
         }
     }
 
+    /// Room for about `bytes` of new block bytes in the batch they go to, so that
+    /// filling it does not copy them again as it grows.
+    pub fn reserve(&mut self, bytes: usize) {
+        let fresh = WriteBatch::with_capacity_bytes(bytes);
+        match &mut self.data {
+            Some(d) if d.is_empty() => *d = fresh,
+            None if self.batch.is_empty() => self.batch = fresh,
+            _ => {}
+        }
+    }
+
     /// New block bytes go into a second batch written without the WAL (large uploads).
     pub fn data_without_wal(&mut self) {
         self.data.get_or_insert_with(WriteBatch::default);

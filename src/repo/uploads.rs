@@ -191,6 +191,8 @@ impl Upload<'_> {
         if unlogged {
             t.data_without_wal();
         }
+        // Keys, journal entries and record headers: well under 256 bytes a block.
+        t.reserve(size as usize + blocks.len() * 256);
         for ((jk, cid), (_, _, data)) in keys.iter().zip(blocks) {
             t.add_ref(cid, data, expiry)?;
             t.batch.put_cf(self.repo.cf(CF_JOURNAL), jk, cid);
