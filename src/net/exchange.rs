@@ -666,6 +666,8 @@ impl Exchange {
         for (peer, address) in again {
             self.send_now(&mut st, peer, want(address, WantType::Have, false));
         }
+        // Lookups older than the rate limit are forgotten (the map stays small).
+        st.last_lookup.retain(|_, t| t.elapsed() < LOOKUP_EVERY);
         self.pump(&mut st);
     }
 
