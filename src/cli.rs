@@ -725,10 +725,7 @@ fn download_local(
     bar.finish_and_clear();
     eprintln!(
         "codexfs: fetched from the network, refused {} deliveries",
-        network
-            .exchange
-            .refused
-            .load(std::sync::atomic::Ordering::Relaxed)
+        codexfs::metrics::metrics().blocks_rejected.get()
     );
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(manifest.content_size())

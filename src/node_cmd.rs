@@ -112,11 +112,11 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
         eprintln!("codexfs: unmounting {}", mounted.mountpoint().display());
         mounted.unmount().context("unmounting")?;
     }
-    use std::sync::atomic::Ordering::Relaxed;
+    let m = codexfs::metrics::metrics();
     eprintln!(
         "codexfs: served {} blocks, refused {} deliveries",
-        network.exchange.served.load(Relaxed),
-        network.exchange.refused.load(Relaxed)
+        m.blocks_served.get(),
+        m.blocks_rejected.get()
     );
     runtime.shutdown_timeout(Duration::from_secs(2));
     Ok(())

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cid::Cid;
 use futures::future::BoxFuture;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::PeerId;
@@ -66,12 +67,12 @@ const MAX_REOPENS: u32 = 3;
 const MAX_STRIKES: u32 = 3;
 
 /// What presence and Kademlia are keyed by: the treeCid for leaves, else the CID.
-type Key = Vec<u8>;
+type Key = Cid;
 
 fn key_of(address: &BlockAddress) -> Key {
     match address {
-        BlockAddress::Leaf { tree, .. } => tree.to_bytes(),
-        BlockAddress::Cid(cid) => cid.to_bytes(),
+        BlockAddress::Leaf { tree, .. } => *tree,
+        BlockAddress::Cid(cid) => *cid,
     }
 }
 
@@ -133,9 +134,6 @@ pub struct Exchange {
     net: NetHandle,
     state: Mutex<State>,
     server: Arc<Server>,
-    /// Blocks delivered to peers, and refused from them.
-    pub served: std::sync::atomic::AtomicU64,
-    pub refused: std::sync::atomic::AtomicU64,
     /// For tests of the requester's checks only: corrupt every block this node serves.
     lie: bool,
 }
@@ -183,7 +181,6 @@ impl Outbox for ExchangeOutbox {
     fn answered(&self, message: &mut Message) {
         let Some(ex) = self.0.upgrade() else { return };
         let n = message.deliveries.len() as u64;
-        ex.served.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         metrics().blocks_served.inc_by(n);
         metrics().network_bytes(
             Direction::Sent,
@@ -213,8 +210,6 @@ impl Exchange {
             repo,
             net: net.clone(),
             state: Mutex::new(State::default()),
-            served: Default::default(),
-            refused: Default::default(),
             lie: std::env::var_os("CODEXFS_TEST_SERVE_CORRUPT_BLOCKS").is_some(),
         });
         let mut control = net.control.clone();
@@ -396,8 +391,6 @@ impl Exchange {
                 Err(e) => {
                     tracing::info!(%peer, "refused a delivery: {e}");
                     metrics().blocks_rejected.inc();
-                    self.refused
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let strikes = {
                         let p = st.peers.entry(peer).or_default();
                         p.strikes += 1;
@@ -512,11 +505,11 @@ impl Exchange {
         let mut best: Option<(PeerId, f64)> = None;
         let (mut unknown, mut wait) = (Vec::new(), false);
         let discovering = p.candidates.iter().any(|c| {
-            matches!(st.presence.get(&(*c, p.key.clone())),
+            matches!(st.presence.get(&(*c, p.key)),
                 Some(Known::Asked(t, ..)) if t.elapsed() < PRESENCE_GRACE)
         });
         for c in p.candidates.iter().filter(|c| !p.tried.contains(c)) {
-            match st.presence.get(&(*c, p.key.clone())) {
+            match st.presence.get(&(*c, p.key)) {
                 Some(Known::DontHave) => {}
                 Some(Known::Asked(..)) => wait = true,
                 None => unknown.push(*c),
@@ -547,10 +540,10 @@ impl Exchange {
             return false;
         }
         if !unknown.is_empty() {
-            let key = p.key.clone();
+            let key = p.key;
             for peer in unknown {
                 st.presence.insert(
-                    (peer, key.clone()),
+                    (peer, key),
                     Known::Asked(Instant::now(), address.clone(), false),
                 );
                 self.send_now(st, peer, want(address.clone(), WantType::Have, false));
@@ -561,7 +554,7 @@ impl Exchange {
             return true;
         }
         // Nobody we know has it: ask Kademlia once, if allowed now.
-        let key = p.key.clone();
+        let key = p.key;
         let recently = st
             .last_lookup
             .get(&key)
@@ -571,7 +564,7 @@ impl Exchange {
                 p.looked_up = true;
             }
             st.lookups += 1;
-            st.last_lookup.insert(key.clone(), Instant::now());
+            st.last_lookup.insert(key, Instant::now());
             tokio::spawn(self.clone().look_up(key));
             return true;
         }
@@ -589,7 +582,10 @@ impl Exchange {
     /// Finds providers of `key` through Kademlia and offers them to the blocks that
     /// wait for them.
     async fn look_up(self: Arc<Self>, key: Key) {
-        let found = self.net.find_providers(&key, Duration::from_secs(10)).await;
+        let found = self
+            .net
+            .find_providers(&key.to_bytes(), Duration::from_secs(10))
+            .await;
         let mut st = lock(&self.state);
         st.lookups = st.lookups.saturating_sub(1);
         let me = self.net.peer_id;
@@ -753,7 +749,7 @@ impl Exchange {
                         out.truncate(at);
                         tracing::warn!("message to {peer} not sent: {e}");
                     }
-                    held.push(o._budget);
+                    held.push(o.budget);
                     if out.len() < (4 << 20) {
                         next = rx.try_recv().ok();
                     }

@@ -30,14 +30,14 @@ const UNIT: usize = 64 * 1024;
 /// An answer on its way to a peer, with its share of the budget (released once written).
 pub struct Outgoing {
     pub message: Message,
-    pub _budget: Option<OwnedSemaphorePermit>,
+    pub budget: Option<OwnedSemaphorePermit>,
 }
 
 impl From<Message> for Outgoing {
     fn from(message: Message) -> Self {
         Self {
             message,
-            _budget: None,
+            budget: None,
         }
     }
 }
@@ -156,7 +156,7 @@ impl Server {
                 outbox.answered(&mut message);
                 let out = Outgoing {
                     message,
-                    _budget: if i + 1 == n { budget.take() } else { None },
+                    budget: if i + 1 == n { budget.take() } else { None },
                 };
                 if !outbox.send(peer, out).await {
                     self.peer_gone(&peer);

@@ -257,7 +257,7 @@ impl BlockSource for NetworkStore {
         let c = *cid;
         let found = self.runtime.block_on(async {
             let peers = self.candidates(&c).await;
-            tracing::info!(
+            tracing::debug!(
                 "{}: {} candidate peers {peers:?}",
                 cid_string(&c),
                 peers.len()
@@ -293,10 +293,7 @@ impl BlockSource for NetworkStore {
     }
 
     fn block(&self, dataset: &Dataset, index: u64) -> Result<Bytes> {
-        let got = match self.node.local_block(dataset, index) {
-            Err(Error::NotFound(_)) => self.runtime.block_on(self.fetch_remote(dataset, index)),
-            local => local,
-        };
+        let got = self.runtime.block_on(self.get(dataset, index));
         match got {
             Err(e) if is_loss(&e) && is_protected(dataset) => self.recover(dataset, index),
             other => other,
