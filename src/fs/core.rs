@@ -226,14 +226,20 @@ impl FsCore {
         &self,
         f: impl FnOnce() -> crate::Result<T> + Send + 'static,
     ) -> Result<T, Errno> {
+        self.on_pool(f)?.map_err(|e| e.errno())
+    }
+
+    /// `f`'s result from the blocking pool, or `EIO` once the read timeout has passed.
+    fn on_pool<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+    ) -> Result<crate::Result<T>, Errno> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.runtime.spawn_blocking(move || {
             let _ = tx.send(f());
         });
-        match rx.recv_timeout(self.config.prefetch.timeout) {
-            Ok(r) => r.map_err(|e| e.errno()),
-            Err(_) => Err(libc::EIO),
-        }
+        rx.recv_timeout(self.config.prefetch.timeout)
+            .map_err(|_| libc::EIO)
     }
 
     fn resolve(&self, cid: &Cid) -> Result<Dataset, Errno> {
@@ -931,24 +937,28 @@ impl FsCore {
             repo.remove_name(to).map_err(|e| e.errno())?;
         }
         lock(&self.inodes).rename(from, to);
-        // Writers still open publish under the new name.
-        let handles = lock(&self.handles);
-        if let Some(ino) = lock(&self.inodes).find_name(to) {
-            for h in handles.values() {
-                if let Handle::Write {
-                    ino: i,
-                    writer,
-                    writable: true,
-                    ..
-                } = h
-                {
-                    if *i == ino {
-                        lock(writer).set_name(to.to_string());
-                    }
+        let ino = lock(&self.inodes).find_name(to);
+        if let Some(ino) = ino {
+            self.rename_open_writers(ino, to);
+        }
+        Ok(())
+    }
+
+    /// Writers of `ino` still open publish under its new name `to`.
+    fn rename_open_writers(&self, ino: u64, to: &str) {
+        for h in lock(&self.handles).values() {
+            if let Handle::Write {
+                ino: i,
+                writer,
+                writable: true,
+                ..
+            } = h
+            {
+                if *i == ino {
+                    lock(writer).set_name(to.to_string());
                 }
             }
         }
-        Ok(())
     }
 
     /// A manifest like `cid`'s with filename `to`; the old one is deleted when this mount

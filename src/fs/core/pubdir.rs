@@ -104,18 +104,10 @@ impl FsCore {
         top: bool,
         f: impl FnOnce() -> crate::Result<T> + Send + 'static,
     ) -> Result<T, Errno> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.runtime.spawn_blocking(move || {
-            let _ = tx.send(f());
-        });
-        match rx.recv_timeout(self.config.prefetch.timeout) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                tracing::info!("directory block: {e}");
-                Err(dir_errno(&e, top))
-            }
-            Err(_) => Err(libc::EIO),
-        }
+        self.on_pool(f)?.map_err(|e| {
+            tracing::info!("directory block: {e}");
+            dir_errno(&e, top)
+        })
     }
 
     pub(super) fn pub_dir_attr(

@@ -712,20 +712,7 @@ impl FsCore {
             t.touch(parent, delay);
         }
         drop(t);
-        // Writers still open publish under the new name.
-        for h in lock(&self.handles).values() {
-            if let Handle::Write {
-                ino,
-                writer,
-                writable: true,
-                ..
-            } = h
-            {
-                if *ino == src {
-                    lock(writer).set_name(to.to_string());
-                }
-            }
-        }
+        self.rename_open_writers(src, to);
         Ok(())
     }
 
