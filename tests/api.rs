@@ -4,12 +4,12 @@
 //! the config file, and a shell script written for Codex's API.
 
 mod common;
-use common::{bin, random_bytes, random_file, Peer};
+use common::{bin, codexfs, ok, random_bytes, random_file, Peer};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::blocking::Client;
@@ -83,26 +83,8 @@ fn space_used(node: &ApiNode) -> u64 {
     get_json(node, "/space")["quotaUsedBytes"].as_u64().unwrap()
 }
 
-fn codexfs(args: &[&str], data: &Path) -> Output {
-    Command::new(bin())
-        .args(args)
-        .arg("--data-dir")
-        .arg(data)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 fn check_repo(data: &Path) {
-    ok(codexfs(&["check"], data));
+    ok(codexfs(data, &["check"]));
 }
 
 #[test]
@@ -464,7 +446,7 @@ fn clients_that_go_away_leave_nothing_partial() {
     let used = space_used(&node);
     node.stop();
     check_repo(&data);
-    let space = ok(codexfs(&["space", "--json"], &data));
+    let space = ok(codexfs(&data, &["space", "--json"]));
     let space: Value = serde_json::from_str(&space).unwrap();
     assert_eq!(space["quotaUsedBytes"], used);
 }
@@ -640,16 +622,16 @@ fn client_commands_talk_to_the_running_node() {
     let bytes = random_file(&src, 500_000, 7);
 
     // No node yet: info and connect say so; upload works on the data dir directly.
-    let out = codexfs(&["info"], &data);
+    let out = codexfs(&data, &["info"]);
     assert_eq!(out.status.code(), Some(7));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no codexfs node is running"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    let direct = ok(codexfs(&["upload", src.to_str().unwrap()], &data));
+    let direct = ok(codexfs(&data, &["upload", src.to_str().unwrap()]));
 
     let node = ApiNode::start(&data, &[]);
     let before = metrics(&node)["codexfs_uploads_total"];
-    let json = ok(codexfs(&["upload", src.to_str().unwrap(), "--json"], &data));
+    let json = ok(codexfs(&data, &["upload", src.to_str().unwrap(), "--json"]));
     let cid = serde_json::from_str::<Value>(&json).unwrap()["cid"]
         .as_str()
         .unwrap()
@@ -662,32 +644,32 @@ fn client_commands_talk_to_the_running_node() {
     );
     let out = tmp.path().join("back.txt");
     let json = ok(codexfs(
-        &["download", &cid, "-o", out.to_str().unwrap(), "--json"],
         &data,
+        &["download", &cid, "-o", out.to_str().unwrap(), "--json"],
     ));
     assert_eq!(
         serde_json::from_str::<Value>(&json).unwrap()["bytes"],
         bytes.len()
     );
     assert!(std::fs::read(&out).unwrap() == bytes);
-    let listing = ok(codexfs(&["ls"], &data));
+    let listing = ok(codexfs(&data, &["ls"]));
     assert!(
         listing.contains(&format!("{cid}\t500000\tnotes.txt")),
         "{listing}"
     );
-    let ls: Value = serde_json::from_str(&ok(codexfs(&["ls", "--json"], &data))).unwrap();
+    let ls: Value = serde_json::from_str(&ok(codexfs(&data, &["ls", "--json"]))).unwrap();
     assert_eq!(ls["content"][0]["manifest"]["filename"], "notes.txt");
-    let space: Value = serde_json::from_str(&ok(codexfs(&["space", "--json"], &data))).unwrap();
+    let space: Value = serde_json::from_str(&ok(codexfs(&data, &["space", "--json"]))).unwrap();
     assert!(space["quotaUsedBytes"].as_u64().unwrap() >= 500_000);
-    let info: Value = serde_json::from_str(&ok(codexfs(&["info", "--json"], &data))).unwrap();
+    let info: Value = serde_json::from_str(&ok(codexfs(&data, &["info", "--json"]))).unwrap();
     assert_eq!(info["repo"], data.display().to_string());
-    let text = ok(codexfs(&["info"], &data));
+    let text = ok(codexfs(&data, &["info"]));
     assert!(text.contains("peer id\t12D3"), "{text}");
 
     let other = ApiNode::start(&tmp.path().join("other"), &[]);
-    let said = ok(codexfs(&["connect", &other.p2p_addr()], &data));
+    let said = ok(codexfs(&data, &["connect", &other.p2p_addr()]));
     assert!(said.starts_with("connected to 12D3"), "{said}");
-    let out = codexfs(&["connect", "/ip4/127.0.0.1/tcp/1"], &data);
+    let out = codexfs(&data, &["connect", "/ip4/127.0.0.1/tcp/1"]);
     assert!(!out.status.success());
 
     // --api reaches a node whatever the data dir.
@@ -696,12 +678,12 @@ fn client_commands_talk_to_the_running_node() {
         .output()
         .unwrap());
     assert_eq!(via_api, listing);
-    ok(codexfs(&["rm", &cid], &data));
-    let out = codexfs(&["rm", &cid], &data);
+    ok(codexfs(&data, &["rm", &cid]));
+    let out = codexfs(&data, &["rm", &cid]);
     assert_eq!(out.status.code(), Some(4));
-    let out = codexfs(&["download", "bad-cid"], &data);
+    let out = codexfs(&data, &["download", "bad-cid"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(ok(codexfs(&["ls"], &data)).is_empty());
+    assert!(ok(codexfs(&data, &["ls"])).is_empty());
 }
 
 #[test]

@@ -2,28 +2,9 @@
 //! `space`, and each error told apart by message and exit code.
 
 mod common;
-use common::random_file;
+use common::{codexfs, ok, random_file};
 
-use std::path::Path;
 use std::process::{Command, Output};
-
-fn codexfs(data_dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_codexfs"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .expect("run codexfs")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 #[test]
 fn files_round_trip_through_upload_and_download() {

@@ -3,12 +3,12 @@
 //! node's mount), M+1 losses that fail cleanly, `repair`, and `upload`/`mount --ec`.
 
 mod common;
-use common::{bin, random_bytes, random_file, Peer};
+use common::{bin, codexfs, ok, random_bytes, random_file, Peer};
 
 use std::ffi::CString;
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use codexfs::cids::cid_string;
@@ -182,24 +182,6 @@ fn protecting_twice_or_a_missing_dataset_fails_and_odd_block_sizes_are_refused()
 }
 
 // ---- the command line ----
-
-fn codexfs(data: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .arg("--data-dir")
-        .arg(data)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 fn lose(data: &Path, cid: &str, indices: &[u64]) {
     let list: Vec<String> = indices.iter().map(u64::to_string).collect();

@@ -201,3 +201,23 @@ impl Drop for Peer {
         }
     }
 }
+
+/// Runs `codexfs ARGS --data-dir DATA` to its end.
+pub fn codexfs(data: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .expect("run codexfs")
+}
+
+/// The trimmed standard output of a command that must have succeeded.
+pub fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
