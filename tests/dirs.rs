@@ -4,10 +4,9 @@
 //! and from peers; the API's listing and files by path.
 
 mod common;
-use common::{bin, codexfs, ok, random_file, Peer};
+use common::{bin, codexfs, ok, random_file, xattr, Peer};
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,19 +23,7 @@ fn sh_ok(cmd: &str) -> String {
 }
 
 fn xattr_cid(path: &Path) -> String {
-    let p = CString::new(path.to_str().unwrap()).unwrap();
-    let n = CString::new("user.codex.cid").unwrap();
-    let mut buf = vec![0u8; 256];
-    // SAFETY: valid C strings and a buffer of the size passed.
-    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(
-        len > 0,
-        "getxattr {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
-    buf.truncate(len as usize);
-    String::from_utf8(buf).unwrap()
+    xattr(path, "user.codex.cid").unwrap_or_else(|e| panic!("getxattr {}: {e}", path.display()))
 }
 
 /// A node, or a mount whose reads give up after 10 s.

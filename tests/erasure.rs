@@ -3,9 +3,8 @@
 //! node's mount), M+1 losses that fail cleanly, `repair`, and `upload`/`mount --ec`.
 
 mod common;
-use common::{bin, codexfs, ok, random_bytes, random_file, Peer};
+use common::{bin, codexfs, ok, random_bytes, random_file, xattr, Peer};
 
-use std::ffi::CString;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -248,19 +247,6 @@ fn upload_ec_download_through_losses_repair_and_m_plus_1_fails_cleanly() {
 }
 
 // ---- two nodes ----
-
-fn xattr(path: &Path, name: &str) -> std::io::Result<String> {
-    let p = CString::new(path.to_str().unwrap()).unwrap();
-    let n = CString::new(name).unwrap();
-    let mut buf = vec![0u8; 256];
-    // SAFETY: valid C strings and a buffer of the size passed.
-    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if len < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    buf.truncate(len as usize);
-    Ok(String::from_utf8(buf).unwrap())
-}
 
 /// A node, or a mount whose reads give up after 20 s, with `extra` arguments.
 fn peer(data: &Path, mount: Option<&Path>, bootstrap: Option<&str>, extra: &[&str]) -> Peer {

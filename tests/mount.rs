@@ -2,9 +2,8 @@
 //! xattr calls as a person would. Needs /dev/fuse and root (CI has both).
 
 mod common;
-use common::{bin, random_file, Log};
+use common::{bin, random_file, xattr, Log};
 
-use std::ffi::CString;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -31,19 +30,6 @@ fn sh_ok(cmd: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn xattr(path: &Path, name: &str) -> std::io::Result<String> {
-    let p = CString::new(path.to_str().unwrap()).unwrap();
-    let n = CString::new(name).unwrap();
-    let mut buf = vec![0u8; 256];
-    // SAFETY: valid C strings and a buffer of the size passed.
-    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if len < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    buf.truncate(len as usize);
-    Ok(String::from_utf8(buf).unwrap())
 }
 
 /// A running `codexfs mount`; killed and unmounted when dropped.
