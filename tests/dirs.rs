@@ -23,7 +23,10 @@ fn sh_ok(cmd: &str) -> String {
 }
 
 fn xattr_cid(path: &Path) -> String {
-    xattr(path, "user.codex.cid").unwrap_or_else(|e| panic!("getxattr {}: {e}", path.display()))
+    let cid = xattr(path, "user.codex.cid")
+        .unwrap_or_else(|e| panic!("getxattr {}: {e}", path.display()));
+    assert!(!cid.is_empty(), "getxattr {}: empty", path.display());
+    cid
 }
 
 /// A node, or a mount whose reads give up after 10 s.
