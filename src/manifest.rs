@@ -66,6 +66,12 @@ impl Manifest {
         }
     }
 
+    /// Blocks of the content: an erasure-coded dataset's data blocks, not its padding
+    /// or parity.
+    pub fn content_blocks(&self) -> u64 {
+        crate::chunker::block_count(self.content_size(), self.block_size)
+    }
+
     pub fn is_protected(&self) -> bool {
         self.erasure.is_some()
     }

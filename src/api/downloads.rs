@@ -116,7 +116,7 @@ impl From<&DownloadProgress> for ProgressJson {
         let m = &p.manifest;
         // Blocks of the content (an erasure-coded dataset's data blocks; its parity is
         // fetched or rebuilt at the end).
-        let total = crate::chunker::block_count(m.content_size(), m.block_size);
+        let total = m.content_blocks();
         let bytes = p.bytes.load(Relaxed);
         let error = p.error();
         let done = p.done.load(Relaxed);

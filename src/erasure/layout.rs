@@ -58,7 +58,7 @@ impl Layout {
         if e.ec_k == 0 || e.ec_m == 0 || e.ec_k > 65536 || e.ec_m > 65536 {
             return Err(bad(format!("erasure coding {},{}", e.ec_k, e.ec_m)));
         }
-        let blocks = crate::chunker::block_count(e.original_dataset_size, manifest.block_size);
+        let blocks = manifest.content_blocks();
         let layout = Self::new(blocks, e.ec_k, e.ec_m);
         if layout.total != manifest.block_count() {
             return Err(bad(format!(

@@ -30,10 +30,7 @@ impl Dataset {
     /// Bytes a reader yields: for an erasure-coded dataset, the original bytes.
     pub fn size(&self) -> u64 {
         match self {
-            Dataset::Manifest(_, m) => match &m.erasure {
-                Some(e) => e.original_dataset_size,
-                None => m.dataset_size,
-            },
+            Dataset::Manifest(_, m) => m.content_size(),
             Dataset::Block(_, size) => *size,
         }
     }
@@ -42,10 +39,7 @@ impl Dataset {
     /// padding or parity).
     pub fn block_count(&self) -> u64 {
         match self {
-            Dataset::Manifest(_, m) => match &m.erasure {
-                Some(e) => crate::chunker::block_count(e.original_dataset_size, m.block_size),
-                None => m.block_count(),
-            },
+            Dataset::Manifest(_, m) => m.content_blocks(),
             Dataset::Block(..) => 1,
         }
     }
