@@ -273,7 +273,7 @@ fn the_consistency_check_finds_a_missing_block() {
 }
 
 #[test]
-fn reclaiming_space_shrinks_blob_files_after_deletes() {
+fn deleted_blocks_give_their_disk_space_back() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path(), BIG, DAY);
     let keep = node
@@ -283,14 +283,14 @@ fn reclaiming_space_shrinks_blob_files_after_deletes() {
         .store(&random_bytes(40 << 20, 21)[..], None, None)
         .unwrap();
     node.repo().reclaim_space().unwrap(); // settle everything into blob files
-    let before = node.repo().blob_bytes_on_disk().unwrap();
+    let before = node.repo().block_bytes_on_disk().unwrap();
     assert!(before >= 44 << 20, "{before}");
     assert!(node.delete(&gone).unwrap());
     node.repo().reclaim_space().unwrap();
-    let after = node.repo().blob_bytes_on_disk().unwrap();
+    let after = node.repo().block_bytes_on_disk().unwrap();
     assert!(
         after < 10 << 20,
-        "blob files still hold {after} bytes after deleting 40 MiB of 44"
+        "blocks still take {after} bytes on disk after deleting 40 MiB of 44"
     );
     assert_eq!(read_all(&node, &keep).len(), 4 << 20);
     assert_consistent(&node);
@@ -364,4 +364,72 @@ fn fetched_leaves_of_an_adopted_dataset_stay_until_it_expires() {
     assert_eq!(report, 0);
     assert!(dst.repo().leaf(&m.tree_cid, 0).unwrap().is_some());
     assert_consistent(&dst);
+}
+
+/// Past its first 4 MiB an upload's blocks go to pack files: a quota failure there leaves
+/// no counted bytes and no pack bytes behind (the check counts both).
+#[test]
+fn exceeding_the_quota_in_pack_files_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), 12 << 20, DAY);
+    let first = random_bytes(8 << 20, 30);
+    let c = node.store(&first[..], None, None).unwrap();
+    let before = node.repo().space();
+    let on_disk = node.repo().block_bytes_on_disk().unwrap();
+    match node.store(&random_bytes(16 << 20, 31)[..], None, None) {
+        Err(Error::QuotaExceeded { .. }) => {}
+        other => panic!("expected QuotaExceeded, got {other:?}"),
+    }
+    assert_eq!(node.repo().space(), before);
+    let after = node.repo().block_bytes_on_disk().unwrap();
+    assert!(
+        after <= on_disk + (64 << 10),
+        "a refused upload left {} bytes on disk",
+        after - on_disk
+    );
+    assert_eq!(read_all(&node, &c), first);
+    assert_consistent(&node);
+}
+
+/// A block whose bytes changed on disk is an error when read, never served, and the
+/// consistency check names it.
+#[test]
+fn a_changed_byte_in_a_pack_file_is_an_error_not_data() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(8 << 20, 32);
+    let cid = {
+        let node = node(dir.path(), BIG, DAY);
+        node.store(&data[..], None, None).unwrap()
+    };
+    let pack = std::fs::read_dir(dir.path().join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "pack"))
+        .expect("a pack file");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, 1000).unwrap();
+    f.write_all_at(&[byte[0] ^ 0xff], 1000).unwrap();
+    drop(f);
+
+    let node = node(dir.path(), BIG, DAY);
+    let mut out = Vec::new();
+    let err = node
+        .retrieve(&cid)
+        .unwrap()
+        .read_to_end(&mut out)
+        .expect_err("a corrupt block must not read");
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert_ne!(out, data);
+    let r = node.repo().check_consistency().unwrap();
+    assert!(
+        r.problems.iter().any(|p| p.contains("checksum")),
+        "{:#?}",
+        r.problems
+    );
 }

@@ -44,13 +44,40 @@ impl RepoStore {
         let mut problems = Vec::new();
         let mut refs: HashMap<Vec<u8>, u64> = HashMap::new();
         let (mut used, mut count) = (0u64, 0u64);
-        for item in self.db.iterator_cf(self.cf(CF_BLOCKS), IteratorMode::Start) {
+        let mut buf = Vec::new();
+        let mut packed = 0u64;
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_BLOCK_META), IteratorMode::Start)
+        {
             let (k, v) = item?;
-            used += v.len() as u64;
+            let m = BlockMeta::decode(&v)?;
+            used += m.size;
             count += 1;
+            match m.location {
+                Some(loc) => {
+                    packed += m.size.div_ceil(4096) * 4096;
+                    buf.resize(m.size as usize, 0);
+                    if let Err(e) = self.packs.read(&loc, &mut buf) {
+                        problems.push(format!("block {k:02x?}: {e}"));
+                    }
+                }
+                None => match self.db.get_pinned_cf(self.cf(CF_BLOCKS), &k)? {
+                    Some(b) if b.len() as u64 == m.size => {}
+                    Some(b) => problems.push(format!(
+                        "block {k:02x?}: {} bytes stored, metadata says {}",
+                        b.len(),
+                        m.size
+                    )),
+                    None => problems.push(format!("block {k:02x?}: bytes missing")),
+                },
+            }
+        }
+        for item in self.db.iterator_cf(self.cf(CF_BLOCKS), IteratorMode::Start) {
+            let (k, _) = item?;
             match self.block_meta_raw(&k)? {
-                Some(m) if m.size == v.len() as u64 => {}
-                other => problems.push(format!("block {k:02x?}: metadata {other:?}")),
+                Some(m) if m.location.is_none() => {}
+                other => problems.push(format!("block {k:02x?} stored with metadata {other:?}")),
             }
         }
         for item in self.db.iterator_cf(self.cf(CF_LEAVES), IteratorMode::Start) {
@@ -90,11 +117,7 @@ impl RepoStore {
             }
             for i in 0..m.block_count() {
                 match self.leaf_block(&m.tree_cid, i)? {
-                    Some(b)
-                        if self
-                            .db
-                            .get_pinned_cf(self.cf(CF_BLOCKS), b.to_bytes())?
-                            .is_some() => {}
+                    Some(b) if self.block_meta_raw(&b.to_bytes())?.is_some() => {}
                     Some(b) => problems.push(format!("dataset {cid}: leaf {i} block {b} missing")),
                     None => problems.push(format!("dataset {cid}: leaf {i} missing")),
                 }
@@ -114,6 +137,14 @@ impl RepoStore {
                     m.refs
                 ));
             }
+        }
+        // Bytes no block owns would be at least a block; the file system's extent blocks
+        // are a few KiB.
+        let on_disk = self.packs.bytes_on_disk()?;
+        if on_disk > packed + (64 << 10) + packed / 256 {
+            problems.push(format!(
+                "pack files hold {on_disk} bytes on disk, blocks in them only {packed}"
+            ));
         }
         let c = *lock(&self.counters);
         if c.used_bytes != used {

@@ -249,11 +249,12 @@ impl RepoStore {
         Ok(false)
     }
 
-    /// Bytes of the blob files holding block data on disk.
-    pub fn blob_bytes_on_disk(&self) -> Result<u64> {
-        Ok(self
+    /// Bytes that block data takes on disk: RocksDB's blob files and the pack files.
+    pub fn block_bytes_on_disk(&self) -> Result<u64> {
+        let blobs = self
             .db
             .property_int_value_cf(self.cf(CF_BLOCKS), "rocksdb.total-blob-file-size")?
-            .unwrap_or(0))
+            .unwrap_or(0);
+        Ok(blobs + self.packs.bytes_on_disk()?)
     }
 }

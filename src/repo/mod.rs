@@ -1,4 +1,5 @@
-//! The repo store: blocks, their metadata, dataset trees and manifests in RocksDB.
+//! The repo store: blocks, their metadata, dataset trees and manifests in RocksDB, and the
+//! bytes of large blocks in pack files beside it ([`packs`]).
 //!
 //! Every change that moves the quota or the block count is one WriteBatch together with
 //! the counters (see [`txn`]). Work that spans batches (an upload, the release of a deleted
@@ -12,6 +13,7 @@ mod faults;
 mod lifecycle;
 mod lock;
 mod names;
+pub mod packs;
 pub mod schema;
 mod txn;
 mod uploads;
@@ -94,10 +96,7 @@ pub struct RepoStore {
     block_ttl: Duration,
     /// Bytes of blocks deleted since blob files were last compacted (see `reclaim_space`).
     freed_since_reclaim: AtomicU64,
-    /// Counts batches of block bytes written without the WAL, and how many of them a
-    /// completed flush of the blocks column family is known to cover.
-    unlogged_writes: AtomicU64,
-    flushed_writes: AtomicU64,
+    packs: packs::Packs,
     path: PathBuf,
     _lock: DataDirLock,
 }
@@ -122,6 +121,7 @@ impl RepoStore {
         let dir_lock = DataDirLock::acquire(dir)?;
         let path = dir.join("repo");
         let db = open_db(&path)?;
+        let packs = packs::Packs::open(&dir.join("packs"))?;
         let counters = match db.get(COUNTERS_KEY)? {
             Some(b) => Counters::decode(&b)?,
             None => Counters::default(),
@@ -133,12 +133,14 @@ impl RepoStore {
             quota_max: config.quota_max,
             block_ttl: config.block_ttl,
             freed_since_reclaim: AtomicU64::new(0),
-            unlogged_writes: AtomicU64::new(0),
-            flushed_writes: AtomicU64::new(0),
+            packs,
             path,
             _lock: dir_lock,
         };
         repo.recover()?;
+        if repo.packs.crashed() {
+            repo.punch_orphaned_pack_bytes()?;
+        }
         Ok(Arc::new(repo))
     }
 
@@ -148,30 +150,65 @@ impl RepoStore {
             .expect("column families are created at open")
     }
 
+    /// A synced write first makes every pack byte written so far durable, so that no
+    /// record a power loss keeps names bytes it lost.
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        if sync {
+            self.packs.sync()?;
+        }
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
         self.db.write_opt(batch, &opts)?;
         Ok(())
     }
 
-    fn write_without_wal(&self, batch: WriteBatch) -> Result<()> {
-        let mut opts = WriteOptions::default();
-        opts.disable_wal(true);
-        self.db.write_opt(batch, &opts)?;
-        self.unlogged_writes.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+    /// Writes to pack files the bytes of those `(cid, data)` blocks that are large and
+    /// not stored yet, outside every lock, for a [`Txn`] to record (see
+    /// [`Txn::use_prewritten`]). Each CID is written once.
+    fn prewrite<'d>(
+        &self,
+        blocks: impl IntoIterator<Item = (Vec<u8>, &'d [u8])>,
+    ) -> Result<std::collections::HashMap<Vec<u8>, (packs::PackLocation, u64)>> {
+        let mut out = std::collections::HashMap::new();
+        for (cid, data) in blocks {
+            if data.len() < packs::PACK_MIN_BLOCK
+                || out.contains_key(&cid)
+                || self.block_meta_raw(&cid)?.is_some()
+            {
+                continue;
+            }
+            match self.packs.append(data) {
+                Ok(loc) => {
+                    out.insert(cid, (loc, data.len() as u64));
+                }
+                Err(e) => {
+                    for (loc, size) in out.values() {
+                        self.packs.punch(loc, *size);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
     }
 
-    /// Makes every block byte written without the WAL so far durable (a flush of the
-    /// blocks column family), unless a flush already covered them.
-    fn persist_unlogged_blocks(&self) -> Result<()> {
-        let upto = self.unlogged_writes.load(Ordering::SeqCst);
-        if self.flushed_writes.load(Ordering::SeqCst) >= upto {
-            return Ok(());
+    /// After a crash: frees the pack bytes of blocks whose records never committed.
+    fn punch_orphaned_pack_bytes(&self) -> Result<()> {
+        let mut live: std::collections::BTreeMap<u32, Vec<(u64, u64)>> = Default::default();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_BLOCK_META), IteratorMode::Start)
+        {
+            let (_, v) = item?;
+            let m = BlockMeta::decode(&v)?;
+            if let Some(loc) = m.location {
+                live.entry(loc.pack).or_default().push((loc.offset, m.size));
+            }
         }
-        self.db.flush_cf(self.cf(CF_BLOCKS))?;
-        self.flushed_writes.fetch_max(upto, Ordering::SeqCst);
+        let punched = self.packs.punch_gaps(&live)?;
+        if punched > 0 {
+            tracing::info!(bytes = punched, "freed pack bytes orphaned by a crash");
+        }
         Ok(())
     }
 
@@ -250,18 +287,68 @@ impl RepoStore {
     // ---- reads ----
 
     pub fn get_block(&self, cid: &Cid) -> Result<Option<Bytes>> {
+        let key = cid.to_bytes();
+        let Some(meta) = self.block_meta_raw(&key)? else {
+            return Ok(None);
+        };
+        if meta.location.is_none() {
+            return Ok(self
+                .db
+                .get_pinned_cf(self.cf(CF_BLOCKS), &key)?
+                .map(|b| Bytes::copy_from_slice(&b)));
+        }
+        let mut buf = Vec::new();
         Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_BLOCKS), cid.to_bytes())?
-            .map(|b| Bytes::copy_from_slice(&b)))
+            .read_packed(&key, meta, &mut buf)?
+            .then(|| Bytes::from(buf)))
     }
 
-    /// Calls `f` with the stored bytes of `cid` without copying them out of RocksDB.
+    /// Calls `f` with the stored bytes of `cid`, without copying them again: RocksDB's
+    /// pinned value, or a per-thread buffer read from the pack.
     pub fn with_block<T>(&self, cid: &Cid, f: impl FnOnce(&[u8]) -> T) -> Result<Option<T>> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_BLOCKS), cid.to_bytes())?
-            .map(|b| f(&b)))
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let key = cid.to_bytes();
+        let Some(meta) = self.block_meta_raw(&key)? else {
+            return Ok(None);
+        };
+        if meta.location.is_none() {
+            return Ok(self
+                .db
+                .get_pinned_cf(self.cf(CF_BLOCKS), &key)?
+                .map(|b| f(&b)));
+        }
+        let mut buf = BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        let found = self.read_packed(&key, meta, &mut buf);
+        let out = match found {
+            Ok(true) => Ok(Some(f(&buf))),
+            Ok(false) => Ok(None),
+            Err(e) => Err(e),
+        };
+        BUF.with(|b| *b.borrow_mut() = buf);
+        out
+    }
+
+    /// Reads a block that `meta` places in a pack into `buf`. A block deleted (and its
+    /// space punched) while it was read reads as gone, not as corrupt.
+    fn read_packed(&self, key: &[u8], mut meta: BlockMeta, buf: &mut Vec<u8>) -> Result<bool> {
+        loop {
+            let Some(loc) = meta.location else {
+                return Err(Error::Corrupt(format!(
+                    "block {key:02x?} moved out of its pack"
+                )));
+            };
+            buf.resize(meta.size as usize, 0);
+            match self.packs.read(&loc, buf) {
+                Ok(()) => return Ok(true),
+                Err(e) => match self.block_meta_raw(key)? {
+                    None => return Ok(false),
+                    Some(now) if now.location != Some(loc) => meta = now,
+                    Some(_) => return Err(e),
+                },
+            }
+        }
     }
 
     pub fn has_block(&self, cid: &Cid) -> Result<bool> {

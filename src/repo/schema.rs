@@ -2,8 +2,8 @@
 //!
 //! | column family | key | value |
 //! |---|---|---|
-//! | `blocks` | block CID | block bytes (blob files) |
-//! | `block_meta` | block CID | [`BlockMeta`]: reference count, expiry, size |
+//! | `blocks` | block CID | bytes of blocks not in a pack file (blob files); see [`super::packs`] |
+//! | `block_meta` | block CID | [`BlockMeta`]: reference count, expiry, size, pack location |
 //! | `leaves` | treeCid ‖ index (u64 BE) | [`LeafRecord`]: block CID, CodexProof |
 //! | `trees` | treeCid | [`TreeRecord`]: datasets using it, leaf count |
 //! | `datasets` | manifest CID | [`DatasetRecord`]: stored-at, expiry |
@@ -24,6 +24,7 @@ use cid::Cid;
 use crate::cids::cid_from_bytes;
 use crate::error::{Error, Result};
 use crate::merkle::MerkleProof;
+pub use super::packs::PackLocation;
 
 pub const CF_BLOCKS: &str = "blocks";
 pub const CF_BLOCK_META: &str = "block_meta";
@@ -67,23 +68,46 @@ pub struct BlockMeta {
     /// Unix seconds after which an unreferenced block may be swept.
     pub expiry: u64,
     pub size: u64,
+    /// Where the bytes are when they are in a pack file; `None`: in the `blocks` column
+    /// family.
+    pub location: Option<PackLocation>,
 }
 
 impl BlockMeta {
-    pub fn encode(&self) -> [u8; 24] {
-        let mut b = [0u8; 24];
-        b[..8].copy_from_slice(&self.refs.to_le_bytes());
-        b[8..16].copy_from_slice(&self.expiry.to_le_bytes());
-        b[16..].copy_from_slice(&self.size.to_le_bytes());
+    /// `refs ‖ expiry ‖ size` (u64 LE), then for a block in a pack
+    /// `pack (u32 LE) ‖ crc (u32 LE) ‖ offset (u64 LE)`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(40);
+        b.extend_from_slice(&self.refs.to_le_bytes());
+        b.extend_from_slice(&self.expiry.to_le_bytes());
+        b.extend_from_slice(&self.size.to_le_bytes());
+        if let Some(l) = &self.location {
+            b.extend_from_slice(&l.pack.to_le_bytes());
+            b.extend_from_slice(&l.crc.to_le_bytes());
+            b.extend_from_slice(&l.offset.to_le_bytes());
+        }
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
-        check_len(b, 24, "block meta")?;
+        let location = match b.len() {
+            24 => None,
+            40 => Some(PackLocation {
+                pack: u32::from_le_bytes(b[24..28].try_into().expect("4 bytes")),
+                crc: u32::from_le_bytes(b[28..32].try_into().expect("4 bytes")),
+                offset: u64_at(b, 4),
+            }),
+            n => {
+                return Err(Error::Corrupt(format!(
+                    "block meta record has {n} bytes, expected 24 or 40"
+                )))
+            }
+        };
         Ok(Self {
             refs: u64_at(b, 0),
             expiry: u64_at(b, 1),
             size: u64_at(b, 2),
+            location,
         })
     }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use rocksdb::WriteBatch;
 
-use super::schema::{BlockMeta, Counters, CF_BLOCKS, CF_BLOCK_META, COUNTERS_KEY};
+use super::schema::{BlockMeta, Counters, PackLocation, CF_BLOCKS, CF_BLOCK_META, COUNTERS_KEY};
 use super::RepoStore;
 use crate::error::{Error, Result};
 
@@ -14,9 +14,14 @@ use crate::error::{Error, Result};
 pub(super) struct Txn<'a> {
     repo: &'a RepoStore,
     pub batch: WriteBatch,
-    /// Block bytes to write without the WAL, after `batch` (see `RepoStore::put_blocks`).
-    data: Option<WriteBatch>,
     metas: HashMap<Vec<u8>, Option<BlockMeta>>,
+    /// Bytes already written to pack files for blocks this change may add, by CID (see
+    /// [`RepoStore::prewrite`]); those left unused are punched after the commit.
+    prewritten: HashMap<Vec<u8>, (PackLocation, u64)>,
+    /// Pack blocks this change adds (punched if it fails) and deletes (punched once it
+    /// commits), with their sizes.
+    packed: Vec<(PackLocation, u64)>,
+    unpacked: Vec<(PackLocation, u64)>,
     added_bytes: u64,
     freed_bytes: u64,
     added_blocks: u64,
@@ -28,8 +33,10 @@ impl<'a> Txn<'a> {
         Self {
             repo,
             batch: WriteBatch::default(),
-            data: None,
             metas: HashMap::new(),
+            prewritten: HashMap::new(),
+            packed: Vec::new(),
+            unpacked: Vec::new(),
             added_bytes: 0,
             freed_bytes: 0,
             added_blocks: 0,
@@ -37,20 +44,17 @@ impl<'a> Txn<'a> {
         }
     }
 
-    /// Room for about `bytes` of new block bytes in the batch they go to, so that
-    /// filling it does not copy them again as it grows.
+    /// Room for about `bytes` in the batch, so that filling it does not copy it again as it
+    /// grows.
     pub fn reserve(&mut self, bytes: usize) {
-        let fresh = WriteBatch::with_capacity_bytes(bytes);
-        match &mut self.data {
-            Some(d) if d.is_empty() => *d = fresh,
-            None if self.batch.is_empty() => self.batch = fresh,
-            _ => {}
+        if self.batch.is_empty() {
+            self.batch = WriteBatch::with_capacity_bytes(bytes);
         }
     }
 
-    /// New block bytes go into a second batch written without the WAL (large uploads).
-    pub fn data_without_wal(&mut self) {
-        self.data.get_or_insert_with(WriteBatch::default);
+    /// New blocks with bytes already in a pack file are recorded at these locations.
+    pub fn use_prewritten(&mut self, prewritten: HashMap<Vec<u8>, (PackLocation, u64)>) {
+        self.prewritten = prewritten;
     }
 
     fn meta(&mut self, cid: &[u8]) -> Result<Option<BlockMeta>> {
@@ -62,8 +66,8 @@ impl<'a> Txn<'a> {
         Ok(m)
     }
 
-    /// Adds one reference to a block, storing its bytes if it is new. `data` is only read
-    /// when the block is not stored yet.
+    /// Adds one reference to a block, storing its bytes if it is new (in the batch, unless
+    /// they were prewritten to a pack). `data` is only read when the block is not stored.
     pub fn add_ref(&mut self, cid: &[u8], data: &[u8], expiry: u64) -> Result<()> {
         let meta = match self.meta(cid)? {
             Some(mut m) => {
@@ -72,17 +76,19 @@ impl<'a> Txn<'a> {
                 m
             }
             None => {
-                let cf = self.repo.cf(CF_BLOCKS);
-                match &mut self.data {
-                    Some(d) => d.put_cf(cf, cid, data),
-                    None => self.batch.put_cf(cf, cid, data),
+                let size = data.len() as u64;
+                let location = self.prewritten.remove(cid).map(|(loc, _)| loc);
+                match location {
+                    Some(loc) => self.packed.push((loc, size)),
+                    None => self.batch.put_cf(self.repo.cf(CF_BLOCKS), cid, data),
                 }
-                self.added_bytes += data.len() as u64;
+                self.added_bytes += size;
                 self.added_blocks += 1;
                 BlockMeta {
                     refs: 1,
                     expiry,
-                    size: data.len() as u64,
+                    size,
+                    location,
                 }
             }
         };
@@ -108,7 +114,10 @@ impl<'a> Txn<'a> {
 
     /// Deletes an unreferenced block whose metadata the caller has read.
     pub fn drop_block(&mut self, cid: &[u8], meta: BlockMeta) {
-        self.batch.delete_cf(self.repo.cf(CF_BLOCKS), cid);
+        match meta.location {
+            Some(loc) => self.unpacked.push((loc, meta.size)),
+            None => self.batch.delete_cf(self.repo.cf(CF_BLOCKS), cid),
+        }
         self.freed_bytes += meta.size;
         self.freed_blocks += 1;
         self.metas.insert(cid.to_vec(), None);
@@ -117,11 +126,17 @@ impl<'a> Txn<'a> {
     /// Writes the batch with the new counters, or fails with `QuotaExceeded` and writes
     /// nothing. `counters` is the caller's locked copy; it is updated only on success.
     pub fn commit(self, counters: &mut Counters, sync: bool) -> Result<()> {
+        let packs = &self.repo.packs;
+        let unused = self.prewritten.values().copied();
         let mut next = *counters;
         next.used_bytes = (next.used_bytes + self.added_bytes).saturating_sub(self.freed_bytes);
         next.total_blocks =
             (next.total_blocks + self.added_blocks).saturating_sub(self.freed_blocks);
         if self.added_bytes > self.freed_bytes && next.used_bytes > self.repo.quota_max {
+            // Nothing of it is recorded: give back the pack space it was to use.
+            for (loc, size) in unused.chain(self.packed.iter().copied()) {
+                packs.punch(&loc, size);
+            }
             return Err(Error::QuotaExceeded {
                 needed: self.added_bytes - self.freed_bytes,
                 available: self.repo.quota_max.saturating_sub(counters.used_bytes),
@@ -137,11 +152,16 @@ impl<'a> Txn<'a> {
             }
         }
         batch.put(COUNTERS_KEY, next.encode());
-        self.repo.write(batch, sync)?;
-        // Metadata first, bytes second: a crash between them leaves a journalled block
-        // without bytes, which recovery releases; never bytes that nothing counts.
-        if let Some(data) = self.data.filter(|d| !d.is_empty()) {
-            self.repo.write_without_wal(data)?;
+        if let Err(e) = self.repo.write(batch, sync) {
+            for (loc, size) in unused.chain(self.packed.iter().copied()) {
+                packs.punch(&loc, size);
+            }
+            return Err(e);
+        }
+        // Prewritten bytes of blocks that turned out to be stored already, and the bytes of
+        // deleted blocks, are no longer named by any record.
+        for (loc, size) in unused.chain(self.unpacked.iter().copied()) {
+            packs.punch(&loc, size);
         }
         self.repo.note_freed(self.freed_bytes);
         crate::metrics::metrics()

@@ -89,8 +89,14 @@ impl RepoStore {
     /// (block CID and proof), all in one batch. Each leaf record holds a reference.
     pub fn put_fetched_leaves(&self, leaves: &[(Cid, u64, LeafRecord, Bytes)]) -> Result<()> {
         let expiry = self.expiry_from_now();
+        let prewritten = self.prewrite(
+            leaves
+                .iter()
+                .map(|(_, _, record, data)| (record.block.to_bytes(), &data[..])),
+        )?;
         let mut counters = lock(&self.counters);
         let mut t = Txn::new(self);
+        t.use_prewritten(prewritten);
         let mut seen = std::collections::HashSet::new();
         for (tree, index, record, data) in leaves {
             let key = leaf_key(tree, *index);
@@ -148,14 +154,14 @@ pub struct Upload<'a> {
     repo: &'a RepoStore,
     id: u64,
     finished: bool,
-    /// Block bytes put so far; past `UNLOGGED_AFTER` they skip the WAL.
+    /// Block bytes put so far; past `INLINE_UPLOAD_BYTES` they go to pack files.
     bytes_put: AtomicU64,
 }
 
-/// Uploads write their first bytes through the WAL, so small files commit without a
-/// flush; beyond this, block bytes skip the WAL (it would write them a second time) and
-/// the commit flushes them instead.
-const UNLOGGED_AFTER: u64 = 4 << 20;
+/// An upload's first bytes go into RocksDB with its records, so a small file commits with
+/// one synced write; beyond this, block bytes go to pack files (one copy instead of
+/// RocksDB's three), which the commit syncs.
+const INLINE_UPLOAD_BYTES: u64 = 4 << 20;
 
 impl Upload<'_> {
     /// Stores blocks `start, start+1, …` of the dataset, each with its CID, in one batch.
@@ -185,14 +191,21 @@ impl Upload<'_> {
             ));
         }
         let size: u64 = blocks.iter().map(|(_, _, d)| d.len() as u64).sum();
-        let unlogged = self.bytes_put.fetch_add(size, Ordering::Relaxed) >= UNLOGGED_AFTER;
+        let packed = self.bytes_put.fetch_add(size, Ordering::Relaxed) >= INLINE_UPLOAD_BYTES;
+        let prewritten = match packed {
+            true => self.repo.prewrite(
+                keys.iter()
+                    .zip(blocks)
+                    .map(|((_, cid), (_, _, data))| (cid.clone(), *data)),
+            )?,
+            false => Default::default(),
+        };
         let mut counters = lock(&self.repo.counters);
         let mut t = Txn::new(self.repo);
-        if unlogged {
-            t.data_without_wal();
-        }
         // Keys, journal entries and record headers: well under 256 bytes a block.
-        t.reserve(size as usize + blocks.len() * 256);
+        let inline = if packed { 0 } else { size as usize };
+        t.reserve(inline + blocks.len() * 256);
+        t.use_prewritten(prewritten);
         for ((jk, cid), (_, _, data)) in keys.iter().zip(blocks) {
             t.add_ref(cid, data, expiry)?;
             t.batch.put_cf(self.repo.cf(CF_JOURNAL), jk, cid);
@@ -251,9 +264,6 @@ impl Upload<'_> {
             repo.write(batch, false)?;
         }
 
-        // Every block the dataset names (its own, or another upload's it shares) must be
-        // on disk before the dataset record is.
-        repo.persist_unlogged_blocks()?;
         let now = unix_now();
         let record = DatasetRecord {
             stored_at: now,
@@ -292,7 +302,8 @@ impl Upload<'_> {
                     JournalKey::UploadTree { upload: self.id }.encode(),
                 );
             }
-            // Synced: once the caller has the CID, the dataset survives a power loss too.
+            // Synced (and so are the packs first): once the caller has the CID, the dataset
+            // and every block it names, its own or another upload's, survive a power loss.
             t.commit(&mut counters, true)?;
             new_dataset
         };
