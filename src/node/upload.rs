@@ -1,8 +1,8 @@
 //! The upload pipeline: reader → chunker → hashers (one per core) → repo → tree → manifest.
 //!
-//! One thread reads batches of blocks; two workers hash them and put them into the repo
-//! through the upload's journal. Batches are queued two deep, so memory stays a few MiB
-//! whatever the input size; the tree keeps 32 bytes per block.
+//! One thread reads batches of blocks; three workers hash them and put them into the repo
+//! through the upload's journal. Batches are queued a few deep and their buffers reused,
+//! so memory stays a few MiB whatever the input size; the tree keeps 32 bytes per block.
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +20,11 @@ use crate::repo::RepoStore;
 
 /// Bytes read per batch (rounded to whole blocks).
 const BATCH_BYTES: usize = 1 << 20;
-const HASH_WORKERS: usize = 2;
+/// One more than the two cores: a worker spends part of each batch blocked (writing it
+/// to its pack file, whose inode lock writers share, and to RocksDB), and the third
+/// keeps both cores hashing meanwhile (1 GiB uploads: 1.26 s with two, 1.0–1.1 s with
+/// three, no better with four).
+const HASH_WORKERS: usize = 3;
 
 /// Where hashed blocks go: the repo for an upload, nowhere for `codexfs cid`.
 trait BlockSink: Sync {

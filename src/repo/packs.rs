@@ -55,16 +55,41 @@ fn pack_id(name: &str) -> Option<u32> {
     name.strip_suffix(".pack")?.parse().ok()
 }
 
-/// The pack new blocks are appended to.
+/// Packs written at once: concurrent writers to one file queue on its inode lock (and
+/// spin on it, burning the CPU that hashing needs), so each writer thread appends to one
+/// of these by turns.
+const STRIPES: usize = 3;
+
+/// A pack new blocks are appended to.
 struct Active {
     id: u32,
     file: Option<Arc<File>>,
     end: u64,
 }
 
+/// Which of the active packs this thread appends to.
+fn stripe() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+    STRIPE.with(|s| match s.get() {
+        Some(i) => i,
+        None => {
+            let i = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+            s.set(Some(i));
+            i
+        }
+    })
+}
+
 pub struct Packs {
     dir: PathBuf,
-    active: Mutex<Active>,
+    active: Vec<Mutex<Active>>,
+    /// The id the next new pack gets.
+    next_id: Mutex<u32>,
     files: RwLock<HashMap<u32, Arc<File>>>,
     /// Packs written since their last sync, and whether a pack was created since the
     /// directory was last synced.
@@ -86,31 +111,43 @@ impl Packs {
         let marker = dir.join(OPEN_MARKER);
         let crashed = marker.exists();
         File::create(&marker)?;
-        let mut last = None;
+        let mut ids = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             if let Some(id) = entry.file_name().to_str().and_then(pack_id) {
-                last = last.max(Some(id));
+                ids.push(id);
             }
         }
+        ids.sort_unstable();
         let packs = Self {
             dir: dir.to_path_buf(),
-            active: Mutex::new(Active {
-                id: last.unwrap_or(0),
-                file: None,
-                end: PACK_BYTES, // a new pack on first write, unless the last has room
-            }),
+            active: (0..STRIPES)
+                .map(|_| {
+                    Mutex::new(Active {
+                        id: 0,
+                        file: None,
+                        end: 0,
+                    })
+                })
+                .collect(),
+            next_id: Mutex::new(ids.last().map_or(1, |id| id + 1)),
             files: RwLock::new(HashMap::new()),
             unsynced: Mutex::new((BTreeSet::new(), false)),
             crashed,
         };
-        if let Some(id) = last {
+        // The newest packs with room take new blocks again, after their ends.
+        let mut stripes = packs.active.iter();
+        for &id in ids.iter().rev().take(STRIPES) {
             let file = packs.file(id)?;
             let end = align_up(file.metadata()?.len());
             if end < PACK_BYTES {
-                let mut a = lock(&packs.active);
-                a.file = Some(file);
-                a.end = end;
+                if let Some(stripe) = stripes.next() {
+                    *lock(stripe) = Active {
+                        id,
+                        file: Some(file),
+                        end,
+                    };
+                }
             }
         }
         Ok(packs)
@@ -149,9 +186,13 @@ impl Packs {
         let crc = crc32fast::hash(data);
         let len = data.len() as u64;
         let (id, file, offset) = {
-            let mut a = lock(&self.active);
+            let mut a = lock(&self.active[stripe()]);
             if a.file.is_none() || a.end + len > PACK_BYTES {
-                let id = a.id + 1;
+                let id = {
+                    let mut next = lock(&self.next_id);
+                    *next += 1;
+                    *next - 1
+                };
                 let file = Arc::new(
                     OpenOptions::new()
                         .read(true)
@@ -366,9 +407,18 @@ mod tests {
         };
         let packs = Packs::open(dir.path()).unwrap();
         assert!(!packs.crashed());
-        let next = packs.append(&data).unwrap();
-        assert_eq!(next.pack, keep.pack);
-        assert_eq!(next.offset, gone.offset + (1 << 20));
+        // Whichever active pack each writer gets, nothing stored is written over.
+        std::thread::scope(|s| {
+            for _ in 0..STRIPES {
+                s.spawn(|| {
+                    let next = packs.append(&data).unwrap();
+                    assert!(
+                        next.pack != keep.pack || next.offset >= gone.offset + (1 << 20),
+                        "{next:?} overwrites {keep:?} or {gone:?}"
+                    );
+                });
+            }
+        });
         let mut out = vec![0; 1 << 20];
         packs.read(&keep, &mut out).unwrap();
         assert_eq!(out, data);
