@@ -169,27 +169,25 @@ impl RepoStore {
         &self,
         blocks: impl IntoIterator<Item = (Vec<u8>, &'d [u8])>,
     ) -> Result<std::collections::HashMap<Vec<u8>, (packs::PackLocation, u64)>> {
-        let mut out = std::collections::HashMap::new();
+        let mut new: Vec<(Vec<u8>, &[u8])> = Vec::new();
         for (cid, data) in blocks {
-            if data.len() < packs::PACK_MIN_BLOCK
-                || out.contains_key(&cid)
-                || self.block_meta_raw(&cid)?.is_some()
+            if data.len() >= packs::PACK_MIN_BLOCK
+                && !new.iter().any(|(c, _)| *c == cid)
+                && self.block_meta_raw(&cid)?.is_none()
             {
-                continue;
-            }
-            match self.packs.append(data) {
-                Ok(loc) => {
-                    out.insert(cid, (loc, data.len() as u64));
-                }
-                Err(e) => {
-                    for (loc, size) in out.values() {
-                        self.packs.punch(loc, *size);
-                    }
-                    return Err(e);
-                }
+                new.push((cid, data));
             }
         }
-        Ok(out)
+        if new.is_empty() {
+            return Ok(Default::default());
+        }
+        let datas: Vec<&[u8]> = new.iter().map(|(_, d)| *d).collect();
+        let locations = self.packs.append_all(&datas)?;
+        Ok(new
+            .into_iter()
+            .zip(locations)
+            .map(|((cid, data), loc)| (cid, (loc, data.len() as u64)))
+            .collect())
     }
 
     /// After a crash: frees the pack bytes of blocks whose records never committed.

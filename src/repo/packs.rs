@@ -29,8 +29,7 @@ pub const PACK_MIN_BLOCK: usize = 4096;
 /// A pack is closed to new blocks past this size.
 const PACK_BYTES: u64 = 1 << 30;
 const ALIGN: u64 = 4096;
-/// Writeback of a pack is started every this many bytes, so the sync that ends an upload
-/// finds little left to write.
+/// Writeback of a pack is started every this many bytes.
 const WRITEBACK_BYTES: u64 = 8 << 20;
 /// Marks a pack directory in use; still there at open means the last process died.
 const OPEN_MARKER: &str = "open";
@@ -180,14 +179,20 @@ impl Packs {
         Ok(f)
     }
 
-    /// Writes a block's bytes and says where they are. Called without the repo's locks:
-    /// writers reserve disjoint ranges and write them concurrently.
+    /// Writes a block's bytes and says where they are.
     pub fn append(&self, data: &[u8]) -> Result<PackLocation> {
-        let crc = crc32fast::hash(data);
-        let len = data.len() as u64;
+        Ok(self.append_all(&[data])?[0])
+    }
+
+    /// Writes blocks' bytes, one after another, and says where each is.
+    /// Called without the repo's locks: writers reserve disjoint ranges and write them
+    /// concurrently.
+    pub fn append_all(&self, blocks: &[&[u8]]) -> Result<Vec<PackLocation>> {
+        let crcs: Vec<u32> = blocks.iter().map(|b| crc32fast::hash(b)).collect();
+        let total: u64 = blocks.iter().map(|b| align_up(b.len() as u64)).sum();
         let (id, file, offset) = {
             let mut a = lock(&self.active[stripe()]);
-            if a.file.is_none() || a.end + len > PACK_BYTES {
+            if a.file.is_none() || (a.end > 0 && a.end + total > PACK_BYTES) {
                 let id = {
                     let mut next = lock(&self.next_id);
                     *next += 1;
@@ -212,16 +217,20 @@ impl Packs {
                 };
             }
             let offset = a.end;
-            a.end = align_up(offset + len);
-            let file = a.file.clone().expect("set above");
-            (a.id, file, offset)
+            a.end += total;
+            (a.id, a.file.clone().expect("set above"), offset)
         };
-        file.write_all_at(data, offset)?;
+        let mut at = offset;
+        for b in blocks {
+            file.write_all_at(b, at)?;
+            at += align_up(b.len() as u64);
+        }
         lock(&self.unsynced).0.insert(id);
-        // Start writeback of each whole WRITEBACK_BYTES span as this write completes it.
-        let (from, to) = (offset / WRITEBACK_BYTES, (offset + len) / WRITEBACK_BYTES);
+        // Start writeback of each whole WRITEBACK_BYTES span this write completes, so the
+        // sync that ends an upload finds little left to write.
+        let (from, to) = (offset / WRITEBACK_BYTES, (offset + total) / WRITEBACK_BYTES);
         if to > from {
-            // SAFETY: sync_file_range only reads its arguments; a failure is only lost speed.
+            // SAFETY: sync_file_range only reads its arguments; a failure only costs speed.
             unsafe {
                 libc::sync_file_range(
                     file.as_raw_fd(),
@@ -231,11 +240,20 @@ impl Packs {
                 );
             }
         }
-        Ok(PackLocation {
-            pack: id,
-            offset,
-            crc,
-        })
+        let mut at = offset;
+        Ok(blocks
+            .iter()
+            .zip(crcs)
+            .map(|(b, crc)| {
+                let loc = PackLocation {
+                    pack: id,
+                    offset: at,
+                    crc,
+                };
+                at += align_up(b.len() as u64);
+                loc
+            })
+            .collect())
     }
 
     /// Reads a block's bytes into `out` (its length is the block's size) and checks them.
