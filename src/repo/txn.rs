@@ -152,6 +152,9 @@ impl<'a> Txn<'a> {
             }
         }
         batch.put(COUNTERS_KEY, next.encode());
+        // A deletion that frees pack bytes is synced before they are punched, so that a
+        // power loss cannot bring back a record naming a hole.
+        let sync = sync || !self.unpacked.is_empty();
         if let Err(e) = self.repo.write(batch, sync) {
             for (loc, size) in unused.chain(self.packed.iter().copied()) {
                 packs.punch(&loc, size);
