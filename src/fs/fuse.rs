@@ -202,7 +202,7 @@ impl Filesystem for CodexFuse {
                 } else {
                     FopenFlags::empty()
                 };
-                reply.opened(FileHandle(o.fh), f)
+                reply.opened(FileHandle(o.fh), f | write_only(flags.0))
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -226,7 +226,7 @@ impl Filesystem for CodexFuse {
                 &file_attr(&a),
                 Generation(0),
                 FileHandle(o.fh),
-                FopenFlags::empty(),
+                write_only(flags),
             ),
             Err(e) => reply.error(errno(e)),
         }
@@ -398,5 +398,16 @@ impl Filesystem for CodexFuse {
         reply: ReplyEmpty,
     ) {
         reply.error(Errno::ENOTSUP);
+    }
+}
+
+/// Write-only handles bypass the kernel's page cache: nothing reads through them, and
+/// copying every written byte into page cache first costs the writer as much CPU as our
+/// hashing (and on a virtual machine whose idle memory the host takes back, twice that).
+fn write_only(open_flags: i32) -> FopenFlags {
+    if open_flags & libc::O_ACCMODE == libc::O_WRONLY {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
     }
 }
