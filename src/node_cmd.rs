@@ -102,14 +102,29 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        // A mount unmounted from outside (`umount`, `fusermount3 -u`) ends the process
+        // too, as it would any FUSE file system's.
+        let unmounted = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if mounted.as_ref().is_some_and(|m| m.ended()) {
+                    return;
+                }
+            }
+        };
         tokio::select! {
             _ = term.recv() => {},
             _ = int.recv() => {},
+            _ = unmounted => {},
         }
     });
     let _ = std::fs::remove_file(data_dir.join(API_URL_FILE));
     if let Some(mounted) = mounted {
-        eprintln!("codexfs: unmounting {}", mounted.mountpoint().display());
+        if mounted.ended() {
+            eprintln!("codexfs: {} was unmounted", mounted.mountpoint().display());
+        } else {
+            eprintln!("codexfs: unmounting {}", mounted.mountpoint().display());
+        }
         mounted.unmount().context("unmounting")?;
     }
     let m = codexfs::metrics::metrics();

@@ -397,6 +397,33 @@ fn names_survive_a_restart_and_unmount_with_an_open_file_is_clean() {
     assert_eq!(std::fs::read(node.path("keep.txt")).unwrap(), b"still here");
 }
 
+/// `umount` from outside ends `codexfs mount` (as any FUSE file system), publishing what
+/// was written; the data dir is free for the next node.
+#[test]
+fn an_unmount_from_outside_ends_the_process() {
+    let mut node = MountedNode::start(&[]);
+    std::fs::write(node.path("before.txt"), b"published").unwrap();
+    sh_ok(&format!("umount {}", node.mnt.display()));
+    let mut child = node.child.take().expect("running");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "codexfs mount still running 10 s after its mount went: {}",
+            node.log.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(status.success(), "{status}: {}", node.log.text());
+    assert!(node.log.contains("was unmounted"), "{}", node.log.text());
+    node.spawn(&[]);
+    assert_eq!(std::fs::read(node.path("before.txt")).unwrap(), b"published");
+}
+
 #[test]
 fn kill_9_during_cp_leaves_a_consistent_store_and_a_mount_that_comes_back() {
     let mut node = MountedNode::start(&[]);

@@ -133,6 +133,14 @@ impl Mounted {
         &self.mountpoint
     }
 
+    /// Whether the FUSE session has ended: someone unmounted the mountpoint (`umount`,
+    /// `fusermount3 -u`) or the connection was aborted.
+    pub fn ended(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_none_or(|s| s.guard.is_finished())
+    }
+
     /// Publishes open writers, unmounts, and waits for the session to end. Files still
     /// open elsewhere lose the mount (their reads fail) rather than keep it alive.
     pub fn unmount(mut self) -> Result<()> {
@@ -140,6 +148,13 @@ impl Mounted {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        if session.guard.is_finished() {
+            // Unmounted from outside: nothing left to unmount.
+            if let Err(e) = session.join() {
+                tracing::debug!("FUSE session ended with {e}");
+            }
+            return Ok(());
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(session.umount_and_join());
