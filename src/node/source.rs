@@ -153,8 +153,9 @@ impl BlockSource for super::Node {
         }
     }
 
-    /// Everything a node without a network has is local. Copies straight from RocksDB's
-    /// pinned value: one copy, and a sequential scan does not churn the cache.
+    /// Everything a node without a network has is local. Reads straight into `out` (a
+    /// block in a pack) or copies from RocksDB's pinned value: one copy, and a sequential
+    /// scan does not churn the cache.
     fn read_now(
         &self,
         dataset: &Dataset,
@@ -193,19 +194,12 @@ impl super::Node {
             out.extend_from_slice(b.get(range).ok_or_else(|| short_block(&cid))?);
             return Ok(true);
         }
-        let found = self.repo().with_block(&cid, |data| match data.get(range) {
-            Some(part) => {
-                out.extend_from_slice(part);
-                Ok(())
-            }
-            None => Err(short_block(&cid)),
-        })?;
-        match found {
-            Some(r) => r.map(|()| true),
-            None => Err(Error::NotFound(format!(
-                "block {} (index {index}) is not stored here",
-                cid_string(&cid)
-            ))),
+        if self.repo().append_block_range(&cid, range, out)? {
+            return Ok(true);
         }
+        Err(Error::NotFound(format!(
+            "block {} (index {index}) is not stored here",
+            cid_string(&cid)
+        )))
     }
 }

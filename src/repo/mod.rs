@@ -328,6 +328,44 @@ impl RepoStore {
         out
     }
 
+    /// Appends bytes `range` of block `cid` to `out`: `Ok(false)` if the block is not
+    /// stored. A whole block in a pack is read straight into `out`.
+    pub fn append_block_range(
+        &self,
+        cid: &Cid,
+        range: std::ops::Range<usize>,
+        out: &mut Vec<u8>,
+    ) -> Result<bool> {
+        let key = cid.to_bytes();
+        let Some(mut meta) = self.block_meta_raw(&key)? else {
+            return Ok(false);
+        };
+        let short = || Error::Corrupt(format!("block {cid} is shorter than {range:?}"));
+        let whole = range.start == 0 && range.end as u64 == meta.size;
+        let Some(mut loc) = meta.location.filter(|_| whole) else {
+            let found = self.with_block(cid, |data| {
+                data.get(range.clone())
+                    .map(|part| out.extend_from_slice(part))
+                    .ok_or_else(short)
+            })?;
+            return found.transpose().map(|f| f.is_some());
+        };
+        loop {
+            match self.packs.read_append(&loc, meta.size as usize, out) {
+                Ok(()) => return Ok(true),
+                // Deleted or moved while read: as in `read_packed`.
+                Err(e) => match self.block_meta_raw(&key)? {
+                    None => return Ok(false),
+                    Some(now) if now.location != Some(loc) => match now.location {
+                        Some(l) => (meta, loc) = (now, l),
+                        None => return self.append_block_range(cid, range, out),
+                    },
+                    Some(_) => return Err(e),
+                },
+            }
+        }
+    }
+
     /// Reads a block that `meta` places in a pack into `buf`. A block deleted (and its
     /// space punched) while it was read reads as gone, not as corrupt.
     fn read_packed(&self, key: &[u8], mut meta: BlockMeta, buf: &mut Vec<u8>) -> Result<bool> {

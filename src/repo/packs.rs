@@ -261,19 +261,54 @@ impl Packs {
         let file = self.file(loc.pack)?;
         file.read_exact_at(out, loc.offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::Corrupt(format!(
-                    "pack {} ends before the block at {}",
-                    loc.pack, loc.offset
-                ))
+                short_pack(loc)
             } else {
                 e.into()
             }
         })?;
         if crc32fast::hash(out) != loc.crc {
-            return Err(Error::Corrupt(format!(
-                "block at {} in pack {} fails its checksum",
-                loc.offset, loc.pack
-            )));
+            return Err(checksum_mismatch(loc));
+        }
+        Ok(())
+    }
+
+    /// Appends a block's `len` bytes to `out`, checked, reading them straight into its
+    /// spare room (the read path of the mount: no copy on our side). On failure `out` is
+    /// as it was.
+    pub fn read_append(&self, loc: &PackLocation, len: usize, out: &mut Vec<u8>) -> Result<()> {
+        let file = self.file(loc.pack)?;
+        let start = out.len();
+        out.reserve(len);
+        let spare = &mut out.spare_capacity_mut()[..len];
+        let mut done = 0;
+        while done < len {
+            // SAFETY: pread writes at most `len - done` bytes into the spare capacity
+            // reserved above; only the bytes it reports written are counted below.
+            let n = unsafe {
+                libc::pread(
+                    file.as_raw_fd(),
+                    spare[done..].as_mut_ptr().cast(),
+                    len - done,
+                    (loc.offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            if n == 0 {
+                return Err(short_pack(loc));
+            }
+            done += n as usize;
+        }
+        // SAFETY: pread initialised all `len` bytes after `start` above.
+        unsafe { out.set_len(start + len) };
+        if crc32fast::hash(&out[start..]) != loc.crc {
+            out.truncate(start);
+            return Err(checksum_mismatch(loc));
         }
         Ok(())
     }
@@ -378,6 +413,20 @@ impl Drop for Packs {
     }
 }
 
+fn short_pack(loc: &PackLocation) -> Error {
+    Error::Corrupt(format!(
+        "pack {} ends before the block at {}",
+        loc.pack, loc.offset
+    ))
+}
+
+fn checksum_mismatch(loc: &PackLocation) -> Error {
+    Error::Corrupt(format!(
+        "block at {} in pack {} fails its checksum",
+        loc.offset, loc.pack
+    ))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -407,6 +456,18 @@ mod tests {
         assert!(matches!(packs.read(&lb, &mut out), Err(Error::Corrupt(_))));
         let mut out = vec![0; 65536];
         packs.read(&la, &mut out).unwrap();
+
+        // Appending: the block lands after what `out` held; a bad one leaves it as it was.
+        let mut out = b"head".to_vec();
+        packs.read_append(&la, a.len(), &mut out).unwrap();
+        assert_eq!(&out[..4], b"head");
+        assert_eq!(&out[4..], &a[..]);
+        let before = out.clone();
+        assert!(matches!(
+            packs.read_append(&lb, b.len(), &mut out),
+            Err(Error::Corrupt(_))
+        ));
+        assert_eq!(out, before);
     }
 
     #[test]
