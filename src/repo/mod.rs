@@ -285,20 +285,10 @@ impl RepoStore {
     // ---- reads ----
 
     pub fn get_block(&self, cid: &Cid) -> Result<Option<Bytes>> {
-        let key = cid.to_bytes();
-        let Some(meta) = self.block_meta_raw(&key)? else {
-            return Ok(None);
-        };
-        if meta.location.is_none() {
-            return Ok(self
-                .db
-                .get_pinned_cf(self.cf(CF_BLOCKS), &key)?
-                .map(|b| Bytes::copy_from_slice(&b)));
-        }
-        let mut buf = Vec::new();
+        let mut out = Vec::new();
         Ok(self
-            .read_packed(&key, meta, &mut buf)?
-            .then(|| Bytes::from(buf)))
+            .append_block_range(cid, None, &mut out)?
+            .then(|| Bytes::from(out)))
     }
 
     /// Calls `f` with the stored bytes of `cid`, without copying them again: RocksDB's
@@ -328,18 +318,19 @@ impl RepoStore {
         out
     }
 
-    /// Appends bytes `range` of block `cid` to `out`: `Ok(false)` if the block is not
-    /// stored. A whole block in a pack is read straight into `out`.
+    /// Appends bytes `range` (all if `None`) of block `cid` to `out`: `Ok(false)` if the
+    /// block is not stored. A whole block in a pack is read straight into `out`.
     pub fn append_block_range(
         &self,
         cid: &Cid,
-        range: std::ops::Range<usize>,
+        range: Option<std::ops::Range<usize>>,
         out: &mut Vec<u8>,
     ) -> Result<bool> {
         let key = cid.to_bytes();
         let Some(mut meta) = self.block_meta_raw(&key)? else {
             return Ok(false);
         };
+        let range = range.unwrap_or(0..meta.size as usize);
         let short = || Error::Corrupt(format!("block {cid} is shorter than {range:?}"));
         let whole = range.start == 0 && range.end as u64 == meta.size;
         let Some(mut loc) = meta.location.filter(|_| whole) else {
@@ -358,7 +349,7 @@ impl RepoStore {
                     None => return Ok(false),
                     Some(now) if now.location != Some(loc) => match now.location {
                         Some(l) => (meta, loc) = (now, l),
-                        None => return self.append_block_range(cid, range, out),
+                        None => return self.append_block_range(cid, Some(range), out),
                     },
                     Some(_) => return Err(e),
                 },
