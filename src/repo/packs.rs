@@ -222,7 +222,11 @@ impl Packs {
         };
         let mut at = offset;
         for b in blocks {
-            file.write_all_at(b, at)?;
+            if let Err(e) = file.write_all_at(b, at) {
+                // A full disk, say: what was written of the range is no block's.
+                let _ = self.punch_range(id, offset, total);
+                return Err(e.into());
+            }
             at += align_up(b.len() as u64);
         }
         lock(&self.unsynced).0.insert(id);
