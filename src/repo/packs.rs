@@ -93,6 +93,8 @@ pub struct Packs {
     /// Packs written since their last sync, and whether a pack was created since the
     /// directory was last synced.
     unsynced: Mutex<(BTreeSet<u32>, bool)>,
+    /// Held while syncing (see [`Packs::sync`]).
+    syncing: Mutex<()>,
     /// Whether the last process left without closing (see [`Packs::punch_gaps`]).
     crashed: bool,
 }
@@ -132,6 +134,7 @@ impl Packs {
             next_id: Mutex::new(ids.last().map_or(1, |id| id + 1)),
             files: RwLock::new(HashMap::new()),
             unsynced: Mutex::new((BTreeSet::new(), false)),
+            syncing: Mutex::new(()),
             crashed,
         };
         // The newest packs with room take new blocks again, after their ends.
@@ -347,6 +350,9 @@ impl Packs {
     /// Makes every block written so far durable: syncs the packs written since their last
     /// sync, and the directory if a pack was created.
     pub fn sync(&self) -> Result<()> {
+        // One sync at a time: a caller that finds nothing left to sync must not return
+        // while another caller's sync of earlier writes is still under way.
+        let _syncing = lock(&self.syncing);
         let (ids, new_file) = {
             let mut u = lock(&self.unsynced);
             (std::mem::take(&mut u.0), std::mem::take(&mut u.1))
