@@ -294,21 +294,31 @@ impl RepoStore {
     /// Calls `f` with the stored bytes of `cid`, without copying them again: RocksDB's
     /// pinned value, or a per-thread buffer read from the pack.
     pub fn with_block<T>(&self, cid: &Cid, f: impl FnOnce(&[u8]) -> T) -> Result<Option<T>> {
+        let key = cid.to_bytes();
+        match self.block_meta_raw(&key)? {
+            Some(meta) => self.with_block_meta(&key, meta, f),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Self::with_block`] for a block whose metadata the caller has read.
+    fn with_block_meta<T>(
+        &self,
+        key: &[u8],
+        meta: BlockMeta,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Option<T>> {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let key = cid.to_bytes();
-        let Some(meta) = self.block_meta_raw(&key)? else {
-            return Ok(None);
-        };
         if meta.location.is_none() {
             return Ok(self
                 .db
-                .get_pinned_cf(self.cf(CF_BLOCKS), &key)?
+                .get_pinned_cf(self.cf(CF_BLOCKS), key)?
                 .map(|b| f(&b)));
         }
         let mut buf = BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        let found = self.read_packed(&key, meta, &mut buf);
+        let found = self.read_packed(key, meta, &mut buf);
         let out = match found {
             Ok(true) => Ok(Some(f(&buf))),
             Ok(false) => Ok(None),
@@ -334,7 +344,7 @@ impl RepoStore {
         let short = || Error::Corrupt(format!("block {cid} is shorter than {range:?}"));
         let whole = range.start == 0 && range.end as u64 == meta.size;
         let Some(mut loc) = meta.location.filter(|_| whole) else {
-            let found = self.with_block(cid, |data| {
+            let found = self.with_block_meta(&key, meta, |data| {
                 data.get(range.clone())
                     .map(|part| out.extend_from_slice(part))
                     .ok_or_else(short)
