@@ -22,6 +22,7 @@ pub(super) struct Txn<'a> {
     /// commits), with their sizes.
     packed: Vec<(PackLocation, u64)>,
     unpacked: Vec<(PackLocation, u64)>,
+    committed: bool,
     added_bytes: u64,
     freed_bytes: u64,
     added_blocks: u64,
@@ -37,6 +38,7 @@ impl<'a> Txn<'a> {
             prewritten: HashMap::new(),
             packed: Vec::new(),
             unpacked: Vec::new(),
+            committed: false,
             added_bytes: 0,
             freed_bytes: 0,
             added_blocks: 0,
@@ -125,25 +127,20 @@ impl<'a> Txn<'a> {
 
     /// Writes the batch with the new counters, or fails with `QuotaExceeded` and writes
     /// nothing. `counters` is the caller's locked copy; it is updated only on success.
-    pub fn commit(self, counters: &mut Counters, sync: bool) -> Result<()> {
-        let packs = &self.repo.packs;
-        let unused = self.prewritten.values().copied();
+    pub fn commit(mut self, counters: &mut Counters, sync: bool) -> Result<()> {
         let mut next = *counters;
         next.used_bytes = (next.used_bytes + self.added_bytes).saturating_sub(self.freed_bytes);
         next.total_blocks =
             (next.total_blocks + self.added_blocks).saturating_sub(self.freed_blocks);
         if self.added_bytes > self.freed_bytes && next.used_bytes > self.repo.quota_max {
-            // Nothing of it is recorded: give back the pack space it was to use.
-            for (loc, size) in unused.chain(self.packed.iter().copied()) {
-                packs.punch(&loc, size);
-            }
+            // Nothing of it is recorded; dropping `self` gives its pack bytes back.
             return Err(Error::QuotaExceeded {
                 needed: self.added_bytes - self.freed_bytes,
                 available: self.repo.quota_max.saturating_sub(counters.used_bytes),
                 max: self.repo.quota_max,
             });
         }
-        let mut batch = self.batch;
+        let mut batch = std::mem::take(&mut self.batch);
         let meta_cf = self.repo.cf(CF_BLOCK_META);
         for (cid, meta) in &self.metas {
             match meta {
@@ -155,16 +152,13 @@ impl<'a> Txn<'a> {
         // A deletion that frees pack bytes is synced before they are punched, so that a
         // power loss cannot bring back a record naming a hole.
         let sync = sync || !self.unpacked.is_empty();
-        if let Err(e) = self.repo.write(batch, sync) {
-            for (loc, size) in unused.chain(self.packed.iter().copied()) {
-                packs.punch(&loc, size);
-            }
-            return Err(e);
-        }
+        self.repo.write(batch, sync)?;
+        self.committed = true;
         // Prewritten bytes of blocks that turned out to be stored already, and the bytes of
         // deleted blocks, are no longer named by any record.
-        for (loc, size) in unused.chain(self.unpacked.iter().copied()) {
-            packs.punch(&loc, size);
+        let packs = &self.repo.packs;
+        for (loc, size) in self.prewritten.values().chain(&self.unpacked) {
+            packs.punch(loc, *size);
         }
         self.repo.note_freed(self.freed_bytes);
         crate::metrics::metrics()
@@ -172,5 +166,17 @@ impl<'a> Txn<'a> {
             .inc_by(self.added_blocks);
         *counters = next;
         Ok(())
+    }
+}
+
+impl Drop for Txn<'_> {
+    /// A change dropped uncommitted (refused, failed, or abandoned on an error before its
+    /// commit) records nothing: the pack bytes written for it are given back.
+    fn drop(&mut self) {
+        if !self.committed {
+            for (loc, size) in self.prewritten.values().chain(&self.packed) {
+                self.repo.packs.punch(loc, *size);
+            }
+        }
     }
 }
