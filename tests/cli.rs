@@ -148,3 +148,40 @@ fn errors_are_one_line_and_told_apart() {
     drop(holder.stdin.take());
     assert!(holder.wait().unwrap().success());
 }
+
+/// A disk that fills up mid-upload: exit code 5 like a full quota, and nothing of the
+/// upload stays behind (a 24 MiB tmpfs holds the data dir; the input is 40 MB).
+#[test]
+fn a_full_disk_is_exit_5_and_leaves_a_consistent_repo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a tmpfs needs root");
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&disk);
+
+    let data = disk.join("data");
+    let src = tmp.path().join("big.bin");
+    random_file(&src, 40_000_000, 77);
+    let out = codexfs(&data, &["upload", src.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let check = codexfs(&data, &["check"]);
+    assert!(check.status.success(), "{check:?}");
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("datasets 0 blocks 0 bytes 0"),
+        "{check:?}"
+    );
+}
