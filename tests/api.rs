@@ -813,8 +813,8 @@ fn a_node_keeps_no_more_peers_than_its_limit() {
     };
     assert_eq!(connect(&y), StatusCode::OK);
     let _ = connect(&z); // X closes this one
-    // Closing is asynchronous (and Z may dial again, to be closed again): wait for X
-    // to settle on one peer.
+                         // Closing is asynchronous (and Z may dial again, to be closed again): wait for X
+                         // to settle on one peer.
     let deadline = Instant::now() + Duration::from_secs(5);
     let nodes = loop {
         let nodes = get_json(&x, "/debug/info")["table"]["nodes"]

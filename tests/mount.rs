@@ -421,7 +421,10 @@ fn an_unmount_from_outside_ends_the_process() {
     assert!(status.success(), "{status}: {}", node.log.text());
     assert!(node.log.contains("was unmounted"), "{}", node.log.text());
     node.spawn(&[]);
-    assert_eq!(std::fs::read(node.path("before.txt")).unwrap(), b"published");
+    assert_eq!(
+        std::fs::read(node.path("before.txt")).unwrap(),
+        b"published"
+    );
 }
 
 #[test]

@@ -136,9 +136,7 @@ impl Mounted {
     /// Whether the FUSE session has ended: someone unmounted the mountpoint (`umount`,
     /// `fusermount3 -u`) or the connection was aborted.
     pub fn ended(&self) -> bool {
-        self.session
-            .as_ref()
-            .is_none_or(|s| s.guard.is_finished())
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
     }
 
     /// Publishes open writers, unmounts, and waits for the session to end. Files still

@@ -323,7 +323,10 @@ impl Packs {
     /// Gives a deleted block's space back to the file system.
     pub fn punch(&self, loc: &PackLocation, len: u64) {
         if let Err(e) = self.punch_range(loc.pack, loc.offset, align_up(len)) {
-            tracing::warn!(pack = loc.pack, "could not free a deleted block's space: {e}");
+            tracing::warn!(
+                pack = loc.pack,
+                "could not free a deleted block's space: {e}"
+            );
         }
     }
 

@@ -21,10 +21,10 @@
 
 use cid::Cid;
 
+pub use super::packs::PackLocation;
 use crate::cids::cid_from_bytes;
 use crate::error::{Error, Result};
 use crate::merkle::MerkleProof;
-pub use super::packs::PackLocation;
 
 pub const CF_BLOCKS: &str = "blocks";
 pub const CF_BLOCK_META: &str = "block_meta";
