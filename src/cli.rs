@@ -350,11 +350,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
             config.block_size = block_size;
             let cid =
                 crate::dir_cmd::upload(&file, target(&client, &repo, config)?, client.json, ec)?;
-            if client.json {
-                print_json(&serde_json::json!({ "cid": cid_string(&cid) }));
-            } else {
-                println!("{}", cid_string(&cid));
-            }
+            print_cid(&cid_string(&cid), client.json);
         }
         Command::Download {
             cid,
@@ -408,11 +404,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                 )?,
             };
             bar.finish_and_clear();
-            if client.json {
-                print_json(&serde_json::json!({ "cid": cid }));
-            } else {
-                println!("{cid}");
-            }
+            print_cid(&cid, client.json);
         }
         Command::Download {
             cid,
@@ -808,6 +800,15 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         other => return Err(format!("unknown duration unit {other:?}")),
     };
     Ok(Duration::from_secs(n.saturating_mul(mult)))
+}
+
+/// What an upload prints: its CID, as a line or as JSON.
+fn print_cid(cid: &str, json: bool) {
+    if json {
+        print_json(&serde_json::json!({ "cid": cid }));
+    } else {
+        println!("{cid}");
+    }
 }
 
 /// Exit codes scripts can tell apart.

@@ -64,7 +64,7 @@ pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
     });
     protected.filename = manifest.filename.clone();
     protected.mimetype = manifest.mimetype.clone();
-    upload.commit(&tree, &protected)
+    Ok(upload.commit(&tree, &protected)?.0)
 }
 
 /// Puts every block of the protected dataset through `upload` (data blocks take one more

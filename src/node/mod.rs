@@ -103,16 +103,7 @@ impl Node {
         filename: Option<String>,
         mimetype: Option<String>,
     ) -> Result<Cid> {
-        upload::store(
-            &self.repo,
-            self.config.block_size,
-            reader,
-            filename,
-            mimetype,
-        )
-        .inspect(|_| {
-            crate::metrics::metrics().uploads.inc();
-        })
+        self.store_ec(reader, filename, mimetype, None)
     }
 
     /// Stores buffers handed over whole as one dataset (the mount's sequential writes).
@@ -122,16 +113,7 @@ impl Node {
         filename: Option<String>,
         mimetype: Option<String>,
     ) -> Result<Cid> {
-        upload::store_buffers(
-            &self.repo,
-            self.config.block_size,
-            buffers,
-            filename,
-            mimetype,
-        )
-        .inspect(|_| {
-            crate::metrics::metrics().uploads.inc();
-        })
+        self.store_buffers_ec(buffers, filename, mimetype, None)
     }
 
     /// [`Self::store`], erasure-coded with `ec` when given: returns the protected
@@ -144,17 +126,14 @@ impl Node {
         mimetype: Option<String>,
         ec: Option<EcParams>,
     ) -> Result<Cid> {
-        let Some(ec) = ec else {
-            return self.store(reader, filename, mimetype);
-        };
-        let (cid, new) = upload::store_reporting_new(
+        let stored = upload::store(
             &self.repo,
             self.config.block_size,
             reader,
             filename,
             mimetype,
-        )?;
-        self.protect_stored(cid, new, ec)
+        );
+        self.finish_store(stored, ec)
     }
 
     /// [`Self::store_buffers`], erasure-coded with `ec` when given (as [`Self::store_ec`]).
@@ -165,17 +144,24 @@ impl Node {
         mimetype: Option<String>,
         ec: Option<EcParams>,
     ) -> Result<Cid> {
-        let Some(ec) = ec else {
-            return self.store_buffers(buffers, filename, mimetype);
-        };
-        let (cid, new) = upload::store_buffers_reporting_new(
+        let stored = upload::store_buffers(
             &self.repo,
             self.config.block_size,
             buffers,
             filename,
             mimetype,
-        )?;
-        self.protect_stored(cid, new, ec)
+        );
+        self.finish_store(stored, ec)
+    }
+
+    /// Counts a stored upload and protects it when `ec` asks.
+    fn finish_store(&self, stored: Result<(Cid, bool)>, ec: Option<EcParams>) -> Result<Cid> {
+        let (cid, new) = stored?;
+        crate::metrics::metrics().uploads.inc();
+        match ec {
+            Some(ec) => self.protect_stored(cid, new, ec),
+            None => Ok(cid),
+        }
     }
 
     fn protect_stored(&self, cid: Cid, new: bool, ec: EcParams) -> Result<Cid> {

@@ -188,50 +188,28 @@ pub fn compute_cid<R: Read + Send>(
     Ok((manifest.cid(), manifest))
 }
 
-/// Stores what a reader yields.
+/// Stores what a reader yields; says whether the dataset is new (false: it was stored
+/// already).
 pub(super) fn store<R: Read + Send>(
     repo: &RepoStore,
     block_size: usize,
     reader: R,
     filename: Option<String>,
     mimetype: Option<String>,
-) -> Result<Cid> {
+) -> Result<(Cid, bool)> {
     let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
     store_batches(repo, block_size, &mut chunker, filename, mimetype)
 }
 
-/// [`store`], also saying whether the dataset is new (false: it was stored already).
-pub(super) fn store_reporting_new<R: Read + Send>(
-    repo: &RepoStore,
-    block_size: usize,
-    reader: R,
-    filename: Option<String>,
-    mimetype: Option<String>,
-) -> Result<(Cid, bool)> {
-    let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
-    store_batches_reporting_new(repo, block_size, &mut chunker, filename, mimetype)
-}
-
-/// [`store_buffers`], also saying whether the dataset is new.
-pub(super) fn store_buffers_reporting_new(
-    repo: &RepoStore,
-    block_size: usize,
-    buffers: impl Iterator<Item = Vec<u8>>,
-    filename: Option<String>,
-    mimetype: Option<String>,
-) -> Result<(Cid, bool)> {
-    let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES);
-    store_batches_reporting_new(repo, block_size, &mut batcher, filename, mimetype)
-}
-
-/// Stores buffers handed over whole (block-aligned ones are not copied again).
+/// Stores buffers handed over whole (block-aligned ones are not copied again), as
+/// [`store`].
 pub(super) fn store_buffers(
     repo: &RepoStore,
     block_size: usize,
     buffers: impl Iterator<Item = Vec<u8>>,
     filename: Option<String>,
     mimetype: Option<String>,
-) -> Result<Cid> {
+) -> Result<(Cid, bool)> {
     let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES);
     store_batches(repo, block_size, &mut batcher, filename, mimetype)
 }
@@ -242,20 +220,10 @@ fn store_batches(
     source: &mut dyn BatchSource,
     filename: Option<String>,
     mimetype: Option<String>,
-) -> Result<Cid> {
-    Ok(store_batches_reporting_new(repo, block_size, source, filename, mimetype)?.0)
-}
-
-fn store_batches_reporting_new(
-    repo: &RepoStore,
-    block_size: usize,
-    source: &mut dyn BatchSource,
-    filename: Option<String>,
-    mimetype: Option<String>,
 ) -> Result<(Cid, bool)> {
     let upload = repo.begin_upload()?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
     let (digests, size) = chunk_and_hash(source, block_size, &upload)?;
     let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
-    upload.commit_reporting_new(&tree, &manifest)
+    upload.commit(&tree, &manifest)
 }

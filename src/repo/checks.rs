@@ -57,8 +57,8 @@ impl RepoStore {
             match m.location {
                 Some(loc) => {
                     packed += m.size.div_ceil(4096) * 4096;
-                    buf.resize(m.size as usize, 0);
-                    if let Err(e) = self.packs.read(&loc, &mut buf) {
+                    buf.clear();
+                    if let Err(e) = self.packs.read_append(&loc, m.size as usize, &mut buf) {
                         problems.push(format!("block {k:02x?}: {e}"));
                     }
                 }

@@ -285,23 +285,19 @@ impl RepoStore {
     // ---- reads ----
 
     pub fn get_block(&self, cid: &Cid) -> Result<Option<Bytes>> {
-        let mut out = Vec::new();
+        let key = cid.to_bytes();
+        let Some(meta) = self.block_meta_raw(&key)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(meta.size as usize);
         Ok(self
-            .append_block_range(cid, None, &mut out)?
+            .read_block_into(&key, meta, &mut out)?
             .then(|| Bytes::from(out)))
     }
 
-    /// Calls `f` with the stored bytes of `cid`, without copying them again: RocksDB's
-    /// pinned value, or a per-thread buffer read from the pack.
-    pub fn with_block<T>(&self, cid: &Cid, f: impl FnOnce(&[u8]) -> T) -> Result<Option<T>> {
-        let key = cid.to_bytes();
-        match self.block_meta_raw(&key)? {
-            Some(meta) => self.with_block_meta(&key, meta, f),
-            None => Ok(None),
-        }
-    }
-
-    /// [`Self::with_block`] for a block whose metadata the caller has read.
+    /// Calls `f` with the stored bytes of a block whose metadata the caller has read,
+    /// without copying them again: RocksDB's pinned value, or a per-thread buffer read
+    /// from the pack. `None` if the block went meanwhile.
     fn with_block_meta<T>(
         &self,
         key: &[u8],
@@ -318,12 +314,9 @@ impl RepoStore {
                 .map(|b| f(&b)));
         }
         let mut buf = BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        let found = self.read_packed(key, meta, &mut buf);
-        let out = match found {
-            Ok(true) => Ok(Some(f(&buf))),
-            Ok(false) => Ok(None),
-            Err(e) => Err(e),
-        };
+        buf.clear();
+        let found = self.read_block_into(key, meta, &mut buf);
+        let out = found.map(|found| found.then(|| f(&buf)));
         BUF.with(|b| *b.borrow_mut() = buf);
         out
     }
@@ -337,47 +330,35 @@ impl RepoStore {
         out: &mut Vec<u8>,
     ) -> Result<bool> {
         let key = cid.to_bytes();
-        let Some(mut meta) = self.block_meta_raw(&key)? else {
+        let Some(meta) = self.block_meta_raw(&key)? else {
             return Ok(false);
         };
         let range = range.unwrap_or(0..meta.size as usize);
-        let short = || Error::Corrupt(format!("block {cid} is shorter than {range:?}"));
-        let whole = range.start == 0 && range.end as u64 == meta.size;
-        let Some(mut loc) = meta.location.filter(|_| whole) else {
-            let found = self.with_block_meta(&key, meta, |data| {
-                data.get(range.clone())
-                    .map(|part| out.extend_from_slice(part))
-                    .ok_or_else(short)
-            })?;
-            return found.transpose().map(|f| f.is_some());
-        };
-        loop {
-            match self.packs.read_append(&loc, meta.size as usize, out) {
-                Ok(()) => return Ok(true),
-                // Deleted or moved while read: as in `read_packed`.
-                Err(e) => match self.block_meta_raw(&key)? {
-                    None => return Ok(false),
-                    Some(now) if now.location != Some(loc) => match now.location {
-                        Some(l) => (meta, loc) = (now, l),
-                        None => return self.append_block_range(cid, Some(range), out),
-                    },
-                    Some(_) => return Err(e),
-                },
-            }
+        if range.start == 0 && range.end as u64 == meta.size {
+            return self.read_block_into(&key, meta, out);
         }
+        let short = || Error::Corrupt(format!("block {cid} is shorter than {range:?}"));
+        let found = self.with_block_meta(&key, meta, |data| {
+            data.get(range.clone())
+                .map(|part| out.extend_from_slice(part))
+                .ok_or_else(short)
+        })?;
+        found.transpose().map(|f| f.is_some())
     }
 
-    /// Reads a block that `meta` places in a pack into `buf`. A block deleted (and its
-    /// space punched) while it was read reads as gone, not as corrupt.
-    fn read_packed(&self, key: &[u8], mut meta: BlockMeta, buf: &mut Vec<u8>) -> Result<bool> {
+    /// Appends the whole block that `meta` describes to `out`, checked: `Ok(false)` if it
+    /// is gone. A block deleted (its pack space punched) or moved while it was read reads
+    /// as gone or is read again from where it went, not reported corrupt.
+    fn read_block_into(&self, key: &[u8], mut meta: BlockMeta, out: &mut Vec<u8>) -> Result<bool> {
         loop {
             let Some(loc) = meta.location else {
-                return Err(Error::Corrupt(format!(
-                    "block {key:02x?} moved out of its pack"
-                )));
+                let Some(b) = self.db.get_pinned_cf(self.cf(CF_BLOCKS), key)? else {
+                    return Ok(false);
+                };
+                out.extend_from_slice(&b);
+                return Ok(true);
             };
-            buf.resize(meta.size as usize, 0);
-            match self.packs.read(&loc, buf) {
+            match self.packs.read_append(&loc, meta.size as usize, out) {
                 Ok(()) => return Ok(true),
                 Err(e) => match self.block_meta_raw(key)? {
                     None => return Ok(false),

@@ -182,11 +182,6 @@ impl Packs {
         Ok(f)
     }
 
-    /// Writes a block's bytes and says where they are.
-    pub fn append(&self, data: &[u8]) -> Result<PackLocation> {
-        Ok(self.append_all(&[data])?[0])
-    }
-
     /// Writes blocks' bytes, one after another, and says where each is.
     /// Called without the repo's locks: writers reserve disjoint ranges and write them
     /// concurrently.
@@ -261,22 +256,6 @@ impl Packs {
                 loc
             })
             .collect())
-    }
-
-    /// Reads a block's bytes into `out` (its length is the block's size) and checks them.
-    pub fn read(&self, loc: &PackLocation, out: &mut [u8]) -> Result<()> {
-        let file = self.file(loc.pack)?;
-        file.read_exact_at(out, loc.offset).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                short_pack(loc)
-            } else {
-                e.into()
-            }
-        })?;
-        if crc32fast::hash(out) != loc.crc {
-            return Err(checksum_mismatch(loc));
-        }
-        Ok(())
     }
 
     /// Appends a block's `len` bytes to `out`, checked, reading them straight into its
@@ -448,6 +427,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    impl Packs {
+        fn append(&self, data: &[u8]) -> Result<PackLocation> {
+            Ok(self.append_all(&[data])?[0])
+        }
+    }
+
+    /// Reads a block into `out` (its length is the block's size), checked.
+    fn read(packs: &Packs, loc: &PackLocation, out: &mut [u8]) -> Result<()> {
+        let mut v = Vec::new();
+        packs.read_append(loc, out.len(), &mut v)?;
+        out.copy_from_slice(&v);
+        Ok(())
+    }
+
     #[test]
     fn blocks_round_trip_and_a_changed_byte_is_caught() {
         let dir = tempfile::tempdir().unwrap();
@@ -459,16 +452,19 @@ mod tests {
         assert_eq!(la.offset, 0);
         assert_eq!(lb.offset, 65536);
         let mut out = vec![0; 5000];
-        packs.read(&lb, &mut out).unwrap();
+        read(&packs, &lb, &mut out).unwrap();
         assert_eq!(out, b);
         packs.sync().unwrap();
 
         let path = dir.path().join(pack_name(lb.pack));
         let f = OpenOptions::new().write(true).open(path).unwrap();
         f.write_all_at(&[1], 65536 + 10).unwrap();
-        assert!(matches!(packs.read(&lb, &mut out), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            read(&packs, &lb, &mut out),
+            Err(Error::Corrupt(_))
+        ));
         let mut out = vec![0; 65536];
-        packs.read(&la, &mut out).unwrap();
+        read(&packs, &la, &mut out).unwrap();
 
         // Appending: the block lands after what `out` held; a bad one leaves it as it was.
         let mut out = b"head".to_vec();
@@ -512,7 +508,7 @@ mod tests {
             }
         });
         let mut out = vec![0; 1 << 20];
-        packs.read(&keep, &mut out).unwrap();
+        read(&packs, &keep, &mut out).unwrap();
         assert_eq!(out, data);
     }
 
@@ -530,7 +526,7 @@ mod tests {
         extents.insert(live.pack, vec![(live.offset, 1 << 20)]);
         assert_eq!(packs.punch_gaps(&extents).unwrap(), 1 << 20);
         let mut out = vec![0; 1 << 20];
-        packs.read(&live, &mut out).unwrap();
+        read(&packs, &live, &mut out).unwrap();
         assert_eq!(out, data);
     }
 }

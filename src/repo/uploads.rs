@@ -214,18 +214,9 @@ impl Upload<'_> {
     }
 
     /// Records the dataset: leaves with proofs, the manifest block, the dataset record. The
-    /// blocks of `tree` must all have been put. Returns the manifest CID.
-    pub fn commit(self, tree: &MerkleTree, manifest: &Manifest) -> Result<Cid> {
-        Ok(self.commit_reporting_new(tree, manifest)?.0)
-    }
-
-    /// [`Self::commit`], also saying whether this commit made the dataset (false: it was
-    /// stored already).
-    pub fn commit_reporting_new(
-        mut self,
-        tree: &MerkleTree,
-        manifest: &Manifest,
-    ) -> Result<(Cid, bool)> {
+    /// blocks of `tree` must all have been put. Returns the manifest CID, and whether this
+    /// commit made the dataset (false: it was stored already).
+    pub fn commit(mut self, tree: &MerkleTree, manifest: &Manifest) -> Result<(Cid, bool)> {
         let repo = self.repo;
         let encoded = manifest.encode();
         let mcid = crate::manifest::manifest_cid(&encoded);
