@@ -816,8 +816,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
     match e.downcast_ref::<Error>() {
         Some(Error::InvalidCid { .. }) => 3,
         Some(Error::NotFound(_)) => 4,
-        Some(Error::QuotaExceeded { .. }) => 5,
-        Some(Error::Io(io)) if io.kind() == io::ErrorKind::StorageFull => 5,
+        Some(e) if e.is_out_of_space() => 5,
         Some(Error::DataDirLocked { .. }) => 6,
         _ if e.downcast_ref::<NoNode>().is_some() => 7,
         _ => match e

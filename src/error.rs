@@ -63,11 +63,20 @@ impl Error {
         }
     }
 
+    /// No room to store: the quota or the disk is full.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            Error::QuotaExceeded { .. } => true,
+            Error::Io(e) => e.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
+    }
+
     /// The errno a filesystem caller should see for this error.
     pub fn errno(&self) -> i32 {
         match self {
             Error::NotFound(_) | Error::InvalidCid { .. } => libc::ENOENT,
-            Error::QuotaExceeded { .. } => libc::ENOSPC,
+            e if e.is_out_of_space() => libc::ENOSPC,
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::InUse(_) => libc::EBUSY,
             Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),

@@ -32,10 +32,7 @@ impl From<Error> for ApiError {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::InUse(_) => StatusCode::CONFLICT,
             Error::QuotaExceeded { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            // The disk is full: as much a lack of room as the quota.
-            Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
-                StatusCode::INSUFFICIENT_STORAGE
-            }
+            Error::Io(_) if e.is_out_of_space() => StatusCode::INSUFFICIENT_STORAGE,
             // Lost blocks beyond what the erasure code can rebuild: the data is unavailable.
             Error::DataDirLocked { .. } | Error::TooManyLosses { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
