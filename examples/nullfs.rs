@@ -2,7 +2,10 @@
 //! reads are answered from a static buffer, mounted with the same options and worker
 //! threads and kernel read-ahead as codexfs. Reading it measures the FUSE path alone.
 //!
-//! Usage: nullfs MOUNTPOINT SIZE_BYTES [THREADS]; unmounts on SIGINT/SIGTERM.
+//! With SOURCE, reads are answered by pread(2) of SOURCE into a per-thread buffer instead:
+//! the least any FUSE server that serves real bytes out of the page cache has to do.
+//!
+//! Usage: nullfs MOUNTPOINT SIZE_BYTES [THREADS [SOURCE]]; unmounts on SIGINT/SIGTERM.
 
 use std::ffi::OsStr;
 use std::time::{Duration, UNIX_EPOCH};
@@ -17,6 +20,7 @@ const BUF: [u8; 1 << 20] = [0u8; 1 << 20];
 
 struct NullFs {
     size: u64,
+    source: Option<std::fs::File>,
 }
 
 impl NullFs {
@@ -83,7 +87,19 @@ impl Filesystem for NullFs {
         let n = (size as u64)
             .min(self.size.saturating_sub(offset))
             .min(BUF.len() as u64) as usize;
-        reply.data(&BUF[..n]);
+        let Some(source) = &self.source else {
+            return reply.data(&BUF[..n]);
+        };
+        thread_local! {
+            static READ_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 1 << 20]);
+        }
+        READ_BUF.with_borrow_mut(|buf| {
+            use std::os::unix::fs::FileExt;
+            match source.read_exact_at(&mut buf[..n], offset) {
+                Ok(()) => reply.data(&buf[..n]),
+                Err(_) => reply.error(Errno::EIO),
+            }
+        });
     }
 
     fn readdir(
@@ -104,7 +120,7 @@ impl Filesystem for NullFs {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: nullfs MOUNTPOINT SIZE_BYTES [THREADS]");
+        eprintln!("usage: nullfs MOUNTPOINT SIZE_BYTES [THREADS [SOURCE]]");
         std::process::exit(2);
     }
     let size: u64 = args[2].parse().expect("size in bytes");
@@ -116,7 +132,17 @@ fn main() {
     config.mount_options = vec![MountOption::FSName("nullfs".into()), MountOption::RO];
     config.n_threads = Some(threads);
     config.clone_fd = true;
-    let session = fuser::spawn_mount(NullFs { size }, &args[1], &config).expect("mount");
+    let session = fuser::spawn_mount(
+        NullFs {
+            size,
+            source: args
+                .get(4)
+                .map(|p| std::fs::File::open(p).expect("open SOURCE")),
+        },
+        &args[1],
+        &config,
+    )
+    .expect("mount");
     // The same kernel read-ahead codexfs sets on its mounts, so the two compare fairly.
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(&args[1]).expect("stat mountpoint").dev();

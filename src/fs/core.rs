@@ -677,9 +677,27 @@ impl FsCore {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let mut out = Vec::new();
+        self.read_into(fh, offset, size, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Self::read`], into `out` (cleared first), so a caller can reuse one buffer:
+    /// a fresh megabyte per request costs page faults and cache misses.
+    pub fn read_into(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Errno> {
+        out.clear();
         match self.handle_reader(fh)? {
-            Ok(prefetcher) => prefetcher.read(offset, size),
-            Err(writer) => lock(&writer).read(offset, size),
+            Ok(prefetcher) => prefetcher.read_into(offset, size, out),
+            Err(writer) => {
+                *out = lock(&writer).read(offset, size)?;
+                Ok(())
+            }
         }
     }
 

@@ -150,9 +150,16 @@ impl Prefetcher {
 
     /// Reads up to `size` bytes at `offset` (fewer only at the end of the dataset).
     pub fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let mut out = Vec::new();
+        self.read_into(offset, size, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Self::read`], appending to `out`.
+    pub fn read_into(&self, offset: u64, size: u32, out: &mut Vec<u8>) -> Result<(), Errno> {
         let total = self.dataset.size();
         if offset >= total || size == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let end = total.min(offset + size as u64);
         let bs = self.dataset.block_size();
@@ -164,7 +171,7 @@ impl Prefetcher {
             Waiting(u64, Arc<Slot>),
             Done,
         }
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        out.reserve((end - offset) as usize);
         let range_in = |index: u64| {
             let block_start = index * bs;
             let from = offset.max(block_start) - block_start;
@@ -195,7 +202,7 @@ impl Prefetcher {
                 let now = !waited
                     && self
                         .source
-                        .read_now(&self.dataset, i, range_in(i), &mut out)
+                        .read_now(&self.dataset, i, range_in(i), out)
                         .map_err(|e| read_errno(&e))?;
                 if now {
                     parts.push(Part::Done);
@@ -239,6 +246,6 @@ impl Prefetcher {
                 out.extend_from_slice(block.get(r).ok_or(libc::EIO)?);
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
