@@ -37,23 +37,46 @@ impl Drop for ChunkBatch {
 
 /// Batch buffers handed back for reuse: a fresh megabyte per batch costs page faults and
 /// zeroing on every batch of a large upload.
-#[derive(Debug, Clone, Default)]
-struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
+#[derive(Debug, Clone)]
+pub struct BufferPool {
+    free: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Buffers kept for reuse: about as many as are in flight at once.
+    keep: usize,
+}
+
+impl Default for BufferPool {
+    /// Batches in flight at once: the one being read, those queued, those being hashed.
+    fn default() -> Self {
+        Self::with_capacity(6)
+    }
+}
 
 impl BufferPool {
-    /// Batches in flight at once: the one being read, those queued, those being hashed.
-    const KEEP: usize = 6;
+    pub fn with_capacity(keep: usize) -> Self {
+        Self {
+            free: Arc::default(),
+            keep,
+        }
+    }
 
     fn put(&self, buf: Vec<u8>) {
-        let mut bufs = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if bufs.len() < Self::KEEP {
+        let mut bufs = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if bufs.len() < self.keep {
             bufs.push(buf);
         }
     }
 
+    /// An empty buffer, with the capacity of one handed back if there is one.
+    pub fn take_empty(&self) -> Vec<u8> {
+        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut b = reused.unwrap_or_default();
+        b.clear();
+        b
+    }
+
     /// A buffer of `len` bytes whose contents are unspecified.
     fn take(&self, len: usize) -> Vec<u8> {
-        let reused = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
         match reused {
             Some(mut b) => {
                 b.resize(len, 0);
@@ -144,6 +167,8 @@ impl<R: Read> BatchSource for Chunker<R> {
 /// else is gathered until whole blocks can go.
 pub struct BufferBatcher<I> {
     buffers: I,
+    /// Where whole buffers passed on as batches go back to (the writer's pool).
+    pool: Option<BufferPool>,
     block_size: usize,
     batch_bytes: usize,
     pending: Vec<u8>,
@@ -157,6 +182,7 @@ impl<I: Iterator<Item = Vec<u8>>> BufferBatcher<I> {
         assert!(block_size > 0, "block size must be positive");
         Self {
             buffers,
+            pool: None,
             block_size,
             batch_bytes: batch_bytes.max(block_size),
             pending: Vec::new(),
@@ -166,11 +192,17 @@ impl<I: Iterator<Item = Vec<u8>>> BufferBatcher<I> {
         }
     }
 
+    /// Buffers passed on whole go back to `pool` once stored, for the writer to reuse.
+    pub fn with_pool(mut self, pool: BufferPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
     fn emit(&mut self, data: Vec<u8>) -> ChunkBatch {
         let batch = ChunkBatch {
             start: self.next_index,
             data,
-            pool: None,
+            pool: self.pool.clone(),
         };
         self.next_index += (batch.data.len() / self.block_size) as u64;
         batch
@@ -291,6 +323,26 @@ mod tests {
         let mut empty = BufferBatcher::new(std::iter::empty(), 4, 16);
         assert_eq!(empty.next_batch().unwrap().unwrap().data, vec![0; 4]);
         assert!(empty.next_batch().unwrap().is_none());
+    }
+
+    #[test]
+    fn whole_buffers_go_back_to_the_pool_once_stored() {
+        let pool = BufferPool::with_capacity(4);
+        let mut buf = pool.take_empty();
+        assert_eq!(buf.capacity(), 0, "an empty pool hands out a new buffer");
+        buf.extend_from_slice(&[7u8; 64]);
+        let ptr = buf.as_ptr();
+        let mut b = BufferBatcher::new(vec![buf].into_iter(), 16, 64).with_pool(pool.clone());
+        let batch = b.next_batch().unwrap().unwrap();
+        assert_eq!(
+            batch.data.as_ptr(),
+            ptr,
+            "a whole-block buffer is passed on as it is"
+        );
+        drop(batch);
+        let again = pool.take_empty();
+        assert!(again.is_empty());
+        assert_eq!(again.as_ptr(), ptr, "the stored batch's buffer is reused");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use cid::Cid;
 
 use super::prefetch::Errno;
+use crate::chunker::BufferPool;
 use crate::node::Node;
 
 /// Write buffers queued between the FUSE writer and the upload pipeline.
@@ -24,6 +25,9 @@ const STREAM_QUEUE: usize = 8;
 
 struct Stream {
     tx: SyncSender<Vec<u8>>,
+    /// Buffers the upload hands back once stored: a fresh megabyte per write costs page
+    /// faults and cache misses.
+    pool: BufferPool,
     upload: JoinHandle<crate::Result<Cid>>,
     written: u64,
 }
@@ -106,7 +110,9 @@ impl FileWriter {
         }
         if let State::Streaming(s) = &mut self.state {
             if offset == s.written {
-                if s.tx.send(data.to_vec()).is_ok() {
+                let mut buf = s.pool.take_empty();
+                buf.extend_from_slice(data);
+                if s.tx.send(buf).is_ok() {
                     s.written += data.len() as u64;
                     self.dirty = true;
                     return Ok(());
@@ -172,17 +178,19 @@ impl FileWriter {
 
     fn start_stream(&mut self) {
         let (tx, rx) = sync_channel(STREAM_QUEUE);
-        let node = self.node.clone();
-        let name = self.name.clone();
+        // Enough for the queue and the batches being hashed and stored.
+        let pool = BufferPool::with_capacity(STREAM_QUEUE + 8);
+        let (node, name, upload_pool) = (self.node.clone(), self.name.clone(), pool.clone());
         let upload = std::thread::Builder::new()
             .name("fs-upload".into())
             .spawn(move || {
                 let ec = node.config().publish_ec;
-                node.store_buffers_ec(rx.into_iter(), Some(name), None, ec)
+                node.store_buffers_ec(rx.into_iter(), upload_pool, Some(name), None, ec)
             })
             .expect("spawn upload thread");
         self.state = State::Streaming(Stream {
             tx,
+            pool,
             upload,
             written: 0,
         });

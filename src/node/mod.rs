@@ -12,7 +12,7 @@ use std::time::Duration;
 use cid::Cid;
 
 use crate::cache::BlockCache;
-use crate::chunker::DEFAULT_BLOCK_SIZE;
+use crate::chunker::{BufferPool, DEFAULT_BLOCK_SIZE};
 use crate::erasure::{EcParams, RepairReport};
 use crate::error::{Error, Result};
 use crate::manifest::MAX_BLOCK_SIZE;
@@ -106,16 +106,6 @@ impl Node {
         self.store_ec(reader, filename, mimetype, None)
     }
 
-    /// Stores buffers handed over whole as one dataset (the mount's sequential writes).
-    pub fn store_buffers(
-        &self,
-        buffers: impl Iterator<Item = Vec<u8>>,
-        filename: Option<String>,
-        mimetype: Option<String>,
-    ) -> Result<Cid> {
-        self.store_buffers_ec(buffers, filename, mimetype, None)
-    }
-
     /// [`Self::store`], erasure-coded with `ec` when given: returns the protected
     /// manifest's CID, and the unprotected dataset is not kept (unless it was stored
     /// already).
@@ -136,10 +126,13 @@ impl Node {
         self.finish_store(stored, ec)
     }
 
-    /// [`Self::store_buffers`], erasure-coded with `ec` when given (as [`Self::store_ec`]).
+    /// Stores buffers handed over whole as one dataset (the mount's sequential writes),
+    /// erasure-coded with `ec` when given (as [`Self::store_ec`]). Buffers stored as they
+    /// are go back to `pool` once written.
     pub fn store_buffers_ec(
         &self,
         buffers: impl Iterator<Item = Vec<u8>>,
+        pool: BufferPool,
         filename: Option<String>,
         mimetype: Option<String>,
         ec: Option<EcParams>,
@@ -148,6 +141,7 @@ impl Node {
             &self.repo,
             self.config.block_size,
             buffers,
+            pool,
             filename,
             mimetype,
         );

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use cid::Cid;
 
-use crate::chunker::{BatchSource, BufferBatcher, ChunkBatch, Chunker};
+use crate::chunker::{BatchSource, BufferBatcher, BufferPool, ChunkBatch, Chunker};
 use crate::cids::{cid_from_digest, sha256, Digest, BLOCK_CODEC};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
@@ -207,10 +207,11 @@ pub(super) fn store_buffers(
     repo: &RepoStore,
     block_size: usize,
     buffers: impl Iterator<Item = Vec<u8>>,
+    pool: BufferPool,
     filename: Option<String>,
     mimetype: Option<String>,
 ) -> Result<(Cid, bool)> {
-    let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES);
+    let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES).with_pool(pool);
     store_batches(repo, block_size, &mut batcher, filename, mimetype)
 }
 
