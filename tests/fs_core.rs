@@ -382,3 +382,86 @@ fn a_published_handle_still_open_does_not_speak_for_the_file() {
     assert_eq!(read_all(&f.core, r.fh, 2), b"v2");
     assert_eq!(f.core.getattr(attr.ino).unwrap().size, 2);
 }
+
+/// Sequential reads of whole blocks in pack files go a request at a time; a block changed
+/// on disk among them is still an error, not data, and the blocks before it read.
+#[test]
+fn a_changed_block_among_whole_block_reads_is_eio() {
+    use std::os::unix::fs::FileExt;
+    let f = fixture(u64::MAX, None, Duration::from_secs(5));
+    let data = random(8 << 20, 11);
+    let cid = f.node.store(&data[..], None, None).unwrap();
+    let repo = f.node.repo();
+    let tree = repo.manifest(&cid).unwrap().unwrap().tree_cid;
+
+    // From `start` on every leaf's bytes are in a pack file; one of them is damaged.
+    let packed = |i: u64| {
+        let block = repo.leaf_block(&tree, i).unwrap().unwrap();
+        repo.block_meta(&block).unwrap().unwrap().location.is_some()
+    };
+    let start = (0..128u64)
+        .rev()
+        .take_while(|&i| packed(i))
+        .last()
+        .unwrap_or(128);
+    assert!(
+        start < 120,
+        "8 MiB of blocks put most of them in pack files"
+    );
+    let mut read = Vec::new();
+    let n = repo
+        .append_whole_leaves(&tree, start, 128 - start, 65536, &mut read)
+        .unwrap();
+    assert_eq!(n, 128 - start, "every packed leaf is read in one go");
+    assert_eq!(read, data[(start as usize) << 16..]);
+    let bad = start + 5;
+    let block = repo.leaf_block(&tree, bad).unwrap().unwrap();
+    let loc = repo.block_meta(&block).unwrap().unwrap().location.unwrap();
+    let pack = f
+        ._dir
+        .path()
+        .join("packs")
+        .join(format!("{:08}.pack", loc.pack));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(pack)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, loc.offset + 100).unwrap();
+    file.write_all_at(&[byte[0] ^ 1], loc.offset + 100).unwrap();
+    drop(file);
+
+    let mut again = Vec::new();
+    let n = repo
+        .append_whole_leaves(&tree, start, 128 - start, 65536, &mut again)
+        .unwrap();
+    assert_eq!(n, 5, "stops at the changed block");
+    assert_eq!(
+        again,
+        data[(start as usize) << 16..((start + 5) as usize) << 16]
+    );
+
+    let attr = f
+        .core
+        .lookup(ROOT_INO, OsStr::new(&cid_string(&cid)))
+        .unwrap();
+    let o = f.core.open(attr.ino, libc::O_RDONLY).unwrap();
+    let mut off = 0u64;
+    let err = loop {
+        match f.core.read(o.fh, off, 1 << 20) {
+            Ok(chunk) => {
+                assert_eq!(chunk, data[off as usize..][..chunk.len()]);
+                assert!(!chunk.is_empty(), "read past the changed block");
+                off += chunk.len() as u64;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err, libc::EIO);
+    assert_eq!(
+        off,
+        (bad << 16) & !((1 << 20) - 1),
+        "fails at the request holding it"
+    );
+}

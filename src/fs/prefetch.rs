@@ -191,11 +191,33 @@ impl Prefetcher {
             st.slots.retain(|&i, _| i >= first);
             let mut parts = Vec::with_capacity((last - first + 1) as usize);
             let mut waited = false;
-            for i in first..=last {
+            let mut i = first;
+            while i <= last {
                 if let Some(s) = st.slots.get(&i) {
                     waited = true;
                     parts.push(Part::Waiting(i, s.clone()));
+                    i += 1;
                     continue;
+                }
+                if !waited {
+                    // Whole blocks nobody is fetching: read together if they are at hand.
+                    let whole = (i..=last)
+                        .take_while(|&k| {
+                            !st.slots.contains_key(&k) && range_in(k).len() as u64 == bs
+                        })
+                        .count() as u64;
+                    if whole > 1 {
+                        let n = self
+                            .source
+                            .read_now_whole(&self.dataset, i..i + whole, out)
+                            .map_err(|e| read_errno(&e))?
+                            .min(whole);
+                        parts.extend((0..n).map(|_| Part::Done));
+                        i += n;
+                        if n > 0 {
+                            continue;
+                        }
+                    }
                 }
                 // Once one block has to wait, the rest are fetched too, so the bytes
                 // come in order; what is at hand is copied now, on this thread.
@@ -212,6 +234,7 @@ impl Prefetcher {
                     st.slots.insert(i, s.clone());
                     parts.push(Part::Waiting(i, s));
                 }
+                i += 1;
             }
             // Read ahead only where blocks have to be waited for, growing while the
             // reader stays sequential.

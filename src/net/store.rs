@@ -323,4 +323,13 @@ impl BlockSource for NetworkStore {
             other => other,
         }
     }
+
+    fn read_now_whole(
+        &self,
+        dataset: &Dataset,
+        blocks: Range<u64>,
+        out: &mut Vec<u8>,
+    ) -> Result<u64> {
+        self.node.read_now_whole(dataset, blocks, out)
+    }
 }

@@ -87,6 +87,18 @@ pub trait BlockSource: Send + Sync + 'static {
     ) -> Result<bool> {
         Ok(false)
     }
+
+    /// Appends blocks `blocks` whole to `out` for as many leading blocks as can be had
+    /// at once, and returns how many (the rest go through [`Self::read_now`]). A
+    /// sequential reader's requests come here: one lookup and one read for many blocks.
+    fn read_now_whole(
+        &self,
+        _dataset: &Dataset,
+        _blocks: Range<u64>,
+        _out: &mut Vec<u8>,
+    ) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 fn short_block(cid: &Cid) -> Error {
@@ -168,6 +180,25 @@ impl BlockSource for super::Node {
             // A lost block of an erasure-coded dataset is decoded by `block`.
             Err(e) if is_loss(&e) && is_protected(dataset) => Ok(false),
             other => other,
+        }
+    }
+
+    /// Whole blocks of a dataset stored here, straight from the pack files.
+    fn read_now_whole(
+        &self,
+        dataset: &Dataset,
+        blocks: Range<u64>,
+        out: &mut Vec<u8>,
+    ) -> Result<u64> {
+        match dataset {
+            Dataset::Manifest(_, m) => self.repo().append_whole_leaves(
+                &m.tree_cid,
+                blocks.start,
+                blocks.end.saturating_sub(blocks.start),
+                m.block_size as usize,
+                out,
+            ),
+            Dataset::Block(..) => Ok(0),
         }
     }
 }

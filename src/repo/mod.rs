@@ -346,6 +346,62 @@ impl RepoStore {
         found.transpose().map(|f| f.is_some())
     }
 
+    /// Appends leaves `first..first + count` of stored tree `tree`, whole, to `out` for as
+    /// many leading leaves as are whole `block_size`-byte blocks in pack files, and returns
+    /// how many. One leaf scan and one batched metadata lookup for them all: a sequential
+    /// read of a large file. A leaf it stops at (missing, kept in RocksDB, failing its
+    /// checksum) is left for [`Self::append_block_range`].
+    pub fn append_whole_leaves(
+        &self,
+        tree: &Cid,
+        first: u64,
+        count: u64,
+        block_size: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<u64> {
+        let mut keys = Vec::with_capacity(count as usize);
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_LEAVES));
+        it.seek(leaf_key(tree, first));
+        for index in first..first + count {
+            match (it.key(), it.value()) {
+                (Some(k), Some(v)) if k == leaf_key(tree, index).as_slice() => {
+                    keys.push(LeafRecord::decode_block(v)?.to_bytes())
+                }
+                _ => break,
+            }
+            it.next();
+        }
+        it.status()?;
+        drop(it);
+
+        let mut locs = Vec::with_capacity(keys.len());
+        for meta in self
+            .db
+            .batched_multi_get_cf(self.cf(CF_BLOCK_META), &keys, false)
+        {
+            let meta = match meta? {
+                Some(m) => BlockMeta::decode(&m)?,
+                None => break,
+            };
+            match meta.location {
+                Some(loc) if meta.size == block_size as u64 => locs.push(loc),
+                _ => break,
+            }
+        }
+
+        // Block by block, so that each is checked while it is still in the CPU's cache.
+        // One that cannot be read is left to the block-by-block path, which retries a
+        // block that moved and reports what is really wrong.
+        let mut done = 0;
+        for loc in &locs {
+            if self.packs.read_append(loc, block_size, out).is_err() {
+                break;
+            }
+            done += 1;
+        }
+        Ok(done as u64)
+    }
+
     /// Appends the whole block that `meta` describes to `out`, checked: `Ok(false)` if it
     /// is gone. A block deleted (its pack space punched) or moved while it was read reads
     /// as gone or is read again from where it went, not reported corrupt.
