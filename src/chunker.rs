@@ -66,18 +66,20 @@ impl BufferPool {
         }
     }
 
+    fn pop(&self) -> Option<Vec<u8>> {
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
     /// An empty buffer, with the capacity of one handed back if there is one.
     pub fn take_empty(&self) -> Vec<u8> {
-        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut b = reused.unwrap_or_default();
+        let mut b = self.pop().unwrap_or_default();
         b.clear();
         b
     }
 
     /// A buffer of `len` bytes whose contents are unspecified.
     fn take(&self, len: usize) -> Vec<u8> {
-        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        match reused {
+        match self.pop() {
             Some(mut b) => {
                 b.resize(len, 0);
                 b

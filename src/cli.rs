@@ -426,9 +426,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                         bar.finish_and_clear();
                         Ok(n)
                     }
-                    Target::Local(node) => {
-                        download_local(node, &cid, timeout, net.clone(), out, json)
-                    }
+                    Target::Local(node) => download_local(node, &cid, timeout, &net, out, json),
                 }
             };
             let bytes = match &output {
@@ -642,9 +640,10 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
         Command::DebugLoseBlocks { cid, indices, repo } => {
             let cid = parse_cid(&cid)?;
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
-            let manifest = node.repo().manifest(&cid)?.ok_or_else(|| {
-                Error::NotFound(format!("{} is not stored here", cid_string(&cid)))
-            })?;
+            let manifest = node
+                .repo()
+                .manifest(&cid)?
+                .ok_or_else(|| not_stored(&cid))?;
             for i in indices {
                 if !node.repo().lose_leaf(&manifest.tree_cid, i)? {
                     anyhow::bail!("the dataset has no stored block {i}");
@@ -690,7 +689,7 @@ fn download_local(
     node: &Node,
     cid: &cid::Cid,
     timeout: Duration,
-    mut net: NetArgs,
+    net: &NetArgs,
     out: &mut dyn Write,
     quiet: bool,
 ) -> Result<u64> {
@@ -702,15 +701,9 @@ fn download_local(
         bar.finish_and_clear();
         return Ok(n);
     }
-    if net
-        .listen
-        .iter()
-        .any(|a| a.to_string() == "/ip4/0.0.0.0/tcp/8070")
-    {
-        net.listen = vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid address")];
-    }
     let runtime = crate::node_cmd::runtime()?;
-    let network = codexfs::net::service::start(node, net.config(), runtime.handle(), timeout)?;
+    let network =
+        codexfs::net::service::start(node, net.for_client().config(), runtime.handle(), timeout)?;
     let bar = progress_bar(None, quiet);
     let mut counted = bar.wrap_write(out);
     let manifest = network.store.stream_to(cid, &mut counted)?;

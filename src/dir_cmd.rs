@@ -212,7 +212,7 @@ pub fn download(
             dest,
         )?,
         Target::Local(node) => {
-            let here = node.repo().get_block(cid)?.is_some();
+            let here = node.repo().has_block(cid)?;
             match network {
                 Some((config, timeout)) if !here => {
                     let runtime = crate::node_cmd::runtime()?;

@@ -33,8 +33,7 @@ impl Writer {
     }
 
     pub fn bytes_field(&mut self, field: u32, value: &[u8]) -> &mut Self {
-        self.tag(field, WIRE_LEN);
-        put_varint(&mut self.buf, value.len() as u64);
+        put_len_header(&mut self.buf, field, value.len());
         self.buf.extend_from_slice(value);
         self
     }

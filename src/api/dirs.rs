@@ -4,8 +4,6 @@
 //! directory of entries already stored (what `codexfs upload DIR` uses). Directory blocks
 //! come through the network store: local first, then peers.
 
-use std::sync::Arc;
-
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -223,7 +221,7 @@ pub async fn create(
         .into_iter()
         .map(Item::try_from)
         .collect::<Result<Vec<_>, _>>()?;
-    let node = Arc::new(st.node.clone());
+    let node = st.node.clone();
     let cid = tokio::task::spawn_blocking(move || {
         let enc = dir::encode(items)?;
         node.repo().store_directory(&enc)

@@ -16,7 +16,7 @@ use cid::Cid;
 use super::codec::{check_block_size, ColumnCodec};
 use super::layout::{Layout, STEPPED};
 use super::EcParams;
-use crate::cids::{cid_from_digest, cid_string, digest_of, sha256, Digest, BLOCK_CODEC};
+use crate::cids::{block_cid, cid_string, digest_of, Digest};
 use crate::error::{Error, Result};
 use crate::manifest::{ErasureInfo, Manifest};
 use crate::merkle::MerkleTree;
@@ -77,7 +77,7 @@ fn encode_all(
 ) -> Result<Vec<Digest>> {
     let bs = manifest.block_size as usize;
     let zero = Bytes::from(vec![0u8; bs]);
-    let zero_cid = crate::cids::block_cid(&zero);
+    let zero_cid = block_cid(&zero);
     let per_column = (layout.k + layout.m) * manifest.block_size;
     let run = (PASS_BYTES / per_column).max(1);
     let runs = layout.steps.div_ceil(run);
@@ -128,7 +128,7 @@ fn encode_all(
                 }
                 for (j, p) in codec.encode(&data)?.into_iter().enumerate() {
                     let index = layout.member(step, layout.k as usize + j);
-                    let cid = cid_from_digest(BLOCK_CODEC, &sha256(&p));
+                    let cid = block_cid(&p);
                     blocks.push((index, cid, Bytes::from(p)));
                 }
             }

@@ -516,26 +516,6 @@ pub fn repair(fetch: &dyn Fetch, repo: &RepoStore, dataset: &Dataset) -> Result<
     Ok(report)
 }
 
-/// Checks that the dataset's data blocks (all stored here) make its original tree, as the
-/// spec asks after a decode.
-pub fn check_original_tree(repo: &RepoStore, manifest: &Manifest) -> Result<()> {
-    let Some(layout) = Layout::of(manifest)? else {
-        return Ok(());
-    };
-    let mut digests = Vec::with_capacity(layout.blocks as usize);
-    for i in 0..layout.blocks {
-        let block = repo.leaf_block(&manifest.tree_cid, i)?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "leaf {i} is not stored, the original tree cannot be checked"
-            ))
-        })?;
-        digests.push(
-            digest_of(&block).ok_or_else(|| Error::Corrupt("leaf CID without digest".into()))?,
-        );
-    }
-    check_original_tree_of(manifest, &digests)
-}
-
 /// Checks that the data block digests make the manifest's original tree.
 fn check_original_tree_of(manifest: &Manifest, data: &[Digest]) -> Result<()> {
     let Some(info) = &manifest.erasure else {

@@ -148,14 +148,8 @@ impl Prefetcher {
         }
     }
 
-    /// Reads up to `size` bytes at `offset` (fewer only at the end of the dataset).
-    pub fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
-        let mut out = Vec::new();
-        self.read_into(offset, size, &mut out)?;
-        Ok(out)
-    }
-
-    /// Like [`Self::read`], appending to `out`.
+    /// Appends up to `size` bytes at `offset` to `out` (fewer only at the end of the
+    /// dataset).
     pub fn read_into(&self, offset: u64, size: u32, out: &mut Vec<u8>) -> Result<(), Errno> {
         let total = self.dataset.size();
         if offset >= total || size == 0 {
@@ -191,6 +185,8 @@ impl Prefetcher {
             st.slots.retain(|&i, _| i >= first);
             let mut parts = Vec::with_capacity((last - first + 1) as usize);
             let mut waited = false;
+            // Whole blocks are read together until the source says it cannot.
+            let mut try_whole = true;
             let mut i = first;
             while i <= last {
                 if let Some(s) = st.slots.get(&i) {
@@ -199,7 +195,7 @@ impl Prefetcher {
                     i += 1;
                     continue;
                 }
-                if !waited {
+                if try_whole && !waited {
                     // Whole blocks nobody is fetching: read together if they are at hand.
                     let whole = (i..=last)
                         .take_while(|&k| {
@@ -214,6 +210,7 @@ impl Prefetcher {
                             .min(whole);
                         parts.extend((0..n).map(|_| Part::Done));
                         i += n;
+                        try_whole = n == whole;
                         if n > 0 {
                             continue;
                         }

@@ -280,7 +280,7 @@ impl Exchange {
                     Ok(None) => break,
                     Err(e) => {
                         tracing::info!(%peer, "dropping a peer that sent a bad frame: {e}");
-                        self.drop_peer(peer);
+                        self.peer_gone(peer);
                         return;
                     }
                 }
@@ -402,7 +402,7 @@ impl Exchange {
                     self.give_up_on(&mut st, &address, peer, false);
                     if strikes >= MAX_STRIKES {
                         drop(st);
-                        self.drop_peer(peer);
+                        self.peer_gone(peer);
                         st = lock(&self.state);
                     }
                 }
@@ -599,6 +599,8 @@ impl Exchange {
         self.pump(&mut st);
     }
 
+    /// A peer disconnected, or misbehaved and is dropped: what it was asked for goes
+    /// elsewhere.
     fn peer_gone(self: &Arc<Self>, peer: PeerId) {
         self.server.peer_gone(&peer);
         let mut st = lock(&self.state);
@@ -611,22 +613,9 @@ impl Exchange {
             .map(|(a, _)| a.clone())
             .collect();
         for a in stuck {
-            if let Some(p) = st.pending.get_mut(&a) {
-                p.tried.insert(peer);
-                p.asked = None;
-            }
-            self.enqueue(&mut st, a);
+            self.give_up_on(&mut st, &a, peer, false);
         }
         self.pump(&mut st);
-    }
-
-    /// Stops talking to a misbehaving peer: its queue closes and what it was asked for
-    /// goes elsewhere.
-    fn drop_peer(self: &Arc<Self>, peer: PeerId) {
-        if let Some(p) = lock(&self.state).peers.get_mut(&peer) {
-            p.sender = None;
-        }
-        self.peer_gone(peer);
     }
 
     /// Wants asked longer than the request timeout ago move to the next peer; unanswered
@@ -706,7 +695,7 @@ impl Exchange {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::info!(%peer, "cannot open a stream: {e}");
-                    self.drop_peer(peer);
+                    self.peer_gone(peer);
                     return;
                 }
             };
@@ -718,7 +707,7 @@ impl Exchange {
             if !replay.is_empty()
                 && (writer.write_all(&replay).await.is_err() || writer.flush().await.is_err())
             {
-                self.drop_peer(peer);
+                self.peer_gone(peer);
                 return;
             }
             let mut probe = [0u8; 64];
@@ -734,7 +723,7 @@ impl Exchange {
                             tracing::debug!(%peer, "stream dropped by the peer; opening another");
                             continue 'open;
                         }
-                        self.drop_peer(peer);
+                        self.peer_gone(peer);
                         return;
                     }
                 };
@@ -764,7 +753,7 @@ impl Exchange {
                         reopened += 1;
                         continue 'open;
                     }
-                    self.drop_peer(peer);
+                    self.peer_gone(peer);
                     return;
                 }
                 drop(held);

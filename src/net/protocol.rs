@@ -373,16 +373,8 @@ impl Message {
 
 /// A frame: varint length, then the message.
 pub fn encode_frame(msg: &Message) -> Result<Vec<u8>> {
-    let body = msg.encode();
-    if body.len() > MAX_MESSAGE_BYTES {
-        return Err(Error::InvalidArgument(format!(
-            "message of {} bytes is over the frame limit",
-            body.len()
-        )));
-    }
-    let mut out = Vec::with_capacity(body.len() + 10);
-    put_varint(&mut out, body.len() as u64);
-    out.extend_from_slice(&body);
+    let mut out = Vec::new();
+    msg.encode_frame_into(&mut out)?;
     Ok(out)
 }
 

@@ -225,7 +225,7 @@ impl super::Node {
             out.extend_from_slice(b.get(range).ok_or_else(|| short_block(&cid))?);
             return Ok(true);
         }
-        if self.repo().append_block_range(&cid, Some(range), out)? {
+        if self.repo().append_block_range(&cid, range, out)? {
             return Ok(true);
         }
         Err(Error::NotFound(format!(

@@ -56,7 +56,7 @@ impl RepoStore {
             count += 1;
             match m.location {
                 Some(loc) => {
-                    packed += m.size.div_ceil(4096) * 4096;
+                    packed += packs::align_up(m.size);
                     buf.clear();
                     if let Err(e) = self.packs.read_append(&loc, m.size as usize, &mut buf) {
                         problems.push(format!("block {k:02x?}: {e}"));

@@ -321,19 +321,18 @@ impl RepoStore {
         out
     }
 
-    /// Appends bytes `range` (all if `None`) of block `cid` to `out`: `Ok(false)` if the
-    /// block is not stored. A whole block in a pack is read straight into `out`.
+    /// Appends bytes `range` of block `cid` to `out`: `Ok(false)` if the block is not
+    /// stored. A whole block in a pack is read straight into `out`.
     pub fn append_block_range(
         &self,
         cid: &Cid,
-        range: Option<std::ops::Range<usize>>,
+        range: std::ops::Range<usize>,
         out: &mut Vec<u8>,
     ) -> Result<bool> {
         let key = cid.to_bytes();
         let Some(meta) = self.block_meta_raw(&key)? else {
             return Ok(false);
         };
-        let range = range.unwrap_or(0..meta.size as usize);
         if range.start == 0 && range.end as u64 == meta.size {
             return self.read_block_into(&key, meta, out);
         }
@@ -347,10 +346,10 @@ impl RepoStore {
     }
 
     /// Appends leaves `first..first + count` of stored tree `tree`, whole, to `out` for as
-    /// many leading leaves as are whole `block_size`-byte blocks in pack files, and returns
-    /// how many. One leaf scan and one batched metadata lookup for them all: a sequential
-    /// read of a large file. A leaf it stops at (missing, kept in RocksDB, failing its
-    /// checksum) is left for [`Self::append_block_range`].
+    /// many leading leaves as are stored `block_size`-byte blocks, and returns how many.
+    /// One leaf scan and one batched metadata lookup for them all: a sequential read of a
+    /// large file. A leaf it stops at (missing, failing its checksum) is left for
+    /// [`Self::append_block_range`].
     pub fn append_whole_leaves(
         &self,
         tree: &Cid,
@@ -359,13 +358,16 @@ impl RepoStore {
         block_size: usize,
         out: &mut Vec<u8>,
     ) -> Result<u64> {
+        let tree_key = tree.to_bytes();
         let mut keys = Vec::with_capacity(count as usize);
         let mut it = self.db.raw_iterator_cf(self.cf(CF_LEAVES));
         it.seek(leaf_key(tree, first));
         for index in first..first + count {
             match (it.key(), it.value()) {
-                (Some(k), Some(v)) if k == leaf_key(tree, index).as_slice() => {
-                    keys.push(LeafRecord::decode_block(v)?.to_bytes())
+                (Some(k), Some(v))
+                    if k.strip_prefix(tree_key.as_slice()) == Some(&index.to_be_bytes()[..]) =>
+                {
+                    keys.push(LeafRecord::block_key(v)?.to_vec())
                 }
                 _ => break,
             }
@@ -374,27 +376,21 @@ impl RepoStore {
         it.status()?;
         drop(it);
 
-        let mut locs = Vec::with_capacity(keys.len());
-        for meta in self
+        let metas = self
             .db
-            .batched_multi_get_cf(self.cf(CF_BLOCK_META), &keys, false)
-        {
-            let meta = match meta? {
-                Some(m) => BlockMeta::decode(&m)?,
-                None => break,
-            };
-            match meta.location {
-                Some(loc) if meta.size == block_size as u64 => locs.push(loc),
-                _ => break,
-            }
-        }
-
+            .batched_multi_get_cf(self.cf(CF_BLOCK_META), &keys, false);
         // Block by block, so that each is checked while it is still in the CPU's cache.
         // One that cannot be read is left to the block-by-block path, which retries a
         // block that moved and reports what is really wrong.
         let mut done = 0;
-        for loc in &locs {
-            if self.packs.read_append(loc, block_size, out).is_err() {
+        for (key, meta) in keys.iter().zip(metas) {
+            let meta = match meta? {
+                Some(m) => BlockMeta::decode(&m)?,
+                None => break,
+            };
+            if meta.size != block_size as u64
+                || !matches!(self.read_block_into(key, meta, out), Ok(true))
+            {
                 break;
             }
             done += 1;

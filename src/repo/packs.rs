@@ -42,7 +42,7 @@ pub struct PackLocation {
     pub crc: u32,
 }
 
-fn align_up(n: u64) -> u64 {
+pub(super) fn align_up(n: u64) -> u64 {
     n.div_ceil(ALIGN) * ALIGN
 }
 
@@ -262,18 +262,6 @@ impl Packs {
     /// spare room (the read path of the mount: no copy on our side). On failure `out` is
     /// as it was.
     pub fn read_append(&self, loc: &PackLocation, len: usize, out: &mut Vec<u8>) -> Result<()> {
-        let start = out.len();
-        self.pread_append(loc, len, out)?;
-        if crc32fast::hash(&out[start..]) != loc.crc {
-            out.truncate(start);
-            return Err(checksum_mismatch(loc));
-        }
-        Ok(())
-    }
-
-    /// Appends `len` bytes of a pack from `loc.offset` to `out`, unchecked. On failure
-    /// `out` is as it was.
-    fn pread_append(&self, loc: &PackLocation, len: usize, out: &mut Vec<u8>) -> Result<()> {
         let file = self.file(loc.pack)?;
         let start = out.len();
         out.reserve(len);
@@ -304,6 +292,10 @@ impl Packs {
         }
         // SAFETY: pread initialised all `len` bytes after `start` above.
         unsafe { out.set_len(start + len) };
+        if crc32fast::hash(&out[start..]) != loc.crc {
+            out.truncate(start);
+            return Err(checksum_mismatch(loc));
+        }
         Ok(())
     }
 

@@ -204,27 +204,32 @@ impl LeafRecord {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
-        let n = *b
-            .first()
-            .ok_or_else(|| Error::Corrupt("empty leaf record".into()))? as usize;
-        if b.len() < 1 + n {
-            return Err(Error::Corrupt("truncated leaf record".into()));
-        }
+        let (block, proof) = Self::split(b)?;
         Ok(Self {
-            block: cid_from_bytes(&b[1..1 + n], "leaf record")?,
-            proof: MerkleProof::decode(&b[1 + n..])?,
+            block: cid_from_bytes(block, "leaf record")?,
+            proof: MerkleProof::decode(proof)?,
         })
     }
 
     /// Only the block CID, without decoding the proof (the read path's need).
     pub fn decode_block(b: &[u8]) -> Result<Cid> {
+        cid_from_bytes(Self::split(b)?.0, "leaf record")
+    }
+
+    /// The block CID's bytes as stored (its key in the block columns), not parsed.
+    pub fn block_key(b: &[u8]) -> Result<&[u8]> {
+        Ok(Self::split(b)?.0)
+    }
+
+    /// The record's CID bytes and proof bytes.
+    fn split(b: &[u8]) -> Result<(&[u8], &[u8])> {
         let n = *b
             .first()
             .ok_or_else(|| Error::Corrupt("empty leaf record".into()))? as usize;
         if b.len() < 1 + n {
             return Err(Error::Corrupt("truncated leaf record".into()));
         }
-        cid_from_bytes(&b[1..1 + n], "leaf record")
+        Ok((&b[1..1 + n], &b[1 + n..]))
     }
 }
 
