@@ -43,6 +43,15 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
     } = opts;
     let runtime = runtime()?;
     let node = Node::open(data_dir, config)?;
+    if let Ok(Some((left, free))) = node.repo().quota_beyond_disk() {
+        eprintln!(
+            "codexfs: warning: the quota leaves {} MiB to fill, but the disk of {} has {} MiB \
+             free: uploads will fail with a full disk first",
+            left >> 20,
+            data_dir.display(),
+            free >> 20
+        );
+    }
     let _sweeper = node.spawn_sweeper();
     let network = Arc::new(
         service::start(&node, net, runtime.handle(), read_timeout)

@@ -21,6 +21,7 @@ fn node(dir: &std::path::Path, quota: u64, ttl: Duration) -> Node {
         repo: RepoConfig {
             quota_max: quota,
             block_ttl: ttl,
+            ..RepoConfig::default()
         },
         ..NodeConfig::default()
     };
@@ -194,6 +195,7 @@ fn background_sweeper_runs_on_its_interval() {
         repo: RepoConfig {
             quota_max: BIG,
             block_ttl: Duration::ZERO,
+            ..RepoConfig::default()
         },
         sweep_interval: Duration::from_millis(300),
         ..NodeConfig::default()
@@ -312,6 +314,7 @@ fn fetched_leaves_of_an_incomplete_dataset_are_swept_once_expired() {
                 (m.tree_cid, i, rec, data)
             })
             .collect();
+        dst.repo().ensure_tree(&m).unwrap();
         dst.repo().put_fetched_leaves(&leaves).unwrap();
         m
     };
@@ -357,19 +360,20 @@ fn fetched_leaves_of_an_adopted_dataset_stay_until_it_expires() {
             (m.tree_cid, i, rec, data)
         })
         .collect();
+    dst.repo().ensure_tree(&m).unwrap();
     dst.repo().put_fetched_leaves(&leaves).unwrap();
     dst.repo().adopt_dataset(&m).unwrap();
     // Its blocks' own lifetime has ended, but the dataset (just adopted) lives on.
-    let report = dst.repo().sweep_orphan_leaves(unix_now() + 61).unwrap();
+    let report = dst.repo().sweep_trees(unix_now() + 61).unwrap();
     assert_eq!(report, 0);
     assert!(dst.repo().leaf(&m.tree_cid, 0).unwrap().is_some());
     assert_consistent(&dst);
 }
 
-/// Past its first 4 MiB an upload's blocks go to pack files: a quota failure there leaves
-/// no counted bytes and no pack bytes behind (the check counts both).
+/// A quota failure part way through a large upload leaves no counted bytes and no file
+/// bytes behind (the check counts both).
 #[test]
-fn exceeding_the_quota_in_pack_files_leaves_nothing_behind() {
+fn exceeding_the_quota_part_way_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path(), 12 << 20, DAY);
     let first = random_bytes(8 << 20, 30);
@@ -391,26 +395,23 @@ fn exceeding_the_quota_in_pack_files_leaves_nothing_behind() {
     assert_consistent(&node);
 }
 
-/// A block whose bytes changed on disk is an error when read, never served, and the
-/// consistency check names it.
+/// A block whose bytes changed on disk is found by the scrub and dropped: the dataset is
+/// then incomplete (the check says so) and the block is never served from here again.
 #[test]
-fn a_changed_byte_in_a_pack_file_is_an_error_not_data() {
+fn a_changed_byte_in_a_flat_file_is_found_by_the_scrub_and_not_served() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let data = random_bytes(8 << 20, 32);
-    let cid = {
+    let (cid, tree) = {
         let node = node(dir.path(), BIG, DAY);
-        node.store(&data[..], None, None).unwrap()
+        let cid = node.store(&data[..], None, None).unwrap();
+        (cid, node.repo().manifest(&cid).unwrap().unwrap().tree_cid)
     };
-    let pack = std::fs::read_dir(dir.path().join("packs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "pack"))
-        .expect("a pack file");
+    let flat = dir.path().join("trees").join(cid_string(&tree));
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&pack)
+        .open(&flat)
         .unwrap();
     let mut byte = [0u8; 1];
     f.read_exact_at(&mut byte, 1000).unwrap();
@@ -418,18 +419,26 @@ fn a_changed_byte_in_a_pack_file_is_an_error_not_data() {
     drop(f);
 
     let node = node(dir.path(), BIG, DAY);
+    let report = node.repo().scrub(&|_| {}).unwrap();
+    assert_eq!(report.dropped, 1, "{report:?}");
     let mut out = Vec::new();
     let err = node
         .retrieve(&cid)
         .unwrap()
         .read_to_end(&mut out)
-        .expect_err("a corrupt block must not read");
-    assert!(err.to_string().contains("checksum"), "{err}");
-    assert_ne!(out, data);
+        .expect_err("a dropped block must not read");
+    assert!(err.to_string().contains("not stored"), "{err}");
+    assert!(out.is_empty(), "block 0 was the changed one");
     let r = node.repo().check_consistency().unwrap();
     assert!(
-        r.problems.iter().any(|p| p.contains("checksum")),
+        r.problems.iter().any(|p| p.contains("incomplete")),
         "{:#?}",
         r.problems
     );
+    // Only the dropped block is missing: the rest still read.
+    let mut rest = node.retrieve(&cid).unwrap();
+    rest.seek(SeekFrom::Start(65536)).unwrap();
+    let mut tail = Vec::new();
+    rest.read_to_end(&mut tail).unwrap();
+    assert!(tail == data[65536..]);
 }

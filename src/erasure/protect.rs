@@ -48,7 +48,11 @@ pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
     let layout = Layout::new(manifest.block_count(), ec.k as u64, ec.m as u64);
     let upload = repo.begin_upload()?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
-    let digests = encode_all(repo, &manifest, &layout, &upload)?;
+    upload.set_data_blocks(layout.rounded);
+    // The data blocks keep their places: the original's flat file is the protected
+    // dataset's data file too (a hard link), so only parity is written.
+    let linked = upload.link_data_file(&manifest.tree_cid, manifest.dataset_size)?;
+    let digests = encode_all(repo, &manifest, &layout, &upload, linked)?;
     let tree = MerkleTree::new(digests)?;
     let mut protected = Manifest::new(
         tree.root_cid(),
@@ -68,12 +72,14 @@ pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
 }
 
 /// Puts every block of the protected dataset through `upload` (data blocks take one more
-/// reference, padding and parity are stored) and returns the leaf digests in order.
+/// reference, and are written unless the data file is `linked`; padding blocks are held,
+/// their zeros implied; parity is written) and returns the leaf digests in order.
 fn encode_all(
     repo: &RepoStore,
     manifest: &Manifest,
     layout: &Layout,
     upload: &Upload<'_>,
+    linked: bool,
 ) -> Result<Vec<Digest>> {
     let bs = manifest.block_size as usize;
     let zero = Bytes::from(vec![0u8; bs]);
@@ -113,7 +119,7 @@ fn encode_all(
                     let block = repo.leaf_block(&manifest.tree_cid, index)?.ok_or_else(|| {
                         Error::NotFound(format!("leaf {index} of the dataset is not stored"))
                     })?;
-                    let bytes = repo.get_block(&block)?.ok_or_else(|| {
+                    let bytes = repo.leaf_bytes(&manifest.tree_cid, index)?.ok_or_else(|| {
                         Error::NotFound(format!("block {} is not stored", cid_string(&block)))
                     })?;
                     if bytes.len() != bs {
@@ -132,9 +138,21 @@ fn encode_all(
                     blocks.push((index, cid, Bytes::from(p)));
                 }
             }
-            let batch: Vec<(u64, Cid, &[u8])> =
-                blocks.iter().map(|(i, c, b)| (*i, *c, &b[..])).collect();
-            upload.put_indexed_blocks(&batch)?;
+            // Bytes to write: parity, and data unless the data file is linked. The rest
+            // (padding, linked data) is only held.
+            let written = |i: u64| i >= layout.rounded || (!linked && !layout.is_padding(i));
+            let put: Vec<(u64, Cid, &[u8])> = blocks
+                .iter()
+                .filter(|(i, _, _)| written(*i))
+                .map(|(i, c, b)| (*i, *c, &b[..]))
+                .collect();
+            let held: Vec<(u64, Cid, u64)> = blocks
+                .iter()
+                .filter(|(i, _, _)| !written(*i))
+                .map(|(i, c, b)| (*i, *c, b.len() as u64))
+                .collect();
+            upload.put_indexed_blocks(&put)?;
+            upload.hold_blocks(&held)?;
             let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
             for (i, c, _) in &blocks {
                 all[*i as usize] = digest_of(c)

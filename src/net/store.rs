@@ -119,8 +119,17 @@ impl NetworkStore {
             .unwrap_or_default()
     }
 
-    /// A future for block `index` of `dataset` from the peers that have it.
+    /// A future for block `index` of `dataset` from the peers that have it. The dataset's
+    /// tree gets a record here first, so that what arrives is kept in its flat file.
     fn fetch_remote(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
+        if let Dataset::Manifest(_, m) = dataset {
+            if let Err(e) = self.node.repo().ensure_tree(m) {
+                tracing::debug!(
+                    "blocks of {} will not be kept: {e}",
+                    cid_string(dataset.cid())
+                );
+            }
+        }
         remote_block(
             self.exchange.clone(),
             dataset,

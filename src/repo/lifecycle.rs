@@ -1,22 +1,36 @@
-//! Deleting datasets, sweeping expired data, and giving deleted blocks' space back.
+//! Deleting datasets and trees, and sweeping expired data.
 
 use super::*;
 
 impl RepoStore {
     // ---- deletion and expiry ----
 
-    /// Deletes a dataset and every block no other dataset uses. `Ok(false)` if it was not
-    /// stored here. A directory CID deletes the directory and the entries no other stored
-    /// directory names; a dataset or directory that a stored directory names is `InUse`.
+    /// Deletes a dataset, its tree's files if no other dataset uses them, and every block
+    /// no other dataset uses. `Ok(false)` if it was not stored here. A directory CID
+    /// deletes the directory and the entries no other stored directory names; a dataset or
+    /// directory that a stored directory names is `InUse`.
     pub fn delete_dataset(&self, cid: &Cid) -> Result<bool> {
         if cid.codec() == crate::cids::DIR_CODEC {
             return self.delete_directory(cid, true);
         }
         let _guard = lock(&self.datasets_lock);
+        self.delete_dataset_locked(cid, None)
+    }
+
+    /// [`Self::delete_dataset`] with the datasets lock held; with `expired_by`, only if the
+    /// dataset's lifetime ended by then (checked under the lock: one refreshed meanwhile
+    /// stays).
+    fn delete_dataset_locked(&self, cid: &Cid, expired_by: Option<u64>) -> Result<bool> {
         let key = cid.to_bytes();
-        if self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)?.is_none() {
+        let Some(record) = self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)? else {
+            return Ok(false);
+        };
+        if expired_by
+            .is_some_and(|now| DatasetRecord::decode(&record).is_ok_and(|r| r.expiry > now))
+        {
             return Ok(false);
         }
+        drop(record);
         if self.holds(cid)? > 0 {
             return Err(Error::InUse(format!(
                 "dataset {} is named by a stored directory; delete the directory",
@@ -33,114 +47,95 @@ impl RepoStore {
             t.unref(&key)?;
             t.batch.delete_cf(self.cf(CF_DATASETS), &key);
             let mut released = false;
-            if let Some(b) = self.db.get_pinned_cf(self.cf(CF_TREES), &tree_key)? {
-                let mut tree = TreeRecord::decode(&b)?;
+            if let Some(mut tree) = self.tree_raw(&tree_key)? {
                 tree.datasets = tree.datasets.saturating_sub(1);
                 if tree.datasets == 0 {
-                    t.batch.delete_cf(self.cf(CF_TREES), &tree_key);
+                    tree.state = TreeState::Releasing;
                     let jk = JournalKey::ReleaseTree {
                         tree: tree_key.clone(),
                     }
                     .encode();
                     t.batch.put_cf(self.cf(CF_JOURNAL), jk, []);
                     released = true;
-                } else {
-                    t.batch.put_cf(self.cf(CF_TREES), &tree_key, tree.encode());
                 }
+                t.batch.put_cf(self.cf(CF_TREES), &tree_key, tree.encode());
             }
-            t.commit(&mut counters, false)?;
+            // Synced before the files go: no record that survives a power loss names them.
+            t.commit(&mut counters, true)?;
             released
         };
         if released {
-            self.release_tree(&manifest.tree_cid)?;
+            self.release_tree_locked(&manifest.tree_cid)?;
         }
         Ok(true)
     }
 
-    /// Leaves fetched from peers for a dataset that never completed here (no tree
-    /// record, no upload writing them) hold their blocks until the blocks' lifetime
-    /// ends; then they go, and the blocks no one else uses with them. Returns the leaves
-    /// dropped.
-    pub fn sweep_orphan_leaves(&self, now: u64) -> Result<u64> {
-        let mut uploading = std::collections::HashSet::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_JOURNAL), IteratorMode::Start)
+    /// Deletes a tree no dataset uses: marked Releasing (synced), its files unlinked, then
+    /// its leaves released with the references they hold, a batch at a time, and its
+    /// record last. A crash part way is finished by the next open (the journal entry). An
+    /// unlink that fails leaves the tree counted, to be tried again. The caller holds the
+    /// datasets lock.
+    pub(super) fn release_tree_locked(&self, tree: &Cid) -> Result<()> {
+        let key = tree.to_bytes();
+        let jk = JournalKey::ReleaseTree { tree: key.clone() }.encode();
         {
-            let (k, v) = item?;
-            if let JournalKey::UploadTree { .. } = JournalKey::decode(&k)? {
-                uploading.insert(v.to_vec());
-            }
-        }
-        let mut orphan_trees: std::collections::HashMap<Vec<u8>, bool> = Default::default();
-        let mut expired = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_LEAVES), IteratorMode::Start) {
-            let (k, v) = item?;
-            let Some(tree) = k.len().checked_sub(8).map(|n| &k[..n]) else {
-                continue;
-            };
-            let orphan = match orphan_trees.get(tree) {
-                Some(o) => *o,
-                None => {
-                    let o = !uploading.contains(tree)
-                        && self.db.get_pinned_cf(self.cf(CF_TREES), tree)?.is_none();
-                    orphan_trees.insert(tree.to_vec(), o);
-                    o
+            let mut counters = lock(&self.counters);
+            match self.tree_raw(&key)? {
+                Some(mut rec) if rec.state != TreeState::Releasing => {
+                    if rec.datasets > 0 {
+                        return Err(Error::InUse(format!(
+                            "tree {} has datasets",
+                            crate::cids::cid_string(tree)
+                        )));
+                    }
+                    rec.state = TreeState::Releasing;
+                    let mut t = Txn::new(self);
+                    t.batch.put_cf(self.cf(CF_TREES), &key, rec.encode());
+                    t.batch.put_cf(self.cf(CF_JOURNAL), &jk, []);
+                    t.commit(&mut counters, true)?;
                 }
-            };
-            if !orphan {
-                continue;
-            }
-            let block = LeafRecord::decode_block(&v)?.to_bytes();
-            if self
-                .block_meta_raw(&block)?
-                .is_some_and(|m| m.expiry <= now)
-            {
-                expired.push(k.to_vec());
+                _ => {}
             }
         }
-        let mut dropped = 0;
-        for chunk in expired.chunks(BATCH_RECORDS) {
-            // Under the datasets lock: a dataset adopted meanwhile keeps its leaves.
-            let _guard = lock(&self.datasets_lock);
+        {
+            let _stripe = self.files.stripe(&key);
+            self.files.remove(tree)?;
+            self.files.mark_clean(&key);
+        }
+        let (from, to) = (leaf_key(tree, 0), leaf_key_raw(&key, u64::MAX));
+        loop {
+            let records = self.scan(CF_LEAVES, &from, &to, BATCH_RECORDS)?;
             let mut counters = lock(&self.counters);
             let mut t = Txn::new(self);
-            for k in chunk {
-                let tree = &k[..k.len() - 8];
-                if self.db.get_pinned_cf(self.cf(CF_TREES), tree)?.is_some() {
-                    continue;
+            if records.is_empty() {
+                // Last, the record (if this release is the tree's: a tree re-created since
+                // by a fetch is another one's).
+                if self
+                    .tree_raw(&key)?
+                    .is_some_and(|r| r.state == TreeState::Releasing)
+                {
+                    t.batch.delete_cf(self.cf(CF_TREES), &key);
                 }
-                let Some(v) = self.db.get_pinned_cf(self.cf(CF_LEAVES), k)? else {
-                    continue;
-                };
-                t.unref(&LeafRecord::decode_block(&v)?.to_bytes())?;
-                t.batch.delete_cf(self.cf(CF_LEAVES), k);
-                dropped += 1;
+                t.batch.delete_cf(self.cf(CF_JOURNAL), &jk);
+                t.commit(&mut counters, false)?;
+                return Ok(());
+            }
+            let mut rec = self.tree_raw(&key)?;
+            for (k, v) in &records {
+                let (_, index) = split_leaf_key(k)?;
+                t.drop_leaf(&key, index, LeafRecord::block_key(v)?)?;
+            }
+            if let Some(r) = rec.as_mut() {
+                r.present = r.present.saturating_sub(records.len() as u64);
+                t.batch.put_cf(self.cf(CF_TREES), &key, r.encode());
             }
             t.commit(&mut counters, false)?;
         }
-        Ok(dropped)
-    }
-
-    /// Drops the leaves of a tree no dataset uses, with the block references they hold.
-    pub(super) fn release_tree(&self, tree: &Cid) -> Result<()> {
-        let (from, to) = (leaf_key(tree, 0), leaf_key(tree, u64::MAX));
-        self.release_records(CF_LEAVES, &from, &to, |leaf| {
-            Ok(LeafRecord::decode_block(leaf)?.to_bytes())
-        })?;
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(
-            self.cf(CF_JOURNAL),
-            JournalKey::ReleaseTree {
-                tree: tree.to_bytes(),
-            }
-            .encode(),
-        );
-        self.write(batch, false)
     }
 
     /// Deletes datasets and directories whose lifetime has ended (unless a stored
-    /// directory still names them) and unreferenced blocks past their expiry.
+    /// directory still names them), trees no dataset uses whose lifetime has ended (fetched
+    /// for a reader, never made a dataset here), and unreferenced blocks past their expiry.
     pub fn sweep_expired(&self, now: u64) -> Result<SweepReport> {
         let mut report = SweepReport::default();
         report.datasets += self.sweep_directories(now)?;
@@ -155,12 +150,15 @@ impl RepoStore {
             }
         }
         for cid in expired {
-            if self.delete_dataset(&cid)? {
-                report.datasets += 1;
+            let _guard = lock(&self.datasets_lock);
+            match self.delete_dataset_locked(&cid, Some(now)) {
+                Ok(true) => report.datasets += 1,
+                Ok(false) | Err(Error::InUse(_)) => {}
+                Err(e) => return Err(e),
             }
         }
-        report.blocks += self.sweep_orphan_leaves(now)?;
-        // Unreferenced blocks (cached from the network, say): delete once expired.
+        report.blocks += self.sweep_trees(now)?;
+        // Unreferenced blocks: delete once expired.
         let mut candidates = Vec::new();
         for item in self
             .db
@@ -187,6 +185,32 @@ impl RepoStore {
             t.commit(&mut counters, false)?;
         }
         Ok(report)
+    }
+
+    /// Releases trees no dataset uses whose lifetime has ended. Returns the leaves they
+    /// held.
+    pub fn sweep_trees(&self, now: u64) -> Result<u64> {
+        let mut expired = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_TREES), IteratorMode::Start) {
+            let (k, v) = item?;
+            let rec = TreeRecord::decode(&v)?;
+            if rec.datasets == 0 && rec.expiry <= now {
+                expired.push(cid_from_bytes(&k, "tree key")?);
+            }
+        }
+        let mut dropped = 0;
+        for tree in expired {
+            let _guard = lock(&self.datasets_lock);
+            // Re-checked under the lock: adopted or fetched into meanwhile, it stays.
+            match self.tree(&tree)? {
+                Some(r) if r.datasets == 0 && r.expiry <= now => {
+                    dropped += r.present;
+                    self.release_tree_locked(&tree)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(dropped)
     }
 
     /// Runs [`Self::sweep_expired`] every `interval` on a thread of its own until the repo
@@ -220,9 +244,9 @@ impl RepoStore {
             .expect("spawn sweeper thread")
     }
 
-    /// Block bytes live in blob files, which RocksDB's blob garbage collection would
-    /// rewrite on every compaction; it is off, and deleted blocks' space comes back here
-    /// instead: one compaction of the blocks with garbage collection on.
+    /// Bytes of blocks kept in RocksDB live in blob files, which RocksDB's blob garbage
+    /// collection would rewrite on every compaction; it is off, and deleted blocks' space
+    /// comes back here instead: one compaction of the blocks with garbage collection on.
     pub fn reclaim_space(&self) -> Result<()> {
         let cf = self.cf(CF_BLOCKS);
         self.db.set_options_cf(
@@ -247,14 +271,5 @@ impl RepoStore {
             return Ok(true);
         }
         Ok(false)
-    }
-
-    /// Bytes that block data takes on disk: RocksDB's blob files and the pack files.
-    pub fn block_bytes_on_disk(&self) -> Result<u64> {
-        let blobs = self
-            .db
-            .property_int_value_cf(self.cf(CF_BLOCKS), "rocksdb.total-blob-file-size")?
-            .unwrap_or(0);
-        Ok(blobs + self.packs.bytes_on_disk()?)
     }
 }
