@@ -248,6 +248,12 @@ impl RepoStore {
             }
             None => repo.convert_from_packs(dir, config.convert_progress.as_deref())?,
         }
+        // A conversion killed after it wrote the format leaves its pack files behind.
+        match std::fs::remove_dir_all(dir.join("packs")) {
+            Ok(()) => tracing::info!("removed the pack files of a converted data dir"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
         repo.recover()?;
         repo.reconcile_files()?;
         Ok(Arc::new(repo))
