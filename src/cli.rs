@@ -230,6 +230,10 @@ enum Command {
         /// Erasure-code files written into the mount: K data and M parity blocks per column.
         #[arg(long, value_name = "K,M", env = "CODEXFS_MOUNT_EC")]
         ec: Option<EcParams>,
+        /// Serve every read from the daemon, never by FUSE passthrough (which hands the
+        /// kernel a complete dataset's flat file; it needs CAP_SYS_ADMIN).
+        #[arg(long, env = "CODEXFS_NO_PASSTHROUGH")]
+        no_passthrough: bool,
         #[command(flatten)]
         api: ApiArgs,
         #[command(flatten)]
@@ -598,6 +602,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     mountpoint: None,
                     read_timeout: timeout,
                     threads: 1,
+                    passthrough: false,
                     api_addr: api.api_addr,
                     set_log_level: set_log_level.clone(),
                 },
@@ -608,6 +613,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
             read_timeout,
             threads,
             ec,
+            no_passthrough,
             api,
             repo,
             net,
@@ -622,6 +628,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     mountpoint: Some(mountpoint),
                     read_timeout,
                     threads,
+                    passthrough: !no_passthrough,
                     api_addr: api.api_addr,
                     set_log_level: set_log_level.clone(),
                 },

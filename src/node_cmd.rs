@@ -20,6 +20,8 @@ pub struct RunOptions {
     pub mountpoint: Option<PathBuf>,
     pub read_timeout: Duration,
     pub threads: usize,
+    /// Reads of complete datasets by FUSE passthrough (see `fs::fuse`).
+    pub passthrough: bool,
     pub api_addr: std::net::SocketAddr,
     pub set_log_level: Option<Arc<LogLevelSetter>>,
 }
@@ -38,6 +40,7 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
         mountpoint,
         read_timeout,
         threads,
+        passthrough,
         api_addr,
         set_log_level,
     } = opts;
@@ -91,6 +94,7 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
                 &MountConfig {
                     mountpoint: mountpoint.clone(),
                     threads,
+                    passthrough,
                 },
             )
             .with_context(|| format!("mounting at {}", mountpoint.display()))?;

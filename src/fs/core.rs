@@ -579,6 +579,33 @@ impl FsCore {
         }
     }
 
+    /// The flat file holding exactly the bytes that read-only handle `fh` of inode `ino`
+    /// reads, when the dataset is complete here and the entry immutable (a CID, a file of
+    /// a published directory): the FUSE layer hands it to the kernel (passthrough), and
+    /// reads through that handle then never come to us. `None` for anything else: a
+    /// dataset not complete here is read through us, fetching what is missing; a name may
+    /// be opened for writing while it is read, and the kernel wants every open of an
+    /// inode with a backing file to use it (a writer cannot).
+    pub fn backing_file(&self, ino: u64, fh: u64) -> Option<std::fs::File> {
+        if !matches!(
+            lock(&self.inodes).get(ino),
+            Some(Entry::Cid(_)) | Some(Entry::Child { .. })
+        ) {
+            return None;
+        }
+        let dataset = match lock(&self.handles).get(&fh) {
+            Some(Handle::Read(p)) => p.dataset().clone(),
+            _ => return None,
+        };
+        match self.node.flat_file(&dataset) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("the flat file of {}: {e}", cid_string(dataset.cid()));
+                None
+            }
+        }
+    }
+
     /// A read-only open of a file whose first version is still being written: reads go
     /// through the writer.
     fn open_unpublished(&self, ino: u64) -> Result<Opened, Errno> {

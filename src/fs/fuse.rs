@@ -1,13 +1,15 @@
 //! The FUSE glue: translates kernel requests to [`FsCore`] calls and back. No logic of
 //! its own beyond that.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
     Request, TimeOrNow, WriteFlags,
 };
@@ -16,11 +18,145 @@ use super::core::{Attr, FsCore, Kind, BLKSIZE};
 
 pub struct CodexFuse {
     core: Arc<FsCore>,
+    passthrough: Passthrough,
 }
 
 impl CodexFuse {
-    pub fn new(core: Arc<FsCore>) -> Self {
-        Self { core }
+    /// `passthrough`: hand complete datasets' flat files to the kernel when it can take
+    /// them (see [`Passthrough`]).
+    pub fn new(core: Arc<FsCore>, passthrough: bool) -> Self {
+        Self {
+            core,
+            passthrough: Passthrough::new(passthrough),
+        }
+    }
+}
+
+/// FUSE passthrough: on `open` of a dataset complete here, the kernel is handed its flat
+/// file, and reads go to that file's page cache without coming to us.
+///
+/// The kernel's rules, kept here: all opens of one inode share one backing file, so the
+/// backing id of an inode is kept (and reused) until its last passthrough handle is
+/// released; an inode open through us in cached mode cannot be opened with passthrough
+/// (ETXTBSY) nor the other way round, so an open finds out which kind its inode has and
+/// follows it (a daemon-served open of an inode with passthrough handles uses direct I/O,
+/// which the kernel allows beside them); `FOPEN_KEEP_CACHE` is never combined with it.
+/// Passthrough needs CAP_SYS_ADMIN: when the kernel or the privileges refuse it, every
+/// open is served by us.
+struct Passthrough {
+    enabled: AtomicBool,
+    state: Mutex<PassthroughState>,
+}
+
+#[derive(Default)]
+struct PassthroughState {
+    inodes: HashMap<u64, InodeOpens>,
+    /// What each open handle holds: its inode, its backing id, whether it is in cached mode.
+    handles: HashMap<u64, (u64, Option<Arc<BackingId>>, bool)>,
+}
+
+#[derive(Default)]
+struct InodeOpens {
+    /// The inode's backing id while passthrough handles hold it, and the identity
+    /// (device, inode) of its file.
+    backing: Weak<BackingId>,
+    file: (u64, u64),
+    /// Handles open through us in cached mode (neither passthrough nor direct I/O).
+    cached: u64,
+}
+
+impl Passthrough {
+    fn new(enabled: bool) -> Self {
+        Self {
+            enabled: AtomicBool::new(enabled),
+            state: Mutex::new(PassthroughState::default()),
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    fn disable(&self, why: &str) {
+        if self.enabled.swap(false, Ordering::Relaxed) {
+            tracing::warn!("passthrough reads are off: {why}; every read is served by codexfs");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PassthroughState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The backing id to open `ino` with, for `file`: the inode's own if it has one for
+    /// that file, a new one if it has none, `None` if the inode is open otherwise (cached
+    /// handles, or another file) or the kernel refuses.
+    fn backing_for(
+        &self,
+        ino: u64,
+        file: &std::fs::File,
+        reply: &ReplyOpen,
+    ) -> Option<Arc<BackingId>> {
+        use std::os::unix::fs::MetadataExt;
+        let identity = file.metadata().map(|m| (m.dev(), m.ino())).ok()?;
+        let mut st = self.lock();
+        let opens = st.inodes.entry(ino).or_default();
+        if opens.cached > 0 {
+            return None;
+        }
+        if let Some(id) = opens.backing.upgrade() {
+            return (opens.file == identity).then_some(id);
+        }
+        match reply.open_backing(file) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                opens.backing = Arc::downgrade(&id);
+                opens.file = identity;
+                Some(id)
+            }
+            Err(e) => {
+                drop(st);
+                self.disable(&format!("the kernel refused a backing file ({e})"));
+                None
+            }
+        }
+    }
+
+    /// Records handle `fh` of `ino`; `flags` are those of a reply without passthrough,
+    /// made direct I/O if the inode has passthrough handles. Returns the flags to send.
+    fn served_by_us(&self, ino: u64, fh: u64, mut flags: FopenFlags) -> FopenFlags {
+        let mut st = self.lock();
+        let opens = st.inodes.entry(ino).or_default();
+        if opens.backing.strong_count() > 0 {
+            flags.remove(FopenFlags::FOPEN_KEEP_CACHE);
+            flags |= FopenFlags::FOPEN_DIRECT_IO;
+        }
+        let cached = !flags.contains(FopenFlags::FOPEN_DIRECT_IO);
+        if cached {
+            opens.cached += 1;
+        }
+        st.handles.insert(fh, (ino, None, cached));
+        flags
+    }
+
+    fn passed_through(&self, ino: u64, fh: u64, id: Arc<BackingId>) {
+        self.lock().handles.insert(fh, (ino, Some(id), false));
+    }
+
+    /// Forgets handle `fh`; the inode's backing id goes with its last handle.
+    fn released(&self, fh: u64) {
+        let mut st = self.lock();
+        let Some((ino, id, cached)) = st.handles.remove(&fh) else {
+            return;
+        };
+        drop(id);
+        if let Some(opens) = st.inodes.get_mut(&ino) {
+            if cached {
+                opens.cached = opens.cached.saturating_sub(1);
+            }
+            if opens.cached == 0 && opens.backing.strong_count() == 0 {
+                st.inodes.remove(&ino);
+            }
+        }
     }
 }
 
@@ -88,6 +224,16 @@ impl Filesystem for CodexFuse {
         // The kernel caps writes at 1 MiB; ask for that much.
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        if self.passthrough.enabled() {
+            let refused = config
+                .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+                .is_err()
+                || config.set_max_stack_depth(1).is_err();
+            if refused {
+                self.passthrough
+                    .disable("the kernel does not offer FUSE passthrough");
+            }
+        }
         Ok(())
     }
 
@@ -195,17 +341,29 @@ impl Filesystem for CodexFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match traced("open", || self.core.open(ino.0, flags.0)) {
-            Ok(o) => {
-                let f = if o.keep_cache {
-                    FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(o.fh), f | write_only(flags.0))
+        let o = match traced("open", || self.core.open(ino.0, flags.0)) {
+            Ok(o) => o,
+            Err(e) => return reply.error(errno(e)),
+        };
+        if self.passthrough.enabled() {
+            let backing = self
+                .core
+                .backing_file(ino.0, o.fh)
+                .and_then(|file| self.passthrough.backing_for(ino.0, &file, &reply));
+            if let Some(id) = backing {
+                self.passthrough.passed_through(ino.0, o.fh, id.clone());
+                return reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id);
             }
-            Err(e) => reply.error(errno(e)),
         }
+        let f = if o.keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        let f = self
+            .passthrough
+            .served_by_us(ino.0, o.fh, f | write_only(flags.0));
+        reply.opened(FileHandle(o.fh), f)
     }
 
     fn create(
@@ -226,7 +384,8 @@ impl Filesystem for CodexFuse {
                 &file_attr(&a),
                 Generation(0),
                 FileHandle(o.fh),
-                write_only(flags),
+                self.passthrough
+                    .served_by_us(a.ino, o.fh, write_only(flags)),
             ),
             Err(e) => reply.error(errno(e)),
         }
@@ -298,7 +457,9 @@ impl Filesystem for CodexFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, traced("release", || self.core.release(fh.0)));
+        let result = traced("release", || self.core.release(fh.0));
+        self.passthrough.released(fh.0);
+        reply_empty(reply, result);
     }
 
     fn fsync(
