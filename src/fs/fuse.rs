@@ -35,14 +35,15 @@ impl CodexFuse {
 /// FUSE passthrough: on `open` of a dataset complete here, the kernel is handed its flat
 /// file, and reads go to that file's page cache without coming to us.
 ///
-/// The kernel's rules, kept here: all opens of one inode share one backing file, so the
-/// backing id of an inode is kept (and reused) until its last passthrough handle is
-/// released; an inode open through us in cached mode cannot be opened with passthrough
-/// (ETXTBSY) nor the other way round, so an open finds out which kind its inode has and
-/// follows it (a daemon-served open of an inode with passthrough handles uses direct I/O,
-/// which the kernel allows beside them); `FOPEN_KEEP_CACHE` is never combined with it.
-/// Passthrough needs CAP_SYS_ADMIN: when the kernel or the privileges refuse it, every
-/// open is served by us.
+/// The kernel's rules, kept here: every open of an inode that has a backing file must be
+/// a passthrough open with that same backing (anything else fails with EIO), so the
+/// backing id of an inode is kept, and reused by every open of it, until its last
+/// passthrough handle is released — for the immutable entries this is used on, any
+/// complete flat file of the dataset holds the same bytes, even one deleted since; an
+/// inode open through us in cached mode cannot be opened with passthrough (ETXTBSY), so
+/// it is served by us until those handles are closed; `FOPEN_KEEP_CACHE` is never
+/// combined with it. Passthrough needs CAP_SYS_ADMIN: when the kernel or the privileges
+/// refuse it, every open is served by us.
 struct Passthrough {
     enabled: AtomicBool,
     state: Mutex<PassthroughState>,
@@ -57,11 +58,9 @@ struct PassthroughState {
 
 #[derive(Default)]
 struct InodeOpens {
-    /// The inode's backing id while passthrough handles hold it, and the identity
-    /// (device, inode) of its file.
+    /// The inode's backing id while passthrough handles hold it.
     backing: Weak<BackingId>,
-    file: (u64, u64),
-    /// Handles open through us in cached mode (neither passthrough nor direct I/O).
+    /// Handles open through us in cached mode (not direct I/O).
     cached: u64,
 }
 
@@ -87,30 +86,27 @@ impl Passthrough {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The backing id to open `ino` with, for `file`: the inode's own if it has one for
-    /// that file, a new one if it has none, `None` if the inode is open otherwise (cached
-    /// handles, or another file) or the kernel refuses.
+    /// The backing id to open `ino` with: the one its passthrough handles share, or a new
+    /// one for the file `file` gives (`None`: not a complete immutable dataset); `None` if
+    /// the inode has handles served by us in cached mode, or the kernel refuses.
     fn backing_for(
         &self,
         ino: u64,
-        file: &std::fs::File,
+        file: impl FnOnce() -> Option<std::fs::File>,
         reply: &ReplyOpen,
     ) -> Option<Arc<BackingId>> {
-        use std::os::unix::fs::MetadataExt;
-        let identity = file.metadata().map(|m| (m.dev(), m.ino())).ok()?;
         let mut st = self.lock();
         let opens = st.inodes.entry(ino).or_default();
+        if let Some(id) = opens.backing.upgrade() {
+            return Some(id);
+        }
         if opens.cached > 0 {
             return None;
         }
-        if let Some(id) = opens.backing.upgrade() {
-            return (opens.file == identity).then_some(id);
-        }
-        match reply.open_backing(file) {
+        match reply.open_backing(file()?) {
             Ok(id) => {
                 let id = Arc::new(id);
                 opens.backing = Arc::downgrade(&id);
-                opens.file = identity;
                 Some(id)
             }
             Err(e) => {
@@ -121,18 +117,12 @@ impl Passthrough {
         }
     }
 
-    /// Records handle `fh` of `ino`; `flags` are those of a reply without passthrough,
-    /// made direct I/O if the inode has passthrough handles. Returns the flags to send.
-    fn served_by_us(&self, ino: u64, fh: u64, mut flags: FopenFlags) -> FopenFlags {
+    /// Records handle `fh` of `ino`, opened through us with `flags`.
+    fn served_by_us(&self, ino: u64, fh: u64, flags: FopenFlags) -> FopenFlags {
         let mut st = self.lock();
-        let opens = st.inodes.entry(ino).or_default();
-        if opens.backing.strong_count() > 0 {
-            flags.remove(FopenFlags::FOPEN_KEEP_CACHE);
-            flags |= FopenFlags::FOPEN_DIRECT_IO;
-        }
         let cached = !flags.contains(FopenFlags::FOPEN_DIRECT_IO);
         if cached {
-            opens.cached += 1;
+            st.inodes.entry(ino).or_default().cached += 1;
         }
         st.handles.insert(fh, (ino, None, cached));
         flags
@@ -346,10 +336,9 @@ impl Filesystem for CodexFuse {
             Err(e) => return reply.error(errno(e)),
         };
         if self.passthrough.enabled() {
-            let backing = self
-                .core
-                .backing_file(ino.0, o.fh)
-                .and_then(|file| self.passthrough.backing_for(ino.0, &file, &reply));
+            let backing =
+                self.passthrough
+                    .backing_for(ino.0, || self.core.backing_file(ino.0, o.fh), &reply);
             if let Some(id) = backing {
                 self.passthrough.passed_through(ino.0, o.fh, id.clone());
                 return reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id);
