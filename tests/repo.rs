@@ -442,3 +442,27 @@ fn a_changed_byte_in_a_flat_file_is_found_by_the_scrub_and_not_served() {
     rest.read_to_end(&mut tail).unwrap();
     assert!(tail == data[65536..]);
 }
+
+/// A failed fsync is fatal: Linux drops the pages it could not write, so the store never
+/// retries one; it refuses every write until reopened, and the reopened repo is consistent
+/// with nothing of the failed upload in it.
+#[test]
+fn a_failed_fsync_stops_the_stores_writes_until_it_is_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (random_bytes(3 << 20, 40), random_bytes(3 << 20, 41));
+    {
+        let node = node(dir.path(), BIG, DAY);
+        node.repo().debug_fail_fsync_after(0);
+        let first = node.store(&a[..], None, None).unwrap_err();
+        assert!(first.to_string().contains("os error 5"), "{first}");
+        let second = node.store(&b[..], None, None).unwrap_err();
+        assert!(second.to_string().contains("earlier fsync"), "{second}");
+        assert!(node.delete(&block_cid(b"x")).is_ok());
+    }
+    let node = node(dir.path(), BIG, DAY);
+    assert_consistent(&node);
+    assert_eq!(node.repo().space().total_blocks, 0);
+    let cid = node.store(&b[..], None, None).unwrap();
+    assert_eq!(read_all(&node, &cid), b);
+    assert_consistent(&node);
+}

@@ -67,6 +67,12 @@ impl Node {
     pub fn open(data_dir: &Path, config: NodeConfig) -> Result<Self> {
         check_block_size(config.block_size)?;
         let repo = RepoStore::open(data_dir, config.repo.clone())?;
+        if let Some(n) = std::env::var("CODEXFS_DEBUG_FAIL_FSYNC_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            repo.debug_fail_fsync_after(n);
+        }
         Ok(Self {
             repo,
             cache: Arc::new(BlockCache::new(config.cache_bytes)),

@@ -31,7 +31,18 @@ impl RepoStore {
         let _guard = lock(&self.datasets_lock);
         for tree in trees {
             tracing::info!("finishing a deletion interrupted by a crash");
-            self.release_tree_locked(&cid_from_bytes(&tree, "journal")?)?;
+            let tree = cid_from_bytes(&tree, "journal")?;
+            // A file that cannot be removed (an immutable file, a read-only file system)
+            // leaves the tree releasing and counted, to be tried again; the rest of the
+            // store opens.
+            match self.release_tree_locked(&tree) {
+                Err(Error::Io(e)) => tracing::error!(
+                    tree = %crate::cids::cid_string(&tree),
+                    "the files of a deleted dataset cannot be removed ({e}); its space stays \
+                     counted until they can"
+                ),
+                other => other?,
+            }
         }
         for id in uploads {
             tracing::info!(upload = id, "rolling back an upload interrupted by a crash");

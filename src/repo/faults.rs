@@ -10,6 +10,9 @@ impl RepoStore {
     /// `check` reports it missing until `repair` (or a read) brings it back. `Ok(false)` if
     /// there was no such leaf.
     pub fn lose_leaf(&self, tree: &Cid, index: u64) -> Result<bool> {
-        Ok(self.drop_leaves(&tree.to_bytes(), &[index])? > 0)
+        let key = tree.to_bytes();
+        let lost = self.drop_leaves(&key, &[index])? > 0;
+        self.remove_files_if_empty(&key)?;
+        Ok(lost)
     }
 }

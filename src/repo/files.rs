@@ -56,6 +56,8 @@ pub struct Files {
     stripes: Vec<Mutex<()>>,
     /// Set by a failed fsync: from then on nothing is written (see the module doc).
     poisoned: AtomicBool,
+    /// Counts down to an injected fsync failure (testing); negative: none.
+    fail_after: std::sync::atomic::AtomicI64,
     /// Whether the last process left without closing the store.
     crashed: bool,
     /// Trees whose files were written since they were last synced (partial trees being
@@ -93,6 +95,7 @@ impl Files {
             )),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             poisoned: AtomicBool::new(false),
+            fail_after: std::sync::atomic::AtomicI64::new(-1),
             crashed,
             dirty: Mutex::new(Default::default()),
         })
@@ -207,7 +210,10 @@ impl Files {
     /// fsync, treating a failure as fatal for this process.
     pub fn sync(&self, file: &File) -> Result<()> {
         self.check_writable()?;
-        if let Err(e) = file.sync_data() {
+        if let Err(e) = self
+            .injected_failure()
+            .map_or_else(|| file.sync_data(), Err)
+        {
             self.poison(&e);
             return Err(e.into());
         }
@@ -217,12 +223,28 @@ impl Files {
     /// fsync of a directory (after a file in it was created, renamed or removed).
     pub fn sync_dir(&self, dir: &Path) -> Result<()> {
         self.check_writable()?;
-        let r = File::open(dir).and_then(|d| d.sync_all());
+        let r = self
+            .injected_failure()
+            .map_or_else(|| File::open(dir).and_then(|d| d.sync_all()), Err);
         if let Err(e) = r {
             self.poison(&e);
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// A testing aid, as a failing disk would (see [`Self::fail_fsync_after`]).
+    fn injected_failure(&self) -> Option<std::io::Error> {
+        if self.fail_after.load(Ordering::Relaxed) < 0 {
+            return None;
+        }
+        (self.fail_after.fetch_sub(1, Ordering::Relaxed) == 0)
+            .then(|| std::io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    /// Makes the store's fsync number `n` from now (0: the next) fail with EIO.
+    pub fn fail_fsync_after(&self, n: u64) {
+        self.fail_after.store(n as i64, Ordering::Relaxed);
     }
 
     pub fn poison(&self, e: &std::io::Error) {

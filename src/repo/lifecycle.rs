@@ -194,7 +194,8 @@ impl RepoStore {
         for item in self.db.iterator_cf(self.cf(CF_TREES), IteratorMode::Start) {
             let (k, v) = item?;
             let rec = TreeRecord::decode(&v)?;
-            if rec.datasets == 0 && rec.expiry <= now {
+            // (A tree left releasing, its files not removable then, is tried again.)
+            if rec.datasets == 0 && (rec.expiry <= now || rec.state == TreeState::Releasing) {
                 expired.push(cid_from_bytes(&k, "tree key")?);
             }
         }
@@ -203,7 +204,9 @@ impl RepoStore {
             let _guard = lock(&self.datasets_lock);
             // Re-checked under the lock: adopted or fetched into meanwhile, it stays.
             match self.tree(&tree)? {
-                Some(r) if r.datasets == 0 && r.expiry <= now => {
+                Some(r)
+                    if r.datasets == 0 && (r.expiry <= now || r.state == TreeState::Releasing) =>
+                {
                     dropped += r.present;
                     self.release_tree_locked(&tree)?;
                 }

@@ -441,6 +441,13 @@ impl RepoStore {
         Ok(out)
     }
 
+    /// Testing aid, as a failing disk would: the store's fsync number `n` from now (0: the
+    /// next) fails with EIO, which the store treats as fatal (it refuses writes until
+    /// reopened). `codexfs` sets it from `CODEXFS_DEBUG_FAIL_FSYNC_AFTER`.
+    pub fn debug_fail_fsync_after(&self, n: u64) {
+        self.files.fail_fsync_after(n);
+    }
+
     /// Bytes that block data takes on disk: RocksDB's blob files and the flat files.
     pub fn block_bytes_on_disk(&self) -> Result<u64> {
         let blobs = self

@@ -195,6 +195,7 @@ impl RepoStore {
                         "a block written before a crash fails its hash; dropped, to be fetched again"
                     );
                     self.drop_leaves(key, &[index])?;
+                    self.remove_files_if_empty(key)?;
                     return Ok(false);
                 }
                 out.extend_from_slice(&whole[range]);

@@ -62,6 +62,7 @@ impl RepoStore {
                     ));
                 }
                 report.dropped += self.drop_leaves(&key, &bad)?;
+                self.remove_files_if_empty(&key)?;
             } else if rec.is_complete() {
                 let blocks = self.leaf_blocks(&key, rec.shape.leaves)?;
                 let digests: Option<Vec<_>> = blocks.iter().map(digest_of).collect();

@@ -283,6 +283,20 @@ impl RepoStore {
         Ok(dropped)
     }
 
+    /// Removes the files of tree `key` once it holds no leaf (they hold nothing any record
+    /// names; a fetch makes them again). The caller does not hold the tree's stripe lock.
+    pub(super) fn remove_files_if_empty(&self, key: &[u8]) -> Result<()> {
+        let _stripe = self.files.stripe(key);
+        match self.tree_raw(key)? {
+            Some(r) if r.present == 0 && r.state == TreeState::Partial => {
+                self.files.remove(&cid_from_bytes(key, "tree key")?)?;
+                self.files.mark_clean(key);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Makes a dataset whose tree is complete here (fetched from peers, all leaves
     /// present) a local dataset: its manifest block and dataset record, in one synced
     /// batch. Fails with `NotFound` if a leaf is missing.
