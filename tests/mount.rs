@@ -579,3 +579,83 @@ fn incomplete_datasets_are_daemon_served_and_switch_to_passthrough_once_complete
         assert_eq!(fuse_reads(&api), before, "{name} was read by the daemon");
     }
 }
+
+/// A byte changed on disk in a dataset's flat file is found by `check --deep`, which drops
+/// the block and marks the dataset incomplete; the next read through the mount fetches
+/// the block from a peer, and the dataset is complete (and read by passthrough) again.
+#[test]
+fn a_block_the_scrub_drops_is_fetched_again_by_the_next_read() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src.bin");
+    let bytes = random_file(&src, (3 << 20) + 999, 22);
+    let (seeder_data, reader_data) = (tmp.path().join("seeder"), tmp.path().join("reader"));
+    let upload = |data: &Path| {
+        let out = Command::new(bin())
+            .arg("upload")
+            .arg(&src)
+            .arg("--data-dir")
+            .arg(data)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let cid = upload(&seeder_data);
+    assert_eq!(upload(&reader_data), cid);
+    let flat = std::fs::read_dir(reader_data.join("trees"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&flat)
+        .unwrap();
+    let at = 5 * 65536 + 77;
+    f.write_all_at(&[bytes[at] ^ 0x55], at as u64).unwrap();
+    drop(f);
+    let deep = Command::new(bin())
+        .args(["check", "--deep", "--data-dir"])
+        .arg(&reader_data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&deep.stdout);
+    assert!(!deep.status.success(), "{text}");
+    assert!(
+        text.contains("1 dropped") && text.contains("leaf 5"),
+        "{text}"
+    );
+
+    let seeder = common::Peer::start(&seeder_data, None, None, &[], &[]);
+    let mnt = tmp.path().join("mnt");
+    let reader = common::Peer::start(
+        &reader_data,
+        Some(&mnt),
+        Some(&seeder.addr()),
+        &["--read-timeout", "20s"],
+        &[],
+    );
+    let api = reader.api();
+    assert!(std::fs::read(mnt.join(&cid)).unwrap() == bytes);
+    assert!(
+        fuse_reads(&api) > 0.0,
+        "incomplete: read through the daemon"
+    );
+    let before = fuse_reads(&api);
+    assert!(std::fs::read(mnt.join(&cid)).unwrap() == bytes);
+    assert_eq!(
+        fuse_reads(&api),
+        before,
+        "complete again: read by passthrough"
+    );
+    drop(reader);
+    let check = Command::new(bin())
+        .args(["check", "--deep", "--data-dir"])
+        .arg(&reader_data)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+}

@@ -33,7 +33,8 @@ pub fn find(repo: &RepoStore, address: &BlockAddress) -> Result<Option<Found>> {
             let Some(leaf) = repo.leaf(tree, *index)? else {
                 return Ok(None);
             };
-            Ok(repo.get_block(&leaf.block)?.map(|data| Found {
+            // Read from the tree's flat file by place (a leaf record says its bytes are there).
+            Ok(repo.leaf_bytes(tree, *index)?.map(|data| Found {
                 cid: leaf.block,
                 data,
                 proof: Some(Bytes::from(leaf.proof.encode())),
@@ -52,10 +53,8 @@ pub fn answer(repo: &RepoStore, wantlist: &Wantlist) -> Result<Vec<Message>> {
             WantType::Have => {
                 let have = match &entry.address {
                     BlockAddress::Cid(cid) => repo.has_block(cid)?,
-                    BlockAddress::Leaf { tree, index } => match repo.leaf_block(tree, *index)? {
-                        Some(b) => repo.has_block(&b)?,
-                        None => false,
-                    },
+                    // A leaf record exists only while the leaf's bytes are stored.
+                    BlockAddress::Leaf { tree, index } => repo.leaf_block(tree, *index)?.is_some(),
                 };
                 if have || entry.send_dont_have {
                     current.presences.push(BlockPresence {

@@ -154,6 +154,29 @@ impl Node {
         self.finish_store(stored, ec)
     }
 
+    /// Stores the file at `path` — which must be in the data dir's file system, and which
+    /// the store takes over (it is moved, not copied) — as one dataset, erasure-coded with
+    /// `ec` when given (as [`Self::store_ec`]): hashed where it is on every core, it becomes
+    /// the dataset's flat file by rename. Returns the CID and the size. The hand-off from a
+    /// file written into the mount (a spool the kernel wrote by passthrough) to the store.
+    pub fn store_file_in_place(
+        &self,
+        path: &Path,
+        filename: Option<String>,
+        mimetype: Option<String>,
+        ec: Option<EcParams>,
+    ) -> Result<(Cid, u64)> {
+        let size = std::fs::metadata(path)?.len();
+        let stored = upload::store_file_in_place(
+            &self.repo,
+            self.config.block_size,
+            path,
+            filename,
+            mimetype,
+        );
+        Ok((self.finish_store(stored, ec)?, size))
+    }
+
     /// Counts a stored upload and protects it when `ec` asks.
     fn finish_store(&self, stored: Result<(Cid, bool)>, ec: Option<EcParams>) -> Result<Cid> {
         let (cid, new) = stored?;

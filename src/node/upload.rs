@@ -228,3 +228,78 @@ fn store_batches(
     let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
     upload.commit(&tree, &manifest)
 }
+
+/// Stores the file at `path` (in the data dir's file system) as a dataset without copying
+/// it: the file is moved into the store, hashed where it is on every core, and becomes the
+/// dataset's flat file by rename. Says whether the dataset is new, as [`store`].
+pub(super) fn store_file_in_place(
+    repo: &RepoStore,
+    block_size: usize,
+    path: &std::path::Path,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<(Cid, bool)> {
+    let upload = repo.begin_upload()?;
+    // On any error `upload` is dropped uncommitted: its blocks and the file go.
+    let (file, len) = upload.adopt_file(path)?;
+    let blocks = crate::chunker::block_count(len, block_size as u64);
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let digests: Mutex<Vec<Digest>> = Mutex::new(vec![[0; 32]; blocks as usize]);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let per_batch = (BATCH_BYTES / block_size).max(1) as u64;
+    let work = || -> Result<()> {
+        let mut buf = Vec::with_capacity(per_batch as usize * block_size);
+        loop {
+            let first = next.fetch_add(per_batch, Ordering::Relaxed);
+            if first >= blocks || failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                return Ok(());
+            }
+            let n = per_batch.min(blocks - first);
+            buf.clear();
+            crate::repo::files::read_zero_filled(
+                &file,
+                first * block_size as u64,
+                n as usize * block_size,
+                &mut buf,
+            )?;
+            let hashed: Vec<Digest> = buf.chunks(block_size).map(sha256).collect();
+            let held: Vec<(u64, Cid, u64)> = hashed
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    (
+                        first + i as u64,
+                        cid_from_digest(BLOCK_CODEC, d),
+                        block_size as u64,
+                    )
+                })
+                .collect();
+            upload.hold_blocks(&held)?;
+            let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
+            all[first as usize..(first + n) as usize].copy_from_slice(&hashed);
+        }
+    };
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(blocks as usize)
+        .max(1);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                if let Err(e) = work() {
+                    failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let digests = digests.into_inner().unwrap_or_else(|p| p.into_inner());
+    let (tree, manifest) = build_manifest(digests, len, block_size, filename, mimetype)?;
+    upload.commit(&tree, &manifest)
+}

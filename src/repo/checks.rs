@@ -95,20 +95,21 @@ impl RepoStore {
                 continue;
             }
             if !self.files.path(&tree, Part::Data).exists() {
-                lost.push(tree);
+                lost.push((tree, 0..rec.shape.leaves));
+            } else if rec.shape.has_parity() && !self.files.path(&tree, Part::Parity).exists() {
+                lost.push((tree, rec.shape.data_blocks..rec.shape.leaves));
             } else if rec.state == TreeState::Partial && self.files.crashed() && !rec.unverified {
                 distrust.push(k);
             }
         }
-        for tree in lost {
+        for (tree, leaves) in lost {
             tracing::error!(
                 tree = %crate::cids::cid_string(&tree),
-                "the file of a tree is missing: its leaves are dropped (its datasets, if any, \
-                 read from peers)"
+                "a file of a tree is missing: the leaves it held are dropped (its datasets, \
+                 if any, read them from peers)"
             );
             let key = tree.to_bytes();
-            let n = self.tree_raw(&key)?.map(|r| r.shape.leaves).unwrap_or(0);
-            let all: Vec<u64> = (0..n).collect();
+            let all: Vec<u64> = leaves.collect();
             for chunk in all.chunks(BATCH_RECORDS) {
                 self.drop_leaves(&key, chunk)?;
             }
