@@ -304,10 +304,13 @@ impl FsCore {
         let published = self.node.repo().name(name).map_err(|e| e.errno())?;
         let in_flight = lock(&self.inodes).find_name(name);
         if published.is_some() || in_flight.is_some() {
-            let ino = lock(&self.inodes).named(name, false);
-            let attr = self.named_attr(ino, Some(name))?;
-            lock(&self.inodes).named(name, true);
-            return Ok(attr);
+            // The lookup is counted at once: a FORGET handled meanwhile (the kernel sends
+            // one for the inode a revalidation found changed) must not drop the inode
+            // between this lookup's finding it and its answer.
+            let ino = lock(&self.inodes).named(name, true);
+            return self
+                .named_attr(ino, Some(name))
+                .inspect_err(|_| self.forget(ino, 1));
         }
         let cid = parse_cid(name).map_err(|_| libc::ENOENT)?;
         if let Some(d) = self.pub_dir_of(&Entry::Cid(cid)) {
@@ -580,30 +583,54 @@ impl FsCore {
     }
 
     /// The flat file holding exactly the bytes that read-only handle `fh` of inode `ino`
-    /// reads, when the dataset is complete here and the entry immutable (a CID, a file of
-    /// a published directory): the FUSE layer hands it to the kernel (passthrough), and
-    /// reads through that handle then never come to us. `None` for anything else: a
-    /// dataset not complete here is read through us, fetching what is missing; a name may
-    /// be opened for writing while it is read, and the kernel wants every open of an
-    /// inode with a backing file to use it (a writer cannot).
-    pub fn backing_file(&self, ino: u64, fh: u64) -> Option<std::fs::File> {
-        if !matches!(
-            lock(&self.inodes).get(ino),
-            Some(Entry::Cid(_)) | Some(Entry::Child { .. })
-        ) {
-            return None;
+    /// reads, and the dataset's CID, when the dataset is complete here: the FUSE layer
+    /// hands it to the kernel (passthrough), and reads through that handle then never come
+    /// to us. `None` for anything else: a dataset not complete here is read through us,
+    /// fetching what is missing; so is a name with a handle open for writing, or a file of
+    /// a tree being written into the mount.
+    pub fn backing_file(&self, ino: u64, fh: u64) -> Option<(std::fs::File, Cid)> {
+        match lock(&self.inodes).get(ino) {
+            Some(Entry::Cid(_)) | Some(Entry::Child { .. }) => {}
+            Some(Entry::Named(Some(_))) => {
+                let writing = lock(&self.handles)
+                    .values()
+                    .any(|h| matches!(h, Handle::Write { ino: i, .. } if *i == ino));
+                if writing {
+                    return None;
+                }
+            }
+            _ => return None,
         }
         let dataset = match lock(&self.handles).get(&fh) {
             Some(Handle::Read(p)) => p.dataset().clone(),
             _ => return None,
         };
         match self.node.flat_file(&dataset) {
-            Ok(f) => f,
+            Ok(f) => f.map(|f| (f, *dataset.cid())),
             Err(e) => {
                 tracing::warn!("the flat file of {}: {e}", cid_string(dataset.cid()));
                 None
             }
         }
+    }
+
+    /// The CID name inode `ino` reads now (its published version); `None` if `ino` is not a
+    /// name, or one not published yet.
+    pub fn name_version(&self, ino: u64) -> Option<Cid> {
+        let name = match lock(&self.inodes).get(ino) {
+            Some(Entry::Named(Some(name))) => name.clone(),
+            _ => return None,
+        };
+        self.node.repo().name(&name).ok().flatten().map(|r| r.cid)
+    }
+
+    /// Gives the name of inode `ino` a new inode, made at its next lookup, and leaves `ino`
+    /// to the handles open on it as the immutable dataset `version` (what they read).
+    /// For the FUSE layer: an inode whose reads go by passthrough to a version's flat file
+    /// cannot be opened otherwise, so a writer of its name (or a reader of a newer version)
+    /// is sent to a new inode. False if `ino` is not a name.
+    pub fn detach_name(&self, ino: u64, version: Cid) -> bool {
+        lock(&self.inodes).detach(ino, version)
     }
 
     /// A read-only open of a file whose first version is still being written: reads go

@@ -35,6 +35,11 @@ impl CodexFuse {
 /// FUSE passthrough: on `open` of a dataset complete here, the kernel is handed its flat
 /// file, and reads go to that file's page cache without coming to us.
 ///
+/// For a name (mutable: it may be written while it is read), the inode with passthrough
+/// handles is one version: a writer of the name, or a reader once a newer version is
+/// published, is sent to a new inode for the name (see `open`); handles open on the old
+/// one read on what they opened.
+///
 /// The kernel's rules, kept here: every open of an inode that has a backing file must be
 /// a passthrough open with that same backing (anything else fails with EIO), so the
 /// backing id of an inode is kept, and reused by every open of it, until its last
@@ -58,8 +63,9 @@ struct PassthroughState {
 
 #[derive(Default)]
 struct InodeOpens {
-    /// The inode's backing id while passthrough handles hold it.
+    /// The inode's backing id while passthrough handles hold it, and the dataset it reads.
     backing: Weak<BackingId>,
+    version: Option<cid::Cid>,
     /// Handles open through us in cached mode (not direct I/O).
     cached: u64,
 }
@@ -92,7 +98,7 @@ impl Passthrough {
     fn backing_for(
         &self,
         ino: u64,
-        file: impl FnOnce() -> Option<std::fs::File>,
+        file: impl FnOnce() -> Option<(std::fs::File, cid::Cid)>,
         reply: &ReplyOpen,
     ) -> Option<Arc<BackingId>> {
         let mut st = self.lock();
@@ -103,10 +109,12 @@ impl Passthrough {
         if opens.cached > 0 {
             return None;
         }
-        match reply.open_backing(file()?) {
+        let (file, version) = file()?;
+        match reply.open_backing(file) {
             Ok(id) => {
                 let id = Arc::new(id);
                 opens.backing = Arc::downgrade(&id);
+                opens.version = Some(version);
                 Some(id)
             }
             Err(e) => {
@@ -115,6 +123,15 @@ impl Passthrough {
                 None
             }
         }
+    }
+
+    /// The dataset inode `ino`'s passthrough handles read, while there are any.
+    fn backing_version(&self, ino: u64) -> Option<cid::Cid> {
+        let st = self.lock();
+        let opens = st.inodes.get(&ino)?;
+        (opens.backing.strong_count() > 0)
+            .then_some(opens.version)
+            .flatten()
     }
 
     /// Records handle `fh` of `ino`, opened through us with `flags`.
@@ -331,6 +348,17 @@ impl Filesystem for CodexFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // A name whose reads go by passthrough to one version's flat file cannot be opened
+        // for writing, nor for reading a newer version, on the same inode: the name moves
+        // to a new inode, and ESTALE has the kernel look the path up again and open that.
+        if let Some(version) = self.passthrough.backing_version(ino.0) {
+            if let Some(current) = self.core.name_version(ino.0) {
+                let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+                if (writing || current != version) && self.core.detach_name(ino.0, version) {
+                    return reply.error(Errno::ESTALE);
+                }
+            }
+        }
         let o = match traced("open", || self.core.open(ino.0, flags.0)) {
             Ok(o) => o,
             Err(e) => return reply.error(errno(e)),

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::files::{read_zero_filled, write_at, Part};
+use super::files::{read_zero_filled, write_run_at, Part};
 use super::*;
 use crate::cids::{digest_of, sha256, Digest};
 
@@ -79,15 +79,28 @@ impl RepoStore {
         self.files.check_writable()?;
         self.files
             .ensure_room(todo.len() as u64 * shape.block_size)?;
-        for (_, index, _, data) in &todo {
-            let (parity, offset) = shape.place(*index);
+        // Runs of consecutive leaves are written in one call (large page-cache folios).
+        let mut order: Vec<&&FetchedLeaf> = todo.iter().collect();
+        order.sort_unstable_by_key(|l| l.1);
+        let mut i = 0;
+        while i < order.len() {
+            let (parity, offset) = shape.place(order[i].1);
+            let mut j = i + 1;
+            while j < order.len()
+                && order[j].1 == order[j - 1].1 + 1
+                && shape.place(order[j].1).0 == parity
+            {
+                j += 1;
+            }
             let part = if parity { Part::Parity } else { Part::Data };
             let file = self
                 .files
                 .handle(key, part, true)?
                 .expect("created if missing");
             self.files.mark_dirty(key);
-            write_at(&file, data, offset)?;
+            let run: Vec<&[u8]> = order[i..j].iter().map(|l| &l.3[..]).collect();
+            write_run_at(&file, &run, offset)?;
+            i = j;
         }
         let expiry = self.expiry_from_now();
         let complete = {

@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::sync::atomic::AtomicBool;
 
-use super::files::{write_at, Part};
+use super::files::{write_run_at, Part};
 use super::*;
 
 impl RepoStore {
@@ -181,6 +181,9 @@ impl Upload<'_> {
         let size: u64 = blocks.iter().map(|(_, _, d)| d.len() as u64).sum();
         repo.files.ensure_room(size)?;
         let data_blocks = self.data_blocks.load(Ordering::Relaxed);
+        // Runs of consecutive blocks of one file are written in one call.
+        let mut run: Vec<&[u8]> = Vec::new();
+        let mut run_at: Option<(Part, u64, u64)> = None; // part, offset, next index
         for (index, _, data) in blocks {
             let bs = self.block_size(data.len() as u64)?;
             let (part, offset) = if *index < data_blocks {
@@ -188,7 +191,23 @@ impl Upload<'_> {
             } else {
                 (Part::Parity, (index - data_blocks) * bs)
             };
-            write_at(&*self.file(part)?, data, offset)?;
+            match run_at {
+                Some((p, _, next)) if p == part && next == *index => {}
+                _ => {
+                    if let Some((p, at, _)) = run_at {
+                        write_run_at(&*self.file(p)?, &run, at)?;
+                    }
+                    run.clear();
+                    run_at = Some((part, offset, *index));
+                }
+            }
+            run.push(data);
+            if let Some(r) = run_at.as_mut() {
+                r.2 = index + 1;
+            }
+        }
+        if let Some((p, at, _)) = run_at {
+            write_run_at(&*self.file(p)?, &run, at)?;
         }
         self.wrote.store(true, Ordering::Relaxed);
         let holds: Vec<(u64, Cid, u64)> = blocks
