@@ -577,7 +577,8 @@ fn incomplete_datasets_are_daemon_served_and_switch_to_passthrough_once_complete
     ] {
         let data = common::random_bytes(size, size as u64);
         std::fs::write(mnt.join(name), &data).unwrap();
-        let c = xattr(&mnt.join(name), "user.codex.cid").unwrap();
+        let c = xattr(&mnt.join(name), "user.codex.cid")
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", reader.log.text()));
         let before = fuse_reads(&api);
         assert!(std::fs::read(mnt.join(&c)).unwrap() == data, "{name}");
         assert_eq!(std::fs::metadata(mnt.join(&c)).unwrap().len(), size as u64);
@@ -643,6 +644,8 @@ fn a_block_the_scrub_drops_is_fetched_again_by_the_next_read() {
         &["--read-timeout", "20s"],
         &[],
     );
+    // Connected to the seeder (its records reached a peer) before the read that needs it.
+    reader.wait_for("advertised all");
     let api = reader.api();
     assert!(std::fs::read(mnt.join(&cid)).unwrap() == bytes);
     assert!(

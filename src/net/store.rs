@@ -130,11 +130,26 @@ impl NetworkStore {
                 );
             }
         }
+        let providers = self.providers_of(dataset);
+        if providers.is_empty() {
+            // A dataset found here but incomplete (fetched part way, or a block the scrub
+            // dropped) has no providers on record: the connected peers are asked too.
+            let (ex, net, ds, timeout) = (
+                self.exchange.clone(),
+                self.net.clone(),
+                dataset.clone(),
+                self.timeout,
+            );
+            return Box::pin(async move {
+                let peers = net.connected_peers().await;
+                remote_block(ex, &ds, index, peers, timeout).await
+            });
+        }
         remote_block(
             self.exchange.clone(),
             dataset,
             index,
-            self.providers_of(dataset),
+            providers,
             self.timeout,
         )
     }
