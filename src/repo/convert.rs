@@ -209,21 +209,7 @@ impl RepoStore {
             data_len: leaves * 65536,
         });
         // Trim the last block's padding, as a tree completes (zeros only).
-        let len = data.metadata()?.len();
-        if len > shape.data_len {
-            let mut tail = Vec::new();
-            super::files::read_zero_filled(
-                &data,
-                shape.data_len,
-                (len - shape.data_len) as usize,
-                &mut tail,
-            )?;
-            if tail.iter().all(|&b| b == 0) {
-                data.set_len(shape.data_len)?;
-            }
-        } else if len < shape.data_len {
-            data.set_len(shape.data_len)?;
-        }
+        super::files::trim_to(&data, shape.data_len)?;
         self.files.sync(&data)?;
         if let Some(p) = &parity {
             self.files.sync(p)?;

@@ -381,6 +381,23 @@ pub fn read_zero_filled(file: &File, offset: u64, len: usize, out: &mut Vec<u8>)
     Ok(())
 }
 
+/// Makes a tree's data file `data_len` long: the padding past it (the last block's, an
+/// erasure-coded tree's zero blocks) is implied, so it goes — unless it holds non-zero
+/// bytes (a manifest whose size cut into the last block's data): then they stay.
+pub fn trim_to(file: &File, data_len: u64) -> Result<()> {
+    let len = file.metadata()?.len();
+    if len > data_len {
+        let mut tail = Vec::new();
+        read_zero_filled(file, data_len, (len - data_len) as usize, &mut tail)?;
+        if tail.iter().all(|&b| b == 0) {
+            file.set_len(data_len)?;
+        }
+    } else if len < data_len {
+        file.set_len(data_len)?;
+    }
+    Ok(())
+}
+
 /// Writes `data` at `offset`, starting writeback of each whole [`WRITEBACK_BYTES`] span it
 /// completes (so the sync that ends an upload finds little left to write).
 pub fn write_at(file: &File, data: &[u8], offset: u64) -> Result<()> {

@@ -176,23 +176,7 @@ impl RepoStore {
             .files
             .handle(key, Part::Data, true)?
             .expect("created if missing");
-        let len = data.metadata()?.len();
-        if len > shape.data_len {
-            // The padding of the last block (and an erasure-coded tree's zero blocks) is
-            // implied, unless a manifest's size cut into non-zero bytes: those stay.
-            let mut tail = Vec::new();
-            read_zero_filled(
-                &data,
-                shape.data_len,
-                (len - shape.data_len) as usize,
-                &mut tail,
-            )?;
-            if tail.iter().all(|&b| b == 0) {
-                data.set_len(shape.data_len)?;
-            }
-        } else if len < shape.data_len {
-            data.set_len(shape.data_len)?;
-        }
+        super::files::trim_to(&data, shape.data_len)?;
         self.files.sync(&data)?;
         if shape.has_parity() {
             if let Some(p) = self.files.handle(key, Part::Parity, false)? {
