@@ -107,6 +107,30 @@ pub struct ApiArgs {
     /// Address the REST API listens on (port 0: any free port).
     #[arg(long, env = "CODEXFS_API_ADDR", default_value = "127.0.0.1:8080")]
     api_addr: std::net::SocketAddr,
+    /// A secret every API request must carry (`Authorization: Bearer TOKEN`); without it
+    /// the API trusts every client that reaches it (bind it to a non-loopback address only
+    /// with a token).
+    #[arg(long, env = "CODEXFS_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// A host name clients reach the API by (its `Host` header), besides localhost and
+    /// IP addresses (repeatable). Other names are refused, against DNS rebinding.
+    #[arg(long, env = "CODEXFS_API_ALLOW_HOST", value_delimiter = ',')]
+    api_allow_host: Vec<String>,
+}
+
+impl ApiArgs {
+    fn access(&self) -> codexfs::api::Access {
+        codexfs::api::Access {
+            allowed_hosts: self
+                .api_allow_host
+                .iter()
+                .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            bound: Some(self.api_addr),
+            token: self.api_token.clone().filter(|t| !t.is_empty()),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -115,6 +139,9 @@ pub struct ClientArgs {
     /// if any; otherwise the command works on the data dir itself).
     #[arg(long, env = "CODEXFS_API")]
     api: Option<String>,
+    /// The node's API token, if it has one (see `codexfs node --api-token`).
+    #[arg(long, env = "CODEXFS_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// Print results as JSON (for scripts).
     #[arg(long)]
     json: bool,
@@ -278,14 +305,20 @@ pub(crate) enum Target {
 
 fn target(client: &ClientArgs, repo: &RepoArgs, config: NodeConfig) -> Result<Target> {
     if let Some(url) = &client.api {
-        return Ok(Target::Api(ApiClient::new(url)?));
+        return Ok(Target::Api(ApiClient::new(
+            url,
+            client.api_token.as_deref(),
+        )?));
     }
     let dir = data_dir(repo)?;
     match Node::open(&dir, config) {
         Ok(node) => Ok(Target::Local(node)),
         Err(e @ Error::DataDirLocked { .. }) => {
             match std::fs::read_to_string(dir.join(crate::node_cmd::API_URL_FILE)) {
-                Ok(url) => Ok(Target::Api(ApiClient::new(url.trim())?)),
+                Ok(url) => Ok(Target::Api(ApiClient::new(
+                    url.trim(),
+                    client.api_token.as_deref(),
+                )?)),
                 Err(_) => Err(e.into()),
             }
         }
@@ -595,6 +628,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     read_timeout: timeout,
                     threads: 1,
                     api_addr: api.api_addr,
+                    api_access: api.access(),
                     set_log_level: set_log_level.clone(),
                 },
             )?;
@@ -619,6 +653,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     read_timeout,
                     threads,
                     api_addr: api.api_addr,
+                    api_access: api.access(),
                     set_log_level: set_log_level.clone(),
                 },
             )?;

@@ -80,6 +80,7 @@ fn encode_all(
     let zero_cid = block_cid(&zero);
     let per_column = (layout.k + layout.m) * manifest.block_size;
     let run = (PASS_BYTES / per_column).max(1);
+    let blocks_per_put = (PASS_BYTES / manifest.block_size).max(1) as usize;
     let runs = layout.steps.div_ceil(run);
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -134,7 +135,11 @@ fn encode_all(
             }
             let batch: Vec<(u64, Cid, &[u8])> =
                 blocks.iter().map(|(i, c, b)| (*i, *c, &b[..])).collect();
-            upload.put_indexed_blocks(&batch)?;
+            // A run is at least one column: stored in parts of at most PASS_BYTES, so no
+            // single write batch grows with K + M.
+            for part in batch.chunks(blocks_per_put) {
+                upload.put_indexed_blocks(part)?;
+            }
             let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
             for (i, c, _) in &blocks {
                 all[*i as usize] = digest_of(c)

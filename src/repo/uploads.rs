@@ -163,6 +163,15 @@ pub struct Upload<'a> {
 /// RocksDB's three), which the commit syncs.
 const INLINE_UPLOAD_BYTES: u64 = 4 << 20;
 
+/// Whether a batch of `size` block bytes goes to pack files: only while the upload's
+/// bytes so far, this batch included, stay within [`INLINE_UPLOAD_BYTES`] do they go into
+/// the write batch itself, so no single RocksDB batch holds more than that however large
+/// the batch is.
+fn goes_to_packs(bytes_put: &AtomicU64, size: u64) -> bool {
+    let before = bytes_put.fetch_add(size, Ordering::Relaxed);
+    before.saturating_add(size) > INLINE_UPLOAD_BYTES
+}
+
 impl Upload<'_> {
     /// Stores blocks `start, start+1, …` of the dataset, each with its CID, in one batch.
     /// Fails with `QuotaExceeded` (storing nothing of this batch) when they do not fit.
@@ -191,7 +200,7 @@ impl Upload<'_> {
             ));
         }
         let size: u64 = blocks.iter().map(|(_, _, d)| d.len() as u64).sum();
-        let packed = self.bytes_put.fetch_add(size, Ordering::Relaxed) >= INLINE_UPLOAD_BYTES;
+        let packed = goes_to_packs(&self.bytes_put, size);
         let prewritten = match packed {
             true => self.repo.prewrite(
                 keys.iter()
