@@ -370,16 +370,17 @@ fn sixty_four_trickling_clients_stall_neither_the_api_nor_peer_serving() {
         let (host_port, stop) = (a.host_port.clone(), stop.clone());
         tricklers.push(std::thread::spawn(move || {
             let mut s = TcpStream::connect(&host_port).unwrap();
-            let mut text = if i < 64 {
-                format!("POST /api/codex/v1/data HTTP/1.1\r\nHost: {host_port}\r\nContent-Length: 10000000\r\n\r\n")
-                    .into_bytes()
-            } else {
+            // An upload sends its head at once, then trickles its body; the others
+            // trickle their heads.
+            let slow: Vec<u8> = if i < 64 {
+                write!(s, "POST /api/codex/v1/data HTTP/1.1\r\nHost: {host_port}\r\nContent-Length: 10000000\r\n\r\n").unwrap();
                 Vec::new()
+            } else {
+                format!("GET /api/codex/v1/space HTTP/1.1\r\nHost: {host_port}\r\nX-Slow: ").into_bytes()
             };
-            text.extend(format!("GET /api/codex/v1/space HTTP/1.1\r\nHost: {host_port}\r\nX-Slow: ").bytes());
             let mut sent = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let byte = text.get(sent).copied().unwrap_or(b'x');
+                let byte = slow.get(sent).copied().unwrap_or(b'x');
                 if s.write_all(&[byte]).is_err() {
                     return sent;
                 }
@@ -389,8 +390,27 @@ fn sixty_four_trickling_clients_stall_neither_the_api_nor_peer_serving() {
             sent
         }));
     }
-    // Let every trickler reach the node first.
-    std::thread::sleep(Duration::from_secs(1));
+    // The uploads' bodies are arriving (as counted by the node) before anything is timed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = http()
+            .get(format!("http://{}/metrics", a.host_port))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        let received = text
+            .lines()
+            .find(|l| l.starts_with("codexfs_api_bytes_total{direction=\"received\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if received >= dataset.len() as f64 + 64.0 * 10.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tricklers never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let timed = |what: &str, f: &dyn Fn()| {
         let started = Instant::now();
         f();
