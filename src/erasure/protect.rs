@@ -44,11 +44,43 @@ pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
             cid_string(cid)
         )));
     }
+    let block_of = |index| repo.leaf_block(&manifest.tree_cid, index);
+    protect_blocks(repo, &manifest, ec, &block_of)
+}
+
+/// Protects a dataset whose blocks an unfinished upload holds (`tree` and `manifest`
+/// describe them; no dataset record names them): an upload with `?ec` never records the
+/// unprotected dataset. Returns the protected manifest's CID.
+pub fn protect_staged(
+    repo: &RepoStore,
+    tree: &MerkleTree,
+    manifest: &Manifest,
+    ec: EcParams,
+) -> Result<Cid> {
+    let ec = EcParams::new(ec.k, ec.m)?;
+    let leaves = tree.leaves();
+    let block_of = |index: u64| {
+        Ok(leaves
+            .get(index as usize)
+            .map(|d| crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, d)))
+    };
+    protect_blocks(repo, manifest, ec, &block_of)
+}
+
+/// Which block is leaf `index` of the dataset being protected.
+type BlockOf<'a> = dyn Fn(u64) -> Result<Option<Cid>> + Sync + 'a;
+
+fn protect_blocks(
+    repo: &RepoStore,
+    manifest: &Manifest,
+    ec: EcParams,
+    block_of: &BlockOf<'_>,
+) -> Result<Cid> {
     check_block_size(manifest.block_size)?;
     let layout = Layout::new(manifest.block_count(), ec.k as u64, ec.m as u64);
     let upload = repo.begin_upload()?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
-    let digests = encode_all(repo, &manifest, &layout, &upload)?;
+    let digests = encode_all(repo, manifest, &layout, &upload, block_of)?;
     let tree = MerkleTree::new(digests)?;
     let mut protected = Manifest::new(
         tree.root_cid(),
@@ -74,6 +106,7 @@ fn encode_all(
     manifest: &Manifest,
     layout: &Layout,
     upload: &Upload<'_>,
+    block_of: &BlockOf<'_>,
 ) -> Result<Vec<Digest>> {
     let bs = manifest.block_size as usize;
     let zero = Bytes::from(vec![0u8; bs]);
@@ -111,7 +144,7 @@ fn encode_all(
                         data.push(zero.clone());
                         continue;
                     }
-                    let block = repo.leaf_block(&manifest.tree_cid, index)?.ok_or_else(|| {
+                    let block = block_of(index)?.ok_or_else(|| {
                         Error::NotFound(format!("leaf {index} of the dataset is not stored"))
                     })?;
                     let bytes = repo.get_block(&block)?.ok_or_else(|| {

@@ -107,8 +107,9 @@ impl Node {
     }
 
     /// [`Self::store`], erasure-coded with `ec` when given: returns the protected
-    /// manifest's CID, and the unprotected dataset is not kept (unless it was stored
-    /// already).
+    /// manifest's CID. The unprotected dataset is never recorded (its blocks are held by
+    /// the upload until the protected one commits), so a dataset of the same bytes stored
+    /// meanwhile by someone else is left alone.
     pub fn store_ec<R: Read + Send>(
         &self,
         reader: R,
@@ -116,14 +117,17 @@ impl Node {
         mimetype: Option<String>,
         ec: Option<EcParams>,
     ) -> Result<Cid> {
-        let stored = upload::store(
-            &self.repo,
-            self.config.block_size,
-            reader,
-            filename,
-            mimetype,
-        );
-        self.finish_store(stored, ec)
+        let bs = self.config.block_size;
+        let cid = match ec {
+            None => upload::store(&self.repo, bs, reader, filename, mimetype)?.0,
+            Some(ec) => {
+                let ec = EcParams::new(ec.k, ec.m)?;
+                let staged = upload::stage(&self.repo, bs, reader, filename, mimetype)?;
+                self.protect_staged(staged, ec)?
+            }
+        };
+        crate::metrics::metrics().uploads.inc();
+        Ok(cid)
     }
 
     /// Stores buffers handed over whole as one dataset (the mount's sequential writes),
@@ -137,34 +141,31 @@ impl Node {
         mimetype: Option<String>,
         ec: Option<EcParams>,
     ) -> Result<Cid> {
-        let stored = upload::store_buffers(
-            &self.repo,
-            self.config.block_size,
-            buffers,
-            pool,
-            filename,
-            mimetype,
-        );
-        self.finish_store(stored, ec)
-    }
-
-    /// Counts a stored upload and protects it when `ec` asks.
-    fn finish_store(&self, stored: Result<(Cid, bool)>, ec: Option<EcParams>) -> Result<Cid> {
-        let (cid, new) = stored?;
+        let bs = self.config.block_size;
+        let cid = match ec {
+            None => upload::store_buffers(&self.repo, bs, buffers, pool, filename, mimetype)?.0,
+            Some(ec) => {
+                let ec = EcParams::new(ec.k, ec.m)?;
+                let staged =
+                    upload::stage_buffers(&self.repo, bs, buffers, pool, filename, mimetype)?;
+                self.protect_staged(staged, ec)?
+            }
+        };
         crate::metrics::metrics().uploads.inc();
-        match ec {
-            Some(ec) => self.protect_stored(cid, new, ec),
-            None => Ok(cid),
-        }
+        Ok(cid)
     }
 
-    fn protect_stored(&self, cid: Cid, new: bool, ec: EcParams) -> Result<Cid> {
-        let protected = self.protect(&cid, ec);
-        if new {
-            // The protected dataset holds its own references to the blocks.
-            self.delete(&cid)?;
-        }
-        protected
+    /// Protects a staged upload; the staged blocks are given back once the protected
+    /// dataset holds its own references to them.
+    fn protect_staged(&self, staged: upload::Staged<'_>, ec: EcParams) -> Result<Cid> {
+        let upload::Staged {
+            upload,
+            tree,
+            manifest,
+        } = staged;
+        let cid = crate::erasure::protect::protect_staged(&self.repo, &tree, &manifest, ec)?;
+        drop(upload);
+        Ok(cid)
     }
 
     /// Erasure-codes stored dataset `cid` with K data and M parity blocks per column

@@ -16,7 +16,7 @@ use crate::cids::{cid_from_digest, sha256, Digest, BLOCK_CODEC};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::merkle::MerkleTree;
-use crate::repo::RepoStore;
+use crate::repo::{RepoStore, Upload};
 
 /// Bytes read per batch (rounded to whole blocks).
 const BATCH_BYTES: usize = 1 << 20;
@@ -222,9 +222,58 @@ fn store_batches(
     filename: Option<String>,
     mimetype: Option<String>,
 ) -> Result<(Cid, bool)> {
+    let staged = stage_batches(repo, block_size, source, filename, mimetype)?;
+    staged.upload.commit(&staged.tree, &staged.manifest)
+}
+
+/// An upload whose blocks are all stored (held by its journal) but that is not a dataset
+/// yet: committing it makes one; dropping it gives its blocks back.
+pub(super) struct Staged<'a> {
+    pub upload: Upload<'a>,
+    pub tree: MerkleTree,
+    pub manifest: Manifest,
+}
+
+/// Stores what `source` yields as a [`Staged`] upload.
+fn stage_batches<'a>(
+    repo: &'a RepoStore,
+    block_size: usize,
+    source: &mut dyn BatchSource,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<Staged<'a>> {
     let upload = repo.begin_upload()?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
     let (digests, size) = chunk_and_hash(source, block_size, &upload)?;
     let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
-    upload.commit(&tree, &manifest)
+    Ok(Staged {
+        upload,
+        tree,
+        manifest,
+    })
+}
+
+/// Stages what a reader yields (see [`Staged`]).
+pub(super) fn stage<'a, R: Read + Send>(
+    repo: &'a RepoStore,
+    block_size: usize,
+    reader: R,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<Staged<'a>> {
+    let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
+    stage_batches(repo, block_size, &mut chunker, filename, mimetype)
+}
+
+/// Stages buffers handed over whole (see [`store_buffers`]).
+pub(super) fn stage_buffers<'a>(
+    repo: &'a RepoStore,
+    block_size: usize,
+    buffers: impl Iterator<Item = Vec<u8>>,
+    pool: BufferPool,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<Staged<'a>> {
+    let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES).with_pool(pool);
+    stage_batches(repo, block_size, &mut batcher, filename, mimetype)
 }

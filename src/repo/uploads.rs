@@ -51,12 +51,11 @@ impl RepoStore {
     /// Stores a manifest whose tree is already stored (the same bytes under another
     /// filename, say): no block but the manifest is written. Returns its CID.
     pub fn store_manifest_for_stored_tree(&self, manifest: &Manifest) -> Result<Cid> {
-        let encoded = manifest.encode();
-        let mcid = crate::manifest::manifest_cid(&encoded);
-        let mkey = mcid.to_bytes();
-        let tree_key = manifest.tree_cid.to_bytes();
         let _guard = lock(&self.datasets_lock);
-        let mut tree = match self.db.get_pinned_cf(self.cf(CF_TREES), &tree_key)? {
+        let tree = match self
+            .db
+            .get_pinned_cf(self.cf(CF_TREES), manifest.tree_cid.to_bytes())?
+        {
             Some(b) => TreeRecord::decode(&b)?,
             None => {
                 return Err(Error::NotFound(format!(
@@ -65,6 +64,17 @@ impl RepoStore {
                 )))
             }
         };
+        self.record_dataset_on_tree(manifest, tree)
+    }
+
+    /// Records `manifest` as a dataset of `tree` (its record as stored, or a new one):
+    /// the manifest block, the tree's dataset count and the dataset record, in one synced
+    /// transaction (nothing of it when the quota refuses the manifest). The caller holds
+    /// the datasets lock.
+    fn record_dataset_on_tree(&self, manifest: &Manifest, mut tree: TreeRecord) -> Result<Cid> {
+        let encoded = manifest.encode();
+        let mcid = crate::manifest::manifest_cid(&encoded);
+        let mkey = mcid.to_bytes();
         let record = DatasetRecord {
             stored_at: unix_now(),
             expiry: self.expiry_from_now(),
@@ -78,7 +88,11 @@ impl RepoStore {
         {
             t.add_ref(&mkey, &encoded, record.expiry)?;
             tree.datasets += 1;
-            t.batch.put_cf(self.cf(CF_TREES), &tree_key, tree.encode());
+            t.batch.put_cf(
+                self.cf(CF_TREES),
+                manifest.tree_cid.to_bytes(),
+                tree.encode(),
+            );
         }
         t.batch.put_cf(self.cf(CF_DATASETS), &mkey, record.encode());
         t.commit(&mut counters, true)?;
@@ -112,16 +126,16 @@ impl RepoStore {
     }
 
     /// Makes a dataset whose leaves are all stored (fetched from peers) a local dataset:
-    /// its tree and dataset records and its manifest block. Fails if a leaf is missing.
+    /// its tree and dataset records and its manifest block, in one transaction (a crash or
+    /// a full quota leaves none of them). Fails if a leaf is missing.
     pub fn adopt_dataset(&self, manifest: &Manifest) -> Result<Cid> {
+        let _guard = lock(&self.datasets_lock);
+        let tree = match self
+            .db
+            .get_pinned_cf(self.cf(CF_TREES), manifest.tree_cid.to_bytes())?
         {
-            let _guard = lock(&self.datasets_lock);
-            let tree_key = manifest.tree_cid.to_bytes();
-            if self
-                .db
-                .get_pinned_cf(self.cf(CF_TREES), &tree_key)?
-                .is_none()
-            {
+            Some(b) => TreeRecord::decode(&b)?,
+            None => {
                 let n = manifest.block_count();
                 for i in 0..n {
                     if self.leaf_block(&manifest.tree_cid, i)?.is_none() {
@@ -131,20 +145,13 @@ impl RepoStore {
                         )));
                     }
                 }
-                let mut batch = WriteBatch::default();
-                batch.put_cf(
-                    self.cf(CF_TREES),
-                    &tree_key,
-                    TreeRecord {
-                        datasets: 0,
-                        leaves: n,
-                    }
-                    .encode(),
-                );
-                self.write(batch, true)?;
+                TreeRecord {
+                    datasets: 0,
+                    leaves: n,
+                }
             }
-        }
-        self.store_manifest_for_stored_tree(manifest)
+        };
+        self.record_dataset_on_tree(manifest, tree)
     }
 }
 
