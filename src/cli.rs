@@ -289,6 +289,15 @@ enum Command {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// Testing aid: one sweep of expired data now, as if `--after` had passed (datasets
+    /// and directories past their lifetime, orphaned fetched leaves, unreferenced blocks).
+    #[command(hide = true)]
+    DebugSweep {
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        after: Duration,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// Check the repo's invariants (counters, reference counts, datasets complete).
     Check {
         #[command(flatten)]
@@ -684,6 +693,12 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     anyhow::bail!("the dataset has no stored block {i}");
                 }
             }
+        }
+        Command::DebugSweep { after, repo } => {
+            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
+            let now = codexfs::repo::unix_now().saturating_add(after.as_secs());
+            let r = node.repo().sweep_expired(now)?;
+            println!("swept {} datasets {} blocks", r.datasets, r.blocks);
         }
         Command::Check { repo } => {
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;

@@ -56,3 +56,23 @@ fn stopped_error(why: &str) -> Error {
         "the repo takes no more writes since {why}; restart the node"
     )))
 }
+
+/// Creates `dir` and its missing ancestors so that they survive a power loss: a new
+/// directory's name is durable only once its parent directory is fsynced.
+pub(crate) fn create_dir_durably(dir: &std::path::Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        create_dir_durably(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    let parent = parent.unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(parent)?.sync_all()?;
+    Ok(())
+}

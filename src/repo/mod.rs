@@ -123,6 +123,10 @@ impl RepoStore {
     pub fn open(dir: &Path, config: RepoConfig) -> Result<Arc<Self>> {
         let dir_lock = DataDirLock::acquire(dir)?;
         let path = dir.join("repo");
+        // Created here, before RocksDB and the packs create them, so that their names
+        // survive a power loss.
+        durability::create_dir_durably(&path)?;
+        durability::create_dir_durably(&dir.join("packs"))?;
         let db = open_db(&path)?;
         let packs = packs::Packs::open(&dir.join("packs"))?;
         let counters = match db.get(COUNTERS_KEY)? {
