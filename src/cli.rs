@@ -482,7 +482,10 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                         }
                         Ok(n)
                     })();
-                    if result.is_err() {
+                    // A failed download leaves no partial file behind; anything else
+                    // (`-o /dev/null`, a FIFO) is never removed.
+                    let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+                    if result.is_err() && regular {
                         let _ = std::fs::remove_file(path);
                     }
                     result.with_context(|| format!("writing {}", path.display()))?

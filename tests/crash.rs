@@ -44,7 +44,7 @@ fn codexfs(data: &Path, args: &[&str]) -> std::process::Output {
         .arg("--data-dir")
         .arg(data)
         .output()
-        .expect("run codexfs")
+        .unwrap_or_else(|e| panic!("codexfs {args:?} --data-dir {}: {e}", data.display()))
 }
 
 fn text(out: &std::process::Output) -> String {
@@ -485,7 +485,9 @@ impl Harness {
                 // A fetch that is not adopted leaves orphaned leaves, which a sweep
                 // takes once their hour is up.
                 let mut cmd = Command::new(bin());
-                cmd.args(["download", &cid, "-o", "/dev/null", "--no-mdns"])
+                let out = self.tmp.path().join("fetched");
+                cmd.args(["download", &cid, "--no-mdns", "-o"])
+                    .arg(&out)
                     .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", &addr])
                     .args(["--block-ttl", "1h", "--timeout", "10s"]);
                 if let Some(out) = self.run_killable(cmd, delay) {
@@ -636,7 +638,8 @@ impl Harness {
                 !listing.contains(cid.as_str()),
                 "{context}: deleted {cid} is back"
             );
-            let got = codexfs(&self.data, &["download", cid, "-o", "/dev/null"]);
+            let gone = self.tmp.path().join("gone");
+            let got = codexfs(&self.data, &["download", cid, "-o", gone.to_str().unwrap()]);
             assert!(!got.status.success(), "{context}: deleted {cid} reads");
         }
         // Datasets of uploads killed after their commit are nobody's: delete them, so the
