@@ -775,9 +775,11 @@ impl PowerCut {
     fn stop(&mut self) {
         if let Some(session) = self.session.take() {
             if session.umount_and_join().is_err() {
+                // Still mounted (something held it): detach it.
                 let _ = std::process::Command::new("umount")
                     .arg("-l")
                     .arg(&self.mountpoint)
+                    .stderr(std::process::Stdio::null())
                     .status();
             }
         }
