@@ -3,8 +3,8 @@
 //! - **kill -9** (the page cache survives): CLI uploads of files of one batch, of many
 //!   blocks, of more leaves than one leaf batch, of bytes stored already, erasure-coded;
 //!   directory uploads and recursive deletions; deletions; TTL and orphan sweeps; datasets
-//!   fetched from a peer and adopted; uploads through a node's API killed mid-body; and
-//!   SIGTERM of a node mid-upload.
+//!   fetched from a peer and adopted; uploads and deletions through a node's API, the node
+//!   killed; and SIGTERM of a node mid-upload.
 //! - **power cuts**: the same with the data dir on [`powercut::PowerCut`], which keeps only
 //!   what was fsynced: after each cut, everything acknowledged (a command that exited 0, an
 //!   API answer) must still be there, and every acknowledged deletion still done.
@@ -90,9 +90,11 @@ enum Op {
     ApiKill,
     /// A node stopped with SIGTERM while an upload's body flows.
     ApiTerm,
+    /// A deletion through a node's API, the node killed (after answering, or before).
+    ApiRm,
 }
 
-const OPS: [(Op, u32); 12] = [
+const OPS: [(Op, u32); 13] = [
     (Op::UploadSmall, 3),
     (Op::UploadLarge, 2),
     (Op::UploadManyLeaves, 2),
@@ -105,6 +107,7 @@ const OPS: [(Op, u32); 12] = [
     (Op::NetFetch, 2),
     (Op::ApiKill, 2),
     (Op::ApiTerm, 1),
+    (Op::ApiRm, 2),
 ];
 
 /// A `codexfs node` (network and API) on a data dir, killed when dropped.
@@ -334,11 +337,7 @@ impl Harness {
     fn choose(&mut self, allowed: &[Op]) -> Op {
         // Keep the repo small: past a dozen entries, delete.
         if self.ledger.stored.len() > 12 {
-            return if self.rng.random_bool(0.7) {
-                Op::Rm
-            } else {
-                Op::RmDir
-            };
+            return [Op::Rm, Op::RmDir, Op::ApiRm][self.rng.random_range(0..3)];
         }
         let ops: Vec<(Op, u32)> = OPS
             .iter()
@@ -499,6 +498,35 @@ impl Harness {
                 }
             }
             Op::ApiKill | Op::ApiTerm => self.api_step(op, delay),
+            Op::ApiRm => {
+                let dir = self.rng.random_bool(0.3);
+                let Some((cid, _)) = self.pick(dir).or_else(|| self.pick(!dir)) else {
+                    return self.step(Op::UploadSmall, calibrate);
+                };
+                self.ledger.stored.remove(&cid);
+                let mut node = NodeProcess::start(&self.data, &[]);
+                let url = format!("http://{}/api/codex/v1/data/{cid}", node.api());
+                let client = std::thread::spawn(move || {
+                    let http = reqwest::blocking::Client::new();
+                    http.delete(url)
+                        .send()
+                        .is_ok_and(|r| r.status() == reqwest::StatusCode::NO_CONTENT)
+                });
+                if let Some(delay) = delay {
+                    let deadline = Instant::now() + delay;
+                    while Instant::now() < deadline && !client.is_finished() {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    if !client.is_finished() {
+                        self.kills += 1;
+                    }
+                }
+                // Killed whether or not it answered: no clean close saves the deletion.
+                node.signal(libc::SIGKILL);
+                if client.join().unwrap() {
+                    self.ledger.deleted.insert(cid);
+                }
+            }
         }
         // How long the op takes: the quickest run left alone (a first run pays for
         // creating things, and one slow outlier would put most kills after the end).
@@ -604,6 +632,22 @@ impl Harness {
             self.log.last(),
             text(&out)
         );
+        // Cheaply, after every crash: acknowledged datasets listed, deletions not.
+        let out = codexfs(&self.data, &["ls"]);
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let context = format!("seed {}, after {:?}", self.seed, self.log.last());
+        for (cid, entry) in &self.ledger.stored {
+            assert!(
+                entry.dir || listing.contains(cid.as_str()),
+                "{context}: {cid} is gone"
+            );
+        }
+        for cid in &self.ledger.deleted {
+            assert!(
+                !listing.contains(cid.as_str()),
+                "{context}: deleted {cid} is back"
+            );
+        }
     }
 
     /// Every acknowledged dataset and directory reads back as its source; every
@@ -680,6 +724,12 @@ impl Harness {
                 self.verify();
             }
         }
+        // Whatever the deletions left: some datasets and a directory stored to the end,
+        // through one more crash.
+        for op in [Op::UploadSmall, Op::UploadLarge, Op::UploadDir] {
+            self.step(op, true);
+        }
+        self.crash_and_check();
         self.verify();
         println!(
             "seed {}: {steps} steps, {} kills, {} SIGTERMs, {} power cuts, {} datasets and directories verified",
