@@ -52,19 +52,17 @@ impl RepoStore {
     /// filename, say): no block but the manifest is written. Returns its CID.
     pub fn store_manifest_for_stored_tree(&self, manifest: &Manifest) -> Result<Cid> {
         let _guard = lock(&self.datasets_lock);
-        let tree = match self
-            .db
-            .get_pinned_cf(self.cf(CF_TREES), manifest.tree_cid.to_bytes())?
-        {
-            Some(b) => TreeRecord::decode(&b)?,
-            None => {
-                return Err(Error::NotFound(format!(
-                    "tree {} is not stored here",
-                    manifest.tree_cid
-                )))
-            }
-        };
+        let tree = self.tree_record(&manifest.tree_cid)?.ok_or_else(|| {
+            Error::NotFound(format!("tree {} is not stored here", manifest.tree_cid))
+        })?;
         self.record_dataset_on_tree(manifest, tree)
+    }
+
+    fn tree_record(&self, tree: &Cid) -> Result<Option<TreeRecord>> {
+        self.db
+            .get_pinned_cf(self.cf(CF_TREES), tree.to_bytes())?
+            .map(|b| TreeRecord::decode(&b))
+            .transpose()
     }
 
     /// Records `manifest` as a dataset of `tree` (its record as stored, or a new one):
@@ -130,11 +128,8 @@ impl RepoStore {
     /// a full quota leaves none of them). Fails if a leaf is missing.
     pub fn adopt_dataset(&self, manifest: &Manifest) -> Result<Cid> {
         let _guard = lock(&self.datasets_lock);
-        let tree = match self
-            .db
-            .get_pinned_cf(self.cf(CF_TREES), manifest.tree_cid.to_bytes())?
-        {
-            Some(b) => TreeRecord::decode(&b)?,
+        let tree = match self.tree_record(&manifest.tree_cid)? {
+            Some(t) => t,
             None => {
                 let n = manifest.block_count();
                 for i in 0..n {
