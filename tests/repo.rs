@@ -466,3 +466,76 @@ fn a_failed_fsync_stops_the_stores_writes_until_it_is_reopened() {
     assert_eq!(read_all(&node, &cid), b);
     assert_consistent(&node);
 }
+
+/// However large an upload's batch, its block bytes never go into a RocksDB write batch
+/// (issue 15, item 2): they are written into the upload's own file, and only records go
+/// to RocksDB.
+#[test]
+fn an_uploads_block_bytes_go_to_its_file_never_into_rocksdb() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), BIG, DAY);
+    let repo = node.repo();
+    let blocks: Vec<Vec<u8>> = (0..100).map(|i| random_bytes(65536, 300 + i)).collect();
+    let cids: Vec<cid::Cid> = blocks.iter().map(|b| block_cid(b)).collect();
+    let batch: Vec<(cid::Cid, &[u8])> = cids
+        .iter()
+        .zip(&blocks)
+        .map(|(c, b)| (*c, b.as_slice()))
+        .collect();
+    let upload = repo.begin_upload().unwrap();
+    upload.put_blocks(0, &batch).unwrap();
+    for c in &cids {
+        let meta = repo.block_meta(c).unwrap().unwrap();
+        assert!(!meta.inline, "{} went into RocksDB", cid_string(c));
+    }
+    let files: Vec<u64> = std::fs::read_dir(dir.path().join("uploads"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    assert_eq!(files, vec![100 * 65536]);
+    drop(upload);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(repo.space().quota_used_bytes, 0);
+    assert_consistent(&node);
+}
+
+/// Adopting a dataset fetched from peers is one transaction: a quota that refuses its
+/// manifest leaves the fetched tree as it was (no dataset counted on it), so it is swept
+/// like any tree fetched and never adopted (issue 15, item 7).
+#[test]
+fn a_refused_adoption_leaves_the_fetched_tree_to_the_sweep() {
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let src = node(src_dir.path(), BIG, DAY);
+    let cid = src
+        .store(&random_bytes(3 * 65536 + 5, 23)[..], None, None)
+        .unwrap();
+    let m = src.repo().manifest(&cid).unwrap().unwrap();
+    let leaves: Vec<_> = (0..m.block_count())
+        .map(|i| {
+            let rec = src.repo().leaf(&m.tree_cid, i).unwrap().unwrap();
+            let data = src.repo().get_block(&rec.block).unwrap().unwrap();
+            (m.tree_cid, i, rec, data)
+        })
+        .collect();
+    // Room for the leaves, not for the manifest.
+    let dst = node(dst_dir.path(), 4 * 65536, Duration::from_secs(60));
+    dst.repo().ensure_tree(&m).unwrap();
+    dst.repo().put_fetched_leaves(&leaves).unwrap();
+    let err = dst.repo().adopt_dataset(&m).unwrap_err();
+    assert!(err.is_out_of_space(), "{err}");
+    assert!(!dst.repo().has_dataset(&cid).unwrap());
+    let tree = dst.repo().tree(&m.tree_cid).unwrap().unwrap();
+    assert_eq!((tree.datasets, tree.present), (0, 4));
+    assert_consistent(&dst);
+    // Nothing holds the leaves: they go once expired, and all space with them.
+    let dropped = dst.repo().sweep_trees(unix_now() + 61).unwrap();
+    assert_eq!(dropped, 4);
+    assert!(dst.repo().tree(&m.tree_cid).unwrap().is_none());
+    assert_eq!(dst.repo().space().quota_used_bytes, 0);
+    assert_consistent(&dst);
+}

@@ -113,8 +113,9 @@ impl Node {
     }
 
     /// [`Self::store`], erasure-coded with `ec` when given: returns the protected
-    /// manifest's CID, and the unprotected dataset is not kept (unless it was stored
-    /// already).
+    /// manifest's CID. The unprotected dataset is never recorded (its blocks are held by
+    /// the upload until the protected one commits), so a dataset of the same bytes stored
+    /// meanwhile by someone else is left alone.
     pub fn store_ec<R: Read + Send>(
         &self,
         reader: R,
@@ -122,14 +123,10 @@ impl Node {
         mimetype: Option<String>,
         ec: Option<EcParams>,
     ) -> Result<Cid> {
-        let stored = upload::store(
-            &self.repo,
-            self.config.block_size,
-            reader,
-            filename,
-            mimetype,
-        );
-        self.finish_store(stored, ec)
+        let ec = ec.map(|ec| EcParams::new(ec.k, ec.m)).transpose()?;
+        let bs = self.config.block_size;
+        let staged = upload::stage(&self.repo, bs, reader, filename, mimetype)?;
+        self.finish_staged(staged, ec)
     }
 
     /// Stores buffers handed over whole as one dataset (the mount's sequential writes),
@@ -143,15 +140,10 @@ impl Node {
         mimetype: Option<String>,
         ec: Option<EcParams>,
     ) -> Result<Cid> {
-        let stored = upload::store_buffers(
-            &self.repo,
-            self.config.block_size,
-            buffers,
-            pool,
-            filename,
-            mimetype,
-        );
-        self.finish_store(stored, ec)
+        let ec = ec.map(|ec| EcParams::new(ec.k, ec.m)).transpose()?;
+        let bs = self.config.block_size;
+        let staged = upload::stage_buffers(&self.repo, bs, buffers, pool, filename, mimetype)?;
+        self.finish_staged(staged, ec)
     }
 
     /// Stores the file at `path` — which must be in the data dir's file system, and which
@@ -166,34 +158,34 @@ impl Node {
         mimetype: Option<String>,
         ec: Option<EcParams>,
     ) -> Result<(Cid, u64)> {
+        let ec = ec.map(|ec| EcParams::new(ec.k, ec.m)).transpose()?;
         let size = std::fs::metadata(path)?.len();
-        let stored = upload::store_file_in_place(
-            &self.repo,
-            self.config.block_size,
-            path,
-            filename,
-            mimetype,
-        );
-        Ok((self.finish_store(stored, ec)?, size))
+        let bs = self.config.block_size;
+        let staged = upload::stage_file_in_place(&self.repo, bs, path, filename, mimetype)?;
+        Ok((self.finish_staged(staged, ec)?, size))
     }
 
-    /// Counts a stored upload and protects it when `ec` asks.
-    fn finish_store(&self, stored: Result<(Cid, bool)>, ec: Option<EcParams>) -> Result<Cid> {
-        let (cid, new) = stored?;
+    /// Makes a staged upload a dataset: as it is, or protected with `ec` (the staged
+    /// blocks are given back once the protected dataset holds its own references to them;
+    /// its data file is the staged one, linked). Counts the upload.
+    fn finish_staged(&self, staged: upload::Staged<'_>, ec: Option<EcParams>) -> Result<Cid> {
+        let upload::Staged {
+            upload,
+            tree,
+            manifest,
+        } = staged;
+        let cid = match ec {
+            None => upload.commit(&tree, &manifest)?.0,
+            Some(ec) => {
+                let cid = crate::erasure::protect::protect_staged(
+                    &self.repo, &upload, &tree, &manifest, ec,
+                )?;
+                drop(upload);
+                cid
+            }
+        };
         crate::metrics::metrics().uploads.inc();
-        match ec {
-            Some(ec) => self.protect_stored(cid, new, ec),
-            None => Ok(cid),
-        }
-    }
-
-    fn protect_stored(&self, cid: Cid, new: bool, ec: EcParams) -> Result<Cid> {
-        let protected = self.protect(&cid, ec);
-        if new {
-            // The protected dataset holds its own references to the blocks.
-            self.delete(&cid)?;
-        }
-        protected
+        Ok(cid)
     }
 
     /// Erasure-codes stored dataset `cid` with K data and M parity blocks per column

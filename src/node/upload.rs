@@ -16,7 +16,7 @@ use crate::cids::{cid_from_digest, sha256, Digest, BLOCK_CODEC};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::merkle::MerkleTree;
-use crate::repo::RepoStore;
+use crate::repo::{RepoStore, Upload};
 
 /// Bytes read per batch (rounded to whole blocks).
 const BATCH_BYTES: usize = 1 << 20;
@@ -188,57 +188,68 @@ pub fn compute_cid<R: Read + Send>(
     Ok((manifest.cid(), manifest))
 }
 
-/// Stores what a reader yields; says whether the dataset is new (false: it was stored
-/// already).
-pub(super) fn store<R: Read + Send>(
-    repo: &RepoStore,
+/// An upload whose blocks are all stored (held by its journal) but that is not a dataset
+/// yet: committing it makes one; dropping it gives its blocks back.
+pub(super) struct Staged<'a> {
+    pub upload: Upload<'a>,
+    pub tree: MerkleTree,
+    pub manifest: Manifest,
+}
+
+/// Stores what `source` yields as a [`Staged`] upload.
+fn stage_batches<'a>(
+    repo: &'a RepoStore,
+    block_size: usize,
+    source: &mut dyn BatchSource,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<Staged<'a>> {
+    let upload = repo.begin_upload()?;
+    // On any error `upload` is dropped uncommitted, which gives its blocks back.
+    let (digests, size) = chunk_and_hash(source, block_size, &upload)?;
+    let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
+    Ok(Staged {
+        upload,
+        tree,
+        manifest,
+    })
+}
+
+/// Stages what a reader yields (see [`Staged`]).
+pub(super) fn stage<'a, R: Read + Send>(
+    repo: &'a RepoStore,
     block_size: usize,
     reader: R,
     filename: Option<String>,
     mimetype: Option<String>,
-) -> Result<(Cid, bool)> {
+) -> Result<Staged<'a>> {
     let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
-    store_batches(repo, block_size, &mut chunker, filename, mimetype)
+    stage_batches(repo, block_size, &mut chunker, filename, mimetype)
 }
 
-/// Stores buffers handed over whole (block-aligned ones are not copied again), as
-/// [`store`].
-pub(super) fn store_buffers(
-    repo: &RepoStore,
+/// Stages buffers handed over whole (block-aligned ones are not copied again).
+pub(super) fn stage_buffers<'a>(
+    repo: &'a RepoStore,
     block_size: usize,
     buffers: impl Iterator<Item = Vec<u8>>,
     pool: BufferPool,
     filename: Option<String>,
     mimetype: Option<String>,
-) -> Result<(Cid, bool)> {
+) -> Result<Staged<'a>> {
     let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES).with_pool(pool);
-    store_batches(repo, block_size, &mut batcher, filename, mimetype)
+    stage_batches(repo, block_size, &mut batcher, filename, mimetype)
 }
 
-fn store_batches(
-    repo: &RepoStore,
-    block_size: usize,
-    source: &mut dyn BatchSource,
-    filename: Option<String>,
-    mimetype: Option<String>,
-) -> Result<(Cid, bool)> {
-    let upload = repo.begin_upload()?;
-    // On any error `upload` is dropped uncommitted, which gives its blocks back.
-    let (digests, size) = chunk_and_hash(source, block_size, &upload)?;
-    let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
-    upload.commit(&tree, &manifest)
-}
-
-/// Stores the file at `path` (in the data dir's file system) as a dataset without copying
-/// it: the file is moved into the store, hashed where it is on every core, and becomes the
-/// dataset's flat file by rename. Says whether the dataset is new, as [`store`].
-pub(super) fn store_file_in_place(
-    repo: &RepoStore,
+/// Stages the file at `path` (in the data dir's file system) without copying it: the file
+/// is moved into the upload, hashed where it is on every core; committed, it becomes the
+/// dataset's flat file by rename (see [`Staged`]).
+pub(super) fn stage_file_in_place<'a>(
+    repo: &'a RepoStore,
     block_size: usize,
     path: &std::path::Path,
     filename: Option<String>,
     mimetype: Option<String>,
-) -> Result<(Cid, bool)> {
+) -> Result<Staged<'a>> {
     let upload = repo.begin_upload()?;
     // On any error `upload` is dropped uncommitted: its blocks and the file go.
     let (file, len) = upload.adopt_file(path)?;
@@ -301,5 +312,9 @@ pub(super) fn store_file_in_place(
     }
     let digests = digests.into_inner().unwrap_or_else(|p| p.into_inner());
     let (tree, manifest) = build_manifest(digests, len, block_size, filename, mimetype)?;
-    upload.commit(&tree, &manifest)
+    Ok(Staged {
+        upload,
+        tree,
+        manifest,
+    })
 }

@@ -364,3 +364,64 @@ pub struct ConsistencyReport {
     pub orphans_removed: u64,
     pub problems: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{Node, NodeConfig};
+
+    /// `check` reads the trees: a tree record whose dataset count is wrong (the leftover of
+    /// an adoption cut in two, say), whose shape is not its manifests', or that counts
+    /// leaves no record backs is reported (issue 15, item 7).
+    #[test]
+    fn the_check_counts_each_trees_datasets_and_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
+        let repo = node.repo();
+        let cid = node.store(&vec![1u8; 200_000][..], None, None).unwrap();
+        assert!(repo.check_consistency().unwrap().problems.is_empty());
+        let tree = repo.manifest(&cid).unwrap().unwrap().tree_cid;
+        let cf = repo.cf(CF_TREES);
+        let good =
+            TreeRecord::decode(&repo.db.get_cf(cf, tree.to_bytes()).unwrap().unwrap()).unwrap();
+        let problems_with = |record: TreeRecord| {
+            repo.db
+                .put_cf(cf, tree.to_bytes(), record.encode())
+                .unwrap();
+            repo.check_consistency().unwrap().problems
+        };
+        let problems = problems_with(TreeRecord {
+            datasets: 2,
+            ..good
+        });
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("2 datasets recorded, 1 found")),
+            "{problems:#?}"
+        );
+        let mut shape = good.shape;
+        shape.leaves += 1;
+        let problems = problems_with(TreeRecord { shape, ..good });
+        assert!(
+            problems.iter().any(|p| p.contains("tree of another shape")),
+            "{problems:#?}"
+        );
+        // A tree no dataset names (fetched, never adopted: swept once it expires) that
+        // counts leaves it does not have.
+        problems_with(good);
+        node.delete(&cid).unwrap();
+        assert!(repo.check_consistency().unwrap().problems.is_empty());
+        let problems = problems_with(TreeRecord {
+            datasets: 0,
+            present: 4,
+            ..TreeRecord::new(good.shape, unix_now())
+        });
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("4 leaves recorded present, 0 found")),
+            "{problems:#?}"
+        );
+    }
+}

@@ -187,11 +187,21 @@ impl RepoStore {
     /// Deletes a stored directory that no other directory names: its record, the blocks
     /// nothing else uses, and its holds. With `recursive`, entries left unheld are deleted
     /// too (datasets and directories). `Ok(false)` if it was not stored here.
-    pub(super) fn delete_directory(&self, cid: &Cid, recursive: bool) -> Result<bool> {
+    /// With `expired_at`, only a directory still expired then is deleted (see
+    /// `delete_dataset_locked`).
+    pub(super) fn delete_directory(
+        &self,
+        cid: &Cid,
+        recursive: bool,
+        expired_at: Option<u64>,
+    ) -> Result<bool> {
         let freed = {
             let _guard = lock(&self.datasets_lock);
             let key = cid.to_bytes();
-            if !self.has_directory(cid)? {
+            let Some(record) = self.db.get_pinned_cf(self.cf(CF_DIRS), &key)? else {
+                return Ok(false);
+            };
+            if expired_at.is_some_and(|now| super::lifecycle::still_alive(&record, now)) {
                 return Ok(false);
             }
             if self.holds(cid)? > 0 {
@@ -225,13 +235,14 @@ impl RepoStore {
                 }
             }
             t.batch.delete_cf(self.cf(CF_DIRS), &key);
-            t.commit(&mut counters, false)?;
+            // Synced: a deletion the caller was told of stays done after a power loss.
+            t.commit(&mut counters, true)?;
             freed
         };
         if recursive {
             for (kind, c) in freed {
                 let r = match kind {
-                    ItemKind::Dir => self.delete_directory(&c, true),
+                    ItemKind::Dir => self.delete_directory(&c, true, None),
                     ItemKind::File => self.delete_dataset(&c),
                 };
                 match r {
@@ -250,11 +261,13 @@ impl RepoStore {
         loop {
             let mut round = 0;
             for (cid, record) in self.directories()? {
-                if record.expiry <= now
-                    && self.holds(&cid)? == 0
-                    && self.delete_directory(&cid, false)?
-                {
-                    round += 1;
+                if record.expiry <= now && self.holds(&cid)? == 0 {
+                    match self.delete_directory(&cid, false, Some(now)) {
+                        Ok(true) => round += 1,
+                        // Refreshed or named by a directory stored since the scan.
+                        Ok(false) | Err(Error::InUse(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
             deleted += round;

@@ -1,8 +1,8 @@
 //! The flat files of the store: where each tree's bytes live on disk, the open handles
-//! the read path uses, and the two things every writer must get right — syncing (a failed
-//! fsync is fatal: Linux drops the pages it could not write, so a retry would report
-//! success over lost data) and room on the disk (checked before bytes are written, so a
-//! full disk is a clean error, not a file with holes).
+//! the read path uses, and the two things every writer must get right — syncing (through
+//! [`Durability`]: a failed fsync is fatal, since Linux drops the pages it could not write
+//! and a retry would report success over lost data) and room on the disk (checked before
+//! bytes are written, so a full disk is a clean error, not a file with holes).
 //!
 //! Layout in the data dir:
 //! - `trees/<treeCid>`: the data file — leaf i at i × blockSize, exactly the dataset's
@@ -17,10 +17,11 @@ use std::fs::{File, OpenOptions};
 use std::num::NonZeroUsize;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cid::Cid;
+
+use super::durability::{create_dir_durably, Durability};
 
 use crate::cids::{cid_from_bytes, cid_string};
 use crate::error::{Error, Result};
@@ -53,10 +54,8 @@ pub struct Files {
     dir: PathBuf,
     handles: Mutex<Handles>,
     stripes: Vec<Mutex<()>>,
-    /// Set by a failed fsync: from then on nothing is written (see the module doc).
-    poisoned: AtomicBool,
-    /// Counts down to an injected fsync failure (testing); negative: none.
-    fail_after: std::sync::atomic::AtomicI64,
+    /// Every sync of the store, and whether one failed (then nothing more is written).
+    durability: Durability,
     /// Whether the last process left without closing the store.
     crashed: bool,
     /// Trees whose files were written since they were last synced (partial trees being
@@ -78,8 +77,9 @@ impl Files {
     /// Opens the file area of data dir `dir`, creating it. Leaves the open marker for
     /// [`Self::crashed`] to report; it goes at a clean close.
     pub fn open(dir: &Path) -> Result<Self> {
+        // Their names must survive a power cut like the files in them.
         for sub in [TREES, UPLOADS] {
-            std::fs::create_dir_all(dir.join(sub))?;
+            create_dir_durably(&dir.join(sub))?;
         }
         let marker = dir.join(OPEN_MARKER);
         let crashed = marker.exists();
@@ -93,8 +93,7 @@ impl Files {
                 NonZeroUsize::new(HANDLES).expect("non-zero"),
             )),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            poisoned: AtomicBool::new(false),
-            fail_after: std::sync::atomic::AtomicI64::new(-1),
+            durability: Durability::default(),
             crashed,
             dirty: Mutex::new(Default::default()),
         })
@@ -195,65 +194,24 @@ impl Files {
         Ok(())
     }
 
-    /// Fails if an earlier fsync failed: nothing more may be written.
-    pub fn check_writable(&self) -> Result<()> {
-        if self.poisoned.load(Ordering::SeqCst) {
-            return Err(Error::Io(std::io::Error::other(
-                "an earlier fsync of the store failed; restart codexfs (its data was not lost, \
-                 but what it was writing then was)",
-            )));
-        }
-        Ok(())
+    /// The store's syncs and whether it still takes writes.
+    pub fn durability(&self) -> &Durability {
+        &self.durability
     }
 
-    /// fsync, treating a failure as fatal for this process.
+    /// Fails if an earlier sync failed: nothing more may be written.
+    pub fn check_writable(&self) -> Result<()> {
+        self.durability.check_writable()
+    }
+
+    /// `fdatasync`, a failure being fatal for this process (see [`Durability`]).
     pub fn sync(&self, file: &File) -> Result<()> {
-        self.check_writable()?;
-        if let Err(e) = self
-            .injected_failure()
-            .map_or_else(|| file.sync_data(), Err)
-        {
-            self.poison(&e);
-            return Err(e.into());
-        }
-        Ok(())
+        self.durability.sync_file(file)
     }
 
     /// fsync of a directory (after a file in it was created, renamed or removed).
     pub fn sync_dir(&self, dir: &Path) -> Result<()> {
-        self.check_writable()?;
-        let r = self
-            .injected_failure()
-            .map_or_else(|| File::open(dir).and_then(|d| d.sync_all()), Err);
-        if let Err(e) = r {
-            self.poison(&e);
-            return Err(e.into());
-        }
-        Ok(())
-    }
-
-    /// A testing aid, as a failing disk would (see [`Self::fail_fsync_after`]).
-    fn injected_failure(&self) -> Option<std::io::Error> {
-        if self.fail_after.load(Ordering::Relaxed) < 0 {
-            return None;
-        }
-        (self.fail_after.fetch_sub(1, Ordering::Relaxed) == 0)
-            .then(|| std::io::Error::from_raw_os_error(libc::EIO))
-    }
-
-    /// Makes the store's fsync number `n` from now (0: the next) fail with EIO.
-    pub fn fail_fsync_after(&self, n: u64) {
-        self.fail_after.store(n as i64, Ordering::Relaxed);
-    }
-
-    pub fn poison(&self, e: &std::io::Error) {
-        if !self.poisoned.swap(true, Ordering::SeqCst) {
-            tracing::error!("fsync failed ({e}): the store refuses further writes until restarted");
-        }
-    }
-
-    pub fn poisoned(&self) -> bool {
-        self.poisoned.load(Ordering::SeqCst)
+        self.durability.sync_dir(dir)
     }
 
     /// Fails with a full-disk error unless the data dir's file system has `bytes` free
@@ -323,7 +281,7 @@ impl Files {
     /// Marks a clean close once every file written is synced: the next open need not
     /// distrust bytes written without a sync.
     pub fn close_cleanly(&self) {
-        if self.poisoned() {
+        if self.durability.is_stopped() {
             return;
         }
         let dirty: Vec<Vec<u8>> = lock(&self.dirty).drain().collect();

@@ -16,7 +16,7 @@ pub struct DataDirLock {
 
 impl DataDirLock {
     pub fn acquire(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        super::durability::create_dir_durably(dir)?;
         let path = dir.join("codexfs.lock");
         let mut file = OpenOptions::new()
             .read(true)

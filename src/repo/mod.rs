@@ -58,10 +58,13 @@
 //!   then releases its leaves: a record can never point at a file that is gone, and the
 //!   quota falls only once the space is back (an unlink that fails leaves the tree
 //!   Releasing and counted, and is retried at the next sweep or open).
-//! - A failed fsync is fatal ([`files::Files::sync`]): the store refuses writes from then
-//!   on and does not mark itself closed cleanly, so the next open distrusts what was being
-//!   written. Names in `trees/` are treeCids and upload files are discarded at open, so
-//!   no record can point at space reused by something else.
+//! - A failed fsync — of a file, a directory, or a synced RocksDB write — is fatal
+//!   ([`durability`]): the store refuses writes from then on and does not mark itself
+//!   closed cleanly, so the next open distrusts what was being written. Names in `trees/`
+//!   are treeCids and upload files are discarded at open, so no record can point at space
+//!   reused by something else.
+//! - The data dir, `repo/`, `trees/` and `uploads/` are created with their parents
+//!   fsynced, so that their names survive a power loss.
 //!
 //! **Verification.** Passthrough reads skip the daemon, so nothing is checked per read.
 //! Bytes are checked when they arrive (an upload hashes what it stores; a fetched block
@@ -82,6 +85,7 @@
 mod checks;
 mod convert;
 mod dirs;
+mod durability;
 mod faults;
 pub mod files;
 mod lifecycle;
@@ -216,6 +220,8 @@ impl RepoStore {
         let dir_lock = DataDirLock::acquire(dir)?;
         let path = dir.join("repo");
         let fresh = !path.exists();
+        // Created here, before RocksDB creates it, so that its name survives a power loss.
+        durability::create_dir_durably(&path)?;
         let db = open_db(&path)?;
         let files = Files::open(dir)?;
         let counters = match db.get(COUNTERS_KEY)? {
@@ -281,14 +287,6 @@ impl RepoStore {
         self.db
             .cf_handle(name)
             .expect("column families are created at open")
-    }
-
-    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
-        self.files.check_writable()?;
-        let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
-        self.db.write_opt(batch, &opts)?;
-        Ok(())
     }
 
     fn note_freed(&self, bytes: u64) {
@@ -441,11 +439,12 @@ impl RepoStore {
         Ok(out)
     }
 
-    /// Testing aid, as a failing disk would: the store's fsync number `n` from now (0: the
-    /// next) fails with EIO, which the store treats as fatal (it refuses writes until
-    /// reopened). `codexfs` sets it from `CODEXFS_DEBUG_FAIL_FSYNC_AFTER`.
+    /// Testing aid, as a failing disk would: the store's sync number `n` from now (0: the
+    /// next; of a file, a directory or a synced RocksDB write) fails with EIO, which the
+    /// store treats as fatal (it refuses writes until reopened, see [`durability`]).
+    /// `codexfs` sets it from `CODEXFS_DEBUG_FAIL_FSYNC_AFTER`.
     pub fn debug_fail_fsync_after(&self, n: u64) {
-        self.files.fail_fsync_after(n);
+        self.files.durability().fail_fsync_after(n);
     }
 
     /// Bytes that block data takes on disk: RocksDB's blob files and the flat files.

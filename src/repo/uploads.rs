@@ -118,6 +118,30 @@ impl Upload<'_> {
         Ok(true)
     }
 
+    /// Takes unfinished upload `staged`'s data file as this upload's data file (a hard
+    /// link): an upload protected before it is ever a dataset (`?ec`) keeps its data blocks
+    /// where the staged upload wrote them. Its blocks are then held with
+    /// [`Self::hold_blocks`]; `staged` may then be dropped (its link goes, this one stays).
+    pub fn link_data_of(&self, staged: &Upload<'_>) -> Result<()> {
+        // (An upload of no bytes has not made its file yet.)
+        staged.file(Part::Data)?;
+        let to = self.repo.files.upload_path(self.id, Part::Data);
+        std::fs::hard_link(self.repo.files.upload_path(staged.id, Part::Data), &to)?;
+        let file = OpenOptions::new().read(true).write(true).open(&to)?;
+        lock(&self.files)[0] = Some(Arc::new(file));
+        self.wrote.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The bytes of data block `index` (of `block_size`-byte blocks) as this upload wrote
+    /// them into its data file (zeros past its end: the last block's padding).
+    pub fn read_data_block(&self, index: u64, block_size: u64) -> Result<Bytes> {
+        let file = self.file(Part::Data)?;
+        let mut out = Vec::with_capacity(block_size as usize);
+        super::files::read_zero_filled(&file, index * block_size, block_size as usize, &mut out)?;
+        Ok(Bytes::from(out))
+    }
+
     /// Takes file `path` (in the data dir's file system) as this upload's data file, by
     /// rename: no byte is copied. Its blocks are then held with [`Self::hold_blocks`] as they
     /// are hashed, and the commit makes it the tree's flat file. Returns the handle and its
