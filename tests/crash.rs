@@ -3,8 +3,9 @@
 //! - **kill -9** (the page cache survives): CLI uploads of files of one batch, of many
 //!   blocks, of more leaves than one leaf batch, of bytes stored already, erasure-coded;
 //!   directory uploads and recursive deletions; deletions; TTL and orphan sweeps; datasets
-//!   fetched from a peer and adopted; uploads and deletions through a node's API, the node
-//!   killed; and SIGTERM of a node mid-upload.
+//!   fetched from a peer and adopted; protecting a stored dataset (its flat file linked,
+//!   parity written); the scrub (`check --deep`); uploads and deletions through a node's
+//!   API, the node killed; and SIGTERM of a node mid-upload.
 //! - **power cuts**: the same with the data dir on [`powercut::PowerCut`], which keeps only
 //!   what was fsynced: after each cut, everything acknowledged (a command that exited 0, an
 //!   API answer) must still be there, and every acknowledged deletion still done.
@@ -66,6 +67,8 @@ struct Entry {
     source: PathBuf,
     dir: bool,
     short_lived: bool,
+    /// Erasure-coded (it cannot be protected again).
+    ec: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -92,9 +95,13 @@ enum Op {
     ApiTerm,
     /// A deletion through a node's API, the node killed (after answering, or before).
     ApiRm,
+    /// `codexfs protect` of a stored dataset: its data file hard-linked, parity written.
+    Protect,
+    /// `codexfs check --deep`: every stored block re-hashed.
+    Scrub,
 }
 
-const OPS: [(Op, u32); 13] = [
+const OPS: [(Op, u32); 15] = [
     (Op::UploadSmall, 3),
     (Op::UploadLarge, 2),
     (Op::UploadManyLeaves, 2),
@@ -108,6 +115,8 @@ const OPS: [(Op, u32); 13] = [
     (Op::ApiKill, 2),
     (Op::ApiTerm, 1),
     (Op::ApiRm, 2),
+    (Op::Protect, 1),
+    (Op::Scrub, 1),
 ];
 
 /// A `codexfs node` (network and API) on a data dir, killed when dropped.
@@ -246,6 +255,8 @@ struct Harness {
     /// How long each op takes when left alone (calibrated), to spread kills over it.
     took: HashMap<Op, Duration>,
     seeder: Option<Seeder>,
+    /// Protected dataset made of each dataset protected so far.
+    protections: HashMap<String, String>,
     crash: Crash,
     counter: usize,
     kills: u64,
@@ -283,6 +294,7 @@ impl Harness {
             large,
             took: HashMap::new(),
             seeder: None,
+            protections: HashMap::new(),
             crash,
             counter: 0,
             kills: 0,
@@ -428,7 +440,43 @@ impl Harness {
                 if let Some(out) = self.run_killable(cmd, delay) {
                     assert!(out.status.success(), "{op:?}: {}", text(&out));
                     let cid = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                    self.stored(cid, path, false, short_lived);
+                    self.stored(cid.clone(), path, false, short_lived);
+                    if op == Op::UploadEc {
+                        self.protected(&cid);
+                    }
+                }
+            }
+            Op::Protect => {
+                let candidates: Vec<(String, Entry)> = self
+                    .ledger
+                    .stored
+                    .iter()
+                    .filter(|(_, e)| !e.dir && !e.ec)
+                    .map(|(c, e)| (c.clone(), e.clone()))
+                    .collect();
+                if candidates.is_empty() {
+                    return self.step(Op::UploadSmall, calibrate);
+                }
+                let (cid, entry) = candidates[self.rng.random_range(0..candidates.len())].clone();
+                // Killed or not, it may make a protected dataset made (and deleted) before.
+                if let Some(before) = self.protections.get(&cid) {
+                    self.ledger.deleted.remove(before);
+                }
+                let mut cmd = Command::new(bin());
+                cmd.args(["protect", &cid, "--ec", "2,1"]);
+                if let Some(out) = self.run_killable(cmd, delay) {
+                    assert!(out.status.success(), "{op:?} {cid}: {}", text(&out));
+                    let protected = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                    self.stored(protected.clone(), entry.source, false, false);
+                    self.protected(&protected);
+                    self.protections.insert(cid, protected);
+                }
+            }
+            Op::Scrub => {
+                let mut cmd = Command::new(bin());
+                cmd.args(["check", "--deep"]);
+                if let Some(out) = self.run_killable(cmd, delay) {
+                    assert!(out.status.success(), "{op:?}: {}", text(&out));
                 }
             }
             Op::UploadShared => {
@@ -482,6 +530,9 @@ impl Harness {
                 let i = self.rng.random_range(0..seeder.datasets.len());
                 let (cid, source) = seeder.datasets[i].clone();
                 let addr = seeder.addr.clone();
+                // Killed or not, it may adopt the dataset again: a deletion of it from
+                // before is undone.
+                self.ledger.deleted.remove(&cid);
                 // A fetch that is not adopted leaves orphaned leaves, which a sweep
                 // takes once their hour is up.
                 let mut cmd = Command::new(bin());
@@ -614,8 +665,15 @@ impl Harness {
                 source,
                 dir,
                 short_lived,
+                ec: false,
             },
         );
+    }
+
+    fn protected(&mut self, cid: &str) {
+        if let Some(e) = self.ledger.stored.get_mut(cid) {
+            e.ec = true;
+        }
     }
 
     /// The crash itself (the op's processes are dead by now), then the check.
@@ -964,6 +1022,72 @@ fn kill_9_during_the_conversion_of_an_old_data_dir_leaves_it_convertible() {
         "only {kills} conversions were killed part way"
     );
     println!("{kills} kills during conversions");
+}
+
+/// fsyncs every file and directory under `dir` (what tar wrote onto the power-cut file
+/// system is not durable until then).
+fn sync_tree(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            sync_tree(&path);
+        } else {
+            std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        }
+    }
+    std::fs::File::open(dir).unwrap().sync_all().unwrap();
+}
+
+/// Power cuts (kill -9, then everything not fsynced dropped) during the conversion of a
+/// data dir written before flat files: whatever a cut leaves, the next open converts what
+/// is left, and every dataset reads back.
+#[test]
+fn power_cuts_during_the_conversion_of_an_old_data_dir_lose_nothing() {
+    let mut rng = seed_rng();
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut fs = powercut::PowerCut::mount(&mnt).unwrap();
+    let unpack = |name: &str| {
+        let dir = mnt.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let (data, cids) = old_data_dir::old_data_dir(&dir);
+        sync_tree(&mnt);
+        (data, cids)
+    };
+    // How long a whole conversion takes on this file system.
+    let (data, _) = unpack("calibrate");
+    let t = Instant::now();
+    check(&data);
+    let full = t.elapsed();
+    let iterations: usize = std::env::var("CRASH_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(6, |n: usize| n.div_ceil(6));
+    let mut cuts = 0;
+    for i in 0..iterations {
+        let (data, cids) = unpack(&format!("old-{i}"));
+        // Cut once, maybe twice, part way.
+        for _ in 0..2 {
+            let mut cmd = cli();
+            cmd.args(["ls", "--data-dir"]).arg(&data);
+            let (killed, _) = run_and_maybe_kill(cmd, full, &mut rng);
+            fs.cut().unwrap();
+            cuts += killed as usize;
+        }
+        let text = check(&data);
+        assert!(text.contains("datasets 7 "), "{text}");
+        assert!(!data.join("packs").exists());
+        old_data_dir::assert_all_read_back(&data, &cids, tmp.path());
+        // Converted, through one more cut.
+        fs.cut().unwrap();
+        assert!(check(&data).contains("datasets 7 "));
+    }
+    assert!(
+        cuts >= iterations / 4,
+        "only {cuts} conversions were cut part way"
+    );
+    println!("{cuts} power cuts during conversions: {:?}", fs.stats());
 }
 
 /// kill -9 at random points of the operations on flat files other than uploads and `rm`

@@ -459,12 +459,30 @@ fn a_failed_fsync_stops_the_stores_writes_until_it_is_reopened() {
         assert!(second.to_string().contains("earlier fsync"), "{second}");
         assert!(node.delete(&block_cid(b"x")).is_ok());
     }
+    let cid = {
+        let node = node(dir.path(), BIG, DAY);
+        assert_consistent(&node);
+        assert_eq!(node.repo().space().total_blocks, 0);
+        let cid = node.store(&b[..], None, None).unwrap();
+        assert_eq!(read_all(&node, &cid), b);
+        assert_consistent(&node);
+        // The sync of a synced RocksDB write (the deletion's first batch) is one like any
+        // other: failed, the store stops just the same.
+        node.repo().debug_fail_fsync_after(0);
+        let failed = node.delete(&cid).unwrap_err();
+        assert!(failed.to_string().contains("os error 5"), "{failed}");
+        assert!(node.repo().is_stopped());
+        let later = node.store(&a[..], None, None).unwrap_err();
+        assert!(later.to_string().contains("earlier fsync"), "{later}");
+        assert_eq!(read_all(&node, &cid), b, "reads go on");
+        cid
+    };
     let node = node(dir.path(), BIG, DAY);
     assert_consistent(&node);
-    assert_eq!(node.repo().space().total_blocks, 0);
-    let cid = node.store(&b[..], None, None).unwrap();
     assert_eq!(read_all(&node, &cid), b);
+    assert!(node.delete(&cid).unwrap());
     assert_consistent(&node);
+    assert_eq!(node.repo().space().total_blocks, 0);
 }
 
 /// However large an upload's batch, its block bytes never go into a RocksDB write batch

@@ -255,12 +255,17 @@ impl Files {
         ))
     }
 
-    /// Bytes the tree files take on disk (holes excluded).
+    /// Bytes the tree files take on disk (holes excluded; a file under two names — the
+    /// data file of a dataset and of its protected version — counted once).
     pub fn bytes_on_disk(&self) -> Result<u64> {
         use std::os::unix::fs::MetadataExt;
         let mut total = 0;
+        let mut seen = std::collections::HashSet::new();
         for entry in std::fs::read_dir(self.trees_dir())? {
-            total += entry?.metadata()?.blocks() * 512;
+            let md = entry?.metadata()?;
+            if md.nlink() < 2 || seen.insert(md.ino()) {
+                total += md.blocks() * 512;
+            }
         }
         Ok(total)
     }
