@@ -20,7 +20,7 @@ use crate::cids::{block_cid, cid_string, digest_of, Digest};
 use crate::error::{Error, Result};
 use crate::manifest::{ErasureInfo, Manifest};
 use crate::merkle::MerkleTree;
-use crate::repo::{RepoStore, Upload};
+use crate::repo::{Origin, RepoStore, Upload};
 
 /// Block bytes one worker holds at a time (data and parity of its run of columns).
 const PASS_BYTES: u64 = 8 << 20;
@@ -28,6 +28,11 @@ const PASS_BYTES: u64 = 8 << 20;
 /// Protects stored dataset `cid`; returns the protected manifest's CID. The original
 /// dataset stays stored.
 pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
+    protect_as(repo, cid, ec, Origin::Explicit)
+}
+
+/// [`protect`] on behalf of `origin` (the mount's protected versions are its own).
+pub fn protect_as(repo: &RepoStore, cid: &Cid, ec: EcParams, origin: Origin) -> Result<Cid> {
     let ec = EcParams::new(ec.k, ec.m)?;
     let manifest = match repo.manifest(cid)? {
         Some(m) if repo.has_dataset(cid)? => m,
@@ -46,7 +51,7 @@ pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
     }
     check_block_size(manifest.block_size)?;
     let layout = Layout::new(manifest.block_count(), ec.k as u64, ec.m as u64);
-    let upload = repo.begin_upload()?;
+    let upload = repo.begin_upload_as(origin)?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
     let digests = encode_all(repo, &manifest, &layout, &upload)?;
     let tree = MerkleTree::new(digests)?;

@@ -16,7 +16,7 @@ use crate::chunker::{BufferPool, DEFAULT_BLOCK_SIZE};
 use crate::erasure::{EcParams, RepairReport};
 use crate::error::{Error, Result};
 use crate::manifest::MAX_BLOCK_SIZE;
-use crate::repo::{RepoConfig, RepoStore, DEFAULT_SWEEP_INTERVAL};
+use crate::repo::{Origin, RepoConfig, RepoStore, DEFAULT_SWEEP_INTERVAL};
 pub use reader::DatasetReader;
 pub use source::{BlockSource, Dataset};
 pub use upload::compute_cid;
@@ -122,44 +122,73 @@ impl Node {
             reader,
             filename,
             mimetype,
+            Origin::Explicit,
         );
-        self.finish_store(stored, ec)
+        self.finish_store(stored, ec, Origin::Explicit)
     }
 
-    /// Stores buffers handed over whole as one dataset (the mount's sequential writes),
-    /// erasure-coded with `ec` when given (as [`Self::store_ec`]). Buffers stored as they
-    /// are go back to `pool` once written.
-    pub fn store_buffers_ec(
+    /// The mount's [`Self::store_ec`]: a version of a file, which the mount deletes again
+    /// once nothing refers to it (see [`Origin`]), erasure-coded with `publish_ec`.
+    pub fn publish(&self, reader: impl Read + Send, filename: Option<String>) -> Result<Cid> {
+        let stored = upload::store(
+            &self.repo,
+            self.config.block_size,
+            reader,
+            filename,
+            None,
+            Origin::Mount,
+        );
+        self.finish_store(stored, self.config.publish_ec, Origin::Mount)
+    }
+
+    /// The mount's sequential writes: buffers handed over whole stored as one dataset, not
+    /// yet erasure-coded (see [`Self::protect_published`]); `Err` buffers fail it and store
+    /// nothing. Buffers stored as they are go back to `pool` once written. Returns the CID
+    /// and whether the dataset is new.
+    pub fn publish_buffers(
         &self,
-        buffers: impl Iterator<Item = Vec<u8>>,
+        buffers: impl Iterator<Item = std::io::Result<Vec<u8>>>,
         pool: BufferPool,
         filename: Option<String>,
-        mimetype: Option<String>,
-        ec: Option<EcParams>,
-    ) -> Result<Cid> {
+    ) -> Result<(Cid, bool)> {
         let stored = upload::store_buffers(
             &self.repo,
             self.config.block_size,
             buffers,
             pool,
             filename,
-            mimetype,
-        );
-        self.finish_store(stored, ec)
+            Origin::Mount,
+        )?;
+        crate::metrics::metrics().uploads.inc();
+        Ok(stored)
     }
 
-    /// Counts a stored upload and protects it when `ec` asks.
-    fn finish_store(&self, stored: Result<(Cid, bool)>, ec: Option<EcParams>) -> Result<Cid> {
-        let (cid, new) = stored?;
-        crate::metrics::metrics().uploads.inc();
-        match ec {
-            Some(ec) => self.protect_stored(cid, new, ec),
+    /// Erasure-codes a version [`Self::publish_buffers`] stored, if the mount is to
+    /// (`publish_ec`); returns the CID to publish.
+    pub fn protect_published(&self, cid: Cid, new: bool) -> Result<Cid> {
+        match self.config.publish_ec {
+            Some(ec) => self.protect_stored(cid, new, ec, Origin::Mount),
             None => Ok(cid),
         }
     }
 
-    fn protect_stored(&self, cid: Cid, new: bool, ec: EcParams) -> Result<Cid> {
-        let protected = self.protect(&cid, ec);
+    /// Counts a stored upload and protects it when `ec` asks.
+    fn finish_store(
+        &self,
+        stored: Result<(Cid, bool)>,
+        ec: Option<EcParams>,
+        origin: Origin,
+    ) -> Result<Cid> {
+        let (cid, new) = stored?;
+        crate::metrics::metrics().uploads.inc();
+        match ec {
+            Some(ec) => self.protect_stored(cid, new, ec, origin),
+            None => Ok(cid),
+        }
+    }
+
+    fn protect_stored(&self, cid: Cid, new: bool, ec: EcParams, origin: Origin) -> Result<Cid> {
+        let protected = crate::erasure::protect::protect_as(&self.repo, &cid, ec, origin);
         if new {
             // The protected dataset holds its own references to the blocks.
             self.delete(&cid)?;

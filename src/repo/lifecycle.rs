@@ -13,6 +13,18 @@ impl RepoStore {
             return self.delete_directory(cid, true);
         }
         let _guard = lock(&self.datasets_lock);
+        if self.holds(cid)? > 0 && self.has_dataset(cid)? {
+            return Err(Error::InUse(format!(
+                "dataset {} is named by a stored directory; delete the directory",
+                crate::cids::cid_string(cid)
+            )));
+        }
+        self.delete_dataset_locked(cid)
+    }
+
+    /// [`Self::delete_dataset`] of a dataset no stored directory names, for a caller that
+    /// holds the datasets lock.
+    pub(super) fn delete_dataset_locked(&self, cid: &Cid) -> Result<bool> {
         let key = cid.to_bytes();
         if self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)?.is_none() {
             return Ok(false);
@@ -32,6 +44,7 @@ impl RepoStore {
             let mut t = Txn::new(self);
             t.unref(&key)?;
             t.batch.delete_cf(self.cf(CF_DATASETS), &key);
+            t.batch.delete_cf(self.cf(CF_MOUNT), names::owned_key(&key));
             let mut released = false;
             if let Some(b) = self.db.get_pinned_cf(self.cf(CF_TREES), &tree_key)? {
                 let mut tree = TreeRecord::decode(&b)?;

@@ -36,6 +36,7 @@ use crate::manifest::Manifest;
 use crate::merkle::MerkleTree;
 pub use checks::ConsistencyReport;
 pub use lock::DataDirLock;
+pub use names::Origin;
 use schema::*;
 use txn::Txn;
 pub use uploads::Upload;
