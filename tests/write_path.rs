@@ -35,11 +35,7 @@ impl Fixture {
             publish_ec: ec,
             ..NodeConfig::default()
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let mut fs_config = FsConfig::new(dir.path().join("spool"));
         fs_config.prefetch.timeout = Duration::from_secs(10);
         fs_config.publish_delay = publish_delay;
@@ -60,7 +56,7 @@ impl Fixture {
     }
 
     fn open(&mut self) {
-        let node = Node::open(self.dir.path(), self.config.clone()).unwrap();
+        let node = open_node(self.dir.path(), self.config.clone());
         let core = FsCore::new(
             node.clone(),
             Arc::new(node.clone()),
@@ -75,6 +71,9 @@ impl Fixture {
     fn crash_and_reopen(&mut self) {
         drop(self.core.take());
         drop(self.node.take());
+        // Read-ahead still running holds the repo: wait for it with its runtime.
+        let runtime = std::mem::replace(&mut self.runtime, runtime());
+        runtime.shutdown_timeout(Duration::from_secs(30));
         self.open();
     }
 
@@ -107,6 +106,30 @@ impl Fixture {
         let report = self.node().repo().check_consistency().unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
     }
+}
+
+/// Opens the data dir again after a simulated crash. A child another test of this
+/// binary forks at that moment holds a copy of the lock's descriptor until it execs: wait
+/// for the lock, not for the data.
+fn open_node(dir: &std::path::Path, config: NodeConfig) -> Node {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match Node::open(dir, config.clone()) {
+            Ok(node) => return node,
+            Err(codexfs::Error::DataDirLocked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("opening the data dir again: {e}"),
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn os(s: &str) -> &OsStr {

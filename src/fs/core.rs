@@ -341,7 +341,11 @@ impl FsCore {
         if let Some((_, status)) = self.open_writer(ino) {
             return Ok(self.file_attr(ino, status.size(), 0o644, SystemTime::now()));
         }
-        let name = name.ok_or(libc::ENOENT)?;
+        let Some(name) = name else {
+            // Unlinked while open: what its writer holds.
+            let (_, w) = self.write_handles(ino, None).pop().ok_or(libc::ENOENT)?;
+            return Ok(self.file_attr(ino, w.status.size(), 0o644, SystemTime::now()));
+        };
         let record = self.record(name)?.ok_or(libc::ENOENT)?;
         let dataset = self.resolve(&record.cid)?;
         Ok(self.file_attr(ino, dataset.size(), 0o644, from_unix(record.mtime)))
@@ -824,7 +828,9 @@ impl FsCore {
         }
         let r = lock(&w.writer).write(offset, data);
         // A stream that turned into a spool leaves a copy to delete.
-        self.versions.reap();
+        if self.versions.pending() {
+            self.versions.reap();
+        }
         r.map(|()| data.len() as u32)
     }
 
@@ -889,8 +895,12 @@ impl FsCore {
                 self.tree_writer_closed(ino);
                 self.tree_forget(ino);
             }
-            if self.write_handles(ino, None).is_empty() {
-                lock(&self.publish_locks).remove(&ino);
+            let mut locks = lock(&self.publish_locks);
+            // (Only if no publish holds it: one without a handle, a truncate, may.)
+            if locks.get(&ino).is_some_and(|l| Arc::strong_count(l) == 1)
+                && self.write_handles(ino, None).is_empty()
+            {
+                locks.remove(&ino);
             }
         }
         // The writer goes (its base no longer held) outside every lock.
@@ -1052,9 +1062,17 @@ impl FsCore {
         };
         let via_handle =
             fh.and_then(|fh| lock(&self.handles).get(&fh).and_then(Self::write_handle));
+        // Without a handle (truncate(2), and open(O_TRUNC): the kernel truncates after the
+        // open, without its handle): the writer holding changes, else the newest one, takes
+        // it, to publish with the rest on close.
         let writer = via_handle
             .map(|w| w.writer)
-            .or_else(|| self.open_writer(ino).map(|(w, _)| w));
+            .or_else(|| self.open_writer(ino).map(|(w, _)| w))
+            .or_else(|| {
+                let mut writers = self.write_handles(ino, None);
+                writers.sort_by_key(|(fh, _)| *fh);
+                writers.pop().map(|(_, w)| w.writer)
+            });
         match writer {
             Some(w) => lock(&w).truncate(size)?,
             None => {
@@ -1141,14 +1159,8 @@ impl FsCore {
             self.versions.reap();
             return r;
         }
-        if self.tree_lookup_top_exists(to.to_str().ok_or(libc::EINVAL)?)? {
-            return Err(libc::EISDIR);
-        }
         let from = from.to_str().ok_or(libc::ENOENT)?;
         let to = file_name(to)?;
-        if looks_like_cid(to) {
-            return Err(libc::EROFS);
-        }
         let r = self.rename_file(from, to, noreplace);
         self.versions.reap();
         r
@@ -1158,6 +1170,17 @@ impl FsCore {
     /// synced batch; one not published yet moves in memory, and the record of a file it
     /// replaces stays (what a crash leaves) until its own first version replaces it.
     fn rename_file(&self, from: &str, to: &str, noreplace: bool) -> Result<(), Errno> {
+        // The errors the kernel would see first (no names lock held: a tree's lock comes
+        // before it).
+        let exists = self.record(from)?.is_some() || lock(&self.inodes).find_name(from).is_some();
+        if exists && from != to {
+            if looks_like_cid(to) {
+                return Err(libc::EROFS);
+            }
+            if self.tree_lookup_top_exists(to)? {
+                return Err(libc::EISDIR);
+            }
+        }
         let _gate = self.versions.gate();
         let _g = lock(&self.names_lock);
         let repo = self.node.repo();
@@ -1299,6 +1322,17 @@ impl FsCore {
         }
         self.publish_all();
         self.versions.reap();
+    }
+
+    /// After the FUSE session ended (unmount): no open file or inode the kernel held
+    /// refers to a version any more, so what only they did (a file unlinked while open, a
+    /// tree node the kernel had not forgotten) goes now, as it would at the next start.
+    pub fn unmounted(&self) {
+        match self.versions.exclusive(|| self.node.repo().recover_mount()) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(versions = n, "deleted versions only the mount used"),
+            Err(e) => tracing::warn!("deleting versions only the mount used failed: {e}"),
+        }
     }
 
     /// Deletes the versions nothing refers to any more, if no publish is under way (the

@@ -30,7 +30,14 @@ pub struct Mounted {
 /// Makes sure `mountpoint` is a directory we can mount on: creates it if missing and
 /// detaches a mount left behind by a crashed process (stat fails with ENOTCONN).
 pub fn prepare_mountpoint(mountpoint: &Path) -> Result<()> {
-    match std::fs::metadata(mountpoint) {
+    // Right after the crash the kernel may still answer stat from its cache; statfs always
+    // asks the (dead) daemon.
+    let dead = is_mountpoint(mountpoint) && statfs_errno(mountpoint) == Some(libc::ENOTCONN);
+    let stat = match dead {
+        true => Err(std::io::Error::from_raw_os_error(libc::ENOTCONN)),
+        false => std::fs::metadata(mountpoint),
+    };
+    match stat {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(Error::InvalidArgument(format!(
             "{} is not a directory",
@@ -53,6 +60,18 @@ pub fn prepare_mountpoint(mountpoint: &Path) -> Result<()> {
             Ok(())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The errno statfs(2) of `path` fails with, if it does.
+fn statfs_errno(path: &Path) -> Option<i32> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: a valid C string and a zeroed struct for the kernel to fill.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    match unsafe { libc::statfs(c.as_ptr(), &mut buf) } {
+        0 => None,
+        _ => std::io::Error::last_os_error().raw_os_error(),
     }
 }
 
@@ -146,6 +165,12 @@ impl Mounted {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        let r = self.end_session(session);
+        self.core.unmounted();
+        r
+    }
+
+    fn end_session(&self, session: fuser::BackgroundSession) -> Result<()> {
         if session.guard.is_finished() {
             // Unmounted from outside: nothing left to unmount.
             if let Err(e) = session.join() {
@@ -185,6 +210,7 @@ impl Drop for Mounted {
         if let Some(session) = self.session.take() {
             self.core.flush_all();
             drop(session); // unmounts
+            self.core.unmounted();
         }
     }
 }

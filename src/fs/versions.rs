@@ -121,6 +121,14 @@ impl Versions {
         }
     }
 
+    /// Runs `f` with no publish under way and none starting (unmount: what the mount
+    /// holds in memory no longer counts).
+    pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _closed = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        lock(&self.candidates).clear();
+        f()
+    }
+
     /// Whether candidates wait (for tests and unmount).
     pub fn pending(&self) -> bool {
         !lock(&self.candidates).is_empty()

@@ -561,10 +561,11 @@ impl FsCore {
         p: Published,
     ) -> Result<(Cid, u64), Errno> {
         let mut t = lock(&self.tree);
+        // (A node removed from its tree while open keeps its version, as an unlinked file
+        // its content, until the kernel forgets it.)
         let name = match t.nodes.get(&ino) {
-            Some(n) if n.parent != DETACHED => n.name.clone(),
-            _ => {
-                // Removed while open: what it wrote goes with it.
+            Some(n) => n.name.clone(),
+            None => {
                 writer.relabelled(p.cid, &p.filename);
                 self.versions.candidate(p.cid);
                 return Ok((p.cid, p.size));
@@ -682,11 +683,16 @@ impl FsCore {
             t.child(parent, from)
         };
         let Some(src) = src else {
-            return Err(if parent == ROOT_INO {
-                libc::EXDEV
-            } else {
-                libc::ENOENT
-            });
+            // A file of the root cannot move into a tree (EXDEV: `mv` copies).
+            let root_file = parent == ROOT_INO
+                && (self
+                    .node
+                    .repo()
+                    .name(from)
+                    .map_err(|e| e.errno())?
+                    .is_some()
+                    || lock(&self.inodes).find_name(from).is_some());
+            return Err(if root_file { libc::EXDEV } else { libc::ENOENT });
         };
         let src_dir = t.is_dir(src);
         if new_parent == ROOT_INO {
@@ -986,8 +992,12 @@ impl FsCore {
         let r = {
             let _gate = self.versions.gate();
             let mut t = lock(&self.tree);
-            let top = t.top_of(ino).ok_or(libc::ENOENT)?;
-            self.publish_top(&mut t, top).map(|_| ())
+            t.node(ino)?;
+            match t.top_of(ino) {
+                Some(top) => self.publish_top(&mut t, top).map(|_| ()),
+                // Removed from its tree: no name to make durable.
+                None => Ok(()),
+            }
         };
         self.versions.reap();
         r
