@@ -1328,7 +1328,10 @@ impl FsCore {
     /// refers to a version any more, so what only they did (a file unlinked while open, a
     /// tree node the kernel had not forgotten) goes now, as it would at the next start.
     pub fn unmounted(&self) {
-        match self.versions.exclusive(|| self.node.repo().recover_mount()) {
+        match self
+            .versions
+            .close_with(|| self.node.repo().recover_mount())
+        {
             Ok(0) => {}
             Ok(n) => tracing::debug!(versions = n, "deleted versions only the mount used"),
             Err(e) => tracing::warn!("deleting versions only the mount used failed: {e}"),

@@ -28,6 +28,8 @@ pub struct Versions {
     live: Mutex<HashMap<Cid, u64>>,
     /// Versions that may have nothing referring to them any more.
     candidates: Mutex<Vec<Cid>>,
+    /// The mount is gone: nothing is deleted any more.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -41,6 +43,7 @@ impl Versions {
             gate: RwLock::new(()),
             live: Mutex::new(HashMap::new()),
             candidates: Mutex::new(Vec::new()),
+            closed: Default::default(),
         }
     }
 
@@ -96,6 +99,9 @@ impl Versions {
     /// directories named that nothing else does). Does nothing while the gate is held
     /// (a publish is under way): the candidates wait for the next call.
     pub fn reap(&self) {
+        if self.is_closed() {
+            return;
+        }
         let Ok(_closed) = self.gate.try_write() else {
             return;
         };
@@ -121,12 +127,19 @@ impl Versions {
         }
     }
 
-    /// Runs `f` with no publish under way and none starting (unmount: what the mount
-    /// holds in memory no longer counts).
-    pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
+    /// Runs `f` with no publish under way and none starting, and deletes nothing after it
+    /// (unmount: what the mount holds in memory no longer counts, and a request still
+    /// being answered must not touch the repo as the process ends).
+    pub fn close_with<T>(&self, f: impl FnOnce() -> T) -> T {
         let _closed = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         lock(&self.candidates).clear();
         f()
+    }
+
+    /// Whether the mount is gone (see [`Self::close_with`]).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether candidates wait (for tests and unmount).

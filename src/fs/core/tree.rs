@@ -942,6 +942,10 @@ impl FsCore {
     /// A file open for writing does not hold its tree back: it is in it as it was last
     /// published.
     pub fn publish_due(&self) {
+        // Unmounted: the process is ending, and the repo with it.
+        if self.versions.is_closed() {
+            return;
+        }
         self.publish_due_trees();
         self.versions.reap();
     }
