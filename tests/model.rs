@@ -50,6 +50,8 @@ struct MFile {
     content: Vec<u8>,
     /// The last version published (a tree's file is durable once its tree is).
     published: Option<Vec<u8>>,
+    /// Which publish that was (to compute its CID once per name).
+    generation: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +73,7 @@ struct Model {
     durable_tops: BTreeMap<String, BTreeMap<String, Snap>>,
     /// CIDs uploaded explicitly: never deleted by the mount.
     explicit: BTreeSet<String>,
+    generations: u64,
 }
 
 fn split(path: &str) -> Vec<&str> {
@@ -149,8 +152,15 @@ impl Model {
         self.files.push(MFile {
             content: Vec::new(),
             published: None,
+            generation: 0,
         });
         self.files.len() - 1
+    }
+
+    fn set_published(&mut self, f: usize, content: Vec<u8>) {
+        self.generations += 1;
+        self.files[f].published = Some(content);
+        self.files[f].generation = self.generations;
     }
 
     /// Every file path and dir path, in order.
@@ -214,7 +224,7 @@ impl Model {
         handle.dirty = false;
         let f = handle.file;
         let content = self.files[f].content.clone();
-        self.files[f].published = Some(content.clone());
+        self.set_published(f, content.clone());
         if let Some(path) = self.path_of(f) {
             if !path.contains('/') {
                 self.durable_root.insert(path, content);
@@ -230,7 +240,7 @@ impl Model {
         for (name, content) in self.durable_root.clone() {
             let f = self.new_file();
             self.files[f].content = content.clone();
-            self.files[f].published = Some(content);
+            self.set_published(f, content);
             self.root.insert(name, MEntry::File(f));
         }
         fn restore(m: &mut Model, snap: &BTreeMap<String, Snap>) -> BTreeMap<String, MEntry> {
@@ -240,7 +250,7 @@ impl Model {
                     Snap::File(content) => {
                         let f = m.new_file();
                         m.files[f].content = content.clone();
-                        m.files[f].published = Some(content.clone());
+                        m.set_published(f, content.clone());
                         MEntry::File(f)
                     }
                     Snap::Dir(c) => MEntry::Dir(restore(m, c)),
@@ -964,6 +974,8 @@ struct Run<'a> {
     trace: Vec<String>,
     crashes: usize,
     max_crashes: usize,
+    /// CIDs of published versions by (generation, filename).
+    cids: HashMap<(u64, String), String>,
 }
 
 macro_rules! check {
@@ -1277,7 +1289,7 @@ impl Run<'_> {
             None => {
                 // A new version now.
                 let content = self.m.files[f].content.clone();
-                self.m.files[f].published = Some(content.clone());
+                self.m.set_published(f, content.clone());
                 if !path.contains('/') {
                     self.m.durable_root.insert(path, content);
                 }
@@ -1623,6 +1635,14 @@ impl Run<'_> {
             "stat {path}: {got:?}, model size {}",
             want.len()
         );
+        // Its CID is its published version's, whoever closes what.
+        let want_cid = self.published_cid(f, name_of(path));
+        let got = self.fs.getxattr(path);
+        check!(
+            self,
+            got == Ok(want_cid.clone()),
+            "getxattr {path}: {got:?}, model {want_cid:?}"
+        );
         if self.m.writer_of(f).is_some() {
             return;
         }
@@ -1637,6 +1657,18 @@ impl Run<'_> {
             ),
             Err(e) => self.fail(format!("read {path}: errno {e}")),
         }
+    }
+
+    fn published_cid(&mut self, f: usize, name: &str) -> Option<String> {
+        let file = &self.m.files[f];
+        let content = file.published.as_ref()?;
+        let key = (file.generation, name.to_string());
+        if let Some(c) = self.cids.get(&key) {
+            return Some(c.clone());
+        }
+        let cid = cid_for(content, name);
+        self.cids.insert(key, cid.clone());
+        Some(cid)
     }
 
     /// Everything the model has reads back: listings, sizes, contents.
@@ -1805,6 +1837,7 @@ fn run_seeds(
             trace: Vec::new(),
             crashes: 0,
             max_crashes,
+            cids: HashMap::new(),
         };
         run.run(steps);
         eprintln!(

@@ -826,12 +826,10 @@ impl FsCore {
         if let Some(owner) = owner {
             w.status.wrote_as(owner);
         }
-        let r = lock(&w.writer).write(offset, data);
-        // A stream that turned into a spool leaves a copy to delete.
-        if self.versions.pending() {
-            self.versions.reap();
-        }
-        r.map(|()| data.len() as u32)
+        // (A stream that turned into a spool leaves a copy to delete: the close, or the
+        // publisher's next round, deletes it, not the write path.)
+        lock(&w.writer).write(offset, data)?;
+        Ok(data.len() as u32)
     }
 
     /// Publishes what the handle wrote (close(2) sees its errors).
