@@ -574,15 +574,10 @@ impl FsCore {
         let cid = self.relabel_version(writer, &p, &name)?;
         let n = t.node_mut(ino)?;
         let size = p.size;
-        // (A method of the core, not of `n`: holds move with the version.)
-        let old = match &n.kind {
-            TKind::File { version } => *version,
-            TKind::Dir { .. } => return Err(libc::EISDIR),
-        };
-        self.versions.replace(old.map(|(c, _)| c), Some(cid));
-        if let TKind::File { version } = &mut n.kind {
-            *version = Some((cid, size));
+        if !matches!(n.kind, TKind::File { .. }) {
+            return Err(libc::EISDIR);
         }
+        self.set_file_version(n, Some((cid, size)));
         if !n.mtime_set {
             n.mtime = now_times();
         }
