@@ -326,6 +326,13 @@ mod tests {
         let mut empty = BufferBatcher::new(std::iter::empty(), 4, 16);
         assert_eq!(empty.next_batch().unwrap().unwrap().data, vec![0; 4]);
         assert!(empty.next_batch().unwrap().is_none());
+        // A writer that gives up ends the input with an error, not with its last batch.
+        let gave_up = vec![
+            Ok(vec![1u8; 3]),
+            Err(io::Error::new(io::ErrorKind::Interrupted, "gone")),
+        ];
+        let mut b = BufferBatcher::new(gave_up.into_iter(), 4, 16);
+        assert!(b.next_batch().is_err());
     }
 
     #[test]

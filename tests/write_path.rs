@@ -550,3 +550,64 @@ fn an_explicit_upload_equal_to_a_file_outlives_the_file() {
     core.unlink(ROOT_INO, os("c")).unwrap();
     assert!(f.node().repo().has_dataset(&again).unwrap());
 }
+
+/// The repo's side: a version the mount made goes once no name and no stored directory
+/// refers to it (checked under the repo's lock); the user's own (an explicit store, even of
+/// a version the mount made first) never does; a restart cleans up what a crash left.
+#[test]
+fn the_repo_deletes_only_versions_the_mount_made_and_nothing_refers_to() {
+    use codexfs::repo::schema::NameRecord;
+    let f = Fixture::plain();
+    let repo = f.node().repo();
+    let record = |cid| NameRecord { cid, mtime: 1 };
+    let mine = f.node().publish(&b"mine"[..], Some("m".into())).unwrap();
+    let theirs = f
+        .node()
+        .store(&b"theirs"[..], Some("t".into()), None)
+        .unwrap();
+    assert!(repo.is_mount_owned(&mine).unwrap());
+    assert!(!repo.is_mount_owned(&theirs).unwrap());
+
+    // Named: kept. Its name moved elsewhere: deleted.
+    assert_eq!(repo.set_name("m", &record(mine)).unwrap(), None);
+    assert_eq!(repo.delete_mount_version(&mine).unwrap(), None);
+    assert!(repo.set_name("m2", &record(mine)).unwrap().is_none());
+    assert_eq!(repo.remove_name("m").unwrap(), Some(record(mine)));
+    assert_eq!(
+        repo.delete_mount_version(&mine).unwrap(),
+        None,
+        "m2 names it"
+    );
+    assert_eq!(repo.rename("m2", "m3", &record(theirs)).unwrap(), None);
+    assert_eq!(repo.delete_mount_version(&mine).unwrap(), Some(vec![]));
+    assert!(!repo.has_dataset(&mine).unwrap());
+    // A name never points at a version that is not stored.
+    assert!(matches!(
+        repo.set_name("x", &record(mine)),
+        Err(codexfs::Error::NotFound(_))
+    ));
+
+    // The user's is never the mount's to delete, named or not.
+    repo.remove_name("m3").unwrap();
+    assert_eq!(repo.delete_mount_version(&theirs).unwrap(), None);
+    assert!(repo.has_dataset(&theirs).unwrap());
+
+    // Stored by the mount, then by the user: the user's now.
+    let both = f.node().publish(&b"both"[..], Some("b".into())).unwrap();
+    assert!(repo.is_mount_owned(&both).unwrap());
+    assert_eq!(
+        f.node()
+            .store(&b"both"[..], Some("b".into()), None)
+            .unwrap(),
+        both
+    );
+    assert!(!repo.is_mount_owned(&both).unwrap());
+    assert_eq!(repo.delete_mount_version(&both).unwrap(), None);
+
+    // What a crash leaves (stored by the mount, never named) goes at the next start.
+    let left = f.node().publish(&b"left"[..], Some("l".into())).unwrap();
+    assert_eq!(repo.recover_mount().unwrap(), 1);
+    assert!(!repo.has_dataset(&left).unwrap());
+    assert!(repo.has_dataset(&both).unwrap() && repo.has_dataset(&theirs).unwrap());
+    f.consistent();
+}
