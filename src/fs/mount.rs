@@ -23,6 +23,7 @@ pub struct MountConfig {
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     core: Arc<FsCore>,
+    publisher: Option<std::thread::JoinHandle<()>>,
     mountpoint: PathBuf,
     device: Option<u64>,
 }
@@ -129,7 +130,7 @@ pub fn mount(core: Arc<FsCore>, config: &MountConfig) -> Result<Mounted> {
     fuse_config.n_threads = Some(config.threads.max(1));
     fuse_config.clone_fd = true;
     // Directory trees written into the mount publish themselves once quiet.
-    core.spawn_publisher();
+    let publisher = core.spawn_publisher();
     let session = fuser::spawn_mount(
         CodexFuse::new(core.clone()),
         &config.mountpoint,
@@ -142,6 +143,7 @@ pub fn mount(core: Arc<FsCore>, config: &MountConfig) -> Result<Mounted> {
     Ok(Mounted {
         session: Some(session),
         core,
+        publisher: Some(publisher),
         mountpoint: config.mountpoint.clone(),
         device,
     })
@@ -167,6 +169,10 @@ impl Mounted {
         };
         let r = self.end_session(session);
         self.core.unmounted();
+        // It stops at its next round now; the core is not to outlive this in it.
+        if let Some(p) = self.publisher.take() {
+            let _ = p.join();
+        }
         r
     }
 
@@ -201,6 +207,13 @@ impl Mounted {
             // The join is still under way; give it a moment after the abort.
             let _ = rx.recv_timeout(Duration::from_secs(5));
         }
+        // The session's threads end once the connection is aborted and let go of the core:
+        // wait for that (a while at most), so that the repo closes here and not in one of
+        // them as the process exits (RocksDB aborts when its statics go first).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.core) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Ok(())
     }
 }
@@ -211,6 +224,9 @@ impl Drop for Mounted {
             self.core.flush_all();
             drop(session); // unmounts
             self.core.unmounted();
+            if let Some(p) = self.publisher.take() {
+                let _ = p.join();
+            }
         }
     }
 }

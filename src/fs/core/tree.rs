@@ -1019,7 +1019,9 @@ impl FsCore {
         }
     }
 
-    /// Starts the thread that publishes quiet trees; it ends with the last `Arc`.
+    /// Starts the thread that publishes quiet trees (and deletes what lost its last
+    /// reference while a publish was under way); it ends with the last `Arc` or the
+    /// unmount.
     pub fn spawn_publisher(self: &Arc<Self>) -> std::thread::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         std::thread::Builder::new()
@@ -1027,6 +1029,9 @@ impl FsCore {
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_millis(50));
                 let Some(core) = weak.upgrade() else { return };
+                if core.versions.is_closed() {
+                    return;
+                }
                 core.publish_due();
             })
             .expect("spawn publisher thread")
