@@ -107,6 +107,30 @@ pub struct ApiArgs {
     /// Address the REST API listens on (port 0: any free port).
     #[arg(long, env = "CODEXFS_API_ADDR", default_value = "127.0.0.1:8080")]
     api_addr: std::net::SocketAddr,
+    /// A secret every API request must carry (`Authorization: Bearer TOKEN`); without it
+    /// the API trusts every client that reaches it (bind it to a non-loopback address only
+    /// with a token).
+    #[arg(long, env = "CODEXFS_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// A host name clients reach the API by (its `Host` header), besides localhost and
+    /// IP addresses (repeatable). Other names are refused, against DNS rebinding.
+    #[arg(long, env = "CODEXFS_API_ALLOW_HOST", value_delimiter = ',')]
+    api_allow_host: Vec<String>,
+}
+
+impl ApiArgs {
+    fn access(&self) -> codexfs::api::Access {
+        codexfs::api::Access {
+            allowed_hosts: self
+                .api_allow_host
+                .iter()
+                .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            bound: Some(self.api_addr),
+            token: self.api_token.clone().filter(|t| !t.is_empty()),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -115,6 +139,9 @@ pub struct ClientArgs {
     /// if any; otherwise the command works on the data dir itself).
     #[arg(long, env = "CODEXFS_API")]
     api: Option<String>,
+    /// The node's API token, if it has one (see `codexfs node --api-token`).
+    #[arg(long, env = "CODEXFS_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// Print results as JSON (for scripts).
     #[arg(long)]
     json: bool,
@@ -266,6 +293,15 @@ enum Command {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// Testing aid: one sweep of expired data now, as if `--after` had passed (datasets
+    /// and directories past their lifetime, orphaned fetched leaves, unreferenced blocks).
+    #[command(hide = true)]
+    DebugSweep {
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        after: Duration,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// Check the repo's invariants (counters, reference counts, datasets complete).
     Check {
         #[command(flatten)]
@@ -282,14 +318,20 @@ pub(crate) enum Target {
 
 fn target(client: &ClientArgs, repo: &RepoArgs, config: NodeConfig) -> Result<Target> {
     if let Some(url) = &client.api {
-        return Ok(Target::Api(ApiClient::new(url)?));
+        return Ok(Target::Api(ApiClient::new(
+            url,
+            client.api_token.as_deref(),
+        )?));
     }
     let dir = data_dir(repo)?;
     match Node::open(&dir, config) {
         Ok(node) => Ok(Target::Local(node)),
         Err(e @ Error::DataDirLocked { .. }) => {
             match std::fs::read_to_string(dir.join(crate::node_cmd::API_URL_FILE)) {
-                Ok(url) => Ok(Target::Api(ApiClient::new(url.trim())?)),
+                Ok(url) => Ok(Target::Api(ApiClient::new(
+                    url.trim(),
+                    client.api_token.as_deref(),
+                )?)),
                 Err(_) => Err(e.into()),
             }
         }
@@ -444,7 +486,10 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                         }
                         Ok(n)
                     })();
-                    if result.is_err() {
+                    // A failed download leaves no partial file behind; anything else
+                    // (`-o /dev/null`, a FIFO) is never removed.
+                    let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+                    if result.is_err() && regular {
                         let _ = std::fs::remove_file(path);
                     }
                     result.with_context(|| format!("writing {}", path.display()))?
@@ -600,6 +645,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     publish_delay: Duration::ZERO,
                     threads: 1,
                     api_addr: api.api_addr,
+                    api_access: api.access(),
                     set_log_level: set_log_level.clone(),
                 },
             )?;
@@ -626,6 +672,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     publish_delay,
                     threads,
                     api_addr: api.api_addr,
+                    api_access: api.access(),
                     set_log_level: set_log_level.clone(),
                 },
             )?;
@@ -656,6 +703,12 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     anyhow::bail!("the dataset has no stored block {i}");
                 }
             }
+        }
+        Command::DebugSweep { after, repo } => {
+            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
+            let now = codexfs::repo::unix_now().saturating_add(after.as_secs());
+            let r = node.repo().sweep_expired(now)?;
+            println!("swept {} datasets {} blocks", r.datasets, r.blocks);
         }
         Command::Check { repo } => {
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;

@@ -193,9 +193,26 @@ impl RepoStore {
     /// Deletes a stored directory that no other directory names: its record, the blocks
     /// nothing else uses, and its holds. With `recursive`, entries left unheld are deleted
     /// too (datasets and directories). `Ok(false)` if it was not stored here.
-    pub(super) fn delete_directory(&self, cid: &Cid, recursive: bool) -> Result<bool> {
+    /// With `expired_at`, only a directory still expired then is deleted (see
+    /// `delete_dataset_if`).
+    pub(super) fn delete_directory(
+        &self,
+        cid: &Cid,
+        recursive: bool,
+        expired_at: Option<u64>,
+    ) -> Result<bool> {
         let freed = {
             let _guard = lock(&self.datasets_lock);
+            if let Some(now) = expired_at {
+                let key = cid.to_bytes();
+                match self.db.get_pinned_cf(self.cf(CF_DIRS), &key)? {
+                    None => return Ok(false),
+                    Some(record) if super::lifecycle::still_alive(&record, now) => {
+                        return Ok(false)
+                    }
+                    Some(_) => {}
+                }
+            }
             match self.delete_directory_locked(cid)? {
                 Some(freed) => freed,
                 None => return Ok(false),
@@ -204,7 +221,7 @@ impl RepoStore {
         if recursive {
             for (kind, c) in freed {
                 let r = match kind {
-                    ItemKind::Dir => self.delete_directory(&c, true),
+                    ItemKind::Dir => self.delete_directory(&c, true, None),
                     ItemKind::File => self.delete_dataset(&c),
                 };
                 match r {
@@ -260,7 +277,8 @@ impl RepoStore {
         t.batch.delete_cf(self.cf(CF_DIRS), &key);
         t.batch
             .delete_cf(self.cf(CF_MOUNT), super::names::owned_key(&key));
-        t.commit(&mut counters, false)?;
+        // Synced: a deletion the caller was told of stays done after a power loss.
+        t.commit(&mut counters, true)?;
         Ok(Some(freed))
     }
 
@@ -271,11 +289,13 @@ impl RepoStore {
         loop {
             let mut round = 0;
             for (cid, record) in self.directories()? {
-                if record.expiry <= now
-                    && self.holds(&cid)? == 0
-                    && self.delete_directory(&cid, false)?
-                {
-                    round += 1;
+                if record.expiry <= now && self.holds(&cid)? == 0 {
+                    match self.delete_directory(&cid, false, Some(now)) {
+                        Ok(true) => round += 1,
+                        // Refreshed or named by a directory stored since the scan.
+                        Ok(false) | Err(Error::InUse(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
             deleted += round;

@@ -19,7 +19,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl DataDirLock {
     pub fn acquire(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        super::durability::create_dir_durably(dir)?;
         let path = dir.join("codexfs.lock");
         let mut file = OpenOptions::new()
             .read(true)
