@@ -261,6 +261,10 @@ enum Command {
         /// kernel a complete dataset's flat file; it needs CAP_SYS_ADMIN).
         #[arg(long, env = "CODEXFS_NO_PASSTHROUGH")]
         no_passthrough: bool,
+        /// How long a directory tree written into the mount stays quiet before it is
+        /// published (fsync, its CID read and unmount publish it at once).
+        #[arg(long, env = "CODEXFS_PUBLISH_DELAY", default_value = "500ms", value_parser = parse_duration)]
+        publish_delay: Duration,
         #[command(flatten)]
         api: ApiArgs,
         #[command(flatten)]
@@ -647,6 +651,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                 RunOptions {
                     mountpoint: None,
                     read_timeout: timeout,
+                    publish_delay: Duration::ZERO,
                     threads: 1,
                     passthrough: false,
                     api_addr: api.api_addr,
@@ -661,6 +666,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
             threads,
             ec,
             no_passthrough,
+            publish_delay,
             api,
             repo,
             net,
@@ -674,6 +680,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                 RunOptions {
                     mountpoint: Some(mountpoint),
                     read_timeout,
+                    publish_delay,
                     threads,
                     passthrough: !no_passthrough,
                     api_addr: api.api_addr,
@@ -898,12 +905,15 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("size too large: {s:?}"))
 }
 
-/// "30d", "10m", "90" (seconds) → duration.
+/// "30d", "10m", "90" (seconds), "500ms" → duration.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
+    if unit == "ms" {
+        return Ok(Duration::from_millis(n));
+    }
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,

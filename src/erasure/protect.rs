@@ -20,7 +20,7 @@ use crate::cids::{block_cid, cid_string, digest_of, Digest};
 use crate::error::{Error, Result};
 use crate::manifest::{ErasureInfo, Manifest};
 use crate::merkle::MerkleTree;
-use crate::repo::{RepoStore, Upload};
+use crate::repo::{Origin, RepoStore, Upload};
 
 /// Block bytes one worker holds at a time (data and parity of its run of columns).
 const PASS_BYTES: u64 = 8 << 20;
@@ -28,6 +28,11 @@ const PASS_BYTES: u64 = 8 << 20;
 /// Protects stored dataset `cid`; returns the protected manifest's CID. The original
 /// dataset stays stored.
 pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
+    protect_as(repo, cid, ec, Origin::Explicit)
+}
+
+/// [`protect`] on behalf of `origin` (the mount's protected versions are its own).
+pub fn protect_as(repo: &RepoStore, cid: &Cid, ec: EcParams, origin: Origin) -> Result<Cid> {
     let ec = EcParams::new(ec.k, ec.m)?;
     let manifest = match repo.manifest(cid)? {
         Some(m) if repo.has_dataset(cid)? => m,
@@ -54,7 +59,7 @@ pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
         })?;
         Ok(Some((block, bytes)))
     };
-    let upload = repo.begin_upload()?;
+    let upload = repo.begin_upload_as(origin)?;
     // The data blocks keep their places: the original's flat file is the protected
     // dataset's data file too (a hard link), so only parity is written — unless that file
     // is not complete here, when the data blocks are written too.
@@ -68,12 +73,14 @@ pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
 /// its CID. The staged upload's data file becomes the protected dataset's (a hard link:
 /// only parity is written). Returns the protected manifest's CID; `staged` is left to the
 /// caller to drop, which gives its holds back once the protected dataset has its own.
+/// The protected dataset is recorded on behalf of `origin`.
 pub fn protect_staged(
     repo: &RepoStore,
     staged: &Upload<'_>,
     tree: &MerkleTree,
     manifest: &Manifest,
     ec: EcParams,
+    origin: Origin,
 ) -> Result<Cid> {
     let ec = EcParams::new(ec.k, ec.m)?;
     let leaves = tree.leaves();
@@ -85,7 +92,7 @@ pub fn protect_staged(
         let block = crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, digest);
         Ok(Some((block, staged.read_data_block(index, bs)?)))
     };
-    let upload = repo.begin_upload()?;
+    let upload = repo.begin_upload_as(origin)?;
     upload.link_data_of(staged)?;
     protect_blocks(upload, manifest, ec, &block_of, true)
 }

@@ -20,7 +20,7 @@ impl RepoStore {
     /// [`Self::delete_dataset`] with the datasets lock held; with `expired_by`, only if the
     /// dataset's lifetime ended by then (checked under the lock: one refreshed meanwhile
     /// stays).
-    fn delete_dataset_locked(&self, cid: &Cid, expired_by: Option<u64>) -> Result<bool> {
+    pub(super) fn delete_dataset_locked(&self, cid: &Cid, expired_by: Option<u64>) -> Result<bool> {
         let key = cid.to_bytes();
         let Some(record) = self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)? else {
             return Ok(false);
@@ -44,6 +44,7 @@ impl RepoStore {
             let mut t = Txn::new(self);
             t.unref(&key)?;
             t.batch.delete_cf(self.cf(CF_DATASETS), &key);
+            t.batch.delete_cf(self.cf(CF_MOUNT), names::owned_key(&key));
             let mut released = false;
             if let Some(mut tree) = self.tree_raw(&tree_key)? {
                 tree.datasets = tree.datasets.saturating_sub(1);

@@ -119,6 +119,7 @@ pub use checks::ConsistencyReport;
 pub use convert::ConvertProgress;
 use files::Files;
 pub use lock::DataDirLock;
+pub use names::Origin;
 use schema::*;
 pub use scrub::ScrubReport;
 use txn::Txn;
@@ -431,9 +432,16 @@ impl RepoStore {
         {
             let (k, _) = item?;
             let cid = cid_from_bytes(&k, "dataset key")?;
-            let manifest = self
-                .manifest(&cid)?
-                .ok_or_else(|| Error::Corrupt(format!("dataset {cid} has no manifest block")))?;
+            let manifest = match self.manifest(&cid)? {
+                Some(m) => m,
+                // Deleted since the iterator started.
+                None if !self.has_dataset(&cid)? => continue,
+                None => {
+                    return Err(Error::Corrupt(format!(
+                        "dataset {cid} has no manifest block"
+                    )))
+                }
+            };
             out.push((cid, manifest));
         }
         Ok(out)

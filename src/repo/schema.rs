@@ -12,6 +12,7 @@
 //! | `names` | file name | manifest CID (the mount's names) |
 //! | `dirs` | directory root CID | [`DatasetRecord`]: stored-at, expiry |
 //! | `holds` | manifest or directory CID | u64 LE: entries of stored directories naming it |
+//! | `mount` | see [`super::names`] | versions the mount made, the names' reverse index |
 //! | `default` | `counters`, `format` | [`Counters`]; the store's format version |
 //!
 //! A block's reference count is the number of leaf records that name it plus the number
@@ -37,7 +38,8 @@ pub const CF_NAMES: &str = "names";
 pub const CF_DIRS: &str = "dirs";
 pub const CF_HOLDS: &str = "holds";
 pub const CF_BLOCK_LEAVES: &str = "block_leaves";
-pub const ALL_CFS: [&str; 10] = [
+pub const CF_MOUNT: &str = "mount";
+pub const ALL_CFS: [&str; 11] = [
     CF_BLOCKS,
     CF_BLOCK_META,
     CF_LEAVES,
@@ -48,6 +50,7 @@ pub const ALL_CFS: [&str; 10] = [
     CF_DIRS,
     CF_HOLDS,
     CF_BLOCK_LEAVES,
+    CF_MOUNT,
 ];
 pub const COUNTERS_KEY: &[u8] = b"counters";
 /// The store's format: absent in a data dir written before flat files (pack files).

@@ -298,16 +298,21 @@ impl RepoStore {
     /// present) a local dataset: its manifest block and dataset record, in one synced
     /// batch. Fails with `NotFound` if a leaf is missing.
     pub fn adopt_dataset(&self, manifest: &Manifest) -> Result<Cid> {
-        self.add_dataset(manifest, true)
+        self.add_dataset(manifest, true, Origin::Explicit)
     }
 
     /// Stores a manifest whose tree is stored (the same bytes under another filename,
     /// say): no block but the manifest is written. Returns its CID.
     pub fn store_manifest_for_stored_tree(&self, manifest: &Manifest) -> Result<Cid> {
-        self.add_dataset(manifest, false)
+        self.store_manifest_as(manifest, Origin::Explicit)
     }
 
-    fn add_dataset(&self, manifest: &Manifest, need_complete: bool) -> Result<Cid> {
+    /// [`Self::store_manifest_for_stored_tree`] on behalf of `origin` (see [`Origin`]).
+    pub fn store_manifest_as(&self, manifest: &Manifest, origin: Origin) -> Result<Cid> {
+        self.add_dataset(manifest, false, origin)
+    }
+
+    fn add_dataset(&self, manifest: &Manifest, need_complete: bool, origin: Origin) -> Result<Cid> {
         let shape = TreeShape::of(manifest)?;
         let encoded = manifest.encode();
         let mcid = crate::manifest::manifest_cid(&encoded);
@@ -350,16 +355,17 @@ impl RepoStore {
             )));
         }
         let mut t = Txn::new(self);
-        if self
+        let new = self
             .db
             .get_pinned_cf(self.cf(CF_DATASETS), &mkey)?
-            .is_none()
-        {
+            .is_none();
+        if new {
             t.add_ref(&mkey, &encoded, record.expiry)?;
             rec.datasets += 1;
             t.batch.put_cf(self.cf(CF_TREES), &key, rec.encode());
         }
         t.batch.put_cf(self.cf(CF_DATASETS), &mkey, record.encode());
+        self.mark_origin(&mut t.batch, &mkey, origin, new);
         t.commit(&mut counters, true)?;
         Ok(mcid)
     }

@@ -13,6 +13,11 @@ impl RepoStore {
     /// Starts an upload: blocks put through it are held by the upload until it commits,
     /// and released if it is dropped uncommitted or the process dies first.
     pub fn begin_upload(&self) -> Result<Upload<'_>> {
+        self.begin_upload_as(Origin::Explicit)
+    }
+
+    /// [`Self::begin_upload`] on behalf of `origin` (see [`Origin`]).
+    pub fn begin_upload_as(&self, origin: Origin) -> Result<Upload<'_>> {
         self.files.check_writable()?;
         let id = {
             let mut c = lock(&self.counters);
@@ -28,6 +33,7 @@ impl RepoStore {
         Ok(Upload {
             repo: self,
             id,
+            origin,
             finished: false,
             data_blocks: AtomicU64::new(u64::MAX),
             block_size: AtomicU64::new(0),
@@ -81,6 +87,7 @@ impl RepoStore {
 pub struct Upload<'a> {
     repo: &'a RepoStore,
     id: u64,
+    origin: Origin,
     finished: bool,
     /// Leaves before the parity (see [`TreeShape::data_blocks`]); all, unless told.
     data_blocks: AtomicU64,
@@ -364,6 +371,7 @@ impl Upload<'_> {
             }
             t.batch.put_cf(repo.cf(CF_TREES), &key, rec.encode());
             t.batch.put_cf(repo.cf(CF_DATASETS), &mkey, record.encode());
+            repo.mark_origin(&mut t.batch, &mkey, self.origin, new_dataset);
             t.batch.delete_cf(
                 repo.cf(CF_JOURNAL),
                 JournalKey::UploadTree { upload: self.id }.encode(),
