@@ -210,6 +210,8 @@ impl RepoStore {
                     Some(record) if super::lifecycle::still_alive(&record, now) => {
                         return Ok(false)
                     }
+                    // A top-level directory of the mount lives as long as its name.
+                    Some(_) if self.is_named(cid)? => return Ok(false),
                     Some(_) => {}
                 }
             }

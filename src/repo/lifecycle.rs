@@ -25,8 +25,13 @@ impl RepoStore {
         let Some(record) = self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)? else {
             return Ok(false);
         };
-        if expired_by.is_some_and(|now| still_alive(&record, now)) {
-            return Ok(false);
+        if let Some(now) = expired_by {
+            // A name in the mount keeps what it points at whatever its TTL: a file there
+            // is the user's until they delete it. Checked under the lock, as a name
+            // bound since the sweep's scan counts too.
+            if still_alive(&record, now) || self.is_named(cid)? {
+                return Ok(false);
+            }
         }
         drop(record);
         if self.holds(cid)? > 0 {
@@ -134,8 +139,9 @@ impl RepoStore {
     }
 
     /// Deletes datasets and directories whose lifetime has ended (unless a stored
-    /// directory still names them), trees no dataset uses whose lifetime has ended (fetched
-    /// for a reader, never made a dataset here), and unreferenced blocks past their expiry.
+    /// directory or a name in the mount still refers to them), trees no dataset uses whose
+    /// lifetime has ended (fetched for a reader, never made a dataset here), and
+    /// unreferenced blocks past their expiry.
     pub fn sweep_expired(&self, now: u64) -> Result<SweepReport> {
         let mut report = SweepReport::default();
         report.datasets += self.sweep_directories(now)?;
@@ -146,6 +152,7 @@ impl RepoStore {
         {
             let (k, v) = item?;
             if DatasetRecord::decode(&v)?.expiry <= now && self.hold_raw(&k)? == 0 {
+                // (Named ones are skipped again under the lock by the deletion.)
                 expired.push(cid_from_bytes(&k, "dataset key")?);
             }
         }
