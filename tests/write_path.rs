@@ -642,6 +642,9 @@ fn the_sweep_never_takes_what_the_mount_names() {
         b"a file in the mount"
     );
     let d = f.core().lookup(ROOT_INO, os("tree")).unwrap().ino;
-    assert_eq!(read_name(f.core(), d, "inner.txt").unwrap(), b"a file in a tree");
+    assert_eq!(
+        read_name(f.core(), d, "inner.txt").unwrap(),
+        b"a file in a tree"
+    );
     f.consistent();
 }

@@ -1,7 +1,10 @@
 //! A file being written through the mount.
 //!
-//! Sequential writes from offset 0 stream straight into the upload pipeline (memory stays
-//! bounded: a few queued buffers; whole-block writes become batches without a copy).
+//! Sequential writes from offset 0 are kept in memory up to [`SMALL_FILE`] bytes: a small
+//! file is hashed and stored by the close that publishes it, on its own thread (no upload
+//! thread, no hand-off per file). Past that they stream straight into the upload pipeline
+//! (memory stays bounded: a few queued buffers; whole-block writes become batches without
+//! a copy).
 //! Anything else — a write elsewhere, a truncate to a non-zero size, a read of what is
 //! being written — moves the file to a spool file in the data dir, which any tool can write
 //! at random; it is uploaded on publish.
@@ -28,6 +31,10 @@ use crate::node::Node;
 
 /// Write buffers queued between the FUSE writer and the upload pipeline.
 const STREAM_QUEUE: usize = 8;
+
+/// A file written in order from its start is kept in memory up to this size, and stored
+/// by its publish on the publishing thread; a larger one streams to an upload thread.
+pub const SMALL_FILE: usize = 1 << 20;
 
 enum Msg {
     Data(Vec<u8>),
@@ -106,6 +113,8 @@ impl Drop for Spool {
 enum State {
     /// Nothing written since open or the last publish; `base` is the content then.
     Clean,
+    /// Written in order from the start, all of it here (at most [`SMALL_FILE`] bytes).
+    Buffered(Vec<u8>),
     Streaming(Stream),
     Spooled(Spool),
     /// A write failed; the file will not be published.
@@ -174,6 +183,9 @@ pub struct FileWriter {
     base: Option<(Cid, u64)>,
     /// Whether publish must write a new version even with no write (create, truncate).
     dirty: bool,
+    /// Whether a version is committed synced (false: with its group, made durable by
+    /// [`Node::sync_deferred`] — a file of a directory tree, durable when its tree is).
+    sync: bool,
     state: State,
     status: Arc<WriterStatus>,
 }
@@ -207,11 +219,18 @@ impl FileWriter {
             spool_dir,
             base,
             dirty,
+            sync: true,
             state: State::Clean,
             status: Arc::new(WriterStatus::default()),
         };
         w.sync_status();
         w
+    }
+
+    /// Versions are committed with their group, not synced each (see [`Self::sync`]).
+    pub fn group_commit(mut self) -> Self {
+        self.sync = false;
+        self
     }
 
     /// The filename a stream started now would carry.
@@ -238,6 +257,7 @@ impl FileWriter {
     pub fn size(&self) -> u64 {
         match &self.state {
             State::Clean | State::Failed(_) => self.base.map(|(_, s)| s).unwrap_or(0),
+            State::Buffered(b) => b.len() as u64,
             State::Streaming(s) => s.written,
             State::Spooled(s) => s.size,
         }
@@ -254,7 +274,28 @@ impl FileWriter {
             return Err(e);
         }
         if matches!(self.state, State::Clean) && offset == 0 && self.size() == 0 {
-            self.start_stream();
+            self.state = State::Buffered(Vec::new());
+        }
+        if let State::Buffered(buf) = &mut self.state {
+            if offset == buf.len() as u64 {
+                if buf.len() + data.len() <= SMALL_FILE {
+                    buf.extend_from_slice(data);
+                    self.dirty = true;
+                    return Ok(());
+                }
+                // Too large to keep: what is here starts the stream.
+                let held = std::mem::take(buf);
+                self.start_stream();
+                if let State::Streaming(s) = &mut self.state {
+                    let sent =
+                        s.tx.as_ref()
+                            .is_some_and(|tx| tx.send(Msg::Data(held)).is_ok());
+                    if !sent {
+                        return Err(self.fail_stream());
+                    }
+                    s.written = s.written.max(offset);
+                }
+            }
         }
         if let State::Streaming(s) = &mut self.state {
             if offset == s.written {
@@ -338,9 +379,10 @@ impl FileWriter {
         // Enough for the queue and the batches being hashed and stored.
         let pool = BufferPool::with_capacity(STREAM_QUEUE + 8);
         let (node, name, upload_pool) = (self.node.clone(), self.name.clone(), pool.clone());
+        let sync = self.sync;
         let upload = std::thread::Builder::new()
             .name("fs-upload".into())
-            .spawn(move || node.publish_buffers(stream_input(rx), upload_pool, Some(name)))
+            .spawn(move || node.publish_buffers(stream_input(rx), upload_pool, Some(name), sync))
             .expect("spawn upload thread");
         self.state = State::Streaming(Stream {
             tx: Some(tx),
@@ -383,6 +425,22 @@ impl FileWriter {
 
     /// Moves the content to a spool file (copying the stream's or the base's bytes).
     fn spool(&mut self) -> Result<&mut Spool, Errno> {
+        if let State::Buffered(buf) = &mut self.state {
+            let held = std::mem::take(buf);
+            self.state = State::Clean;
+            let spooled = self.copy_to_spool(None).and_then(|mut spool| {
+                spool.file.write_all_at(&held, 0).map_err(os_errno)?;
+                spool.size = held.len() as u64;
+                Ok(spool)
+            });
+            match spooled {
+                Ok(spool) => self.state = State::Spooled(spool),
+                Err(errno) => {
+                    self.state = State::Failed(errno);
+                    return Err(errno);
+                }
+            }
+        }
         if !matches!(self.state, State::Spooled(_)) {
             // A stream is stored to be copied, then left for the reaper: it was never a
             // version of the file.
@@ -477,6 +535,18 @@ impl FileWriter {
                     None => return Ok(None),
                 }
             }
+            State::Buffered(buf) => {
+                let size = buf.len() as u64;
+                let cid = self
+                    .node
+                    .publish_bytes(buf, Some(filename.to_string()), self.sync)
+                    .map_err(|e| e.errno())?;
+                Published {
+                    cid,
+                    size,
+                    filename: filename.to_string(),
+                }
+            }
             State::Spooled(spool) => {
                 let file = spool.file.try_clone().map_err(os_errno)?;
                 let reader = io::BufReader::with_capacity(
@@ -490,7 +560,7 @@ impl FileWriter {
                 let size = spool.size;
                 let cid = self
                     .node
-                    .publish(reader, Some(filename.to_string()))
+                    .publish_with(reader, Some(filename.to_string()), self.sync)
                     .map_err(|e| e.errno())?;
                 Published {
                     cid,
@@ -501,7 +571,7 @@ impl FileWriter {
             State::Clean => {
                 let cid = self
                     .node
-                    .publish(io::empty(), Some(filename.to_string()))
+                    .publish_with(io::empty(), Some(filename.to_string()), self.sync)
                     .map_err(|e| e.errno())?;
                 Published {
                     cid,

@@ -151,10 +151,23 @@ impl Node {
     /// The mount's [`Self::store_ec`]: a version of a file, which the mount deletes again
     /// once nothing refers to it (see [`Origin`]), erasure-coded with `publish_ec`.
     pub fn publish(&self, reader: impl Read + Send, filename: Option<String>) -> Result<Cid> {
+        self.publish_with(reader, filename, true)
+    }
+
+    /// [`Self::publish`]; when `sync` is false (and the mount does not erasure-code), the
+    /// version is committed without a sync of its own and made durable with its group by
+    /// [`Self::sync_deferred`].
+    pub fn publish_with(
+        &self,
+        reader: impl Read + Send,
+        filename: Option<String>,
+        sync: bool,
+    ) -> Result<Cid> {
         let bs = self.config.block_size;
         match self.config.publish_ec {
             None => {
-                let cid = upload::store(&self.repo, bs, reader, filename, None, Origin::Mount)?.0;
+                let cid =
+                    upload::store(&self.repo, bs, reader, filename, None, Origin::Mount, sync)?.0;
                 crate::metrics::metrics().uploads.inc();
                 Ok(cid)
             }
@@ -174,7 +187,10 @@ impl Node {
         buffers: impl Iterator<Item = std::io::Result<Vec<u8>>>,
         pool: BufferPool,
         filename: Option<String>,
+        sync: bool,
     ) -> Result<(Cid, bool)> {
+        // An erasure-coded version is made from this one at once, synced.
+        let sync = sync || self.config.publish_ec.is_some();
         let stored = upload::store_buffers(
             &self.repo,
             self.config.block_size,
@@ -182,9 +198,35 @@ impl Node {
             pool,
             filename,
             Origin::Mount,
+            sync,
         )?;
         crate::metrics::metrics().uploads.inc();
         Ok(stored)
+    }
+
+    /// [`Self::publish_with`] of bytes in memory (a small file the mount kept whole): no
+    /// batch buffer of the pipeline's size to fill, no thread.
+    pub fn publish_bytes(&self, bytes: &[u8], filename: Option<String>, sync: bool) -> Result<Cid> {
+        if self.config.publish_ec.is_some() {
+            return self.publish_with(bytes, filename, sync);
+        }
+        let (cid, _) = upload::store_buffers(
+            &self.repo,
+            self.config.block_size,
+            std::iter::once(Ok(bytes.to_vec())),
+            BufferPool::with_capacity(0),
+            filename,
+            Origin::Mount,
+            sync,
+        )?;
+        crate::metrics::metrics().uploads.inc();
+        Ok(cid)
+    }
+
+    /// Makes durable every version and directory stored without a sync of its own (a
+    /// group commit: one round of fsyncs for all of them).
+    pub fn sync_deferred(&self) -> Result<()> {
+        self.repo.sync_deferred().map(|_| ())
     }
 
     /// Erasure-codes a version [`Self::publish_buffers`] stored, if the mount is to

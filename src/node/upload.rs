@@ -197,9 +197,18 @@ pub(super) fn store<R: Read + Send>(
     filename: Option<String>,
     mimetype: Option<String>,
     origin: Origin,
+    sync: bool,
 ) -> Result<(Cid, bool)> {
     let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
-    store_batches(repo, block_size, &mut chunker, filename, mimetype, origin)
+    store_batches(
+        repo,
+        block_size,
+        &mut chunker,
+        filename,
+        mimetype,
+        origin,
+        sync,
+    )
 }
 
 /// Stores buffers handed over whole (block-aligned ones are not copied again), as
@@ -211,11 +220,14 @@ pub(super) fn store_buffers(
     pool: BufferPool,
     filename: Option<String>,
     origin: Origin,
+    sync: bool,
 ) -> Result<(Cid, bool)> {
     let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES).with_pool(pool);
-    store_batches(repo, block_size, &mut batcher, filename, None, origin)
+    store_batches(repo, block_size, &mut batcher, filename, None, origin, sync)
 }
 
+/// Stores the batches of `source`; committed synced, or with its group when `sync` is
+/// false (see [`RepoStore::sync_deferred`]).
 fn store_batches(
     repo: &RepoStore,
     block_size: usize,
@@ -223,9 +235,12 @@ fn store_batches(
     filename: Option<String>,
     mimetype: Option<String>,
     origin: Origin,
+    sync: bool,
 ) -> Result<(Cid, bool)> {
     let staged = stage_batches(repo, block_size, source, filename, mimetype, origin)?;
-    staged.upload.commit(&staged.tree, &staged.manifest)
+    staged
+        .upload
+        .commit_with(&staged.tree, &staged.manifest, sync)
 }
 
 /// An upload whose blocks are all stored (held by its journal) but that is not a dataset

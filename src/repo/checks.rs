@@ -24,6 +24,8 @@ impl RepoStore {
                     uploads.push(upload)
                 }
                 JournalKey::ReleaseTree { tree } => trees.push(tree),
+                // Checked once the files are reconciled (`verify_unsynced`).
+                JournalKey::Unsynced { .. } => {}
             }
         }
         uploads.sort_unstable();

@@ -107,6 +107,17 @@ impl RepoStore {
 
     /// [`Self::store_directory`] on behalf of `origin` (see [`Origin`]).
     pub fn store_directory_as(&self, enc: &Encoded, origin: Origin) -> Result<Cid> {
+        self.store_directory_with(enc, origin, true)
+    }
+
+    /// [`Self::store_directory_as`], without a sync of its own when `sync` is false: made
+    /// durable by the next [`RepoStore::sync_deferred`] (a tree's directories are stored
+    /// bottom up, and only its name needs them durable).
+    pub fn store_directory_with(&self, enc: &Encoded, origin: Origin, sync: bool) -> Result<Cid> {
+        if sync {
+            // Its entries may be versions whose group has not synced yet.
+            self.sync_deferred()?;
+        }
         let root = decode_root(&enc.cid, &enc.root)?;
         let mut entries = Vec::with_capacity(root.count as usize);
         if root.is_paged() {
@@ -160,7 +171,10 @@ impl RepoStore {
         }
         t.batch.put_cf(self.cf(CF_DIRS), &key, record.encode());
         self.mark_origin(&mut t.batch, &key, origin, !exists);
-        t.commit(&mut counters, true)?;
+        if !sync {
+            self.group.wrote_unsynced();
+        }
+        t.commit(&mut counters, sync)?;
         Ok(enc.cid)
     }
 

@@ -88,6 +88,7 @@ mod dirs;
 mod durability;
 mod faults;
 pub mod files;
+mod group;
 mod lifecycle;
 mod lock;
 mod names;
@@ -196,6 +197,8 @@ pub struct RepoStore {
     files: Files,
     /// Files the open found without a record and removed (left by a crash).
     orphans_removed: AtomicU64,
+    /// Commits waiting for their group's sync (see `group.rs`).
+    group: group::Group,
     path: PathBuf,
     _lock: DataDirLock,
 }
@@ -238,6 +241,7 @@ impl RepoStore {
             freed_since_reclaim: AtomicU64::new(0),
             files,
             orphans_removed: AtomicU64::new(0),
+            group: Default::default(),
             path,
             _lock: dir_lock,
         };
@@ -263,6 +267,7 @@ impl RepoStore {
         }
         repo.recover()?;
         repo.reconcile_files()?;
+        repo.verify_unsynced()?;
         Ok(Arc::new(repo))
     }
 
@@ -469,6 +474,9 @@ impl Drop for RepoStore {
     fn drop(&mut self) {
         // Everything written is in RocksDB's WAL (synced where it mattered) or in files
         // that are complete and synced, or partial ones whose records say what they hold.
+        if let Err(e) = self.sync_deferred() {
+            tracing::error!("the last group commit failed to sync: {e}");
+        }
         let _ = self.db.flush_wal(true);
         self.files.close_cleanly();
     }

@@ -118,6 +118,8 @@ impl RepoStore {
     /// what it pointed at before. `NotFound` if the CID is not stored (any more): under
     /// the datasets lock, so a name never points at a version being deleted.
     pub fn set_name(&self, name: &str, record: &NameRecord) -> Result<Option<NameRecord>> {
+        // A name never points at bytes a crash could still take (see `group.rs`).
+        self.sync_deferred()?;
         let _guard = lock(&self.datasets_lock);
         self.check_stored(&record.cid)?;
         let old = self.name(name)?;
@@ -145,6 +147,8 @@ impl RepoStore {
     /// Moves a name in one synced batch: `from` goes, `to` points at `record` (which must
     /// be stored). Returns what `to` pointed at before.
     pub fn rename(&self, from: &str, to: &str, record: &NameRecord) -> Result<Option<NameRecord>> {
+        // A name never points at bytes a crash could still take (see `group.rs`).
+        self.sync_deferred()?;
         let _guard = lock(&self.datasets_lock);
         self.check_stored(&record.cid)?;
         let (old_from, old_to) = (self.name(from)?, self.name(to)?);

@@ -431,11 +431,15 @@ pub enum JournalKey {
     UploadTree { upload: u64 },
     /// A tree whose last dataset was deleted, and whose leaves are being released.
     ReleaseTree { tree: Vec<u8> },
+    /// A tree committed without a sync (a group commit, see `repo/group.rs`): its bytes
+    /// are hashed again at the next open unless the group's sync removed this first.
+    Unsynced { tree: Vec<u8> },
 }
 
 const J_UPLOAD_BLOCK: u8 = 1;
 const J_UPLOAD_TREE: u8 = 2;
 const J_RELEASE_TREE: u8 = 3;
+const J_UNSYNCED: u8 = 4;
 
 impl JournalKey {
     pub fn encode(&self) -> Vec<u8> {
@@ -456,6 +460,11 @@ impl JournalKey {
                 k.extend_from_slice(tree);
                 k
             }
+            JournalKey::Unsynced { tree } => {
+                let mut k = vec![J_UNSYNCED];
+                k.extend_from_slice(tree);
+                k
+            }
         }
     }
 
@@ -472,8 +481,16 @@ impl JournalKey {
             (Some(&J_RELEASE_TREE), _) => Ok(JournalKey::ReleaseTree {
                 tree: k[1..].to_vec(),
             }),
+            (Some(&J_UNSYNCED), _) => Ok(JournalKey::Unsynced {
+                tree: k[1..].to_vec(),
+            }),
             _ => Err(bad()),
         }
+    }
+
+    /// The key range `[from, to)` of all `Unsynced` entries.
+    pub fn unsynced_range() -> (Vec<u8>, Vec<u8>) {
+        (vec![J_UNSYNCED], vec![J_UNSYNCED + 1])
     }
 
     /// The key range `[from, to)` of all block entries of one upload.

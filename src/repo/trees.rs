@@ -226,7 +226,12 @@ impl RepoStore {
 
     /// Hashes every leaf of tree `key` from its files; returns the indices that do not
     /// match `digests`.
-    fn hash_leaves(&self, key: &[u8], shape: &TreeShape, digests: &[Digest]) -> Result<Vec<u64>> {
+    pub(super) fn hash_leaves(
+        &self,
+        key: &[u8],
+        shape: &TreeShape,
+        digests: &[Digest],
+    ) -> Result<Vec<u64>> {
         let mut bad = Vec::new();
         let mut buf = Vec::with_capacity(shape.block_size as usize);
         for (i, d) in digests.iter().enumerate() {
@@ -323,6 +328,8 @@ impl RepoStore {
             let _stripe = self.files.stripe(&key);
             self.complete_tree(&key)?;
         }
+        // (A tree committed without a sync: this synced record must not wait for it.)
+        self.sync_if_pending(&key)?;
         let not_here = |why: &str| {
             Error::NotFound(format!(
                 "tree {} is not stored here ({why})",

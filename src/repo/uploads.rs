@@ -299,7 +299,19 @@ impl Upload<'_> {
     /// complete with the manifest and the dataset record. Every block of `tree` must have
     /// been put (or held). Returns the manifest CID, and whether this commit made the
     /// dataset (false: it was stored already).
-    pub fn commit(mut self, tree: &MerkleTree, manifest: &Manifest) -> Result<(Cid, bool)> {
+    pub fn commit(self, tree: &MerkleTree, manifest: &Manifest) -> Result<(Cid, bool)> {
+        self.commit_with(tree, manifest, true)
+    }
+
+    /// [`Self::commit`] without a sync of its own when `sync` is false: the dataset is
+    /// recorded at once and made durable by the next [`RepoStore::sync_deferred`], with
+    /// the other commits of its group (see `repo/group.rs`).
+    pub fn commit_with(
+        mut self,
+        tree: &MerkleTree,
+        manifest: &Manifest,
+        sync: bool,
+    ) -> Result<(Cid, bool)> {
         let repo = self.repo;
         let shape = TreeShape::of(manifest)?;
         if shape.leaves != tree.leaf_count() || tree.root_cid() != manifest.tree_cid {
@@ -337,8 +349,12 @@ impl Upload<'_> {
             }
             other => other,
         };
-        if !existing.is_some_and(|r| r.is_complete()) {
-            self.take_over_tree(tree, &shape, &key)?;
+        let took_over = !existing.is_some_and(|r| r.is_complete());
+        if took_over {
+            self.take_over_tree(tree, &shape, &key, sync)?;
+        } else if sync {
+            // Stored complete by a commit whose group has not synced yet.
+            repo.sync_if_pending(&key)?;
         }
 
         let record = DatasetRecord {
@@ -376,9 +392,23 @@ impl Upload<'_> {
                 repo.cf(CF_JOURNAL),
                 JournalKey::UploadTree { upload: self.id }.encode(),
             );
+            if !sync {
+                repo.group.wrote_unsynced();
+                if took_over {
+                    t.batch.put_cf(
+                        repo.cf(CF_JOURNAL),
+                        JournalKey::Unsynced { tree: key.clone() }.encode(),
+                        [],
+                    );
+                }
+            }
             // Synced, and the files were before: once the caller has the CID, the dataset
-            // and every byte it names survive a power loss.
-            t.commit(&mut counters, true)?;
+            // and every byte it names survive a power loss. (Deferred: once the group's
+            // sync has run.)
+            t.commit(&mut counters, sync)?;
+            if !sync && took_over {
+                repo.group.add(&key);
+            }
             new_dataset
         };
         // Holds left are of a tree stored complete already (or of leaves fetched for it
@@ -391,7 +421,13 @@ impl Upload<'_> {
     /// Makes the upload's files the tree's (replacing a partial tree's: ours are complete
     /// and were hashed as they were stored) and turns each hold into the leaf's record —
     /// or, for a leaf present already, gives the hold back.
-    fn take_over_tree(&self, tree: &MerkleTree, shape: &TreeShape, key: &[u8]) -> Result<()> {
+    fn take_over_tree(
+        &self,
+        tree: &MerkleTree,
+        shape: &TreeShape,
+        key: &[u8],
+        sync: bool,
+    ) -> Result<()> {
         let repo = self.repo;
         let tree_cid = cid_from_bytes(key, "tree key")?;
         {
@@ -417,9 +453,11 @@ impl Upload<'_> {
         if len != shape.data_len {
             data.set_len(shape.data_len)?;
         }
-        repo.files.sync(&data)?;
-        if shape.has_parity() {
-            repo.files.sync(&*self.file(Part::Parity)?)?;
+        if sync {
+            repo.files.sync(&data)?;
+            if shape.has_parity() {
+                repo.files.sync(&*self.file(Part::Parity)?)?;
+            }
         }
         {
             let _stripe = repo.files.stripe(key);
@@ -436,7 +474,9 @@ impl Upload<'_> {
             repo.files.forget(key);
             repo.files.mark_clean(key);
         }
-        repo.files.sync_dir(&repo.files.trees_dir())?;
+        if sync {
+            repo.files.sync_dir(&repo.files.trees_dir())?;
+        }
 
         // Holds become leaf records, a batch at a time; each batch moves references from
         // the journal to leaves (or drops those of leaves present already), so a crash

@@ -456,7 +456,11 @@ impl FsCore {
         let TKind::File { version } = &n.kind else {
             return Err(libc::EISDIR);
         };
-        Ok(self.new_writer(n.name.clone(), *version, truncate))
+        // Durable with its tree (the tree's name is synced after its files: see
+        // `publish_top`), or on fsync: no sync of its own at each close.
+        Ok(self
+            .new_writer(n.name.clone(), *version, truncate)
+            .group_commit())
     }
 
     pub(super) fn tree_create(
@@ -907,7 +911,7 @@ impl FsCore {
         let enc = dir::encode(items).map_err(|e| e.errno())?;
         self.node
             .repo()
-            .store_directory_as(&enc, Origin::Mount)
+            .store_directory_with(&enc, Origin::Mount, false)
             .map_err(|e| {
                 tracing::warn!("publishing a directory failed: {e}");
                 e.errno()
