@@ -45,7 +45,7 @@ pub enum BlockAddress {
     Leaf { tree: Cid, index: u64 },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WantType {
     Block,
     Have,

@@ -17,6 +17,9 @@
 //! Provider side ([`super::serve`]): wants are queued per peer and answered from the
 //! local store in bounded messages, fairly across peers.
 
+pub mod core;
+mod queue;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
