@@ -394,6 +394,16 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Whether part of a frame is buffered (a stream that stops here is stalled).
+    pub fn is_partial(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Bytes buffered.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// The next whole message, `None` if more bytes are needed; an error (oversized or
     /// malformed frame) means the stream is unusable and the peer should be dropped.
     pub fn next_message(&mut self) -> Result<Option<Message>> {
@@ -411,7 +421,8 @@ impl FrameDecoder {
         }
         let len = len as usize;
         if self.buf.len() < n + len {
-            self.buf.reserve(n + len - self.buf.len());
+            // The buffer grows with what arrives, not with what the header claims: a
+            // peer that announces 4 MiB and sends ten bytes holds ten bytes.
             return Ok(None);
         }
         let mut frame = self.buf.split_to(n + len);

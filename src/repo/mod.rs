@@ -10,6 +10,7 @@
 mod checks;
 mod dirs;
 mod faults;
+mod heal;
 mod lifecycle;
 mod lock;
 mod names;

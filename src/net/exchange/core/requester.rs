@@ -316,7 +316,9 @@ impl Core {
     // ---- events ----
 
     /// A reader wants `address` (a block of a tree of `leaves` leaves, 0 for a lone
-    /// block) by `deadline`, from `candidates` or whoever a lookup finds.
+    /// block) by `deadline`, from `candidates`, the connected peers, or whoever a lookup
+    /// finds. `look_up`: start a lookup for its key now (unless one ran lately); else only
+    /// once the candidates cannot deliver.
     pub fn want(
         &mut self,
         now: Time,
@@ -324,6 +326,7 @@ impl Core {
         leaves: u64,
         candidates: &[Candidate],
         deadline: Time,
+        look_up: bool,
     ) -> WaiterId {
         let waiter = WaiterId(self.id());
         let key = key_of(&address);
@@ -366,7 +369,7 @@ impl Core {
             Lookup::Done(at) => now >= at + self.config.lookup_every * 5,
             Lookup::Queued | Lookup::Running => false,
         };
-        if stale {
+        if stale && (look_up || ks.peers.is_empty()) {
             self.start_lookup(key);
         }
         self.after_event(now);
@@ -475,6 +478,17 @@ impl Core {
                 ready: false,
             },
         );
+        // Every connected peer may have it: each gets a want-have.
+        let connected: Vec<Candidate> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.conn.is_some())
+            .map(|(id, _)| Candidate {
+                peer: *id,
+                provider: false,
+            })
+            .collect();
+        self.add_candidates(now, key, connected.into_iter());
     }
 
     /// Forgets keys with nothing wanted for a while (and, past the cap, the oldest idle).
@@ -565,7 +579,10 @@ impl Core {
             if let Some(ks) = self.req.keys.get_mut(&key) {
                 if ks.lookup == Lookup::Queued {
                     ks.lookup = Lookup::Never;
-                    self.start_lookup(key);
+                    // A key nothing waits for any more needs no lookup.
+                    if ks.wants > 0 {
+                        self.start_lookup(key);
+                    }
                 }
             }
         }

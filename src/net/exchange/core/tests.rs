@@ -110,8 +110,14 @@ impl T {
     }
 
     fn want(&mut self, address: BlockAddress, candidates: &[Candidate], within: f64) -> WaiterId {
-        self.core
-            .want(self.now, address, 16, candidates, self.now + secs(within))
+        self.core.want(
+            self.now,
+            address,
+            16,
+            candidates,
+            self.now + secs(within),
+            true,
+        )
     }
 }
 
@@ -394,14 +400,26 @@ fn a_slow_peer_gets_time_by_its_rate_and_queue_and_is_never_a_reason_to_fail() {
     let mut t = T::new();
     let a = peer(1);
     t.connect(a);
-    t.core
-        .want(t.now, leaf(1, 0), 16, &[provider(a)], t.now + secs(600.0));
+    t.core.want(
+        t.now,
+        leaf(1, 0),
+        16,
+        &[provider(a)],
+        t.now + secs(600.0),
+        true,
+    );
     t.actions();
     t.say(a, presence(leaf(1, 0), Presence::Have));
     // The peer delivers one block every 3 s, far slower than the base timeout.
     for i in 1..40u64 {
-        t.core
-            .want(t.now, leaf(1, i), 16, &[provider(a)], t.now + secs(600.0));
+        t.core.want(
+            t.now,
+            leaf(1, i),
+            16,
+            &[provider(a)],
+            t.now + secs(600.0),
+            true,
+        );
     }
     t.actions();
     let mut next = 0u64;

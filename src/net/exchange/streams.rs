@@ -1,0 +1,255 @@
+//! The shell's stream tasks: one reader per inbound stream, one writer per outbound one.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::PeerId;
+use tokio::sync::mpsc;
+
+use super::core::{BatchId, StreamId};
+use super::Exchange;
+use crate::net::protocol::{FrameDecoder, Message};
+use crate::net::swarm::protocol;
+
+/// A frame begun and not finished within this long (no byte of it arriving) ends the
+/// stream: a peer cannot hold a half-sent frame's buffer for ever.
+pub const READ_DEADLINE: Duration = Duration::from_secs(20);
+/// One write (at most [`WRITE_CHUNK`] plus a message) must finish within this long.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Opening a stream (dialling included) gives up after this long.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read from a stream at a time.
+const READ_BUF: usize = 128 * 1024;
+/// Queued messages written together, up to about this many bytes.
+const WRITE_CHUNK: usize = 1 << 20;
+/// A stream this young that the peer drops is opened again and its bytes written again
+/// (up to this many bytes, this many times): libp2p-stream drops inbound streams its
+/// accept loop is not ready for, and our writes to such a stream still succeed.
+const YOUNG_STREAM: Duration = Duration::from_secs(2);
+const MAX_REPLAY_BYTES: usize = 8 << 20;
+const MAX_REOPENS: u32 = 3;
+
+/// What goes to a peer's writer.
+pub(super) enum Out {
+    /// Wants, cancels and presences of ours (written before answers).
+    Message(Message),
+    /// A batch of answers; the core hears when it is written.
+    Answer {
+        batch: BatchId,
+        messages: Vec<Message>,
+    },
+}
+
+/// Reads the stream `peer` opened to us until it ends, misbehaves or is replaced. Every
+/// message read in one go is handed to the core in one call; deliveries it wants checked
+/// are hashed on the blocking pool while this task reads on.
+pub(super) async fn read(
+    ex: Arc<Exchange>,
+    peer: PeerId,
+    id: StreamId,
+    mut stream: libp2p::Stream,
+) {
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; READ_BUF];
+    let mut marked: Option<Instant> = None;
+    loop {
+        let read = if decoder.is_partial() {
+            match tokio::time::timeout(READ_DEADLINE, stream.read(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::info!(%peer, "closing a stream whose frame stalled");
+                    break;
+                }
+            }
+        } else {
+            stream.read(&mut buf).await
+        };
+        let n = match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        decoder.push(&buf[..n]);
+        if marked.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            ex.net.mark_active(peer);
+            marked = Some(Instant::now());
+        }
+        let (mut messages, mut deliveries, mut bad) = (Vec::new(), false, None);
+        loop {
+            match decoder.next_message() {
+                Ok(Some(m)) => {
+                    deliveries |= !m.deliveries.is_empty();
+                    messages.push(m);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    bad = Some(e);
+                    break;
+                }
+            }
+        }
+        if !messages.is_empty() {
+            // At most a few batches of deliveries are checked at once: a peer sending
+            // faster than we hash waits here.
+            let permit = if deliveries {
+                ex.verifying.clone().acquire_owned().await.ok()
+            } else {
+                None
+            };
+            ex.with_core(|i, now| {
+                i.verify_permit = permit;
+                for m in messages {
+                    i.core.message(now, peer, id, m);
+                }
+            });
+        }
+        if let Some(e) = bad {
+            tracing::info!(%peer, "closing a stream that sent a bad frame: {e}");
+            break;
+        }
+    }
+    ex.with_core(|i, now| {
+        i.readers.remove(&id);
+        i.core.inbound_closed(now, peer, id);
+    });
+}
+
+/// Opens our stream to `peer` and writes what the core sends it, until the core closes the
+/// queue or the stream fails.
+pub(super) async fn write(
+    ex: Arc<Exchange>,
+    peer: PeerId,
+    id: StreamId,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+) {
+    let mut replay: Vec<u8> = Vec::new();
+    let mut reopened = 0;
+    let mut first_open = true;
+    let mut out = Vec::new();
+    let (mut controls, mut answers) = (Vec::new(), Vec::new());
+    'open: loop {
+        let mut control = ex.net.control.clone();
+        let opened =
+            tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol())).await;
+        let stream = match opened {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, "cannot open a stream: {e}");
+                ex.with_core(|i, now| i.core.stream_failed(now, peer, id, !first_open));
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "cannot open a stream: timed out");
+                ex.with_core(|i, now| i.core.stream_failed(now, peer, id, !first_open));
+                return;
+            }
+        };
+        if first_open {
+            first_open = false;
+            ex.with_core(|i, now| i.core.stream_opened(now, peer, id));
+        }
+        let opened = Instant::now();
+        let young =
+            |replay: &Vec<u8>| opened.elapsed() < YOUNG_STREAM && replay.len() <= MAX_REPLAY_BYTES;
+        let (mut reader, mut writer) = stream.split();
+        if !replay.is_empty() && write_within(&mut writer, &replay).await.is_err() {
+            ex.with_core(|i, now| i.core.stream_failed(now, peer, id, true));
+            return;
+        }
+        let mut probe = [0u8; 64];
+        loop {
+            // Nothing is ever sent back on this stream: its read half ending means the
+            // peer dropped it.
+            let first = tokio::select! {
+                item = rx.recv() => match item {
+                    Some(item) => item,
+                    None => return, // closed by the core
+                },
+                _ = reader.read(&mut probe) => {
+                    if young(&replay) && reopened < MAX_REOPENS {
+                        reopened += 1;
+                        tracing::debug!(%peer, "stream dropped by the peer; opening another");
+                        continue 'open;
+                    }
+                    ex.with_core(|i, now| i.core.stream_failed(now, peer, id, true));
+                    return;
+                }
+            };
+            // Whatever else is queued goes in the same write, our own messages first.
+            let mut queued = 0usize;
+            let mut next = Some(first);
+            while let Some(item) = next.take() {
+                match item {
+                    Out::Message(m) => controls.push(m),
+                    Out::Answer { batch, messages } => {
+                        queued += messages
+                            .iter()
+                            .map(|m| m.deliveries.iter().map(|d| d.data.len()).sum::<usize>())
+                            .sum::<usize>();
+                        answers.push((batch, messages));
+                    }
+                }
+                if queued < WRITE_CHUNK {
+                    next = rx.try_recv().ok();
+                }
+            }
+            out.clear();
+            let answered = answers.iter().flat_map(|(_, ms)| ms.iter());
+            for m in controls.iter().chain(answered) {
+                let at = out.len();
+                if let Err(e) = m.encode_frame_into(&mut out) {
+                    out.truncate(at);
+                    tracing::warn!(%peer, "message not sent: {e}");
+                }
+            }
+            controls.clear();
+            if young(&replay) {
+                replay.extend_from_slice(&out);
+            } else if !replay.is_empty() {
+                replay = Vec::new();
+            }
+            if write_within(&mut writer, &out).await.is_err() {
+                if young(&replay) && reopened < MAX_REOPENS {
+                    reopened += 1;
+                    answers_written(&ex, peer, &mut answers);
+                    continue 'open;
+                }
+                ex.with_core(|i, now| i.core.stream_failed(now, peer, id, true));
+                return;
+            }
+            answers_written(&ex, peer, &mut answers);
+            if out.capacity() > 4 * WRITE_CHUNK {
+                out = Vec::new(); // a rare huge write does not keep its buffer
+            }
+        }
+    }
+}
+
+fn answers_written(ex: &Arc<Exchange>, peer: PeerId, answers: &mut Vec<(BatchId, Vec<Message>)>) {
+    if answers.is_empty() {
+        return;
+    }
+    ex.with_core(|i, now| {
+        for (batch, _) in answers.drain(..) {
+            i.core.answer_written(now, peer, batch);
+        }
+    });
+}
+
+async fn write_within(
+    writer: &mut (impl futures::AsyncWrite + Unpin),
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let write = async {
+        writer.write_all(bytes).await?;
+        writer.flush().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "write timed out",
+            ))
+        })
+}
