@@ -31,6 +31,9 @@ pub struct NetworkStore {
     timeout: Duration,
     /// Who has each dataset fetched from the network.
     providers: Mutex<HashMap<Cid, Vec<PeerId>>>,
+    /// Datasets resolved from the network lately (a CID always names the same one): a
+    /// lookup then an open of a file fetch its manifest once.
+    resolved: Mutex<lru::LruCache<Cid, Dataset>>,
     /// Itself, for decodes that run on the blocking pool.
     me: Weak<NetworkStore>,
 }
@@ -48,6 +51,9 @@ impl NetworkStore {
             runtime,
             timeout,
             providers: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(RESOLVED_KEPT).expect("non-zero"),
+            )),
             me: me.clone(),
         })
     }
@@ -238,6 +244,8 @@ impl NetworkStore {
         if range != (0..size) {
             return Ok(());
         }
+        // Blocks reach us before they are stored: all must be before the dataset is kept.
+        self.runtime.block_on(self.exchange.stored());
         let Some(manifest) = dataset.manifest() else {
             return Ok(());
         };
@@ -264,6 +272,8 @@ impl crate::erasure::Fetch for NetworkStore {
     }
 }
 
+/// Datasets resolved from the network kept in memory.
+const RESOLVED_KEPT: usize = 256;
 /// Blocks a stream asks for ahead of the one it writes.
 const STREAM_BLOCKS_AHEAD: usize = 256;
 /// How many timeouts a block asked ahead may wait (the stream fails sooner if nothing
@@ -300,6 +310,14 @@ impl BlockSource for NetworkStore {
         if let Some(d) = self.node.resolve(cid)? {
             return Ok(Some(d));
         }
+        if let Some(d) = self
+            .resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cid)
+        {
+            return Ok(Some(d.clone()));
+        }
         // The connected peers are asked at once while a lookup looks for providers.
         let c = *cid;
         let found = self.runtime.block_on(self.exchange.fetch(
@@ -326,6 +344,10 @@ impl BlockSource for NetworkStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(c, vec![fetched.from]);
+        self.resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(c, dataset.clone());
         Ok(Some(dataset))
     }
 

@@ -234,12 +234,18 @@ fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     })
 }
 
-/// Starts the swarm on the current tokio runtime. Returns the handle and the stream of
-/// peer events for the exchange.
-pub fn start(
-    key: Keypair,
-    config: NetConfig,
-) -> Result<(NetHandle, mpsc::UnboundedReceiver<PeerEvent>)> {
+/// What the exchange needs from a started swarm.
+pub struct Started {
+    pub handle: NetHandle,
+    /// Connections coming and going.
+    pub events: mpsc::UnboundedReceiver<PeerEvent>,
+    /// Streams peers open with the block exchange protocol (accepted from the start, so
+    /// a peer that connects at once can open one).
+    pub incoming: libp2p_stream::IncomingStreams,
+}
+
+/// Starts the swarm on the current tokio runtime.
+pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
     let peer_id = key.public().to_peer_id();
     let mdns_on = config.mdns;
     let max_peers = config.max_peers.max(1);
@@ -296,7 +302,12 @@ pub fn start(
         let _ = swarm.behaviour_mut().kad.bootstrap();
     }
 
-    let control = swarm.behaviour().stream.new_control();
+    let mut control = swarm.behaviour().stream.new_control();
+    let incoming = control.accept(protocol()).map_err(|e| {
+        Error::Io(std::io::Error::other(format!(
+            "protocol already registered: {e}"
+        )))
+    })?;
     let (commands, mut command_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let activity: Activity = Arc::default();
@@ -514,15 +525,16 @@ pub fn start(
             }
         }
     });
-    Ok((
-        NetHandle {
+    Ok(Started {
+        handle: NetHandle {
             commands,
             peer_id,
             control,
             activity,
         },
-        events_rx,
-    ))
+        events: events_rx,
+        incoming,
+    })
 }
 
 pub fn protocol() -> StreamProtocol {

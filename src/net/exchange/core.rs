@@ -500,6 +500,8 @@ impl Core {
         if banned {
             self.actions.push_back(Action::Disconnect { peer });
         } else {
+            // Our stream opens now, so the first want or answer does not wait for it.
+            self.ensure_stream(now, peer);
             // Wants that waited for this peer to be reachable again.
             self.req.unpark_all();
             self.after_event(now);

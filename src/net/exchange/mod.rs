@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use self::core::{Action, Conn, Core, StreamId, Time, WaiterId};
 use super::protocol::{BlockAddress, BlockDelivery};
-use super::swarm::{protocol, NetHandle, PeerEvent};
+use super::swarm::{NetHandle, PeerEvent};
 use crate::error::{Error, Result};
 use crate::metrics::{metrics, Direction};
 use crate::repo::RepoStore;
@@ -39,6 +39,9 @@ pub use streams::{READ_DEADLINE, WRITE_TIMEOUT};
 
 /// Batches of deliveries being checked at once (each holds its frame's bytes).
 const VERIFYING: usize = 4;
+/// Deliveries up to this many bytes are checked on the task that read them (hashing
+/// 128 KiB takes about 70 µs; a hop to the blocking pool can cost more on a busy machine).
+const VERIFY_INLINE_BYTES: usize = 128 * 1024;
 /// A provider lookup gives up after this long.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -89,17 +92,21 @@ pub struct Exchange {
     inner: Mutex<Inner>,
     timer: Arc<Notify>,
     verifying: Arc<Semaphore>,
+    /// Checked blocks handed to readers and not yet stored (see [`Exchange::stored`]).
+    storing: std::sync::atomic::AtomicUsize,
+    stored: Notify,
     /// For tests of the requester's checks only: corrupt every block this node serves.
     lie: bool,
 }
 
 impl Exchange {
     /// Starts accepting the protocol, following peer events and keeping time.
-    pub fn start(
-        repo: Arc<RepoStore>,
-        net: NetHandle,
-        mut events: mpsc::UnboundedReceiver<PeerEvent>,
-    ) -> Result<Arc<Self>> {
+    pub fn start(repo: Arc<RepoStore>, started: super::swarm::Started) -> Result<Arc<Self>> {
+        let super::swarm::Started {
+            handle: net,
+            mut events,
+            mut incoming,
+        } = started;
         let ex = Arc::new(Self {
             repo,
             net: net.clone(),
@@ -116,14 +123,10 @@ impl Exchange {
             }),
             timer: Arc::new(Notify::new()),
             verifying: Arc::new(Semaphore::new(VERIFYING)),
+            storing: std::sync::atomic::AtomicUsize::new(0),
+            stored: Notify::new(),
             lie: std::env::var_os("CODEXFS_TEST_SERVE_CORRUPT_BLOCKS").is_some(),
         });
-        let mut control = net.control.clone();
-        let mut incoming = control.accept(protocol()).map_err(|e| {
-            Error::Io(std::io::Error::other(format!(
-                "protocol already registered: {e}"
-            )))
-        })?;
         let inbound = Arc::downgrade(&ex);
         tokio::spawn(async move {
             while let Some((peer, stream)) = incoming.next().await {
@@ -191,14 +194,6 @@ impl Exchange {
         let now = self.now();
         let r = f(&mut inner, now);
         self.run_actions(&mut inner, now);
-        let permit = inner.verify_permit.take();
-        if !inner.verify.is_empty() {
-            let (ex, jobs) = (self.clone(), std::mem::take(&mut inner.verify));
-            tokio::task::spawn_blocking(move || {
-                ex.verify(jobs);
-                drop(permit);
-            });
-        }
         metrics()
             .pending_blocks
             .set(inner.core.pending_wants() as i64);
@@ -207,6 +202,24 @@ impl Exchange {
                 inner.wake_at = Some(next);
                 self.timer.notify_one();
             }
+        }
+        let permit = inner.verify_permit.take();
+        if inner.verify.is_empty() {
+            return r;
+        }
+        let jobs = std::mem::take(&mut inner.verify);
+        drop(inner);
+        let bytes: usize = jobs.iter().map(|j| j.delivery.data.len()).sum();
+        if bytes <= VERIFY_INLINE_BYTES {
+            // A block or two (a reader waiting for its first byte): hashed here, without a
+            // hop to another thread.
+            self.verify(jobs);
+        } else {
+            let ex = self.clone();
+            tokio::task::spawn_blocking(move || {
+                ex.verify(jobs);
+                drop(permit);
+            });
         }
         r
     }
@@ -318,7 +331,9 @@ impl Exchange {
         entries: Vec<crate::net::protocol::Entry>,
         max_bytes: usize,
     ) {
+        tracing::trace!(%peer, "building answers");
         let mut answers = super::provider::answer_entries(&*self.repo, entries, max_bytes);
+        tracing::trace!(%peer, "built answers");
         metrics().blocks_served.inc_by(answers.blocks as u64);
         metrics().network_bytes(Direction::Sent, answers.bytes as u64);
         if self.lie {
@@ -350,8 +365,10 @@ impl Exchange {
         });
     }
 
-    /// Checks deliveries (on the blocking pool), stores the good leaves, tells the core.
+    /// Checks deliveries, tells the core (which hands good blocks to their readers at
+    /// once), then stores the good leaves on the blocking pool.
     fn verify(self: &Arc<Self>, jobs: Vec<VerifyJob>) {
+        use std::sync::atomic::Ordering;
         let results: Vec<_> = jobs
             .iter()
             .map(|j| {
@@ -380,11 +397,6 @@ impl Exchange {
                 Err(_) => None,
             })
             .collect();
-        if !leaves.is_empty() {
-            if let Err(e) = self.repo.put_fetched_leaves(&leaves) {
-                tracing::warn!("storing fetched blocks: {e}");
-            }
-        }
         for (peer, _, r) in &results {
             match r {
                 Ok(v) => {
@@ -397,12 +409,41 @@ impl Exchange {
                 }
             }
         }
+        // Counted before any reader can have the blocks, so `stored` waits for them.
+        let storing = !leaves.is_empty();
+        if storing {
+            self.storing.fetch_add(1, Ordering::SeqCst);
+        }
         self.with_core(|i, now| {
             for (peer, address, r) in results {
                 i.core
                     .delivery_checked(now, peer, &address, r.map(|v| v.data));
             }
         });
+        if storing {
+            let ex = self.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = ex.repo.put_fetched_leaves(&leaves) {
+                    tracing::warn!("storing fetched blocks: {e}");
+                }
+                if ex.storing.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    ex.stored.notify_waiters();
+                }
+            });
+        }
+    }
+
+    /// Waits until every leaf handed to a reader so far is in the local store (readers get
+    /// blocks before they are stored; a dataset is adopted only once all are).
+    pub async fn stored(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let done = self.stored.notified();
+            if self.storing.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
     }
 
     /// Finds providers of `key` through Kademlia and hands them to the core as they come.

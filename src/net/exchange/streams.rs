@@ -70,6 +70,7 @@ pub(super) async fn read(
             Ok(n) => n,
         };
         decoder.push(&buf[..n]);
+        tracing::trace!(%peer, "read {n} bytes");
         if marked.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
             ex.net.mark_active(peer);
             marked = Some(Instant::now());
@@ -208,6 +209,7 @@ pub(super) async fn write(
             } else if !replay.is_empty() {
                 replay = Vec::new();
             }
+            tracing::trace!(%peer, "writing {} bytes", out.len());
             if write_within(&mut writer, &out).await.is_err() {
                 if young(&replay) && reopened < MAX_REOPENS {
                     reopened += 1;
