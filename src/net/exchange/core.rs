@@ -73,7 +73,7 @@ mod server;
 mod tests;
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -121,6 +121,9 @@ pub struct Config {
     /// A want-have unanswered this long is sent again (the wait doubles each time).
     pub presence_retry: Duration,
     pub dont_have_for: Duration,
+    /// A peer that said Have and has delivered nothing this long after it was first asked
+    /// counts as DontHave (for [`Config::dont_have_for`]).
+    pub hollow_after: Duration,
     pub max_lookups: usize,
     /// A key is looked up at most this often.
     pub lookup_every: Duration,
@@ -159,6 +162,7 @@ impl Default for Config {
             queue_time: Duration::from_secs(1),
             presence_retry: Duration::from_secs(2),
             dont_have_for: Duration::from_secs(15),
+            hollow_after: Duration::from_secs(10),
             max_lookups: 4,
             lookup_every: Duration::from_secs(10),
             backoff_base: Duration::from_secs(1),
@@ -314,13 +318,13 @@ struct Peer {
     /// Wants asked of this peer, oldest first.
     asked: IndexedQueue<requester::WantKey, ()>,
     window: usize,
-    /// Measured time per delivered block (moving average over intervals of busy time).
+    /// Measured time per delivered block (moving average).
     service: Duration,
-    /// The interval being measured: since when the peer has had wants, and the blocks it
-    /// delivered since.
-    meter_start: Option<Time>,
-    meter_blocks: u32,
+    /// Deliveries measured for `service`, and all blocks it delivered.
+    measured: u64,
     delivered: u64,
+    /// When it was first asked for a block (kept until it delivers one).
+    first_asked: Option<Time>,
     /// Consecutive failures to reach it, and until when it is not tried.
     failures: u32,
     backoff_until: Time,
@@ -336,9 +340,9 @@ impl Peer {
             asked: IndexedQueue::new(),
             window: config.initial_window,
             service: config.initial_service,
-            meter_start: None,
-            meter_blocks: 0,
+            measured: 0,
             delivered: 0,
+            first_asked: None,
             failures: 0,
             backoff_until: Duration::ZERO,
             serve: server::ServePeer::default(),
@@ -361,6 +365,8 @@ enum Timer {
     Waiter(requester::WantKey, WaiterId),
     Asked(requester::WantKey, u32),
     Presence(Cid, PeerId, u32),
+    /// A want-have about one block of a want (after a DontHave for the key) is due.
+    Probe(requester::WantKey, PeerId),
     Backoff(PeerId),
     WriteDeadline(PeerId, BatchId),
     Housekeeping,
@@ -407,8 +413,10 @@ pub struct Stats {
 pub struct Core {
     config: Config,
     me: PeerId,
-    peers: HashMap<PeerId, Peer>,
-    bans: HashMap<PeerId, Time>,
+    /// Ordered maps where the core iterates (peers, keys, candidates): the same events
+    /// give the same actions, so a simulation replays exactly.
+    peers: BTreeMap<PeerId, Peer>,
+    bans: BTreeMap<PeerId, Time>,
     req: requester::Requester,
     srv: server::Server,
     timers: BinaryHeap<TimerEntry>,
@@ -426,8 +434,8 @@ impl Core {
         let mut core = Self {
             config,
             me,
-            peers: HashMap::new(),
-            bans: HashMap::new(),
+            peers: BTreeMap::new(),
+            bans: BTreeMap::new(),
             req: requester::Requester::default(),
             srv: server::Server::default(),
             timers: BinaryHeap::new(),
@@ -676,6 +684,7 @@ impl Core {
                 Timer::Waiter(want, waiter) => self.waiter_due(now, want, waiter),
                 Timer::Asked(want, epoch) => self.ask_due(now, want, epoch),
                 Timer::Presence(key, peer, epoch) => self.presence_due(now, key, peer, epoch),
+                Timer::Probe(want, peer) => self.probe_due(now, want, peer),
                 Timer::Backoff(peer) => {
                     if self
                         .peers

@@ -1,6 +1,6 @@
 //! The requester half of the core: wants, presence, whom to ask, timeouts, lookups.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::*;
 
@@ -58,7 +58,7 @@ pub(super) struct KeyState {
     /// Wants no candidate can take now: they wait for a lookup, a presence answer, a
     /// candidate or a peer's backoff to end.
     parked: Vec<WantKey>,
-    peers: HashMap<PeerId, Cand>,
+    peers: BTreeMap<PeerId, Cand>,
     lookup: Lookup,
     /// When the last want ended (idle keys are forgotten after a while).
     idle_since: Time,
@@ -70,6 +70,8 @@ enum Tried {
     DontHave,
     TimedOut,
     Bad,
+    /// Said DontHave for another block of the key; asked about this one (a want-have).
+    Probed,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -115,9 +117,9 @@ impl Want {
 
     fn set_tried(&mut self, peer: PeerId, how: Tried) {
         match self.tried.iter_mut().find(|(p, _)| *p == peer) {
-            // A DontHave or bad data outranks a timeout.
+            // A DontHave or bad data outranks a timeout or a question.
             Some((_, t)) => {
-                if *t == Tried::TimedOut {
+                if matches!(*t, Tried::TimedOut | Tried::Probed) {
                     *t = how
                 }
             }
@@ -137,7 +139,7 @@ pub(crate) struct Requester {
     slots: Vec<Slot>,
     free: Vec<u32>,
     by_address: HashMap<BlockAddress, WantKey>,
-    keys: HashMap<Cid, KeyState>,
+    keys: BTreeMap<Cid, KeyState>,
     /// Keys with idle wants (each once; `KeyState::ready`).
     ready: Vec<Cid>,
     waiters: HashMap<WaiterId, WantKey>,
@@ -157,31 +159,19 @@ pub fn key_of(address: &BlockAddress) -> Cid {
 const SCAN: usize = 64;
 /// Time per block below which peers count as equally fast.
 const MIN_SERVICE: Duration = Duration::from_micros(10);
-/// A peer's rate is sampled over at least this long (or this many blocks), so answers that
-/// arrive in bursts do not read as zero time per block.
-const METER_TIME: Duration = Duration::from_millis(250);
-const METER_BLOCKS: u32 = 64;
 
 impl Peer {
-    /// Counts a block delivered at `now` and closes the measured interval when it is long
-    /// enough (or the peer has nothing more to do).
-    fn measure(&mut self, now: Time) {
-        self.delivered += 1;
-        let Some(start) = self.meter_start else {
-            return;
+    /// Counts a block delivered at `now` for a want asked at `ask`: the time it took over
+    /// its place in the peer's queue is one sample of the peer's time per block. (A want
+    /// the peer lost gives no sample, so losses do not read as slowness.)
+    fn measure(&mut self, now: Time, ask: &Ask) {
+        let sample = now.saturating_sub(ask.at) / (ask.pos + 1);
+        self.service = if self.measured == 0 {
+            sample
+        } else {
+            (self.service * 7 + sample) / 8
         };
-        self.meter_blocks += 1;
-        let elapsed = now.saturating_sub(start);
-        if elapsed >= METER_TIME || self.meter_blocks >= METER_BLOCKS || self.asked.is_empty() {
-            let sample = elapsed / self.meter_blocks;
-            self.service = if self.delivered == self.meter_blocks as u64 {
-                sample // the first interval
-            } else {
-                (self.service * 3 + sample) / 4
-            };
-            self.meter_start = (!self.asked.is_empty()).then_some(now);
-            self.meter_blocks = 0;
-        }
+        self.measured += 1;
     }
 }
 
@@ -472,7 +462,7 @@ impl Core {
                 wants: 0,
                 idle: IndexedQueue::new(),
                 parked: Vec::new(),
-                peers: HashMap::new(),
+                peers: BTreeMap::new(),
                 lookup: Lookup::Never,
                 idle_since: now,
                 ready: false,
@@ -571,6 +561,18 @@ impl Core {
         }
     }
 
+    /// Starts a lookup of `key` unless one runs or ran within [`Config::lookup_every`].
+    fn look_up_if_allowed(&mut self, now: Time, key: Cid) {
+        let allowed = self.req.keys.get(&key).is_some_and(|ks| match ks.lookup {
+            Lookup::Never => true,
+            Lookup::Done(at) => now >= at + self.config.lookup_every,
+            Lookup::Queued | Lookup::Running => false,
+        });
+        if allowed {
+            self.start_lookup(key);
+        }
+    }
+
     fn start_queued_lookups(&mut self) {
         while self.req.lookups_running < self.config.max_lookups {
             let Some(key) = self.req.lookup_queue.pop_front() else {
@@ -605,6 +607,15 @@ impl Core {
         }
         match p.presence {
             Presence::Have => {
+                if let Some(k) = self.req.by_address.get(&p.address).copied() {
+                    if let Some(w) = self.req.want_mut(k) {
+                        w.tried
+                            .retain(|(q, t)| !(*q == peer && *t == Tried::Probed));
+                    }
+                }
+                let Some(ks) = self.req.keys.get_mut(&key) else {
+                    return;
+                };
                 let room = ks.peers.len() < self.config.max_candidates;
                 match ks.peers.get_mut(&peer) {
                     Some(c) => c.presence = Known::Have,
@@ -643,12 +654,13 @@ impl Core {
                     }
                     if asked_here {
                         self.take_back(k, peer);
-                        self.stop_meter_if_idle(peer);
                         if self.req.want(k).is_some_and(|w| w.checking.is_none()) {
                             self.req.requeue_front(k);
                         }
                     }
                 }
+                // Wants parked on this answer may now go elsewhere, or end.
+                self.req.unpark(&key);
                 self.req.mark_ready(key);
             }
         }
@@ -667,15 +679,6 @@ impl Core {
         }
     }
 
-    /// A peer left with nothing asked stops being measured (idle time is not its rate).
-    fn stop_meter_if_idle(&mut self, peer: PeerId) {
-        if let Some(p) = self.peers.get_mut(&peer) {
-            if p.asked.is_empty() {
-                p.meter_start = None;
-            }
-        }
-    }
-
     pub(super) fn on_delivery(&mut self, now: Time, peer: PeerId, d: BlockDelivery) {
         let Some(k) = self.req.by_address.get(&d.address).copied() else {
             self.stats.unsolicited += 1;
@@ -685,19 +688,22 @@ impl Core {
             self.stats.unsolicited += 1;
             return;
         };
-        let from_asked = w.asked.is_some_and(|a| a.peer == peer);
-        if !(from_asked || w.asked_before.contains(&peer)) || w.checking.is_some() {
+        let asked = w.asked.filter(|a| a.peer == peer);
+        if !(asked.is_some() || w.asked_before.contains(&peer)) || w.checking.is_some() {
             self.stats.unsolicited += 1;
             return;
         }
         let (key, leaves) = (w.key, w.leaves);
-        if from_asked {
+        if asked.is_some() {
             self.take_back(k, peer);
         }
         // A delivery is a Have, and the peer's rate is measured here.
         let window_max = self.config.max_window;
         if let Some(p) = self.peers.get_mut(&peer) {
-            p.measure(now);
+            if let Some(ask) = &asked {
+                p.measure(now, ask);
+            }
+            p.delivered += 1;
             p.window = (p.window + 1).min(window_max);
         }
         if let Some(c) = self
@@ -775,9 +781,6 @@ impl Core {
         if let Some(a) = w.asked {
             if let Some(p) = self.peers.get_mut(&a.peer) {
                 p.asked.remove(&k);
-                if p.asked.is_empty() {
-                    p.meter_start = None;
-                }
             }
             cancel.push(a.peer);
         }
@@ -816,7 +819,6 @@ impl Core {
         };
         let asked: Vec<WantKey> =
             std::iter::from_fn(|| p.asked.pop_front().map(|(k, _)| k)).collect();
-        p.meter_start = None;
         for k in asked.into_iter().rev() {
             if let Some(w) = self.req.want_mut(k) {
                 if w.asked.is_some_and(|a| a.peer == peer) {
@@ -878,11 +880,29 @@ impl Core {
         }
         self.stats.timeouts += 1;
         let min_window = self.config.min_window;
+        let key = w.key;
+        let mut hollow = false;
+        let hollow_after = self.config.hollow_after;
         if let Some(p) = self.peers.get_mut(&ask.peer) {
             p.window = (p.window / 2).max(min_window);
+            // Said Have, was first asked long ago and has delivered nothing since: its
+            // Have is not believed for a while.
+            hollow = p.delivered == 0 && p.first_asked.is_some_and(|t| now >= t + hollow_after);
         }
+        if hollow {
+            let until = now + self.config.dont_have_for;
+            if let Some(c) = self
+                .req
+                .keys
+                .get_mut(&key)
+                .and_then(|ks| ks.peers.get_mut(&ask.peer))
+            {
+                c.presence = Known::DontHave { until };
+            }
+        }
+        // The peers known do not deliver: look for more.
+        self.look_up_if_allowed(now, key);
         self.take_back(k, ask.peer);
-        self.stop_meter_if_idle(ask.peer);
         if let Some(w) = self.req.want_mut(k) {
             w.timeouts += 1;
             w.set_tried(ask.peer, Tried::TimedOut);
@@ -969,12 +989,19 @@ impl Core {
             return;
         };
         let batch: Vec<WantKey> = ks.idle.iter().take(SCAN).map(|(k, _)| *k).collect();
-        let mut blocked = false;
         for k in batch {
             match self.pick(now, k) {
                 Pick::Peer(peer) => self.ask(now, k, peer),
+                Pick::Retry(peer) => {
+                    // In trouble (it timed out): peers that said DontHave for the key may
+                    // still have this block.
+                    self.probe_block(now, k);
+                    self.ask(now, k, peer);
+                }
                 Pick::NoRoom { tried } => {
-                    blocked = true;
+                    if self.req.want(k).is_some_and(|w| w.timeouts > 0) {
+                        self.probe_block(now, k);
+                    }
                     if !tried {
                         // Later wants have the same peers to go to: none has room.
                         break;
@@ -983,12 +1010,9 @@ impl Core {
                 Pick::Stuck => self.stuck(now, k),
             }
         }
-        // Still idle wants that could go: keep the key in the ready list only if the scan
-        // stopped early for another reason than room (a later event frees room).
-        let _ = blocked;
+        // Idle wants left wait for room, which frees with an event: the key stays ready.
         if let Some(ks) = self.req.keys.get_mut(&key) {
             if !ks.idle.is_empty() && !ks.ready {
-                // Room frees only with an event, which pumps again: stay ready.
                 ks.ready = true;
                 self.req.ready.push(key);
             }
@@ -1055,8 +1079,13 @@ impl Core {
                 continue;
             }
             let tried = w.tried(peer);
-            if matches!(tried, Some(Tried::DontHave | Tried::Bad)) {
-                continue;
+            match tried {
+                Some(Tried::DontHave | Tried::Bad) => continue,
+                Some(Tried::Probed) => {
+                    pending = true; // its answer about this block is due
+                    continue;
+                }
+                _ => {}
             }
             let p = self.peers.get(peer);
             let window = match c.presence {
@@ -1105,7 +1134,7 @@ impl Core {
             };
         }
         if let Some((_, peer)) = retry {
-            return Pick::Peer(peer);
+            return Pick::Retry(peer);
         }
         Pick::Stuck
     }
@@ -1113,13 +1142,12 @@ impl Core {
     fn ask(&mut self, now: Time, k: WantKey, peer: PeerId) {
         let initial = self.config.initial_service;
         let p = self.peer_mut(peer);
+        if p.delivered == 0 && p.first_asked.is_none() {
+            p.first_asked = Some(now);
+        }
         let pos = p.asked.len() as u32;
         p.asked.push_back(k, ());
-        if p.meter_start.is_none() {
-            p.meter_start = Some(now);
-            p.meter_blocks = 0;
-        }
-        let service = if p.delivered == 0 { initial } else { p.service };
+        let service = if p.measured == 0 { initial } else { p.service };
         let Some(w) = self.req.want_mut(k) else {
             return;
         };
@@ -1146,6 +1174,13 @@ impl Core {
     fn stuck(&mut self, now: Time, k: WantKey) {
         let Some(w) = self.req.want(k) else { return };
         let key = w.key;
+        // A peer that said DontHave for another block of the key (a partial copy) is
+        // asked about this block before the block is given up on.
+        if self.probe_block(now, k) {
+            self.park(k);
+            return;
+        }
+        let Some(w) = self.req.want(k) else { return };
         let Some(ks) = self.req.keys.get(&key) else {
             return;
         };
@@ -1156,13 +1191,7 @@ impl Core {
         };
         if can_look_up {
             self.start_lookup(key);
-            if let Some(w) = self.req.want_mut(k) {
-                w.place = Place::Parked;
-            }
-            if let Some(ks) = self.req.keys.get_mut(&key) {
-                ks.idle.remove(&k);
-                ks.parked.push(k);
-            }
+            self.park(k);
             return;
         }
         let (mut dont_have, mut unreachable, mut banned) = (0, 0, 0);
@@ -1184,6 +1213,69 @@ impl Core {
             banned,
         };
         self.fail_want(now, k, reason);
+    }
+
+    /// Asks the candidates of want `k`'s key that have not answered for its block (they
+    /// said DontHave for another one) whether they have it. `true` if any was asked.
+    fn probe_block(&mut self, now: Time, k: WantKey) -> bool {
+        let Some(w) = self.req.want(k) else {
+            return false;
+        };
+        let Some(ks) = self.req.keys.get(&w.key) else {
+            return false;
+        };
+        let ask: Vec<PeerId> = ks
+            .peers
+            .iter()
+            .filter(|(p, c)| {
+                matches!(c.presence, Known::DontHave { .. })
+                    && w.tried(p).is_none()
+                    && self.reachable(p, now)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        if ask.is_empty() {
+            return false;
+        }
+        let address = w.address.clone();
+        let probe_for = self.config.presence_retry * 2;
+        for peer in ask {
+            if let Some(w) = self.req.want_mut(k) {
+                w.set_tried(peer, Tried::Probed);
+            }
+            self.queue_entry(peer, want_entry(address.clone(), WantType::Have, false));
+            self.set_timer(now + probe_for, Timer::Probe(k, peer));
+        }
+        true
+    }
+
+    fn park(&mut self, k: WantKey) {
+        let Some(w) = self.req.want_mut(k) else {
+            return;
+        };
+        if w.place == Place::Parked {
+            return;
+        }
+        w.place = Place::Parked;
+        let key = w.key;
+        if let Some(ks) = self.req.keys.get_mut(&key) {
+            ks.idle.remove(&k);
+            ks.parked.push(k);
+        }
+    }
+
+    /// A want-have about one block went unanswered: as good as DontHave for it.
+    pub(super) fn probe_due(&mut self, _now: Time, k: WantKey, peer: PeerId) {
+        let Some(w) = self.req.want_mut(k) else {
+            return;
+        };
+        if w.tried(&peer) == Some(Tried::Probed) {
+            if let Some(t) = w.tried.iter_mut().find(|(p, _)| *p == peer) {
+                t.1 = Tried::DontHave;
+            }
+            let key = w.key;
+            self.req.unpark(&key);
+        }
     }
 
     /// `peer` has room and nothing of `key` is waiting: it takes the newest wants of the
@@ -1219,9 +1311,9 @@ impl Core {
                 let t = self.peers.get(&peer);
                 let (vload, tload) = (v.asked.len(), t.map_or(0, |t| t.asked.len()));
                 // Expected wait for the victim's newest want there and here.
-                let vservice = v.service;
+                let vservice = v.service.max(MIN_SERVICE);
                 let tservice = match t {
-                    Some(t) if t.delivered > 0 => t.service,
+                    Some(t) if t.measured > 0 => t.service.max(MIN_SERVICE),
                     _ => vservice,
                 };
                 if vservice.saturating_mul(vload as u32)
@@ -1240,7 +1332,6 @@ impl Core {
                     break;
                 };
                 self.take_back(k, victim);
-                self.stop_meter_if_idle(victim);
                 let address = match self.req.want_mut(k) {
                     Some(w) => {
                         w.stolen = true;
@@ -1357,6 +1448,42 @@ impl Core {
         Ok(())
     }
 
+    #[cfg(test)]
+    pub(super) fn debug_dump(&self) {
+        for (key, ks) in &self.req.keys {
+            eprintln!(
+                "key {key}: wants {} idle {} parked {} lookup {:?} peers {:?}",
+                ks.wants,
+                ks.idle.len(),
+                ks.parked.len(),
+                ks.lookup,
+                ks.peers
+            );
+        }
+        for (id, p) in &self.peers {
+            eprintln!(
+                "peer {id}: asked {} window {} cap {} service {:?} delivered {}",
+                p.asked.len(),
+                p.window,
+                self.window_cap(Some(p)),
+                p.service,
+                p.delivered
+            );
+        }
+        for slot in self
+            .req
+            .slots
+            .iter()
+            .filter_map(|s| s.want.as_ref())
+            .take(3)
+        {
+            eprintln!(
+                "want {:?}: {:?} tried {:?} asked {:?}",
+                slot.address, slot.place, slot.tried, slot.asked
+            );
+        }
+    }
+
     /// Wants not ended (for tests and the simulation).
     pub fn pending_wants(&self) -> usize {
         self.req.by_address.len()
@@ -1370,6 +1497,8 @@ impl Core {
 
 enum Pick {
     Peer(PeerId),
+    /// Only a peer it timed out at can take it now.
+    Retry(PeerId),
     /// Wait: a peer that has it has no room now, or a presence answer is due. `tried`:
     /// the want excludes some peers, so later wants may still go.
     NoRoom {
