@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+pub mod netns;
+
 use rand::{RngCore, SeedableRng};
 
 /// The `codexfs` binary under test.

@@ -539,16 +539,23 @@ impl Drop for WaiterGuard {
 fn summary(action: &Action) -> String {
     match action {
         Action::Send { peer, message, .. } => {
+            use crate::net::protocol::{Entry, WantType};
             let e = &message.wantlist.entries;
+            let list = |f: &dyn Fn(&Entry) -> bool| {
+                e.iter()
+                    .filter(|x| f(x))
+                    .map(|x| match &x.address {
+                        BlockAddress::Leaf { index, .. } => index.to_string(),
+                        BlockAddress::Cid(c) => c.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
             format!(
-                "send {peer}: {} want-blocks, {} want-haves, {} cancels",
-                e.iter()
-                    .filter(|e| !e.cancel && e.want == crate::net::protocol::WantType::Block)
-                    .count(),
-                e.iter()
-                    .filter(|e| !e.cancel && e.want == crate::net::protocol::WantType::Have)
-                    .count(),
-                e.iter().filter(|e| e.cancel).count()
+                "send {peer}: want-blocks [{}] want-haves [{}] cancels [{}]",
+                list(&|x| !x.cancel && x.want == WantType::Block),
+                list(&|x| !x.cancel && x.want == WantType::Have),
+                list(&|x| x.cancel)
             )
         }
         Action::Serve { peer, entries, .. } => format!("serve {peer}: {} wants", entries.len()),

@@ -97,6 +97,13 @@ pub(super) async fn read(
             } else {
                 None
             };
+            if tracing::enabled!(tracing::Level::TRACE) {
+                for m in &messages {
+                    for p in &m.presences {
+                        tracing::trace!(%peer, "presence {:?} {:?}", p.presence, p.address);
+                    }
+                }
+            }
             ex.with_core(|i, now| {
                 i.verify_permit = permit;
                 for m in messages {

@@ -48,13 +48,43 @@ enum Lookup {
     Done(Time),
 }
 
+/// A key's wants waiting for a peer, in the order readers made them (by sequence number).
+#[derive(Debug, Default)]
+pub(super) struct WantQueue(BTreeMap<u64, WantKey>);
+
+impl WantQueue {
+    fn insert(&mut self, seq: u64, k: WantKey) {
+        self.0.insert(seq, k);
+    }
+
+    fn remove(&mut self, seq: u64) {
+        self.0.remove(&seq);
+    }
+
+    fn contains(&self, seq: u64, k: WantKey) -> bool {
+        self.0.get(&seq) == Some(&k)
+    }
+
+    fn first(&self) -> Option<WantKey> {
+        self.0.values().next().copied()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = WantKey> + '_ {
+        self.0.values().copied()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// A dataset (tree CID) or lone block (CID) and what we know of who has it.
 #[derive(Debug)]
 pub(super) struct KeyState {
     /// Wants of this key not ended.
     wants: usize,
     /// Wants waiting for a peer, oldest first.
-    idle: IndexedQueue<WantKey, ()>,
+    idle: WantQueue,
     /// Wants no candidate can take now: they wait for a lookup, a presence answer, a
     /// candidate or a peer's backoff to end.
     parked: Vec<WantKey>,
@@ -94,6 +124,8 @@ enum Place {
 
 #[derive(Debug)]
 struct Want {
+    /// Its place in line: wants are asked in the order readers made them.
+    seq: u64,
     address: BlockAddress,
     key: Cid,
     leaves: u64,
@@ -244,7 +276,7 @@ impl Requester {
                     if let Some(w) = slot.want.as_mut() {
                         if w.place == Place::Parked {
                             w.place = Place::Idle;
-                            ks.idle.push_back(k, ());
+                            ks.idle.insert(w.seq, k);
                         }
                     }
                 }
@@ -266,13 +298,14 @@ impl Requester {
         }
     }
 
-    /// Puts an idle want back at the front of its key's queue.
-    fn requeue_front(&mut self, k: WantKey) {
+    /// Puts a want back in its key's queue, in its place (wants go in the order they
+    /// came: a reader reading in order gets its blocks in order).
+    fn requeue(&mut self, k: WantKey) {
         let Some(w) = self.want_mut(k) else { return };
         w.place = Place::Idle;
-        let key = w.key;
+        let (key, seq) = (w.key, w.seq);
         if let Some(ks) = self.keys.get_mut(&key) {
-            ks.idle.push_front(k, ());
+            ks.idle.insert(seq, k);
         }
         self.mark_ready(key);
     }
@@ -325,7 +358,9 @@ impl Core {
         let k = match self.req.by_address.get(&address) {
             Some(k) => *k,
             None => {
+                let seq = self.id();
                 let k = self.req.insert(Want {
+                    seq,
                     address: address.clone(),
                     key,
                     leaves,
@@ -342,7 +377,7 @@ impl Core {
                 self.req.by_address.insert(address, k);
                 let ks = self.req.keys.get_mut(&key).expect("ensured");
                 ks.wants += 1;
-                ks.idle.push_back(k, ());
+                ks.idle.insert(seq, k);
                 self.req.mark_ready(key);
                 k
             }
@@ -437,7 +472,7 @@ impl Core {
                         w.checking = None;
                         w.set_tried(peer, Tried::Bad);
                         if w.asked.is_none() {
-                            self.req.requeue_front(k);
+                            self.req.requeue(k);
                         }
                     }
                 }
@@ -460,7 +495,7 @@ impl Core {
             key,
             KeyState {
                 wants: 0,
-                idle: IndexedQueue::new(),
+                idle: WantQueue::default(),
                 parked: Vec::new(),
                 peers: BTreeMap::new(),
                 lookup: Lookup::Never,
@@ -655,7 +690,7 @@ impl Core {
                     if asked_here {
                         self.take_back(k, peer);
                         if self.req.want(k).is_some_and(|w| w.checking.is_none()) {
-                            self.req.requeue_front(k);
+                            self.req.requeue(k);
                         }
                     }
                 }
@@ -717,10 +752,11 @@ impl Core {
         if let Some(w) = self.req.want_mut(k) {
             w.checking = Some(peer);
             let was = std::mem::replace(&mut w.place, Place::Out);
+            let seq = w.seq;
             if let Some(ks) = self.req.keys.get_mut(&key) {
                 match was {
                     Place::Idle => {
-                        ks.idle.remove(&k);
+                        ks.idle.remove(seq);
                     }
                     Place::Parked => ks.parked.retain(|p| *p != k),
                     Place::Out => {}
@@ -790,7 +826,7 @@ impl Core {
             self.queue_cancel(peer, &w.address);
         }
         if let Some(ks) = self.req.keys.get_mut(&w.key) {
-            ks.idle.remove(&k);
+            ks.idle.remove(w.seq);
             if w.place == Place::Parked {
                 ks.parked.retain(|p| *p != k);
             }
@@ -828,7 +864,7 @@ impl Core {
                         w.asked_before.push(peer);
                     }
                     if w.checking.is_none() {
-                        self.req.requeue_front(k);
+                        self.req.requeue(k);
                     }
                 }
             }
@@ -910,7 +946,7 @@ impl Core {
                 w.asked_before.push(ask.peer);
             }
             if w.checking.is_none() {
-                self.req.requeue_front(k);
+                self.req.requeue(k);
             }
         }
     }
@@ -965,8 +1001,7 @@ impl Core {
     fn key_address(&self, key: &Cid) -> Option<BlockAddress> {
         let ks = self.req.keys.get(key)?;
         ks.idle
-            .front()
-            .map(|(k, _)| *k)
+            .first()
             .or_else(|| ks.parked.first().copied())
             .and_then(|k| self.req.want(k))
             .map(|w| w.address.clone())
@@ -988,7 +1023,7 @@ impl Core {
         let Some(ks) = self.req.keys.get(&key) else {
             return;
         };
-        let batch: Vec<WantKey> = ks.idle.iter().take(SCAN).map(|(k, _)| *k).collect();
+        let batch: Vec<WantKey> = ks.idle.iter().take(SCAN).collect();
         for k in batch {
             match self.pick(now, k) {
                 Pick::Peer(peer) => self.ask(now, k, peer),
@@ -1160,9 +1195,9 @@ impl Core {
         };
         w.asked = Some(ask);
         w.place = Place::Out;
-        let (address, key, epoch) = (w.address.clone(), w.key, w.epoch);
+        let (address, key, epoch, seq) = (w.address.clone(), w.key, w.epoch, w.seq);
         if let Some(ks) = self.req.keys.get_mut(&key) {
-            ks.idle.remove(&k);
+            ks.idle.remove(seq);
         }
         self.queue_entry(peer, want_entry(address, WantType::Block, false));
         let due = self.due(&ask, service);
@@ -1257,9 +1292,9 @@ impl Core {
             return;
         }
         w.place = Place::Parked;
-        let key = w.key;
+        let (key, seq) = (w.key, w.seq);
         if let Some(ks) = self.req.keys.get_mut(&key) {
-            ks.idle.remove(&k);
+            ks.idle.remove(seq);
             ks.parked.push(k);
         }
     }
@@ -1379,7 +1414,7 @@ impl Core {
                 .keys
                 .get(&w.key)
                 .ok_or_else(|| format!("{:?}: no key state", w.address))?;
-            let in_idle = ks.idle.contains(&k);
+            let in_idle = ks.idle.contains(w.seq, k);
             let in_parked = ks.parked.contains(&k);
             if let Some(a) = w.asked {
                 if !self
@@ -1413,12 +1448,6 @@ impl Core {
             if ks.peers.len() > self.config.max_candidates {
                 return Err(format!("key {key}: {} candidates", ks.peers.len()));
             }
-            if ks.idle.slots() > 2 * ks.idle.len() + 32 {
-                return Err(format!(
-                    "key {key}: idle queue has {} slots",
-                    ks.idle.slots()
-                ));
-            }
         }
         for (id, p) in &self.peers {
             for (k, _) in p.asked.iter() {
@@ -1446,42 +1475,6 @@ impl Core {
             return Err("waiter index out of step".into());
         }
         Ok(())
-    }
-
-    #[cfg(test)]
-    pub(super) fn debug_dump(&self) {
-        for (key, ks) in &self.req.keys {
-            eprintln!(
-                "key {key}: wants {} idle {} parked {} lookup {:?} peers {:?}",
-                ks.wants,
-                ks.idle.len(),
-                ks.parked.len(),
-                ks.lookup,
-                ks.peers
-            );
-        }
-        for (id, p) in &self.peers {
-            eprintln!(
-                "peer {id}: asked {} window {} cap {} service {:?} delivered {}",
-                p.asked.len(),
-                p.window,
-                self.window_cap(Some(p)),
-                p.service,
-                p.delivered
-            );
-        }
-        for slot in self
-            .req
-            .slots
-            .iter()
-            .filter_map(|s| s.want.as_ref())
-            .take(3)
-        {
-            eprintln!(
-                "want {:?}: {:?} tried {:?} asked {:?}",
-                slot.address, slot.place, slot.tried, slot.asked
-            );
-        }
     }
 
     /// Wants not ended (for tests and the simulation).
