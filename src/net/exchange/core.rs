@@ -611,8 +611,9 @@ impl Core {
         if let Some(p) = self.peers.get_mut(&peer) {
             if p.inbound == Some(stream) {
                 p.inbound = None;
-                // Its wants came on that stream; the peer asks again on a new one.
-                self.drop_serving(peer);
+                // Its wants came on that stream; the peer asks again on a new one. Answers
+                // already built stay counted until written (or our stream to it goes).
+                self.drop_queue(peer);
                 self.forget_if_idle(now, peer);
             }
         }

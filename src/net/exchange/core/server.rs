@@ -292,7 +292,20 @@ impl Core {
         self.peer_gone(now, peer);
     }
 
-    /// Forgets `peer`'s queued wants and batches, freeing their budget.
+    /// Forgets `peer`'s queued wants (its batches on their way stay counted).
+    pub(super) fn drop_queue(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.serve.queue.clear();
+        if p.serve.in_ring {
+            p.serve.in_ring = false;
+            self.srv.ring.retain(|r| *r != peer);
+        }
+    }
+
+    /// Forgets `peer`'s queued wants and batches, freeing their budget (our stream to it
+    /// is gone, and with it what was queued to be written).
     pub(super) fn drop_serving(&mut self, peer: PeerId) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
