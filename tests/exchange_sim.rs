@@ -108,6 +108,8 @@ struct SimPeer {
     inbound: Option<StreamId>,
     outbound: Option<StreamId>,
     opening: Option<StreamId>,
+    /// Answers the node's writer holds for this peer (built, not yet written), by batch.
+    writing: HashMap<BatchId, usize>,
     /// Bumped when the peer goes away: what was in flight to or from it is lost.
     epoch: u64,
     /// Want-blocks from the node waiting to be served.
@@ -234,7 +236,16 @@ impl Sim {
     fn new(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let me = peer_id(0);
-        let core = Core::new(Config::default(), me);
+        // The budget scaled to the simulation's small blocks, so it is exercised.
+        let config = Config {
+            budget: 16 << 10,
+            peer_budget: 4 << 10,
+            min_share: 1 << 10,
+            batch_bytes: 1 << 10,
+            block_hint: 128,
+            ..Config::default()
+        };
+        let core = Core::new(config, me);
         let n_datasets = rng.random_range(1..=3);
         let datasets: Vec<Dataset> = (0..n_datasets)
             .map(|d| Dataset::new(seed * 10 + d as u64, rng.random_range(8..=120)))
@@ -305,6 +316,7 @@ impl Sim {
                 inbound: None,
                 outbound: None,
                 opening: None,
+                writing: HashMap::new(),
                 epoch: 0,
                 queue: VecDeque::new(),
                 serving: false,
@@ -518,6 +530,7 @@ impl Sim {
         sp.inbound = None;
         sp.outbound = None;
         sp.opening = None;
+        sp.writing.clear();
         sp.epoch += 1;
         sp.queue.clear();
         sp.serving = false;
@@ -621,6 +634,7 @@ impl Sim {
                     return;
                 }
                 let id = self.peers[p].id;
+                self.peers[p].writing.remove(&batch);
                 self.core.answer_written(self.now, id, batch);
                 for m in messages {
                     self.peer_receives(p, m);
@@ -894,9 +908,9 @@ impl Sim {
                 price: Bytes::new(),
             });
         }
-        // New streams now and then (each replaces the last).
+        // New streams now and then (each replaces the last), or the old one closed first.
         if self.rng.random_bool(0.3) {
-            self.peers[p].inbound = None;
+            self.restream(p);
         }
         self.send_to_node(p, m);
         let next = ms(self.rng.random_range(200..5000));
@@ -906,6 +920,10 @@ impl Sim {
     fn reader_asks(&mut self, p: usize) {
         if !self.peers[p].online {
             return;
+        }
+        // A reader that never reads also opens new streams now and then.
+        if self.peers[p].kind == (Kind::Reader { reads: false }) && self.rng.random_bool(0.5) {
+            self.restream(p);
         }
         let held: Vec<usize> = (0..self.datasets.len())
             .filter(|d| self.node_holds[*d])
@@ -946,6 +964,17 @@ impl Sim {
         if self.peers[p].next_ask < 2000 {
             let next = ms(self.rng.random_range(500..8000));
             self.at(next, Ev::ReaderAsk(p));
+        }
+    }
+
+    /// `p` drops its stream to the node: closed (the node reads its end) or just left for
+    /// a new one.
+    fn restream(&mut self, p: usize) {
+        if let Some(old) = self.peers[p].inbound.take() {
+            if self.rng.random_bool(0.5) {
+                let id = self.peers[p].id;
+                self.core.inbound_closed(self.now, id, old);
+            }
         }
     }
 
@@ -1084,6 +1113,7 @@ impl Sim {
                     answers.blocks,
                     answers.deferred,
                 );
+                self.peers[p].writing.insert(batch, answers.bytes);
                 if matches!(self.peers[p].kind, Kind::Reader { reads: false }) {
                     return; // never read: never written
                 }
@@ -1177,6 +1207,8 @@ impl Sim {
                 if let Some(&p) = self.index.get(&peer) {
                     if self.peers[p].outbound == Some(stream) {
                         self.peers[p].outbound = None;
+                        // The writer goes, and what it held with it.
+                        self.peers[p].writing.clear();
                     }
                 }
             }
@@ -1266,6 +1298,18 @@ impl Sim {
                 "{} bytes of budget held",
                 self.core.budget_held(None)
             ));
+        }
+        // What the writers really hold stays within the budget too (the core must not free
+        // budget its writers still hold).
+        let writing: usize = self.peers.iter().flat_map(|p| p.writing.values()).sum();
+        if writing > config.budget + config.peer_budget {
+            self.fail(format!("writers hold {writing} bytes of answers"));
+        }
+        for (p, peer) in self.peers.iter().enumerate() {
+            let held: usize = peer.writing.values().sum();
+            if held > config.peer_budget + 2 * config.batch_bytes + 16 * config.block_hint {
+                self.fail(format!("the writer to peer {p} holds {held} bytes"));
+            }
         }
         // No honest reader starves: each want it sent while connected is answered in time.
         for (p, peer) in self.peers.iter().enumerate() {

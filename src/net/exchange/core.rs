@@ -141,6 +141,8 @@ pub struct Config {
     pub haves_per_batch: usize,
     /// Block data per batch; more is deferred to the next batch.
     pub batch_bytes: usize,
+    /// Bytes a want-block is assumed to take before a peer's first answer is built.
+    pub block_hint: usize,
     pub budget: usize,
     pub peer_budget: usize,
     pub min_share: usize,
@@ -176,6 +178,7 @@ impl Default for Config {
             blocks_per_batch: 16,
             haves_per_batch: 1024,
             batch_bytes: 1 << 20,
+            block_hint: 64 << 10,
             budget: 64 << 20,
             peer_budget: 8 << 20,
             min_share: 1 << 20,

@@ -191,6 +191,10 @@ pub fn key_of(address: &BlockAddress) -> Cid {
 const SCAN: usize = 64;
 /// Time per block below which peers count as equally fast.
 const MIN_SERVICE: Duration = Duration::from_micros(10);
+/// Wants a peer that has delivered nothing yet may hold at once.
+const UNPROVEN_WINDOW: usize = 4;
+/// What asking a peer that has delivered nothing yet counts as costing.
+const UNPROVEN_COST: Duration = Duration::from_secs(1);
 
 impl Peer {
     /// Counts a block delivered at `now` for a want asked at `ask`: the time it took over
@@ -313,8 +317,9 @@ impl Requester {
 
 impl Core {
     fn window_cap(&self, p: Option<&Peer>) -> usize {
-        let Some(p) = p else {
-            return self.config.initial_window;
+        let Some(p) = p.filter(|p| p.delivered > 0) else {
+            // Not proven yet (a Have costs nothing to say): a few blocks until it delivers.
+            return UNPROVEN_WINDOW;
         };
         // No more than about `queue_time` of work at the peer's measured rate.
         let by_rate = if p.service.is_zero() {
@@ -1143,8 +1148,11 @@ impl Core {
                 later = true;
                 continue;
             }
-            let service = p.map_or(self.config.initial_service, |p| p.service);
-            let mut cost = service.max(MIN_SERVICE).saturating_mul(load as u32 + 1);
+            let mut cost = match p.filter(|p| p.measured > 0) {
+                Some(p) => p.service.max(MIN_SERVICE).saturating_mul(load as u32 + 1),
+                // Peers that have delivered come first; the others fill in.
+                None => UNPROVEN_COST + self.config.initial_service.saturating_mul(load as u32),
+            };
             if p.is_none_or(|p| p.conn.is_none()) {
                 // A peer we are not connected to may be gone: it comes after those we are.
                 cost = cost * 4 + Duration::from_millis(1);

@@ -43,9 +43,9 @@ impl ServePeer {
         self.queue.is_empty() && self.batches.is_empty()
     }
 
-    fn hint(&self) -> usize {
+    fn hint(&self, config: &Config) -> usize {
         if self.block_hint == 0 {
-            64 * 1024
+            config.block_hint
         } else {
             self.block_hint
         }
@@ -139,7 +139,7 @@ impl Core {
             if p.serve.queue.is_empty() || p.serve.batches.len() >= per_peer {
                 continue; // back in the ring when a batch of its is written
             }
-            let hint = p.serve.hint();
+            let hint = p.serve.hint(&self.config);
             let next = hint * blocks_max.min(p.serve.queue.len());
             if p.serve.held > 0 && p.serve.held + next > share {
                 continue; // over its share: waits for its own writes
@@ -341,7 +341,7 @@ impl Core {
             return Err(format!("{id}: holds {} but its batches {held}", s.held));
         }
         // One batch may pass the share (a peer always gets one); more may not.
-        let one_batch = c.blocks_per_batch * s.hint().max(c.batch_bytes / c.blocks_per_batch)
+        let one_batch = c.blocks_per_batch * s.hint(c).max(c.batch_bytes / c.blocks_per_batch)
             + c.haves_per_batch * PRESENCE_BYTES
             + c.batch_bytes;
         if s.held > c.peer_budget + one_batch {
