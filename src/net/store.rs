@@ -298,11 +298,9 @@ fn remote_block(
         ),
         Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
     };
-    Box::pin(async move {
-        ex.fetch(address, leaves, &peers, timeout, Discover::Now)
-            .await
-            .map(|f| f.data)
-    })
+    // The want is made here, now: blocks asked in order are wanted in order.
+    let fetch = ex.fetch(address, leaves, &peers, timeout, Discover::Now);
+    Box::pin(async move { fetch.await.map(|f| f.data) })
 }
 
 impl BlockSource for NetworkStore {

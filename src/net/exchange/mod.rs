@@ -60,6 +60,35 @@ pub enum Discover {
     WhenStuck,
 }
 
+/// A batch of wants to answer ([`Action::Serve`]).
+struct ServeJob {
+    peer: PeerId,
+    stream: StreamId,
+    batch: core::BatchId,
+    entries: Vec<crate::net::protocol::Entry>,
+    max_bytes: usize,
+}
+
+impl ServeJob {
+    /// Few enough to answer without a hop to the blocking pool: a couple of blocks read
+    /// (from the page cache, as a block just asked for usually is) and a few lookups.
+    fn is_small(&self) -> bool {
+        use crate::net::protocol::WantType;
+        let blocks = self
+            .entries
+            .iter()
+            .filter(|e| e.want == WantType::Block)
+            .count();
+        blocks <= 2 && self.entries.len() <= 16
+    }
+}
+
+thread_local! {
+    /// Set while a thread answers a small batch itself: a batch that follows goes to the
+    /// blocking pool (no recursion).
+    static SERVING_INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 struct VerifyJob {
     peer: PeerId,
     delivery: BlockDelivery,
@@ -81,12 +110,17 @@ struct Inner {
     /// checking capacity the reader that handed their message in holds for them.
     verify: Vec<VerifyJob>,
     verify_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Small batches to answer once the lock is released.
+    inline: Vec<ServeJob>,
     /// When the timer task wakes next.
     wake_at: Option<Time>,
 }
 
 pub struct Exchange {
     repo: Arc<RepoStore>,
+    /// Where the shell's tasks run (events may come from threads outside it: a read on a
+    /// FUSE thread makes its want at once).
+    runtime: tokio::runtime::Handle,
     net: NetHandle,
     epoch: Instant,
     inner: Mutex<Inner>,
@@ -109,6 +143,7 @@ impl Exchange {
         } = started;
         let ex = Arc::new(Self {
             repo,
+            runtime: tokio::runtime::Handle::current(),
             net: net.clone(),
             epoch: Instant::now(),
             inner: Mutex::new(Inner {
@@ -119,6 +154,7 @@ impl Exchange {
                 conns: HashMap::new(),
                 verify: Vec::new(),
                 verify_permit: None,
+                inline: Vec::new(),
                 wake_at: None,
             }),
             timer: Arc::new(Notify::new()),
@@ -204,11 +240,21 @@ impl Exchange {
             }
         }
         let permit = inner.verify_permit.take();
-        if inner.verify.is_empty() {
-            return r;
-        }
+        let inline = std::mem::take(&mut inner.inline);
         let jobs = std::mem::take(&mut inner.verify);
         drop(inner);
+        for job in inline {
+            if SERVING_INLINE.with(|s| s.replace(true)) {
+                let ex = self.clone();
+                self.runtime.spawn_blocking(move || ex.serve(job));
+            } else {
+                self.serve(job);
+                SERVING_INLINE.with(|s| s.set(false));
+            }
+        }
+        if jobs.is_empty() {
+            return r;
+        }
         let bytes: usize = jobs.iter().map(|j| j.delivery.data.len()).sum();
         if bytes <= VERIFY_INLINE_BYTES {
             // A block or two (a reader waiting for its first byte): hashed here, without a
@@ -216,7 +262,7 @@ impl Exchange {
             self.verify(jobs);
         } else {
             let ex = self.clone();
-            tokio::task::spawn_blocking(move || {
+            self.runtime.spawn_blocking(move || {
                 ex.verify(jobs);
                 drop(permit);
             });
@@ -233,7 +279,8 @@ impl Exchange {
                 Action::OpenStream { peer, stream } => {
                     let (tx, rx) = mpsc::unbounded_channel();
                     inner.writers.insert(peer, Writer { stream, tx });
-                    tokio::spawn(streams::write(self.clone(), peer, stream, rx));
+                    self.runtime
+                        .spawn(streams::write(self.clone(), peer, stream, rx));
                 }
                 Action::Send {
                     peer,
@@ -251,10 +298,21 @@ impl Exchange {
                     entries,
                     max_bytes,
                 } => {
-                    let ex = self.clone();
-                    tokio::task::spawn_blocking(move || {
-                        ex.serve(peer, stream, batch, entries, max_bytes)
-                    });
+                    let job = ServeJob {
+                        peer,
+                        stream,
+                        batch,
+                        entries,
+                        max_bytes,
+                    };
+                    if job.is_small() {
+                        // A presence or a block or two (a reader's first byte waits on
+                        // it): answered by the task that handled the event, after the lock.
+                        inner.inline.push(job);
+                    } else {
+                        let ex = self.clone();
+                        self.runtime.spawn_blocking(move || ex.serve(job));
+                    }
                 }
                 Action::Verify {
                     peer,
@@ -266,7 +324,7 @@ impl Exchange {
                     leaves,
                 }),
                 Action::Lookup { key } => {
-                    tokio::spawn(self.clone().look_up(key));
+                    self.runtime.spawn(self.clone().look_up(key));
                 }
                 Action::Deliver {
                     waiters,
@@ -316,21 +374,23 @@ impl Exchange {
     fn accept(self: &Arc<Self>, peer: PeerId, stream: libp2p::Stream) {
         self.with_core(|i, now| {
             if let Some(id) = i.core.inbound_stream(now, peer) {
-                let reader = tokio::spawn(streams::read(self.clone(), peer, id, stream));
+                let reader = self
+                    .runtime
+                    .spawn(streams::read(self.clone(), peer, id, stream));
                 i.readers.insert(id, reader.abort_handle());
             }
         });
     }
 
     /// Builds the answers to a batch of wants (on the blocking pool) and queues them.
-    fn serve(
-        self: &Arc<Self>,
-        peer: PeerId,
-        stream: StreamId,
-        batch: core::BatchId,
-        entries: Vec<crate::net::protocol::Entry>,
-        max_bytes: usize,
-    ) {
+    fn serve(self: &Arc<Self>, job: ServeJob) {
+        let ServeJob {
+            peer,
+            stream,
+            batch,
+            entries,
+            max_bytes,
+        } = job;
         tracing::trace!(%peer, "building answers");
         let mut answers = super::provider::answer_entries(&*self.repo, entries, max_bytes);
         tracing::trace!(%peer, "built answers");
@@ -422,7 +482,7 @@ impl Exchange {
         });
         if storing {
             let ex = self.clone();
-            tokio::task::spawn_blocking(move || {
+            self.runtime.spawn_blocking(move || {
                 if let Err(e) = ex.repo.put_fetched_leaves(&leaves) {
                     tracing::warn!("storing fetched blocks: {e}");
                 }
@@ -464,16 +524,17 @@ impl Exchange {
     }
 
     /// Fetches a block, verified against a tree of `leaves` leaves (0 for a block by CID),
-    /// from `providers`, the connected peers, or providers a lookup finds. Waits at most
-    /// `timeout`.
-    pub async fn fetch(
+    /// from `providers`, the connected peers, or providers a lookup finds, within
+    /// `timeout`. The want is made now, when this is called (not when the future is first
+    /// polled): wants go out in the order readers make them.
+    pub fn fetch(
         self: &Arc<Self>,
         address: BlockAddress,
         leaves: u64,
         providers: &[PeerId],
         timeout: Duration,
         discover: Discover,
-    ) -> Result<Fetched> {
+    ) -> impl std::future::Future<Output = Result<Fetched>> + Send + 'static {
         let candidates: Vec<Candidate> = providers
             .iter()
             .map(|p| Candidate {
@@ -494,20 +555,24 @@ impl Exchange {
             i.waiters.insert(w, tx);
             w
         });
-        let mut guard = WaiterGuard {
+        let guard = WaiterGuard {
             ex: Arc::downgrade(self),
             waiter,
             armed: true,
         };
-        // The core ends every want by its deadline; this only guards against a bug.
-        let got = tokio::time::timeout(timeout + Duration::from_secs(5), rx).await;
-        guard.armed = !matches!(got, Ok(Ok(_)));
-        match got {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::NotFound(format!("{address:?}: request dropped"))),
-            Err(_) => Err(Error::NotFound(format!(
-                "{address:?}: not delivered within {timeout:?}"
-            ))),
+        async move {
+            // The whole guard lives in the future (dropping the future drops the want).
+            let mut guard = guard;
+            // The core ends every want by its deadline; this only guards against a bug.
+            let got = tokio::time::timeout(timeout + Duration::from_secs(5), rx).await;
+            guard.armed = !matches!(got, Ok(Ok(_)));
+            match got {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(Error::NotFound(format!("{address:?}: request dropped"))),
+                Err(_) => Err(Error::NotFound(format!(
+                    "{address:?}: not delivered within {timeout:?}"
+                ))),
+            }
         }
     }
 }
