@@ -505,6 +505,29 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_block_a_manifest_may_declare_fits_a_frame() {
+        // The deepest proof a tree can have (2^64 leaves), and the longest CIDs.
+        let tree = cid_from_digest(ROOT_CODEC, &sha256(b"tree"));
+        let data = Bytes::from(vec![1u8; crate::manifest::MAX_BLOCK_SIZE as usize]);
+        let m = Message {
+            deliveries: vec![BlockDelivery {
+                cid: block_cid(&data),
+                data,
+                address: BlockAddress::Leaf {
+                    tree,
+                    index: u64::MAX,
+                },
+                proof: Some(Bytes::from(vec![0xffu8; 64 * 40 + 32])),
+            }],
+            ..Message::default()
+        };
+        assert!(
+            encode_frame(&m).is_ok(),
+            "a block of the largest size is sendable"
+        );
+    }
+
+    #[test]
     fn oversized_frames_are_refused_before_they_are_buffered() {
         let mut d = FrameDecoder::new();
         let mut head = Vec::new();
