@@ -244,6 +244,15 @@ pub struct Started {
     pub incoming: libp2p_stream::IncomingStreams,
 }
 
+/// Of the listen addresses a peer claims (identify), those at the IP it connected from:
+/// a peer cannot point the routing table at hosts it is not on.
+fn confirmed(claimed: Vec<Multiaddr>, seen: Option<IpAddr>) -> Vec<Multiaddr> {
+    claimed
+        .into_iter()
+        .filter(|a| seen.is_some() && ip_of(a) == seen)
+        .collect()
+}
+
 /// Starts the swarm on the current tokio runtime.
 pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
     let peer_id = key.public().to_peer_id();
@@ -472,13 +481,9 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
                         }
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, connection_id, .. })) => {
-                        // Only addresses at the IP the peer connected from: a peer cannot
-                        // point the routing table at hosts it is not on.
                         let seen = conns.get(&connection_id).and_then(|c| c.2);
-                        for addr in info.listen_addrs {
-                            if seen.is_some() && ip_of(&addr) == seen {
-                                swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                            }
+                        for addr in confirmed(info.listen_addrs, seen) {
+                            swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                         }
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
@@ -581,6 +586,22 @@ mod tests {
         // Banned, or one connection too many: refused even when we dialled.
         assert_eq!(admit(true, true, false, 0, 4, &[]), Admit::Refuse);
         assert_eq!(admit(true, false, true, 0, 4, &[]), Admit::Refuse);
+    }
+
+    #[test]
+    fn only_addresses_at_the_ip_a_peer_came_from_are_believed() {
+        let claimed: Vec<Multiaddr> = [
+            "/ip4/10.0.0.5/tcp/8070",
+            "/ip4/192.0.2.1/tcp/8070",
+            "/dns4/victim.example/tcp/80",
+            "/ip4/10.0.0.5/udp/9/quic-v1",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let ok = confirmed(claimed.clone(), Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(ok, vec![claimed[0].clone(), claimed[3].clone()]);
+        assert!(confirmed(claimed, None).is_empty());
     }
 
     #[test]

@@ -41,80 +41,120 @@ pub(super) enum Out {
     },
 }
 
+/// Why reading a stream ended.
+#[derive(Debug)]
+pub(super) enum ReadEnd {
+    Closed,
+    /// A frame begun and not continued within the read deadline.
+    Stalled,
+    Bad(crate::Error),
+}
+
+/// Frames off a stream, in batches of what arrived together. Memory held is what arrived
+/// (a header that claims 4 MiB reserves nothing); a frame left half-sent for `deadline`
+/// ends the stream, an idle stream between frames has no deadline.
+pub(super) struct FrameReader<R> {
+    inner: R,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+    deadline: Duration,
+    bad: Option<crate::Error>,
+}
+
+impl<R: futures::AsyncRead + Unpin> FrameReader<R> {
+    pub(super) fn new(inner: R, deadline: Duration) -> Self {
+        Self {
+            inner,
+            decoder: FrameDecoder::new(),
+            buf: vec![0u8; READ_BUF],
+            deadline,
+            bad: None,
+        }
+    }
+
+    /// The messages of the next read that completes any (at least one), or why the
+    /// stream ended.
+    pub(super) async fn next_batch(&mut self) -> Result<Vec<Message>, ReadEnd> {
+        loop {
+            if let Some(e) = self.bad.take() {
+                return Err(ReadEnd::Bad(e));
+            }
+            let read = if self.decoder.is_partial() {
+                tokio::time::timeout(self.deadline, self.inner.read(&mut self.buf))
+                    .await
+                    .map_err(|_| ReadEnd::Stalled)?
+            } else {
+                self.inner.read(&mut self.buf).await
+            };
+            let n = match read {
+                Ok(0) | Err(_) => return Err(ReadEnd::Closed),
+                Ok(n) => n,
+            };
+            self.decoder.push(&self.buf[..n]);
+            let mut messages = Vec::new();
+            loop {
+                match self.decoder.next_message() {
+                    Ok(Some(m)) => messages.push(m),
+                    Ok(None) => break,
+                    Err(e) => {
+                        // What came before it is still handled; then the stream ends.
+                        self.bad = Some(e);
+                        break;
+                    }
+                }
+            }
+            if !messages.is_empty() {
+                return Ok(messages);
+            }
+        }
+    }
+
+    /// Bytes of a frame not yet complete.
+    pub(super) fn buffered(&self) -> usize {
+        self.decoder.buffered()
+    }
+}
+
 /// Reads the stream `peer` opened to us until it ends, misbehaves or is replaced. Every
 /// message read in one go is handed to the core in one call; deliveries it wants checked
 /// are hashed on the blocking pool while this task reads on.
-pub(super) async fn read(
-    ex: Arc<Exchange>,
-    peer: PeerId,
-    id: StreamId,
-    mut stream: libp2p::Stream,
-) {
-    let mut decoder = FrameDecoder::new();
-    let mut buf = vec![0u8; READ_BUF];
+pub(super) async fn read(ex: Arc<Exchange>, peer: PeerId, id: StreamId, stream: libp2p::Stream) {
+    let mut frames = FrameReader::new(stream, READ_DEADLINE);
     let mut marked: Option<Instant> = None;
-    loop {
-        let read = if decoder.is_partial() {
-            match tokio::time::timeout(READ_DEADLINE, stream.read(&mut buf)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::info!(%peer, "closing a stream whose frame stalled");
-                    break;
-                }
-            }
-        } else {
-            stream.read(&mut buf).await
+    let end = loop {
+        let messages = match frames.next_batch().await {
+            Ok(m) => m,
+            Err(end) => break end,
         };
-        let n = match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        decoder.push(&buf[..n]);
-        tracing::trace!(%peer, "read {n} bytes");
         if marked.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
             ex.net.mark_active(peer);
             marked = Some(Instant::now());
         }
-        let (mut messages, mut deliveries, mut bad) = (Vec::new(), false, None);
-        loop {
-            match decoder.next_message() {
-                Ok(Some(m)) => {
-                    deliveries |= !m.deliveries.is_empty();
-                    messages.push(m);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    bad = Some(e);
-                    break;
-                }
-            }
-        }
-        if !messages.is_empty() {
-            // At most a few batches of deliveries are checked at once: a peer sending
-            // faster than we hash waits here.
-            let permit = if deliveries {
-                ex.verifying.clone().acquire_owned().await.ok()
-            } else {
-                None
-            };
-            if tracing::enabled!(tracing::Level::TRACE) {
-                for m in &messages {
-                    for p in &m.presences {
-                        tracing::trace!(%peer, "presence {:?} {:?}", p.presence, p.address);
-                    }
+        // At most a few batches of deliveries are checked at once: a peer sending faster
+        // than we hash waits here.
+        let permit = if messages.iter().any(|m| !m.deliveries.is_empty()) {
+            ex.verifying.clone().acquire_owned().await.ok()
+        } else {
+            None
+        };
+        if tracing::enabled!(tracing::Level::TRACE) {
+            for m in &messages {
+                for p in &m.presences {
+                    tracing::trace!(%peer, "presence {:?} {:?}", p.presence, p.address);
                 }
             }
-            ex.with_core(|i, now| {
-                i.verify_permit = permit;
-                for m in messages {
-                    i.core.message(now, peer, id, m);
-                }
-            });
         }
-        if let Some(e) = bad {
-            tracing::info!(%peer, "closing a stream that sent a bad frame: {e}");
-            break;
-        }
+        ex.with_core(|i, now| {
+            i.verify_permit = permit;
+            for m in messages {
+                i.core.message(now, peer, id, m);
+            }
+        });
+    };
+    match end {
+        ReadEnd::Closed => {}
+        ReadEnd::Stalled => tracing::info!(%peer, "closing a stream whose frame stalled"),
+        ReadEnd::Bad(e) => tracing::info!(%peer, "closing a stream that sent a bad frame: {e}"),
     }
     ex.with_core(|i, now| {
         i.readers.remove(&id);
@@ -261,4 +301,116 @@ async fn write_within(
                 "write timed out",
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::protocol::{encode_frame, BlockAddress, Entry, WantType, Wantlist};
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Gives these chunks, then never another byte (or the end, with `eof`).
+    struct Script {
+        chunks: VecDeque<Vec<u8>>,
+        eof: bool,
+    }
+
+    impl futures::AsyncRead for Script {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            match self.chunks.pop_front() {
+                Some(c) => {
+                    let n = c.len().min(buf.len());
+                    buf[..n].copy_from_slice(&c[..n]);
+                    if n < c.len() {
+                        self.chunks.push_front(c[n..].to_vec());
+                    }
+                    Poll::Ready(Ok(n))
+                }
+                None if self.eof => Poll::Ready(Ok(0)),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    fn want_message(i: u64) -> Vec<u8> {
+        encode_frame(&Message {
+            wantlist: Wantlist {
+                entries: vec![Entry {
+                    address: BlockAddress::Cid(crate::cids::block_cid(&i.to_le_bytes())),
+                    priority: 0,
+                    cancel: false,
+                    want: WantType::Have,
+                    send_dont_have: true,
+                }],
+                full: false,
+            },
+            ..Message::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn frames_come_in_batches_and_a_closed_stream_ends() {
+        let (a, b) = (want_message(1), want_message(2));
+        let mut both = a.clone();
+        both.extend_from_slice(&b[..5]);
+        let script = Script {
+            chunks: VecDeque::from(vec![both, b[5..].to_vec()]),
+            eof: true,
+        };
+        let mut r = FrameReader::new(script, Duration::from_secs(5));
+        assert_eq!(r.next_batch().await.unwrap().len(), 1);
+        assert_eq!(r.next_batch().await.unwrap().len(), 1);
+        assert!(matches!(r.next_batch().await, Err(ReadEnd::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_half_sent_frame_ends_the_stream_after_the_deadline_holding_only_what_came() {
+        // A header claiming a 4 MiB frame, then ten bytes, then nothing.
+        let mut partial = Vec::new();
+        crate::protobuf::put_varint(&mut partial, (4 << 20) - 1);
+        partial.extend_from_slice(&[0x0a; 10]);
+        let script = Script {
+            chunks: VecDeque::from(vec![want_message(1), partial]),
+            eof: false,
+        };
+        let mut r = FrameReader::new(script, Duration::from_millis(50));
+        assert_eq!(r.next_batch().await.unwrap().len(), 1);
+        let started = Instant::now();
+        assert!(matches!(r.next_batch().await, Err(ReadEnd::Stalled)));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert!(r.buffered() <= 16, "{} bytes held", r.buffered());
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_between_frames_has_no_deadline_and_a_bad_frame_ends_it() {
+        let script = Script {
+            chunks: VecDeque::from(vec![want_message(1)]),
+            eof: false,
+        };
+        let mut r = FrameReader::new(script, Duration::from_millis(20));
+        assert_eq!(r.next_batch().await.unwrap().len(), 1);
+        let idle = tokio::time::timeout(Duration::from_millis(100), r.next_batch()).await;
+        assert!(idle.is_err(), "idle, not stalled: still waiting");
+
+        let mut bad = want_message(1);
+        bad.extend_from_slice(&[0x05, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        let script = Script {
+            chunks: VecDeque::from(vec![bad]),
+            eof: false,
+        };
+        let mut r = FrameReader::new(script, Duration::from_secs(5));
+        assert_eq!(
+            r.next_batch().await.unwrap().len(),
+            1,
+            "what came first is kept"
+        );
+        assert!(matches!(r.next_batch().await, Err(ReadEnd::Bad(_))));
+    }
 }
