@@ -156,6 +156,8 @@ fn three_seeders_share_the_load_and_one_may_die() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Read as it comes (a full pipe would stop the download).
+    let dl_log = common::Log::capture(&mut dl);
     // Part way: once the download has written its first bytes.
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::metadata(&out2).map_or(0, |m| m.len()) == 0 {
@@ -168,7 +170,7 @@ fn three_seeders_share_the_load_and_one_may_die() {
     }
     seeders[0].kill();
     let status = dl.wait().unwrap();
-    assert!(status.success());
+    assert!(status.success(), "{}", dl_log.text());
     assert!(
         std::fs::read(&out2).unwrap() == bytes,
         "download after a seeder died differs"
@@ -220,7 +222,7 @@ fn a_lying_peer_is_refused_and_the_data_comes_from_an_honest_one() {
         );
         log = String::from_utf8_lossy(&d.stderr).into_owned();
         refused = log
-            .split("refused ")
+            .split("fetched from the network, refused ")
             .nth(1)
             .and_then(|r| r.split(' ').next())
             .and_then(|n| n.parse().ok())
@@ -283,7 +285,13 @@ fn our_own_dials_pass_the_peer_limit() {
         ])
         .output()
         .unwrap();
-    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    assert!(
+        d.status.success(),
+        "{}\nA:\n{}\nB:\n{}",
+        String::from_utf8_lossy(&d.stderr),
+        a.log.text(),
+        b.log.text()
+    );
     assert!(std::fs::read(&out).unwrap() == bytes);
 }
 
@@ -309,7 +317,8 @@ fn a_local_block_that_fails_its_check_is_fetched_again_and_replaced() {
     let pack = std::fs::read_dir(c_data.join("packs"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "pack"))
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .max_by_key(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
         .expect("fetched blocks are in a pack file");
     let f = std::fs::OpenOptions::new()
         .read(true)

@@ -280,10 +280,13 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
             Behaviour {
                 stream: libp2p_stream::Behaviour::new(),
                 kad,
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/codexfs/1.0.0".into(),
-                    key.public(),
-                )),
+                // A node that dials its bootstrap peer before its listener is up would
+                // otherwise tell it no address, and that peer could not point others at it
+                // (a provider without an address is not returned by a lookup).
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/codexfs/1.0.0".into(), key.public())
+                        .with_push_listen_addr_updates(true),
+                ),
                 ping: ping::Behaviour::default(),
                 mdns: Toggle::from(mdns),
             }

@@ -125,8 +125,10 @@ pub struct Config {
     /// counts as DontHave (for [`Config::dont_have_for`]).
     pub hollow_after: Duration,
     pub max_lookups: usize,
-    /// A key is looked up at most this often.
+    /// A key is looked up at most this often...
     pub lookup_every: Duration,
+    /// ...but a lookup that found nobody is tried once more after this long.
+    pub relookup_after: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub ban_for: Duration,
@@ -167,6 +169,7 @@ impl Default for Config {
             hollow_after: Duration::from_secs(10),
             max_lookups: 4,
             lookup_every: Duration::from_secs(10),
+            relookup_after: Duration::from_secs(1),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(60),
             ban_for: Duration::from_secs(600),
@@ -371,6 +374,8 @@ enum Timer {
     /// A want-have about one block of a want (after a DontHave for the key) is due.
     Probe(requester::WantKey, PeerId),
     Backoff(PeerId),
+    /// Parked wants of a key may go on (a second lookup is allowed).
+    Unpark(Cid),
     WriteDeadline(PeerId, BatchId),
     Housekeeping,
 }
@@ -579,7 +584,13 @@ impl Core {
             return; // an older stream
         }
         p.outbound = Outbound::None;
-        if !opened {
+        // A peer we are connected to whose stream failed to open once (a connection
+        // closed under it, a race with a limit) is tried again at once; after that, and
+        // for a peer we cannot even reach, backoff.
+        let retry_now = !opened && p.conn.is_some() && p.failures == 0;
+        if retry_now {
+            p.failures = 1;
+        } else if !opened {
             p.failures += 1;
             let backoff = self
                 .config
@@ -700,6 +711,7 @@ impl Core {
                     }
                 }
                 Timer::WriteDeadline(peer, batch) => self.write_due(now, peer, batch),
+                Timer::Unpark(key) => self.req.unpark(&key),
                 Timer::Housekeeping => {
                     self.housekeeping(now);
                     self.set_timer(now + Duration::from_secs(1), Timer::Housekeeping);

@@ -508,18 +508,24 @@ impl Exchange {
 
     /// Finds providers of `key` through Kademlia and hands them to the core as they come.
     async fn look_up(self: Arc<Self>, key: Cid) {
+        let started = Instant::now();
         let mut found = self.net.find_providers_stream(&key.to_bytes());
         let deadline = tokio::time::sleep(LOOKUP_TIMEOUT);
         tokio::pin!(deadline);
+        let mut n = 0;
         loop {
             tokio::select! {
                 batch = found.recv() => match batch {
-                    Some(peers) => self.with_core(|i, now| i.core.lookup_found(now, key, &peers)),
+                    Some(peers) => {
+                        n += peers.len();
+                        self.with_core(|i, now| i.core.lookup_found(now, key, &peers));
+                    }
                     None => break,
                 },
                 _ = &mut deadline => break,
             }
         }
+        tracing::debug!("lookup of {key}: {n} providers in {:?}", started.elapsed());
         self.with_core(|i, now| i.core.lookup_done(now, key));
     }
 

@@ -17,8 +17,10 @@ use crate::net::swarm::protocol;
 pub const READ_DEADLINE: Duration = Duration::from_secs(20);
 /// One write (at most [`WRITE_CHUNK`] plus a message) must finish within this long.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Opening a stream (dialling included) gives up after this long.
+/// Opening a stream (dialling included) gives up after this long; a request is made again
+/// after each attempt's time.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+const OPEN_ATTEMPT: Duration = Duration::from_secs(1);
 /// Bytes read from a stream at a time.
 const READ_BUF: usize = 128 * 1024;
 /// Queued messages written together, up to about this many bytes.
@@ -110,6 +112,7 @@ impl<R: futures::AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Bytes of a frame not yet complete.
+    #[cfg(test)]
     pub(super) fn buffered(&self) -> usize {
         self.decoder.buffered()
     }
@@ -176,18 +179,10 @@ pub(super) async fn write(
     let mut out = Vec::new();
     let (mut controls, mut answers) = (Vec::new(), Vec::new());
     'open: loop {
-        let mut control = ex.net.control.clone();
-        let opened =
-            tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol())).await;
-        let stream = match opened {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+        let stream = match open(&ex, peer).await {
+            Ok(s) => s,
+            Err(e) => {
                 tracing::info!(%peer, "cannot open a stream: {e}");
-                ex.with_core(|i, now| i.core.stream_failed(now, peer, id, !first_open));
-                return;
-            }
-            Err(_) => {
-                tracing::info!(%peer, "cannot open a stream: timed out");
                 ex.with_core(|i, now| i.core.stream_failed(now, peer, id, !first_open));
                 return;
             }
@@ -270,6 +265,24 @@ pub(super) async fn write(
             if out.capacity() > 4 * WRITE_CHUNK {
                 out = Vec::new(); // a rare huge write does not keep its buffer
             }
+        }
+    }
+}
+
+/// Opens a stream to `peer` (dialling it if needed). libp2p-stream can lose a request
+/// made while a connection to the peer is being set up (it waits for a dial that is never
+/// made): a request unanswered for a moment is made again.
+async fn open(ex: &Arc<Exchange>, peer: PeerId) -> Result<libp2p::Stream, String> {
+    let started = Instant::now();
+    loop {
+        let mut control = ex.net.control.clone();
+        match tokio::time::timeout(OPEN_ATTEMPT, control.open_stream(peer, protocol())).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) if started.elapsed() + OPEN_ATTEMPT <= OPEN_TIMEOUT => {
+                tracing::debug!(%peer, "opening a stream: no answer yet, asking again");
+            }
+            Err(_) => return Err("timed out".into()),
         }
     }
 }

@@ -90,6 +90,9 @@ pub(super) struct KeyState {
     parked: Vec<WantKey>,
     peers: BTreeMap<PeerId, Cand>,
     lookup: Lookup,
+    /// Providers the running lookup found, and lookups in a row that found none.
+    found: usize,
+    empty_lookups: u32,
     /// When the last want ended (idle keys are forgotten after a while).
     idle_since: Time,
     ready: bool,
@@ -425,7 +428,8 @@ impl Core {
 
     /// Providers of `key` found by a lookup (more may follow).
     pub fn lookup_found(&mut self, now: Time, key: Cid, peers: &[PeerId]) {
-        if self.req.keys.contains_key(&key) {
+        if let Some(ks) = self.req.keys.get_mut(&key) {
+            ks.found += peers.len();
             self.add_candidates(
                 now,
                 key,
@@ -445,6 +449,11 @@ impl Core {
         if let Some(ks) = self.req.keys.get_mut(&key) {
             if ks.lookup == Lookup::Running {
                 ks.lookup = Lookup::Done(now);
+                if std::mem::take(&mut ks.found) == 0 {
+                    ks.empty_lookups += 1;
+                } else {
+                    ks.empty_lookups = 0;
+                }
             }
         }
         self.req.unpark(&key);
@@ -504,6 +513,8 @@ impl Core {
                 parked: Vec::new(),
                 peers: BTreeMap::new(),
                 lookup: Lookup::Never,
+                found: 0,
+                empty_lookups: 0,
                 idle_since: now,
                 ready: false,
             },
@@ -1234,6 +1245,18 @@ impl Core {
         };
         if can_look_up {
             self.start_lookup(key);
+            self.park(k);
+            return;
+        }
+        // A first lookup that found nobody (a record still on its way to the peers it was
+        // put on, a routing table still filling) gets one more try, a moment later.
+        if let (Lookup::Done(at), 1) = (ks.lookup, ks.empty_lookups) {
+            let again = at + self.config.relookup_after;
+            if now >= again {
+                self.start_lookup(key);
+            } else {
+                self.set_timer(again, Timer::Unpark(key));
+            }
             self.park(k);
             return;
         }

@@ -304,6 +304,12 @@ fn a_want_fails_only_when_every_candidate_said_donthave_and_no_lookup_runs() {
         "never fails while its lookup runs: {out:?}"
     );
     t.core.lookup_done(t.now, tree(1));
+    // A lookup that found nobody is tried once more, a moment later.
+    assert!(fails(&t.actions()).is_empty());
+    let out = t.advance(secs(1.1));
+    assert_eq!(lookups(&out), vec![tree(1)], "looked up again");
+    assert!(fails(&out).is_empty());
+    t.core.lookup_done(t.now, tree(1));
     let out = t.actions();
     let f = fails(&out);
     assert_eq!(f.len(), 1);
@@ -348,7 +354,8 @@ fn a_lookup_that_finds_a_provider_saves_the_want() {
 fn lookups_beyond_the_limit_queue_and_do_not_fail() {
     let mut t = T::new();
     let limit = t.core.config().max_lookups;
-    for k in 0..limit as u8 + 2 {
+    let first = t.want(leaf(1, 0), &[], 60.0);
+    for k in 1..limit as u8 + 2 {
         t.want(leaf(k + 1, 0), &[], 60.0);
     }
     let out = t.actions();
@@ -363,12 +370,38 @@ fn lookups_beyond_the_limit_queue_and_do_not_fail() {
         vec![tree(limit as u8 + 1)],
         "the next queued lookup starts"
     );
-    assert_eq!(
-        fails(&out).len(),
-        1,
-        "the key whose lookup found nothing fails"
+    assert!(
+        fails(&out).is_empty(),
+        "a lookup that found nobody gets a second try"
     );
-    assert_eq!(t.core.pending_wants(), limit + 1);
+    // The second lookup of that key queues behind the others; when it too finds nobody,
+    // the want fails (and only then).
+    let out = t.advance(secs(1.1));
+    assert!(fails(&out).is_empty());
+    let mut running: Vec<Cid> = (2..=limit as u8 + 1).map(tree).collect();
+    let mut second = false;
+    while !second {
+        let key = running.remove(0);
+        t.core.lookup_done(t.now, key);
+        let out = t.actions();
+        assert!(
+            fails(&out).iter().all(|(w, _)| *w != first),
+            "not before its second lookup"
+        );
+        for k in lookups(&out) {
+            if k == tree(1) {
+                second = true;
+            } else {
+                running.push(k);
+            }
+        }
+    }
+    t.core.lookup_done(t.now, tree(1));
+    let out = t.actions();
+    assert!(
+        fails(&out).iter().any(|(w, _)| *w == first),
+        "the key whose lookups found nothing fails"
+    );
 }
 
 #[test]
@@ -641,7 +674,28 @@ fn a_want_with_only_unreachable_candidates_fails_once_lookups_are_done() {
         .unwrap();
     t.core.stream_failed(t.now, a, s, false);
     t.core.lookup_done(t.now, tree(1));
-    let out = t.actions();
+    let mut out = Vec::new();
+    // Both lookups find nobody; each time `a` is tried again (after its backoff), it
+    // cannot be reached.
+    for _ in 0..20 {
+        let step = t.actions_no_open();
+        for x in &step {
+            match x {
+                Action::OpenStream { peer, stream } => {
+                    t.core.stream_failed(t.now, *peer, *stream, false)
+                }
+                Action::Lookup { key } => t.core.lookup_done(t.now, *key),
+                _ => {}
+            }
+        }
+        out.extend(step);
+        if !fails(&out).is_empty() {
+            break;
+        }
+        let next = t.core.next_timeout().unwrap();
+        t.now = next.max(t.now);
+        t.core.tick(t.now);
+    }
     let f = fails(&out);
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].0, w);
