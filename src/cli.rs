@@ -107,6 +107,30 @@ pub struct ApiArgs {
     /// Address the REST API listens on (port 0: any free port).
     #[arg(long, env = "CODEXFS_API_ADDR", default_value = "127.0.0.1:8080")]
     api_addr: std::net::SocketAddr,
+    /// A secret every API request must carry (`Authorization: Bearer TOKEN`); without it
+    /// the API trusts every client that reaches it (bind it to a non-loopback address only
+    /// with a token).
+    #[arg(long, env = "CODEXFS_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// A host name clients reach the API by (its `Host` header), besides localhost and
+    /// IP addresses (repeatable). Other names are refused, against DNS rebinding.
+    #[arg(long, env = "CODEXFS_API_ALLOW_HOST", value_delimiter = ',')]
+    api_allow_host: Vec<String>,
+}
+
+impl ApiArgs {
+    fn access(&self) -> codexfs::api::Access {
+        codexfs::api::Access {
+            allowed_hosts: self
+                .api_allow_host
+                .iter()
+                .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            bound: Some(self.api_addr),
+            token: self.api_token.clone().filter(|t| !t.is_empty()),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -115,6 +139,9 @@ pub struct ClientArgs {
     /// if any; otherwise the command works on the data dir itself).
     #[arg(long, env = "CODEXFS_API")]
     api: Option<String>,
+    /// The node's API token, if it has one (see `codexfs node --api-token`).
+    #[arg(long, env = "CODEXFS_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// Print results as JSON (for scripts).
     #[arg(long)]
     json: bool,
@@ -230,6 +257,10 @@ enum Command {
         /// Erasure-code files written into the mount: K data and M parity blocks per column.
         #[arg(long, value_name = "K,M", env = "CODEXFS_MOUNT_EC")]
         ec: Option<EcParams>,
+        /// How long a directory tree written into the mount stays quiet before it is
+        /// published (fsync, its CID read and unmount publish it at once).
+        #[arg(long, env = "CODEXFS_PUBLISH_DELAY", default_value = "500ms", value_parser = parse_duration)]
+        publish_delay: Duration,
         #[command(flatten)]
         api: ApiArgs,
         #[command(flatten)]
@@ -262,6 +293,15 @@ enum Command {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// Testing aid: one sweep of expired data now, as if `--after` had passed (datasets
+    /// and directories past their lifetime, orphaned fetched leaves, unreferenced blocks).
+    #[command(hide = true)]
+    DebugSweep {
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        after: Duration,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// Check the repo's invariants (counters, reference counts, datasets complete).
     Check {
         #[command(flatten)]
@@ -278,14 +318,20 @@ pub(crate) enum Target {
 
 fn target(client: &ClientArgs, repo: &RepoArgs, config: NodeConfig) -> Result<Target> {
     if let Some(url) = &client.api {
-        return Ok(Target::Api(ApiClient::new(url)?));
+        return Ok(Target::Api(ApiClient::new(
+            url,
+            client.api_token.as_deref(),
+        )?));
     }
     let dir = data_dir(repo)?;
     match Node::open(&dir, config) {
         Ok(node) => Ok(Target::Local(node)),
         Err(e @ Error::DataDirLocked { .. }) => {
             match std::fs::read_to_string(dir.join(crate::node_cmd::API_URL_FILE)) {
-                Ok(url) => Ok(Target::Api(ApiClient::new(url.trim())?)),
+                Ok(url) => Ok(Target::Api(ApiClient::new(
+                    url.trim(),
+                    client.api_token.as_deref(),
+                )?)),
                 Err(_) => Err(e.into()),
             }
         }
@@ -440,7 +486,10 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                         }
                         Ok(n)
                     })();
-                    if result.is_err() {
+                    // A failed download leaves no partial file behind; anything else
+                    // (`-o /dev/null`, a FIFO) is never removed.
+                    let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+                    if result.is_err() && regular {
                         let _ = std::fs::remove_file(path);
                     }
                     result.with_context(|| format!("writing {}", path.display()))?
@@ -593,8 +642,10 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                 RunOptions {
                     mountpoint: None,
                     read_timeout: timeout,
+                    publish_delay: Duration::ZERO,
                     threads: 1,
                     api_addr: api.api_addr,
+                    api_access: api.access(),
                     set_log_level: set_log_level.clone(),
                 },
             )?;
@@ -604,6 +655,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
             read_timeout,
             threads,
             ec,
+            publish_delay,
             api,
             repo,
             net,
@@ -617,8 +669,10 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                 RunOptions {
                     mountpoint: Some(mountpoint),
                     read_timeout,
+                    publish_delay,
                     threads,
                     api_addr: api.api_addr,
+                    api_access: api.access(),
                     set_log_level: set_log_level.clone(),
                 },
             )?;
@@ -649,6 +703,12 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     anyhow::bail!("the dataset has no stored block {i}");
                 }
             }
+        }
+        Command::DebugSweep { after, repo } => {
+            let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
+            let now = codexfs::repo::unix_now().saturating_add(after.as_secs());
+            let r = node.repo().sweep_expired(now)?;
+            println!("swept {} datasets {} blocks", r.datasets, r.blocks);
         }
         Command::Check { repo } => {
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
@@ -779,12 +839,15 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("size too large: {s:?}"))
 }
 
-/// "30d", "10m", "90" (seconds) → duration.
+/// "30d", "10m", "90" (seconds), "500ms" → duration.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
+    if unit == "ms" {
+        return Ok(Duration::from_millis(n));
+    }
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,

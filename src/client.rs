@@ -25,13 +25,22 @@ pub struct ApiClient {
 impl ApiClient {
     /// `url` is the node's address (`http://127.0.0.1:8080`), with or without the
     /// `/api/codex/v1` prefix.
-    pub fn new(url: &str) -> Result<Self> {
+    /// `token` is sent as `Authorization: Bearer` with every request.
+    pub fn new(url: &str, token: Option<&str>) -> Result<Self> {
         let url = url.trim_end_matches('/');
         let base = url
             .strip_suffix(codexfs::api::CODEX_PREFIX)
             .unwrap_or(url)
             .to_string();
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = token.filter(|t| !t.is_empty()) {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .context("the API token must be visible ASCII")?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = Client::builder()
+            .default_headers(headers)
             .connect_timeout(Duration::from_secs(5))
             // Transfers take as long as they take; the node bounds its own waits.
             .timeout(None)

@@ -175,15 +175,30 @@ struct ApiSource<'a> {
 impl TreeSource for ApiSource<'_> {
     type Error = anyhow::Error;
 
+    /// The whole listing, page by page (the node answers a bounded number of entries per
+    /// request).
     fn list(&mut self, cid: &Cid) -> Result<Vec<Item>> {
-        let listing: ListingJson =
-            serde_json::from_value(self.api.get_json(&format!("/data/{}", cid_string(cid)))?)
-                .context("the node's listing")?;
-        Ok(listing
-            .entries
-            .into_iter()
-            .map(Item::try_from)
-            .collect::<Result<_, _>>()?)
+        let mut items = Vec::new();
+        loop {
+            let path = format!("/data/{}?offset={}", cid_string(cid), items.len());
+            let listing: ListingJson =
+                serde_json::from_value(self.api.get_json(&path)?).context("the node's listing")?;
+            let got = listing.entries.len();
+            for entry in listing.entries {
+                items.push(Item::try_from(entry)?);
+            }
+            if items.len() as u64 >= listing.entry_count {
+                return Ok(items);
+            }
+            if got == 0 {
+                anyhow::bail!(
+                    "the node's listing of {} stopped at {} of {} entries",
+                    cid_string(cid),
+                    items.len(),
+                    listing.entry_count
+                );
+            }
+        }
     }
 
     fn fetch_file(&mut self, item: &Item, out: &mut dyn Write) -> Result<u64> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use codexfs::api::{self, ApiState, Downloads, LogLevelSetter};
+use codexfs::api::{self, ApiState, LogLevelSetter};
 use codexfs::fs::{self, FsConfig, FsCore, MountConfig};
 use codexfs::net::{service, swarm::NetConfig};
 use codexfs::node::{Node, NodeConfig};
@@ -19,8 +19,12 @@ pub const API_URL_FILE: &str = "api-url";
 pub struct RunOptions {
     pub mountpoint: Option<PathBuf>,
     pub read_timeout: Duration,
+    /// How long a tree written into the mount stays quiet before it is published.
+    pub publish_delay: Duration,
     pub threads: usize,
     pub api_addr: std::net::SocketAddr,
+    /// Who may use the API besides loopback clients without a token.
+    pub api_access: api::Access,
     pub set_log_level: Option<Arc<LogLevelSetter>>,
 }
 
@@ -37,8 +41,10 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
     let RunOptions {
         mountpoint,
         read_timeout,
+        publish_delay,
         threads,
         api_addr,
+        api_access,
         set_log_level,
     } = opts;
     let runtime = runtime()?;
@@ -49,14 +55,22 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
             .context("starting the network")?,
     );
     eprintln!("codexfs: peer id {}", network.handle.peer_id);
-    let state = ApiState {
-        node: node.clone(),
-        network: network.clone(),
-        downloads: Arc::new(Downloads::default()),
-        timeout: read_timeout,
+    let state = ApiState::new(
+        node.clone(),
+        network.clone(),
+        read_timeout,
         set_log_level,
-    };
+        api_access.clone(),
+    );
     let bound = runtime.block_on(api::serve(api_addr, state))?;
+    if !api::guard::is_loopback(&bound) && api_access.token.is_none() {
+        eprintln!(
+            "codexfs: WARNING: the API listens on {bound}, beyond this machine, with no \
+             authentication: anyone who reaches it can read, store and delete data and make \
+             the node dial peers. Give it a token (--api-token, env CODEXFS_API_TOKEN) or \
+             bind it to 127.0.0.1."
+        );
+    }
     let api_url = format!("http://{bound}");
     std::fs::write(data_dir.join(API_URL_FILE), &api_url)
         .context("recording the API address in the data dir")?;
@@ -66,6 +80,7 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
         Some(mountpoint) => {
             let mut fs_config = FsConfig::new(data_dir.join("spool"));
             fs_config.prefetch.timeout = read_timeout;
+            fs_config.publish_delay = publish_delay;
             // Spool files of a previous run were never published: nothing refers to them.
             let _ = std::fs::remove_dir_all(&fs_config.spool_dir);
             let core = Arc::new(

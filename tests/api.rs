@@ -394,7 +394,7 @@ fn abandon_upload(node: &ApiNode, declared: usize, sent: usize) {
     let mut s = TcpStream::connect(node.host_port()).unwrap();
     write!(
         s,
-        "POST /api/codex/v1/data HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n"
+        "POST /api/codex/v1/data HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {declared}\r\n\r\n"
     )
     .unwrap();
     let chunk = random_bytes(sent, 9);
@@ -435,7 +435,11 @@ fn clients_that_go_away_leave_nothing_partial() {
     ] {
         for _ in 0..10 {
             let mut s = TcpStream::connect(node.host_port()).unwrap();
-            write!(s, "GET /api/codex/v1{path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            write!(
+                s,
+                "GET /api/codex/v1{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            )
+            .unwrap();
             let mut buf = vec![0u8; 100_000];
             s.read_exact(&mut buf).unwrap();
             drop(s);
@@ -837,7 +841,7 @@ fn a_client_that_stalls_mid_upload_is_cut_off_after_the_timeout() {
     let mut s = TcpStream::connect(node.host_port()).unwrap();
     write!(
         s,
-        "POST /api/codex/v1/data HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        "POST /api/codex/v1/data HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
         20 << 20
     )
     .unwrap();

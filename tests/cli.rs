@@ -185,3 +185,30 @@ fn a_full_disk_is_exit_5_and_leaves_a_consistent_repo() {
         "{check:?}"
     );
 }
+
+/// A failed download removes the partial file it wrote, and nothing else: run as root
+/// with `-o /dev/null`, it used to delete /dev/null. Checked here with a symlink, which
+/// is not a regular file either.
+#[test]
+fn a_failed_download_removes_only_a_regular_file_it_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let missing = "zDvZRwzm6xb7uZ99BNHrmNRtFpHuYuaKy6co1upbmCYD7MnDMSxA";
+    let target = tmp.path().join("target");
+    std::fs::write(&target, b"kept").unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let out = codexfs(&data, &["download", missing, "-o", link.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        std::fs::symlink_metadata(&link).is_ok(),
+        "the symlink was removed"
+    );
+    let partial = tmp.path().join("partial");
+    let out = codexfs(
+        &data,
+        &["download", missing, "-o", partial.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(4));
+    assert!(!partial.exists(), "a failed download left its file");
+}

@@ -426,3 +426,56 @@ fn kill_9_during_upload_ec_leaves_a_consistent_repo() {
         assert!(out.stdout == std::fs::read(path).unwrap(), "{cid} differs");
     }
 }
+
+/// An upload with erasure coding never records the unprotected dataset, so a plain upload
+/// of the same bytes racing it keeps the CID it was given (issue 15, item 8).
+#[test]
+fn an_ec_upload_leaves_a_plain_upload_of_the_same_bytes_alone() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), 65536);
+    let ec = EcParams::new(4, 2).unwrap();
+    let bytes = random_bytes(16 << 20, 40);
+    let (plain, _) = codexfs::node::compute_cid(&bytes[..], 65536, None, None).unwrap();
+
+    // While it runs, no dataset of the unprotected bytes ever exists.
+    let done = AtomicBool::new(false);
+    let seen = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut seen = false;
+            while !done.load(Ordering::Relaxed) {
+                seen |= node.repo().has_dataset(&plain).unwrap();
+            }
+            seen
+        });
+        let protected = node.store_ec(&bytes[..], None, None, Some(ec)).unwrap();
+        done.store(true, Ordering::Relaxed);
+        assert!(read_all(&node, &protected).unwrap() == bytes);
+        watcher.join().unwrap()
+    });
+    assert!(
+        !seen,
+        "the unprotected dataset was recorded while protecting"
+    );
+    assert!(!node.repo().has_dataset(&plain).unwrap());
+
+    // Racing: whatever the order, the plain upload's CID stays stored.
+    for round in 0..3 {
+        let (protected, got) = std::thread::scope(|s| {
+            let p = s.spawn(|| node.store_ec(&bytes[..], None, None, Some(ec)).unwrap());
+            let q = s.spawn(|| node.store(&bytes[..], None, None).unwrap());
+            (p.join().unwrap(), q.join().unwrap())
+        });
+        assert_eq!(got, plain);
+        assert!(
+            node.repo().has_dataset(&plain).unwrap(),
+            "round {round}: the plain upload's CID was deleted"
+        );
+        assert!(read_all(&node, &plain).unwrap() == bytes);
+        node.delete(&protected).unwrap();
+        node.delete(&plain).unwrap();
+    }
+    let report = node.repo().check_consistency().unwrap();
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert_eq!(node.repo().space().quota_used_bytes, 0);
+}

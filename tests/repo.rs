@@ -433,3 +433,65 @@ fn a_changed_byte_in_a_pack_file_is_an_error_not_data() {
         r.problems
     );
 }
+
+/// However large an upload's first batch, it goes into RocksDB's write batch only while
+/// the upload stays within its inline budget (4 MiB); past it, to pack files (issue 15,
+/// item 2).
+#[test]
+fn a_batch_bigger_than_the_inline_budget_goes_to_pack_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), BIG, DAY);
+    let repo = node.repo();
+    let blocks: Vec<Vec<u8>> = (0..100).map(|i| random_bytes(65536, 300 + i)).collect();
+    let cids: Vec<cid::Cid> = blocks.iter().map(|b| block_cid(b)).collect();
+    let batch: Vec<(cid::Cid, &[u8])> = cids
+        .iter()
+        .zip(&blocks)
+        .map(|(c, b)| (*c, b.as_slice()))
+        .collect();
+    let upload = repo.begin_upload().unwrap();
+    upload.put_blocks(0, &batch).unwrap();
+    for c in &cids {
+        let meta = repo.block_meta(c).unwrap().unwrap();
+        assert!(
+            meta.location.is_some(),
+            "{} went into RocksDB",
+            cid_string(c)
+        );
+    }
+    drop(upload);
+    assert_eq!(repo.space().quota_used_bytes, 0);
+    assert_consistent(&node);
+}
+
+/// Adopting a dataset fetched from peers is one transaction: a quota that refuses its
+/// manifest leaves no tree record behind, so its leaves are swept like any orphan's
+/// (issue 15, item 7).
+#[test]
+fn a_refused_adoption_leaves_no_tree_record() {
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let src = node(src_dir.path(), BIG, DAY);
+    let cid = src
+        .store(&random_bytes(3 * 65536 + 5, 23)[..], None, None)
+        .unwrap();
+    let m = src.repo().manifest(&cid).unwrap().unwrap();
+    let leaves: Vec<_> = (0..m.block_count())
+        .map(|i| {
+            let rec = src.repo().leaf(&m.tree_cid, i).unwrap().unwrap();
+            let data = src.repo().get_block(&rec.block).unwrap().unwrap();
+            (m.tree_cid, i, rec, data)
+        })
+        .collect();
+    // Room for the leaves, not for the manifest.
+    let dst = node(dst_dir.path(), 4 * 65536, Duration::from_secs(60));
+    dst.repo().put_fetched_leaves(&leaves).unwrap();
+    let err = dst.repo().adopt_dataset(&m).unwrap_err();
+    assert!(err.is_out_of_space(), "{err}");
+    assert!(!dst.repo().has_dataset(&cid).unwrap());
+    assert_consistent(&dst);
+    // Nothing holds the leaves: they go once expired, and all space with them.
+    let dropped = dst.repo().sweep_orphan_leaves(unix_now() + 61).unwrap();
+    assert_eq!(dropped, 4);
+    assert_eq!(dst.repo().space().quota_used_bytes, 0);
+    assert_consistent(&dst);
+}

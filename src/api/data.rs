@@ -12,7 +12,7 @@ use axum::Json;
 use cid::Cid;
 use serde::Serialize;
 
-use super::body::{body_reader, body_writer};
+use super::body::{body_writer, BodyFeed};
 use super::downloads::ProgressWriter;
 use super::error::ApiError;
 use super::range::{parse_range, RangeRequest};
@@ -102,32 +102,70 @@ fn mimetype(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// The filename of `Content-Disposition: attachment; filename="x"`.
+/// Longest filename an upload may record, in bytes (a file system's NAME_MAX).
+pub const MAX_FILENAME_BYTES: usize = 255;
+
+/// The filename of `Content-Disposition: attachment; filename="x"` (RFC 6266: quoted
+/// strings may hold `;`, `filename*=UTF-8''…` is percent-decoded and wins over
+/// `filename`). Codex's own clients also send the parameters alone (`filename="x"`).
 fn filename(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(header::CONTENT_DISPOSITION) else {
         return Ok(None);
     };
     let text = std::str::from_utf8(value.as_bytes())
         .map_err(|_| unprocessable("Content-Disposition is not UTF-8"))?;
-    let Some(param) = text
-        .split(';')
-        .map(str::trim)
-        .find_map(|p| p.strip_prefix("filename="))
-    else {
+    if !quotes_closed(text) {
+        return Err(unprocessable(
+            "Content-Disposition has a quoted string with no closing quote",
+        ));
+    }
+    let Some(name) = disposition_filename(text) else {
         return Ok(None);
-    };
-    let name = match param.strip_prefix('"') {
-        Some(quoted) => quoted
-            .strip_suffix('"')
-            .ok_or_else(|| unprocessable("Content-Disposition filename has no closing quote"))?
-            .replace("\\\"", "\"")
-            .replace("\\\\", "\\"),
-        None => param.to_string(),
     };
     if name.is_empty() || name.chars().any(|c| c.is_control()) || name.contains('/') {
         return Err(unprocessable(format!("invalid filename {name:?}")));
     }
+    if name.len() > MAX_FILENAME_BYTES {
+        return Err(unprocessable(format!(
+            "filename of {} bytes is longer than {MAX_FILENAME_BYTES}",
+            name.len()
+        )));
+    }
     Ok(Some(name))
+}
+
+/// Whether every quoted string of a header value ends (`\` escapes inside quotes).
+fn quotes_closed(text: &str) -> bool {
+    let (mut quoted, mut escaped) = (false, false);
+    for b in text.bytes() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            _ => {}
+        }
+    }
+    !quoted
+}
+
+/// The filename a `Content-Disposition` value gives, parsed by `mailparse` (which reads
+/// quoted strings, escapes and RFC 2231/5987 extended values).
+fn disposition_filename(text: &str) -> Option<String> {
+    let first = text.split(';').next().unwrap_or("");
+    let text = if first.contains('=') {
+        format!("attachment; {text}")
+    } else {
+        text.to_string()
+    };
+    let params = mailparse::parse_content_disposition(&text).params;
+    match params.get("filename*") {
+        // Left undecoded because a plain `filename` came too: decode it alone.
+        Some(ext) => mailparse::parse_content_disposition(&format!("attachment; filename*={ext}"))
+            .params
+            .get("filename")
+            .cloned(),
+        None => params.get("filename").cloned(),
+    }
 }
 
 /// `POST /data[?ec=K,M]`: the body streams into the chunker (and is erasure-coded when
@@ -153,7 +191,24 @@ pub async fn upload(
         ),
         None => None,
     };
-    let (reader, feed) = body_reader(body, st.timeout);
+    let expected = match headers.get(header::CONTENT_LENGTH) {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::bad_request("Content-Length is not a number"))?,
+        ),
+        None => None,
+    };
+    // A client that trickles its body holds no permit and no thread until its first
+    // bytes are here.
+    let mut body = BodyFeed::new(body, st.pace(), expected);
+    let first = body
+        .prebuffer()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::REQUEST_TIMEOUT, e.to_string()))?;
+    let _transfer = st.transfers.start().await?;
+    let (reader, feed) = body.into_reader(first);
     let node = st.node.clone();
     let stored = tokio::task::spawn_blocking(move || node.store_ec(reader, filename, mimetype, ec));
     feed.await;
@@ -193,7 +248,7 @@ pub async fn download_local(
     }
     let node = st.node.clone();
     let dataset = tokio::task::spawn_blocking(move || local_dataset(&node, &cid)).await??;
-    Ok(respond_with(&st, dataset, &headers, false))
+    respond_with(&st, dataset, &headers, false).await
 }
 
 /// `GET /data/{cid}/network/stream`: fetched from peers as needed, bytes flowing before
@@ -209,7 +264,7 @@ pub async fn download_stream(
         return super::dirs::list(&st, cid, query, headers).await;
     }
     let dataset = resolve_network(&st, cid).await?;
-    Ok(respond_with(&st, dataset, &headers, true))
+    respond_with(&st, dataset, &headers, true).await
 }
 
 /// Resolves a CID here or on the network (404 if nobody has it).
@@ -251,21 +306,68 @@ fn content_disposition(name: &str) -> HeaderValue {
     HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("attachment"))
 }
 
+/// Types a browser shows without running anything in them (sent with `nosniff` and the
+/// sandbox CSP, see `guard.rs`): plain text, JSON, raster images, audio and video, and
+/// bytes it only saves. Everything else — HTML, SVG, XML, PDF, scripts, unknown types —
+/// is sent as an attachment, so a browser saves it instead of rendering it on the API's
+/// origin.
+pub fn is_inline_safe(mimetype: &str) -> bool {
+    let essence = mimetype
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let Some((kind, sub)) = essence.split_once('/') else {
+        return false;
+    };
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
+    };
+    if !token(kind) || !token(sub) {
+        return false;
+    }
+    match kind {
+        "audio" | "video" => true,
+        "image" => matches!(
+            sub,
+            "png" | "jpeg" | "gif" | "webp" | "avif" | "bmp" | "x-icon" | "vnd.microsoft.icon"
+        ),
+        "text" => sub == "plain",
+        "application" => matches!(sub, "octet-stream" | "json"),
+        _ => false,
+    }
+}
+
+/// `Content-Disposition` for a dataset: its filename when it has one (always as an
+/// attachment, as Codex sends it), and `attachment` alone for a type that is not safe to
+/// show inline.
+fn disposition(filename: Option<&str>, mimetype: &str) -> Option<HeaderValue> {
+    match filename {
+        Some(name) => Some(content_disposition(name)),
+        None if !is_inline_safe(mimetype) => Some(HeaderValue::from_static("attachment")),
+        None => None,
+    }
+}
+
 /// The response for a dataset: headers, Range handling, and a body produced on a
-/// blocking thread (from the local store, or through the network store).
-pub(super) fn respond_with(
+/// blocking thread (from the local store, or through the network store) once a transfer
+/// permit is free.
+pub(super) async fn respond_with(
     st: &ApiState,
     dataset: Dataset,
     headers: &HeaderMap,
     network: bool,
-) -> Response {
+) -> Result<Response, ApiError> {
     let size = dataset.size();
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, range) = match parse_range(range_header, size) {
         RangeRequest::Whole => (StatusCode::OK, 0..size),
         RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r),
         RangeRequest::Unsatisfiable => {
-            return (
+            return Ok((
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 [(header::CONTENT_RANGE, format!("bytes */{size}"))],
                 format!(
@@ -273,34 +375,37 @@ pub(super) fn respond_with(
                     range_header.unwrap_or("")
                 ),
             )
-                .into_response();
+                .into_response());
         }
     };
+    let transfer = st.transfers.start().await?;
     metrics().downloads.inc();
     let manifest = dataset.manifest();
+    let content_type = manifest
+        .and_then(|m| m.mimetype.as_deref())
+        .and_then(|t| HeaderValue::from_str(t).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("application/octet-stream"));
     let mut response = Response::builder()
         .status(status)
-        .header(
-            header::CONTENT_TYPE,
-            manifest
-                .and_then(|m| m.mimetype.as_deref())
-                .and_then(|t| HeaderValue::from_str(t).ok())
-                .unwrap_or_else(|| HeaderValue::from_static("application/octet-stream")),
-        )
         .header(header::CONTENT_LENGTH, range.end - range.start)
         .header(header::ACCEPT_RANGES, "bytes");
-    if let Some(name) = manifest.and_then(|m| m.filename.as_deref()) {
-        response = response.header(header::CONTENT_DISPOSITION, content_disposition(name));
+    if let Some(value) = disposition(
+        manifest.and_then(|m| m.filename.as_deref()),
+        content_type.to_str().unwrap_or(""),
+    ) {
+        response = response.header(header::CONTENT_DISPOSITION, value);
     }
+    response = response.header(header::CONTENT_TYPE, content_type);
     if status == StatusCode::PARTIAL_CONTENT {
         response = response.header(
             header::CONTENT_RANGE,
             format!("bytes {}-{}/{size}", range.start, range.end - 1),
         );
     }
-    let (mut writer, body) = body_writer(st.timeout);
+    let (mut writer, body) = body_writer(st.pace());
     let (node, store) = (st.node.clone(), st.network.store.clone());
     tokio::task::spawn_blocking(move || {
+        let _transfer = transfer;
         let result = if network {
             store
                 .stream_range(&dataset, range, &mut writer)
@@ -319,9 +424,9 @@ pub(super) fn respond_with(
             }
         }
     });
-    response.body(body).unwrap_or_else(|e| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
-    })
+    response
+        .body(body)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 fn copy_local(
@@ -367,23 +472,59 @@ pub async fn download_background(
     if fresh {
         metrics().downloads.inc();
         let store = st.network.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut out = ProgressWriter(progress.clone());
-            let result = store.stream_range(&dataset, 0..dataset.size(), &mut out);
-            progress.finish(result.err().map(|e| e.to_string()));
+        let transfers = st.transfers.clone();
+        tokio::spawn(async move {
+            // Waits for a transfer permit like any download, without holding a thread.
+            let transfer = match transfers.start().await {
+                Ok(t) => t,
+                Err(e) => return progress.finish(Some(e.message)),
+            };
+            let _ = tokio::task::spawn_blocking(move || {
+                let _transfer = transfer;
+                let mut out = ProgressWriter(progress.clone());
+                let result = store.stream_range(&dataset, 0..dataset.size(), &mut out);
+                progress.finish(result.err().map(|e| e.to_string()));
+            })
+            .await;
         });
     }
     Ok(Json(DataItem::new(&cid, &manifest)))
 }
 
-/// `GET /data/{cid}/network/manifest`: the manifest, fetched from peers if needed.
+/// `GET /data/{cid}/network`: no such thing for a dataset (its download is a `POST`); for
+/// a directory CID, the entry named `network`.
+pub async fn network_get(
+    State(st): State<ApiState>,
+    Path(cid): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let cid = cid_param(&cid)?;
+    match super::dirs::fixed_route_entry(&st, cid, "network", query, headers).await {
+        Some(answer) => answer,
+        None => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "a network download is started with POST",
+        )),
+    }
+}
+
+/// `GET /data/{cid}/network/manifest`: the manifest, fetched from peers if needed; for a
+/// directory CID, the entry at `network/manifest`.
 pub async fn network_manifest(
     State(st): State<ApiState>,
     Path(cid): Path<String>,
-) -> Result<Json<DataItem>, ApiError> {
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let cid = cid_param(&cid)?;
+    if let Some(answer) =
+        super::dirs::fixed_route_entry(&st, cid, "network/manifest", query, headers).await
+    {
+        return answer;
+    }
     match resolve_network(&st, cid).await? {
-        Dataset::Manifest(c, m) => Ok(Json(DataItem::new(&c, &m))),
+        Dataset::Manifest(c, m) => Ok(Json(DataItem::new(&c, &m)).into_response()),
         Dataset::Block(..) => Err(ApiError::bad_request(format!(
             "{} is a single block, not a dataset manifest",
             cid_string(&cid)
@@ -419,4 +560,82 @@ pub async fn delete(
     let node = st.node.clone();
     tokio::task::spawn_blocking(move || node.delete(&cid)).await??;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filenames_from_content_disposition() {
+        let name = |v: &str| disposition_filename(v);
+        assert_eq!(
+            name("attachment; filename=\"a b.png\"").as_deref(),
+            Some("a b.png")
+        );
+        assert_eq!(name("filename=\"file.txt\"").as_deref(), Some("file.txt"));
+        assert_eq!(
+            name("attachment; filename=plain.txt").as_deref(),
+            Some("plain.txt")
+        );
+        assert_eq!(
+            name("attachment; filename=\"a;b; c.txt\"; size=3").as_deref(),
+            Some("a;b; c.txt")
+        );
+        assert_eq!(
+            name(r#"attachment; filename="say \"hi\".txt""#).as_deref(),
+            Some("say \"hi\".txt")
+        );
+        assert_eq!(
+            name("attachment; filename*=UTF-8''%E2%82%AC%20rates.txt").as_deref(),
+            Some("€ rates.txt")
+        );
+        assert_eq!(
+            name("attachment; filename=\"EURO rates.txt\"; filename*=utf-8''%e2%82%ac%20rates.txt")
+                .as_deref(),
+            Some("€ rates.txt")
+        );
+        assert_eq!(name("attachment"), None);
+        assert!(quotes_closed(r#"a; filename="x\"y""#));
+        assert!(!quotes_closed("attachment; filename=\"open"));
+    }
+
+    #[test]
+    fn only_types_that_cannot_script_are_inline() {
+        for t in [
+            "text/plain",
+            "text/plain; charset=utf-8",
+            "image/png",
+            "IMAGE/JPEG",
+            "video/mp4",
+            "audio/ogg",
+            "application/octet-stream",
+            "application/json",
+        ] {
+            assert!(is_inline_safe(t), "{t}");
+        }
+        for t in [
+            "text/html",
+            "text/html; charset=utf-8",
+            "image/svg+xml",
+            "application/xhtml+xml",
+            "text/xml",
+            "application/xml",
+            "application/pdf",
+            "text/javascript",
+            "application/x-shockwave-flash",
+            "multipart/x-mixed-replace",
+            "text/plain, text/html",
+            "video",
+            "",
+        ] {
+            assert!(!is_inline_safe(t), "{t}");
+        }
+        assert!(disposition(None, "text/html").is_some());
+        assert!(disposition(None, "image/png").is_none());
+        assert_eq!(
+            disposition(Some("x.png"), "image/png").unwrap(),
+            "attachment; filename=\"x.png\""
+        );
+    }
 }

@@ -94,6 +94,12 @@ pub struct NewDirectory {
     pub entries: Vec<ItemJson>,
 }
 
+/// Entries a listing answers when the request gives no `limit`.
+pub const DEFAULT_LIMIT: u64 = 1000;
+/// Most entries one listing answers, whatever `limit` asks: a page of the answer stays a
+/// few MiB of JSON. Clients page with `offset`.
+pub const MAX_LIMIT: u64 = 10_000;
+
 fn query_u64(query: Option<&str>, key: &str) -> Result<Option<u64>, ApiError> {
     for pair in query.unwrap_or("").split('&') {
         if let Some((k, v)) = pair.split_once('=') {
@@ -147,7 +153,9 @@ async fn serve(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let offset = query_u64(query.as_deref(), "offset")?.unwrap_or(0);
-    let limit = query_u64(query.as_deref(), "limit")?.unwrap_or(u64::MAX);
+    let limit = query_u64(query.as_deref(), "limit")?
+        .unwrap_or(DEFAULT_LIMIT)
+        .min(MAX_LIMIT);
     let store = st.network.store.clone();
     enum Answer {
         List(ListingJson),
@@ -177,10 +185,10 @@ async fn serve(
         }
     })
     .await??;
-    Ok(match answer {
-        Answer::List(l) => Json(l).into_response(),
-        Answer::File(dataset) => respond_with(&st, dataset, &headers, true),
-    })
+    match answer {
+        Answer::List(l) => Ok(Json(l).into_response()),
+        Answer::File(dataset) => respond_with(&st, dataset, &headers, true).await,
+    }
 }
 
 /// `GET /data/{cid}` for a directory CID: its listing.
@@ -208,6 +216,32 @@ pub async fn by_path(
         ));
     }
     serve(st, cid, path, query, headers).await
+}
+
+/// `GET /data/{cid}/network/stream/{*path}`: always a path inside directory `cid`, so
+/// entries whose names the fixed routes take (`exists`, `network/stream`) can be reached.
+pub async fn by_stream_path(
+    State(st): State<ApiState>,
+    Path((cid, path)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    by_path(State(st), Path((cid, path)), RawQuery(query), headers).await
+}
+
+/// For the fixed routes under `/data/{cid}/network`: with a directory CID, `GET` of them
+/// names an entry (`network`, `network/manifest`) of the directory. `None` for a dataset.
+pub async fn fixed_route_entry(
+    st: &ApiState,
+    cid: Cid,
+    path: &str,
+    query: Option<String>,
+    headers: HeaderMap,
+) -> Option<Result<Response, ApiError>> {
+    if cid.codec() != crate::cids::DIR_CODEC {
+        return None;
+    }
+    Some(serve(st.clone(), cid, path.to_string(), query, headers).await)
 }
 
 /// `POST /api/codexfs/v1/directories`: stores a directory of entries stored here; answers

@@ -3,15 +3,18 @@
 //! `docs/codexfs-api.yaml`) and Prometheus metrics at `/metrics`.
 //!
 //! Handlers only translate HTTP: the node does the work on blocking threads, and bytes
-//! move through the bounded bridges of [`body`].
+//! move through the bounded bridges of [`body`]. Every request first passes [`guard`]
+//! (Host, Origin, token), and [`server`] bounds connections, request heads and transfers.
 
 mod body;
 mod data;
 mod dirs;
 mod downloads;
 mod error;
+pub mod guard;
 mod info;
 pub mod range;
+pub mod server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +22,9 @@ use std::time::Duration;
 
 use axum::routing::{any, get, post};
 use axum::Router;
+
+pub use guard::Access;
+pub use server::Transfers;
 
 pub use data::{DataItem, DataList};
 pub use dirs::{ItemJson, ListingJson};
@@ -39,6 +45,37 @@ pub struct ApiState {
     pub timeout: Duration,
     /// Changes the log filter at run time (`/debug/chronicles/loglevel`).
     pub set_log_level: Option<Arc<LogLevelSetter>>,
+    /// Who may use the API.
+    pub access: Arc<Access>,
+    /// Permits for uploads and downloads.
+    pub transfers: Transfers,
+}
+
+impl ApiState {
+    /// The state for a node: transfers limited to [`server::MAX_TRANSFERS`], waiting at
+    /// most `timeout` for a permit.
+    pub fn new(
+        node: Node,
+        network: Arc<Network>,
+        timeout: Duration,
+        set_log_level: Option<Arc<LogLevelSetter>>,
+        access: Access,
+    ) -> Self {
+        Self {
+            node,
+            network,
+            downloads: Arc::new(Downloads::default()),
+            timeout,
+            set_log_level,
+            access: Arc::new(access),
+            transfers: Transfers::new(server::MAX_TRANSFERS, timeout),
+        }
+    }
+
+    /// How fast clients must keep transfers moving.
+    pub fn pace(&self) -> body::Pace {
+        body::Pace::new(self.timeout)
+    }
 }
 
 pub type LogLevelSetter = dyn Fn(&str) -> Result<(), String> + Send + Sync;
@@ -53,8 +90,15 @@ fn router(state: ApiState) -> Router {
             "/data/{cid}",
             get(data::download_local).delete(data::delete),
         )
-        .route("/data/{cid}/network", post(data::download_background))
+        .route(
+            "/data/{cid}/network",
+            post(data::download_background).get(data::network_get),
+        )
         .route("/data/{cid}/network/stream", get(data::download_stream))
+        .route(
+            "/data/{cid}/network/stream/{*path}",
+            get(dirs::by_stream_path),
+        )
         .route("/data/{cid}/network/manifest", get(data::network_manifest))
         .route("/data/{cid}/exists", get(data::exists))
         .route("/data/{cid}/{*path}", get(dirs::by_path))
@@ -75,6 +119,10 @@ fn router(state: ApiState) -> Router {
         .nest(OWN_PREFIX, own)
         .route("/metrics", get(info::metrics_text))
         .fallback(error::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::guard,
+        ))
         .with_state(state)
 }
 
@@ -88,11 +136,8 @@ pub async fn serve(addr: SocketAddr, state: ApiState) -> std::io::Result<SocketA
         )
     })?;
     let bound = listener.local_addr()?;
+    let header_timeout = server::header_timeout(state.timeout);
     let app = router(state);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("API server stopped: {e}");
-        }
-    });
+    tokio::spawn(server::run(listener, app, header_timeout));
     Ok(bound)
 }

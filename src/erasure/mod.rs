@@ -20,6 +20,11 @@ use crate::error::{Error, Result};
 pub use layout::Layout;
 pub use recover::{Fetch, RepairReport};
 
+/// Most blocks in one column (K + M). A column is encoded in memory and stored as one
+/// step, so this bounds what one request can make the node hold: 256 blocks of 64 KiB are
+/// 16 MiB (Codex's own limits are of the same order).
+pub const MAX_COLUMN_BLOCKS: usize = 256;
+
 /// K data and M parity blocks per column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EcParams {
@@ -28,11 +33,18 @@ pub struct EcParams {
 }
 
 impl EcParams {
-    /// Checks K ≥ 1, M ≥ 1 and that the Reed–Solomon crate supports K+M shards.
+    /// Checks K ≥ 1, M ≥ 1, K + M ≤ [`MAX_COLUMN_BLOCKS`] and that the Reed–Solomon crate
+    /// supports K+M shards.
     pub fn new(k: usize, m: usize) -> Result<Self> {
         if k == 0 || m == 0 {
             return Err(Error::InvalidArgument(format!(
                 "erasure coding needs K ≥ 1 and M ≥ 1, got {k},{m}"
+            )));
+        }
+        if k.saturating_add(m) > MAX_COLUMN_BLOCKS {
+            return Err(Error::InvalidArgument(format!(
+                "erasure coding {k},{m} has {} blocks per column, more than {MAX_COLUMN_BLOCKS}",
+                k.saturating_add(m)
             )));
         }
         if !reed_solomon_simd::ReedSolomonEncoder::supports(k, m) {
@@ -75,9 +87,24 @@ mod tests {
             " 10 , 4 ".parse::<EcParams>().unwrap(),
             EcParams { k: 10, m: 4 }
         );
+        assert_eq!(
+            "200,56".parse::<EcParams>().unwrap(),
+            EcParams { k: 200, m: 56 }
+        );
         assert_eq!(EcParams { k: 3, m: 1 }.to_string(), "3,1");
         for bad in [
-            "", "4", "4,", ",2", "0,2", "4,0", "a,b", "4,2,1", "-1,2", "65536,1",
+            "",
+            "4",
+            "4,",
+            ",2",
+            "0,2",
+            "4,0",
+            "a,b",
+            "4,2,1",
+            "-1,2",
+            "65536,1",
+            "200,57",
+            "32768,32768",
         ] {
             assert!(bad.parse::<EcParams>().is_err(), "{bad:?}");
         }

@@ -20,7 +20,7 @@ use crate::cids::{block_cid, cid_string, digest_of, Digest};
 use crate::error::{Error, Result};
 use crate::manifest::{ErasureInfo, Manifest};
 use crate::merkle::MerkleTree;
-use crate::repo::{RepoStore, Upload};
+use crate::repo::{Origin, RepoStore, Upload};
 
 /// Block bytes one worker holds at a time (data and parity of its run of columns).
 const PASS_BYTES: u64 = 8 << 20;
@@ -28,6 +28,11 @@ const PASS_BYTES: u64 = 8 << 20;
 /// Protects stored dataset `cid`; returns the protected manifest's CID. The original
 /// dataset stays stored.
 pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
+    protect_as(repo, cid, ec, Origin::Explicit)
+}
+
+/// [`protect`] on behalf of `origin` (the mount's protected versions are its own).
+pub fn protect_as(repo: &RepoStore, cid: &Cid, ec: EcParams, origin: Origin) -> Result<Cid> {
     let ec = EcParams::new(ec.k, ec.m)?;
     let manifest = match repo.manifest(cid)? {
         Some(m) if repo.has_dataset(cid)? => m,
@@ -44,11 +49,46 @@ pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
             cid_string(cid)
         )));
     }
+    let block_of = |index| repo.leaf_block(&manifest.tree_cid, index);
+    protect_blocks(repo, &manifest, ec, &block_of, origin)
+}
+
+/// Protects a dataset whose blocks an unfinished upload holds (`tree` and `manifest`
+/// describe them; no dataset record names them): an upload with `?ec` never records the
+/// unprotected dataset. Returns the protected manifest's CID, recorded on behalf of
+/// `origin`.
+pub fn protect_staged(
+    repo: &RepoStore,
+    tree: &MerkleTree,
+    manifest: &Manifest,
+    ec: EcParams,
+    origin: Origin,
+) -> Result<Cid> {
+    let ec = EcParams::new(ec.k, ec.m)?;
+    let leaves = tree.leaves();
+    let block_of = |index: u64| {
+        Ok(leaves
+            .get(index as usize)
+            .map(|d| crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, d)))
+    };
+    protect_blocks(repo, manifest, ec, &block_of, origin)
+}
+
+/// Which block is leaf `index` of the dataset being protected.
+type BlockOf<'a> = dyn Fn(u64) -> Result<Option<Cid>> + Sync + 'a;
+
+fn protect_blocks(
+    repo: &RepoStore,
+    manifest: &Manifest,
+    ec: EcParams,
+    block_of: &BlockOf<'_>,
+    origin: Origin,
+) -> Result<Cid> {
     check_block_size(manifest.block_size)?;
     let layout = Layout::new(manifest.block_count(), ec.k as u64, ec.m as u64);
-    let upload = repo.begin_upload()?;
+    let upload = repo.begin_upload_as(origin)?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
-    let digests = encode_all(repo, &manifest, &layout, &upload)?;
+    let digests = encode_all(repo, manifest, &layout, &upload, block_of)?;
     let tree = MerkleTree::new(digests)?;
     let mut protected = Manifest::new(
         tree.root_cid(),
@@ -74,12 +114,14 @@ fn encode_all(
     manifest: &Manifest,
     layout: &Layout,
     upload: &Upload<'_>,
+    block_of: &BlockOf<'_>,
 ) -> Result<Vec<Digest>> {
     let bs = manifest.block_size as usize;
     let zero = Bytes::from(vec![0u8; bs]);
     let zero_cid = block_cid(&zero);
     let per_column = (layout.k + layout.m) * manifest.block_size;
     let run = (PASS_BYTES / per_column).max(1);
+    let blocks_per_put = (PASS_BYTES / manifest.block_size).max(1) as usize;
     let runs = layout.steps.div_ceil(run);
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -110,7 +152,7 @@ fn encode_all(
                         data.push(zero.clone());
                         continue;
                     }
-                    let block = repo.leaf_block(&manifest.tree_cid, index)?.ok_or_else(|| {
+                    let block = block_of(index)?.ok_or_else(|| {
                         Error::NotFound(format!("leaf {index} of the dataset is not stored"))
                     })?;
                     let bytes = repo.get_block(&block)?.ok_or_else(|| {
@@ -134,7 +176,11 @@ fn encode_all(
             }
             let batch: Vec<(u64, Cid, &[u8])> =
                 blocks.iter().map(|(i, c, b)| (*i, *c, &b[..])).collect();
-            upload.put_indexed_blocks(&batch)?;
+            // A run is at least one column: stored in parts of at most PASS_BYTES, so no
+            // single write batch grows with K + M.
+            for part in batch.chunks(blocks_per_put) {
+                upload.put_indexed_blocks(part)?;
+            }
             let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
             for (i, c, _) in &blocks {
                 all[*i as usize] = digest_of(c)

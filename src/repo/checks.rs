@@ -96,6 +96,8 @@ impl RepoStore {
             }
         }
         let mut datasets = 0;
+        // Per tree: the datasets naming it, and their block count.
+        let mut tree_users: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
         for item in self
             .db
             .iterator_cf(self.cf(CF_DATASETS), IteratorMode::Start)
@@ -108,6 +110,9 @@ impl RepoStore {
                 problems.push(format!("dataset {cid}: manifest block missing"));
                 continue;
             };
+            let users = tree_users.entry(m.tree_cid.to_bytes()).or_default();
+            users.0 += 1;
+            users.1 = m.block_count();
             if self
                 .db
                 .get_pinned_cf(self.cf(CF_TREES), m.tree_cid.to_bytes())?
@@ -123,6 +128,7 @@ impl RepoStore {
                 }
             }
         }
+        self.check_trees(tree_users, &mut problems)?;
         let directories = self.check_directories(&mut refs, &mut problems)?;
         for item in self
             .db
@@ -169,6 +175,39 @@ impl RepoStore {
     }
 }
 
+impl RepoStore {
+    /// Every tree record counts the datasets naming it (none has none: the last one's
+    /// deletion removes it) and the leaves they have.
+    fn check_trees(
+        &self,
+        mut users: std::collections::HashMap<Vec<u8>, (u64, u64)>,
+        problems: &mut Vec<String>,
+    ) -> Result<()> {
+        for item in self.db.iterator_cf(self.cf(CF_TREES), IteratorMode::Start) {
+            let (k, v) = item?;
+            let tree = TreeRecord::decode(&v)?;
+            let cid = cid_from_bytes(&k, "tree key")?;
+            let (found, leaves) = users.remove(&k[..]).unwrap_or((0, tree.leaves));
+            if tree.datasets != found {
+                problems.push(format!(
+                    "tree {cid}: record counts {} datasets, {found} name it",
+                    tree.datasets
+                ));
+            } else if found == 0 {
+                problems.push(format!("tree {cid}: record counts 0 datasets"));
+            }
+            if tree.leaves != leaves {
+                problems.push(format!(
+                    "tree {cid}: record counts {} leaves, its manifests {leaves}",
+                    tree.leaves
+                ));
+            }
+        }
+        // Datasets whose tree record is missing are reported with the datasets.
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ConsistencyReport {
     pub datasets: u64,
@@ -176,4 +215,51 @@ pub struct ConsistencyReport {
     pub blocks: u64,
     pub bytes: u64,
     pub problems: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{Node, NodeConfig};
+
+    /// `check` reads the trees: a tree record whose dataset count is wrong (the leftover of
+    /// an adoption cut in two, say) is reported.
+    #[test]
+    fn the_check_counts_each_trees_datasets() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
+        let repo = node.repo();
+        let cid = node.store(&vec![1u8; 200_000][..], None, None).unwrap();
+        assert!(repo.check_consistency().unwrap().problems.is_empty());
+        let tree = repo.manifest(&cid).unwrap().unwrap().tree_cid;
+        let cf = repo.cf(CF_TREES);
+        let good = repo.db.get_cf(cf, tree.to_bytes()).unwrap().unwrap();
+        let mut record = TreeRecord::decode(&good).unwrap();
+        record.datasets = 2;
+        repo.db
+            .put_cf(cf, tree.to_bytes(), record.encode())
+            .unwrap();
+        let problems = repo.check_consistency().unwrap().problems;
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("counts 2 datasets, 1 name it")),
+            "{problems:#?}"
+        );
+        // A tree no dataset names at all.
+        repo.db.put_cf(cf, tree.to_bytes(), &good).unwrap();
+        node.delete(&cid).unwrap();
+        let orphan = TreeRecord {
+            datasets: 0,
+            leaves: 4,
+        };
+        repo.db
+            .put_cf(cf, tree.to_bytes(), orphan.encode())
+            .unwrap();
+        let problems = repo.check_consistency().unwrap().problems;
+        assert!(
+            problems.iter().any(|p| p.contains("counts 0 datasets")),
+            "{problems:#?}"
+        );
+    }
 }

@@ -10,9 +10,35 @@ impl RepoStore {
     /// directory names; a dataset or directory that a stored directory names is `InUse`.
     pub fn delete_dataset(&self, cid: &Cid) -> Result<bool> {
         if cid.codec() == crate::cids::DIR_CODEC {
-            return self.delete_directory(cid, true);
+            return self.delete_directory(cid, true, None);
         }
+        self.delete_dataset_if(cid, None)
+    }
+
+    /// Deletes a dataset, only if it is still expired at `now` when given: the sweep's
+    /// list is a scan, and an upload of the same bytes may have refreshed the dataset
+    /// since (it must not lose the CID it was just given).
+    fn delete_dataset_if(&self, cid: &Cid, expired_at: Option<u64>) -> Result<bool> {
         let _guard = lock(&self.datasets_lock);
+        if let Some(now) = expired_at {
+            match self.db.get_pinned_cf(self.cf(CF_DATASETS), cid.to_bytes())? {
+                None => return Ok(false),
+                Some(record) if still_alive(&record, now) => return Ok(false),
+                Some(_) => {}
+            }
+        }
+        if self.holds(cid)? > 0 && self.has_dataset(cid)? {
+            return Err(Error::InUse(format!(
+                "dataset {} is named by a stored directory; delete the directory",
+                crate::cids::cid_string(cid)
+            )));
+        }
+        self.delete_dataset_locked(cid)
+    }
+
+    /// [`Self::delete_dataset`] of a dataset no stored directory names, for a caller that
+    /// holds the datasets lock.
+    pub(super) fn delete_dataset_locked(&self, cid: &Cid) -> Result<bool> {
         let key = cid.to_bytes();
         if self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)?.is_none() {
             return Ok(false);
@@ -32,6 +58,7 @@ impl RepoStore {
             let mut t = Txn::new(self);
             t.unref(&key)?;
             t.batch.delete_cf(self.cf(CF_DATASETS), &key);
+            t.batch.delete_cf(self.cf(CF_MOUNT), names::owned_key(&key));
             let mut released = false;
             if let Some(b) = self.db.get_pinned_cf(self.cf(CF_TREES), &tree_key)? {
                 let mut tree = TreeRecord::decode(&b)?;
@@ -48,7 +75,8 @@ impl RepoStore {
                     t.batch.put_cf(self.cf(CF_TREES), &tree_key, tree.encode());
                 }
             }
-            t.commit(&mut counters, false)?;
+            // Synced: a deletion the caller was told of stays done after a power loss.
+            t.commit(&mut counters, true)?;
             released
         };
         if released {
@@ -154,11 +182,7 @@ impl RepoStore {
                 expired.push(cid_from_bytes(&k, "dataset key")?);
             }
         }
-        for cid in expired {
-            if self.delete_dataset(&cid)? {
-                report.datasets += 1;
-            }
-        }
+        report.datasets += self.delete_expired_datasets(&expired, now)?;
         report.blocks += self.sweep_orphan_leaves(now)?;
         // Unreferenced blocks (cached from the network, say): delete once expired.
         let mut candidates = Vec::new();
@@ -187,6 +211,21 @@ impl RepoStore {
             t.commit(&mut counters, false)?;
         }
         Ok(report)
+    }
+
+    /// Deletes those of `cids` still expired at `now` and named by no stored directory,
+    /// each checked again under the datasets lock. Returns how many went.
+    fn delete_expired_datasets(&self, cids: &[Cid], now: u64) -> Result<u64> {
+        let mut deleted = 0;
+        for cid in cids {
+            match self.delete_dataset_if(cid, Some(now)) {
+                Ok(true) => deleted += 1,
+                // Named by a directory stored since the scan: it stays.
+                Ok(false) | Err(Error::InUse(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
     }
 
     /// Runs [`Self::sweep_expired`] every `interval` on a thread of its own until the repo
@@ -256,5 +295,73 @@ impl RepoStore {
             .property_int_value_cf(self.cf(CF_BLOCKS), "rocksdb.total-blob-file-size")?
             .unwrap_or(0);
         Ok(blobs + self.packs.bytes_on_disk()?)
+    }
+}
+
+/// Whether a dataset or directory record is not expired at `now`.
+pub(super) fn still_alive(record: &[u8], now: u64) -> bool {
+    DatasetRecord::decode(record).is_ok_and(|r| r.expiry > now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{Node, NodeConfig};
+
+    fn node(dir: &Path, ttl: Duration) -> Node {
+        let config = NodeConfig {
+            repo: RepoConfig {
+                quota_max: 1 << 40,
+                block_ttl: ttl,
+            },
+            ..NodeConfig::default()
+        };
+        Node::open(dir, config).unwrap()
+    }
+
+    /// The sweep's list is a scan; an upload that refreshes a dataset between the scan
+    /// and the deletion keeps it (issue 15, item 8).
+    #[test]
+    fn a_dataset_refreshed_after_the_sweeps_scan_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), Duration::from_secs(60));
+        let repo = node.repo();
+        let bytes = vec![7u8; 3 * 65536];
+        let stored_at = unix_now();
+        let cid = node.store(&bytes[..], None, None).unwrap();
+        let first = |repo: &RepoStore| {
+            let b = repo
+                .db
+                .get_cf(repo.cf(CF_DATASETS), cid.to_bytes())
+                .unwrap();
+            DatasetRecord::decode(&b.unwrap()).unwrap().expiry
+        };
+        let expiry = first(repo);
+        assert!(expiry >= stored_at + 60);
+        // The sweep at the moment it expires lists it...
+        let now = expiry;
+        let mut expired = Vec::new();
+        for item in repo
+            .db
+            .iterator_cf(repo.cf(CF_DATASETS), IteratorMode::Start)
+        {
+            let (k, v) = item.unwrap();
+            if DatasetRecord::decode(&v).unwrap().expiry <= now {
+                expired.push(cid_from_bytes(&k, "dataset key").unwrap());
+            }
+        }
+        assert_eq!(expired, vec![cid]);
+        // ...then an upload of the same bytes, a second later, refreshes it...
+        while unix_now() <= stored_at {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(node.store(&bytes[..], None, None).unwrap(), cid);
+        assert!(first(repo) > now);
+        // ...and the sweep's deletion leaves it.
+        assert_eq!(repo.delete_expired_datasets(&expired, now).unwrap(), 0);
+        assert!(repo.has_dataset(&cid).unwrap());
+        // Once really expired, it goes.
+        assert_eq!(repo.sweep_expired(first(repo)).unwrap().datasets, 1);
+        assert!(!repo.has_dataset(&cid).unwrap());
     }
 }

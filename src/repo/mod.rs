@@ -9,6 +9,7 @@
 
 mod checks;
 mod dirs;
+mod durability;
 mod faults;
 mod heal;
 mod lifecycle;
@@ -37,6 +38,7 @@ use crate::manifest::Manifest;
 use crate::merkle::MerkleTree;
 pub use checks::ConsistencyReport;
 pub use lock::DataDirLock;
+pub use names::Origin;
 use schema::*;
 use txn::Txn;
 pub use uploads::Upload;
@@ -98,6 +100,8 @@ pub struct RepoStore {
     /// Bytes of blocks deleted since blob files were last compacted (see `reclaim_space`).
     freed_since_reclaim: AtomicU64,
     packs: packs::Packs,
+    /// Set when a synced write failed (see [`durability`]).
+    stopped: durability::Stopped,
     path: PathBuf,
     _lock: DataDirLock,
 }
@@ -121,6 +125,10 @@ impl RepoStore {
     pub fn open(dir: &Path, config: RepoConfig) -> Result<Arc<Self>> {
         let dir_lock = DataDirLock::acquire(dir)?;
         let path = dir.join("repo");
+        // Created here, before RocksDB and the packs create them, so that their names
+        // survive a power loss.
+        durability::create_dir_durably(&path)?;
+        durability::create_dir_durably(&dir.join("packs"))?;
         let db = open_db(&path)?;
         let packs = packs::Packs::open(&dir.join("packs"))?;
         let counters = match db.get(COUNTERS_KEY)? {
@@ -135,6 +143,7 @@ impl RepoStore {
             block_ttl: config.block_ttl,
             freed_since_reclaim: AtomicU64::new(0),
             packs,
+            stopped: Default::default(),
             path,
             _lock: dir_lock,
         };
@@ -149,18 +158,6 @@ impl RepoStore {
         self.db
             .cf_handle(name)
             .expect("column families are created at open")
-    }
-
-    /// A synced write first makes every pack byte written so far durable, so that no
-    /// record a power loss keeps names bytes it lost.
-    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
-        if sync {
-            self.packs.sync()?;
-        }
-        let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
-        self.db.write_opt(batch, &opts)?;
-        Ok(())
     }
 
     /// Writes to pack files the bytes of those `(cid, data)` blocks that are large and
@@ -472,9 +469,16 @@ impl RepoStore {
         {
             let (k, _) = item?;
             let cid = cid_from_bytes(&k, "dataset key")?;
-            let manifest = self
-                .manifest(&cid)?
-                .ok_or_else(|| Error::Corrupt(format!("dataset {cid} has no manifest block")))?;
+            let manifest = match self.manifest(&cid)? {
+                Some(m) => m,
+                // Deleted since the iterator started.
+                None if !self.has_dataset(&cid)? => continue,
+                None => {
+                    return Err(Error::Corrupt(format!(
+                        "dataset {cid} has no manifest block"
+                    )))
+                }
+            };
             out.push((cid, manifest));
         }
         Ok(out)

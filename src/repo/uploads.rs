@@ -9,6 +9,11 @@ impl RepoStore {
     /// Starts an upload: blocks put through it are held by the upload until it commits,
     /// and released if it is dropped uncommitted or the process dies first.
     pub fn begin_upload(&self) -> Result<Upload<'_>> {
+        self.begin_upload_as(Origin::Explicit)
+    }
+
+    /// [`Self::begin_upload`] on behalf of `origin` (see [`Origin`]).
+    pub fn begin_upload_as(&self, origin: Origin) -> Result<Upload<'_>> {
         let id = {
             let mut c = lock(&self.counters);
             let mut next = *c;
@@ -23,6 +28,7 @@ impl RepoStore {
         Ok(Upload {
             repo: self,
             id,
+            origin,
             finished: false,
             bytes_put: AtomicU64::new(0),
         })
@@ -51,36 +57,59 @@ impl RepoStore {
     /// Stores a manifest whose tree is already stored (the same bytes under another
     /// filename, say): no block but the manifest is written. Returns its CID.
     pub fn store_manifest_for_stored_tree(&self, manifest: &Manifest) -> Result<Cid> {
+        self.store_manifest_as(manifest, Origin::Explicit)
+    }
+
+    /// [`Self::store_manifest_for_stored_tree`] on behalf of `origin` (see [`Origin`]).
+    pub fn store_manifest_as(&self, manifest: &Manifest, origin: Origin) -> Result<Cid> {
+        let _guard = lock(&self.datasets_lock);
+        let tree = self.tree_record(&manifest.tree_cid)?.ok_or_else(|| {
+            Error::NotFound(format!("tree {} is not stored here", manifest.tree_cid))
+        })?;
+        self.record_dataset_on_tree(manifest, tree, origin)
+    }
+
+    fn tree_record(&self, tree: &Cid) -> Result<Option<TreeRecord>> {
+        self.db
+            .get_pinned_cf(self.cf(CF_TREES), tree.to_bytes())?
+            .map(|b| TreeRecord::decode(&b))
+            .transpose()
+    }
+
+    /// Records `manifest` as a dataset of `tree` (its record as stored, or a new one) on
+    /// behalf of `origin`: the manifest block, the tree's dataset count and the dataset
+    /// record, in one synced transaction (nothing of it when the quota refuses the
+    /// manifest). The caller holds the datasets lock.
+    fn record_dataset_on_tree(
+        &self,
+        manifest: &Manifest,
+        mut tree: TreeRecord,
+        origin: Origin,
+    ) -> Result<Cid> {
         let encoded = manifest.encode();
         let mcid = crate::manifest::manifest_cid(&encoded);
         let mkey = mcid.to_bytes();
-        let tree_key = manifest.tree_cid.to_bytes();
-        let _guard = lock(&self.datasets_lock);
-        let mut tree = match self.db.get_pinned_cf(self.cf(CF_TREES), &tree_key)? {
-            Some(b) => TreeRecord::decode(&b)?,
-            None => {
-                return Err(Error::NotFound(format!(
-                    "tree {} is not stored here",
-                    manifest.tree_cid
-                )))
-            }
-        };
         let record = DatasetRecord {
             stored_at: unix_now(),
             expiry: self.expiry_from_now(),
         };
         let mut counters = lock(&self.counters);
         let mut t = Txn::new(self);
-        if self
+        let new = self
             .db
             .get_pinned_cf(self.cf(CF_DATASETS), &mkey)?
-            .is_none()
-        {
+            .is_none();
+        if new {
             t.add_ref(&mkey, &encoded, record.expiry)?;
             tree.datasets += 1;
-            t.batch.put_cf(self.cf(CF_TREES), &tree_key, tree.encode());
+            t.batch.put_cf(
+                self.cf(CF_TREES),
+                manifest.tree_cid.to_bytes(),
+                tree.encode(),
+            );
         }
         t.batch.put_cf(self.cf(CF_DATASETS), &mkey, record.encode());
+        self.mark_origin(&mut t.batch, &mkey, origin, new);
         t.commit(&mut counters, true)?;
         Ok(mcid)
     }
@@ -112,16 +141,13 @@ impl RepoStore {
     }
 
     /// Makes a dataset whose leaves are all stored (fetched from peers) a local dataset:
-    /// its tree and dataset records and its manifest block. Fails if a leaf is missing.
+    /// its tree and dataset records and its manifest block, in one transaction (a crash or
+    /// a full quota leaves none of them). Fails if a leaf is missing.
     pub fn adopt_dataset(&self, manifest: &Manifest) -> Result<Cid> {
-        {
-            let _guard = lock(&self.datasets_lock);
-            let tree_key = manifest.tree_cid.to_bytes();
-            if self
-                .db
-                .get_pinned_cf(self.cf(CF_TREES), &tree_key)?
-                .is_none()
-            {
+        let _guard = lock(&self.datasets_lock);
+        let tree = match self.tree_record(&manifest.tree_cid)? {
+            Some(t) => t,
+            None => {
                 let n = manifest.block_count();
                 for i in 0..n {
                     if self.leaf_block(&manifest.tree_cid, i)?.is_none() {
@@ -131,20 +157,13 @@ impl RepoStore {
                         )));
                     }
                 }
-                let mut batch = WriteBatch::default();
-                batch.put_cf(
-                    self.cf(CF_TREES),
-                    &tree_key,
-                    TreeRecord {
-                        datasets: 0,
-                        leaves: n,
-                    }
-                    .encode(),
-                );
-                self.write(batch, true)?;
+                TreeRecord {
+                    datasets: 0,
+                    leaves: n,
+                }
             }
-        }
-        self.store_manifest_for_stored_tree(manifest)
+        };
+        self.record_dataset_on_tree(manifest, tree, Origin::Explicit)
     }
 }
 
@@ -153,6 +172,7 @@ impl RepoStore {
 pub struct Upload<'a> {
     repo: &'a RepoStore,
     id: u64,
+    origin: Origin,
     finished: bool,
     /// Block bytes put so far; past `INLINE_UPLOAD_BYTES` they go to pack files.
     bytes_put: AtomicU64,
@@ -162,6 +182,15 @@ pub struct Upload<'a> {
 /// one synced write; beyond this, block bytes go to pack files (one copy instead of
 /// RocksDB's three), which the commit syncs.
 const INLINE_UPLOAD_BYTES: u64 = 4 << 20;
+
+/// Whether a batch of `size` block bytes goes to pack files: only while the upload's
+/// bytes so far, this batch included, stay within [`INLINE_UPLOAD_BYTES`] do they go into
+/// the write batch itself, so no single RocksDB batch holds more than that however large
+/// the batch is.
+fn goes_to_packs(bytes_put: &AtomicU64, size: u64) -> bool {
+    let before = bytes_put.fetch_add(size, Ordering::Relaxed);
+    before.saturating_add(size) > INLINE_UPLOAD_BYTES
+}
 
 impl Upload<'_> {
     /// Stores blocks `start, start+1, …` of the dataset, each with its CID, in one batch.
@@ -191,7 +220,7 @@ impl Upload<'_> {
             ));
         }
         let size: u64 = blocks.iter().map(|(_, _, d)| d.len() as u64).sum();
-        let packed = self.bytes_put.fetch_add(size, Ordering::Relaxed) >= INLINE_UPLOAD_BYTES;
+        let packed = goes_to_packs(&self.bytes_put, size);
         let prewritten = match packed {
             true => self.repo.prewrite(
                 keys.iter()
@@ -284,6 +313,7 @@ impl Upload<'_> {
                     .put_cf(repo.cf(CF_TREES), &tree_key, tree_rec.encode());
             }
             t.batch.put_cf(repo.cf(CF_DATASETS), &mkey, record.encode());
+            repo.mark_origin(&mut t.batch, &mkey, self.origin, new_dataset);
             if !tree_known {
                 // The upload's block references become the new tree's leaf references.
                 let (from, to) = JournalKey::upload_blocks_range(self.id);
