@@ -724,6 +724,8 @@ fn names_read_by_passthrough_and_written_while_open() {
     assert!(got == v2);
     assert!(std::fs::read(&path).unwrap() == v3);
     drop((old_reader, reader));
+}
+
 /// The datasets stored in a data dir no process has open, as CIDs.
 fn stored_datasets(data: &Path) -> Vec<String> {
     let node = codexfs::node::Node::open(data, codexfs::node::NodeConfig::default()).unwrap();
