@@ -530,7 +530,11 @@ fn metrics_parse_and_count_what_was_done() {
         m["codexfs_api_bytes_total{direction=\"sent\"}"],
         a.len() as f64
     );
-    assert!(m["codexfs_cache_hits_total"] + m["codexfs_cache_misses_total"] >= 4.0);
+    // Data blocks are read from their flat files (the OS page cache); the block cache is
+    // for blocks read by CID and directory blocks: counted, none here.
+    assert!(
+        m.contains_key("codexfs_cache_hits_total") && m.contains_key("codexfs_cache_misses_total")
+    );
     assert_eq!(m["codexfs_pending_blocks"], 0.0);
     assert_eq!(m["codexfs_connected_peers"], 0.0);
     assert_eq!(m["codexfs_blocks_received_total"], 0.0);

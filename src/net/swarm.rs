@@ -187,9 +187,17 @@ pub fn load_or_create_key(path: &Path) -> Result<Keypair> {
             let bytes = key
                 .to_protobuf_encoding()
                 .map_err(|e| Error::Corrupt(format!("node key: {e}")))?;
+            // Durably: the data dir's fsyncs (the store makes some) can keep the name of a
+            // file whose bytes a power cut took, and an empty key file is a node that
+            // cannot start (found by the power-cut crash test).
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)?;
+            let mut file = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, &bytes)?;
+            file.sync_all()?;
             std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
             Ok(key)
         }
         Err(e) => Err(e.into()),

@@ -562,15 +562,10 @@ impl Core {
             .retain(|k| self.req.keys.contains_key(k));
     }
 
-    /// `peer` (just connected) becomes a candidate of every key with wants.
+    /// `peer` (just connected) becomes a candidate of every key known (those with wants
+    /// ask it at once; an idle key's next want too).
     pub(super) fn ask_new_peer(&mut self, now: Time, peer: PeerId) {
-        let keys: Vec<Cid> = self
-            .req
-            .keys
-            .iter()
-            .filter(|(_, ks)| ks.wants > 0)
-            .map(|(k, _)| *k)
-            .collect();
+        let keys: Vec<Cid> = self.req.keys.keys().copied().collect();
         for key in keys {
             self.add_candidates(
                 now,
