@@ -26,6 +26,11 @@ pub trait DirBlocks: Send + Sync + 'static {
     /// `top` is the directory the walk started at, whose providers are asked. Callers
     /// validate the bytes against `cid`.
     fn dir_block(&self, cid: &Cid, top: &Cid) -> Result<Bytes>;
+
+    /// Fetches directory blocks `cids` (the pages of a directory being walked) in one go,
+    /// so that the `dir_block` calls that follow find them here. Blocking; what fails is
+    /// left to `dir_block`.
+    fn fetch_dir_blocks(&self, _cids: &[Cid], _top: &Cid) {}
 }
 
 impl DirBlocks for Node {

@@ -138,6 +138,8 @@ pub struct FsCore {
     dir_blocks: Arc<dyn DirBlocks>,
     dir_roots: Mutex<lru::LruCache<Cid, Arc<DirRoot>>>,
     dir_pages: Mutex<lru::LruCache<Cid, Arc<Vec<Item>>>>,
+    /// Published directories whose walk was prefetched (see `pubdir.rs`).
+    prefetched: Mutex<lru::LruCache<Cid, ()>>,
     /// Directory trees written into the mount.
     tree: Mutex<tree::Trees>,
     /// The versions the mount stored, and which of them are in use.
@@ -209,6 +211,7 @@ impl FsCore {
             names_lock: Mutex::new(()),
             dir_roots: Mutex::new(lru::LruCache::new(cap(pubdir::ROOTS_CACHED))),
             dir_pages: Mutex::new(lru::LruCache::new(cap(pubdir::PAGES_CACHED))),
+            prefetched: Mutex::new(lru::LruCache::new(cap(pubdir::ROOTS_CACHED))),
             tree: Mutex::new(tree::Trees::default()),
         }
     }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::core::{Attr, FsCore, Kind, BLKSIZE};
@@ -231,6 +231,10 @@ impl Filesystem for CodexFuse {
         // The kernel caps writes at 1 MiB; ask for that much.
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        // A listing with attributes (`ls -l`, a walk that stats what it lists) is one
+        // request per page of entries, not a lookup per entry.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         if self.passthrough.enabled() {
             let refused = config
                 .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
@@ -527,6 +531,54 @@ impl Filesystem for CodexFuse {
             }
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    /// readdir and a lookup of each entry in one: every entry given with its attributes
+    /// counts as a lookup (but `.` and `..`, which the kernel does not take), and one that
+    /// does not fit the reply is forgotten again.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match traced("readdirplus", || self.core.readdir(fh.0, offset)) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let dir = match self.core.getattr(ino.0) {
+            Ok(a) => a,
+            Err(e) => return reply.error(errno(e)),
+        };
+        for (cookie, e) in entries {
+            let dots = e.name == "." || e.name == "..";
+            let attr = if dots {
+                dir
+            } else {
+                match self.core.lookup(ino.0, OsStr::new(&e.name)) {
+                    Ok(a) => a,
+                    // Gone since the listing was made: left out, as a lookup would.
+                    Err(_) => continue,
+                }
+            };
+            let full = reply.add(
+                INodeNo(if dots { e.ino } else { attr.ino }),
+                cookie,
+                &e.name,
+                &self.core.ttl(&attr),
+                &file_attr(&attr),
+                Generation(0),
+            );
+            if full {
+                if !dots {
+                    self.core.forget(attr.ino, 1);
+                }
+                break; // the kernel asks again from this cookie
+            }
+        }
+        reply.ok()
     }
 
     fn releasedir(

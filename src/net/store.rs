@@ -22,6 +22,7 @@ use crate::manifest::Manifest;
 use crate::node::{BlockSource, Dataset, Node};
 
 mod dirs;
+mod prefetch;
 
 pub struct NetworkStore {
     node: Node,
@@ -34,6 +35,8 @@ pub struct NetworkStore {
     /// Datasets resolved from the network lately (a CID always names the same one): a
     /// lookup then an open of a file fetch its manifest once.
     resolved: Mutex<lru::LruCache<Cid, Dataset>>,
+    /// Directory prefetches under way, oldest first (see `prefetch.rs`).
+    prefetches: Mutex<std::collections::VecDeque<tokio::task::AbortHandle>>,
     /// Itself, for decodes that run on the blocking pool.
     me: Weak<NetworkStore>,
 }
@@ -54,6 +57,7 @@ impl NetworkStore {
             resolved: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(RESOLVED_KEPT).expect("non-zero"),
             )),
+            prefetches: Mutex::new(Default::default()),
             me: me.clone(),
         })
     }
@@ -267,8 +271,9 @@ impl crate::erasure::Fetch for NetworkStore {
     }
 }
 
-/// Datasets resolved from the network kept in memory.
-const RESOLVED_KEPT: usize = 256;
+/// Datasets resolved from the network kept in memory (a manifest is a few hundred
+/// bytes: a tree of small files walked again finds them all).
+const RESOLVED_KEPT: usize = 32768;
 /// Blocks a stream asks for ahead of the one it writes.
 const STREAM_BLOCKS_AHEAD: usize = 256;
 /// How many timeouts a block asked ahead may wait (the stream fails sooner if nothing
@@ -384,5 +389,9 @@ impl BlockSource for NetworkStore {
         out: &mut Vec<u8>,
     ) -> Result<u64> {
         self.node.read_now_whole(dataset, blocks, out)
+    }
+
+    fn prefetch(&self, top: &Cid, files: Vec<(Cid, u64)>, dirs: Vec<Cid>) {
+        self.start_prefetch(top, files, dirs);
     }
 }

@@ -162,7 +162,11 @@ impl NetHandle {
     /// disconnect): a stream it dropped may then be opened again without dialling it.
     pub async fn still_connected(&self, peer: PeerId) -> bool {
         let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::StillConnected(peer, tx)).is_err() {
+        if self
+            .commands
+            .send(Command::StillConnected(peer, tx))
+            .is_err()
+        {
             return false;
         }
         rx.await.unwrap_or(false)

@@ -88,6 +88,13 @@ pub trait BlockSource: Send + Sync + 'static {
         Ok(false)
     }
 
+    /// Starts fetching, in the background, what a walk of a directory reads next: the
+    /// roots of its subdirectories `dirs`, the manifests of its files `files` (CID, size),
+    /// then their first blocks, under a byte budget (see `net::store::prefetch`). `top`
+    /// is the walk's top directory (whose providers are asked). Nothing for a local
+    /// source.
+    fn prefetch(&self, _top: &Cid, _files: Vec<(Cid, u64)>, _dirs: Vec<Cid>) {}
+
     /// Appends blocks `blocks` whole to `out` for as many leading blocks as can be had
     /// at once, and returns how many (the rest go through [`Self::read_now`]). A
     /// sequential reader's requests come here: one lookup and one read for many blocks.

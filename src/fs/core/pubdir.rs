@@ -172,11 +172,51 @@ impl FsCore {
 
     pub(super) fn pub_opendir(&self, ino: u64, d: &PubDir) -> Result<u64, Errno> {
         let root = self.pub_root(d)?;
+        self.prefetch_walk(&root, &d.top);
         Ok(self.add_handle(Handle::PubDir {
             ino,
             root,
             top: d.top,
         }))
+    }
+
+    /// A directory of a published tree is opened (a walk, a listing): what the walk reads
+    /// next is asked for at once, in the background — all its pages in one go, then the
+    /// roots of its subdirectories, its files' manifests and first blocks (the source's
+    /// prefetch, bounded by a byte budget, cancelled when the walk has moved on). Once
+    /// per directory (while remembered).
+    fn prefetch_walk(&self, root: &Arc<DirRoot>, top: &Cid) {
+        if lock(&self.prefetched).put(root.cid, ()).is_some() {
+            return;
+        }
+        let (blocks, source, root, top) = (
+            self.dir_blocks.clone(),
+            self.source.clone(),
+            root.clone(),
+            *top,
+        );
+        self.runtime.spawn_blocking(move || {
+            let pages = if root.is_paged() {
+                let cids: Vec<Cid> = root.pages.iter().map(|p| p.cid).collect();
+                blocks.fetch_dir_blocks(&cids, &top);
+                root.pages.len()
+            } else {
+                1
+            };
+            let (mut files, mut dirs) = (Vec::new(), Vec::new());
+            for i in 0..pages {
+                let Ok(items) = dir::page(&*blocks, &root, i, &top) else {
+                    break;
+                };
+                for item in items.iter() {
+                    match item.kind {
+                        ItemKind::File => files.push((item.cid, item.size)),
+                        ItemKind::Dir => dirs.push(item.cid),
+                    }
+                }
+            }
+            source.prefetch(&top, files, dirs);
+        });
     }
 
     /// Entries from cookie `offset` on, to the end of the page that holds it: the kernel

@@ -561,6 +561,58 @@ impl Exchange {
             i.waiters.insert(w, tx);
             w
         });
+        self.waiting(waiter, rx, address, timeout)
+    }
+
+    /// [`Self::fetch`] of many blocks at once: the wants are made in one event, so they
+    /// go out as one wantlist per peer (as far as its window goes). One future per want,
+    /// in order; dropping one cancels its want.
+    pub fn fetch_many(
+        self: &Arc<Self>,
+        wants: Vec<(BlockAddress, u64)>,
+        providers: &[PeerId],
+        timeout: Duration,
+        discover: Discover,
+    ) -> Vec<impl std::future::Future<Output = Result<Fetched>> + Send + 'static> {
+        let candidates: Vec<Candidate> = providers
+            .iter()
+            .map(|p| Candidate {
+                peer: *p,
+                provider: true,
+            })
+            .collect();
+        let addresses: Vec<BlockAddress> = wants.iter().map(|(a, _)| a.clone()).collect();
+        let channels: Vec<_> = wants.iter().map(|_| oneshot::channel()).collect();
+        let (txs, rxs): (Vec<_>, Vec<_>) = channels.into_iter().unzip();
+        let waiters = self.with_core(|i, now| {
+            let ws = i.core.want_many(
+                now,
+                wants,
+                &candidates,
+                now + timeout,
+                discover == Discover::Now,
+            );
+            for (w, tx) in ws.iter().zip(txs) {
+                i.waiters.insert(*w, tx);
+            }
+            ws
+        });
+        waiters
+            .into_iter()
+            .zip(rxs)
+            .zip(addresses)
+            .map(|((waiter, rx), address)| self.waiting(waiter, rx, address, timeout))
+            .collect()
+    }
+
+    /// The future of one want made: its answer, or a timeout.
+    fn waiting(
+        self: &Arc<Self>,
+        waiter: WaiterId,
+        rx: oneshot::Receiver<Result<Fetched>>,
+        address: BlockAddress,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<Fetched>> + Send + 'static {
         let guard = WaiterGuard {
             ex: Arc::downgrade(self),
             waiter,

@@ -63,4 +63,8 @@ impl DirBlocks for NetworkStore {
         self.node.cache().insert(*cid, data.clone());
         Ok(data)
     }
+
+    fn fetch_dir_blocks(&self, cids: &[Cid], top: &Cid) {
+        self.fetch_dir_blocks_now(cids, top);
+    }
 }

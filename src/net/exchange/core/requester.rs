@@ -359,6 +359,40 @@ impl Core {
         deadline: Time,
         look_up: bool,
     ) -> WaiterId {
+        let waiter = self.want_one(now, address, leaves, candidates, deadline, look_up);
+        self.after_event(now);
+        waiter
+    }
+
+    /// Many wants as one event (a prefetch of a directory's files): they go out in as few
+    /// messages as the peers' windows allow, hundreds of entries each, not one per want.
+    pub fn want_many(
+        &mut self,
+        now: Time,
+        wants: Vec<(BlockAddress, u64)>,
+        candidates: &[Candidate],
+        deadline: Time,
+        look_up: bool,
+    ) -> Vec<WaiterId> {
+        let waiters = wants
+            .into_iter()
+            .map(|(address, leaves)| {
+                self.want_one(now, address, leaves, candidates, deadline, look_up)
+            })
+            .collect();
+        self.after_event(now);
+        waiters
+    }
+
+    fn want_one(
+        &mut self,
+        now: Time,
+        address: BlockAddress,
+        leaves: u64,
+        candidates: &[Candidate],
+        deadline: Time,
+        look_up: bool,
+    ) -> WaiterId {
         let waiter = WaiterId(self.id());
         let key = key_of(&address);
         self.ensure_key(now, key);
@@ -405,7 +439,6 @@ impl Core {
         if stale && (look_up || ks.peers.is_empty()) {
             self.start_lookup(key);
         }
-        self.after_event(now);
         waiter
     }
 

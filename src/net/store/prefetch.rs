@@ -1,0 +1,214 @@
+//! Prefetch of a directory being walked (`diff -r`, `tar`, `cp -r` of a tree on a peer):
+//! a file costs a lookup, its manifest and its first block, ~4 ms of round trips one after
+//! another when each is asked as the reader gets to it. When the mount opens a directory
+//! of a remote tree, what its walk reads next is asked for at once, in large wantlists
+//! (one event of the exchange, so one message per peer as far as its window goes): the
+//! roots of its subdirectories and the manifests of its files, then the blocks of its
+//! files from the first, up to [`PREFETCH_BYTES`]. The peers the walk's top came from are
+//! asked (no lookup per file: presence for the tree is asked once, when its top was
+//! found). A prefetch is a task; the walk moving on to more directories than
+//! [`PREFETCH_DIRS`] cancels the oldest (its futures dropped: the exchange cancels their
+//! wants).
+
+use bytes::Bytes;
+use cid::Cid;
+
+use super::NetworkStore;
+use crate::cids::MANIFEST_CODEC;
+use crate::error::Error;
+use crate::manifest::Manifest;
+use crate::net::exchange::Discover;
+use crate::net::protocol::BlockAddress;
+use crate::node::{BlockSource, Dataset};
+
+/// Bytes of file blocks one directory's prefetch asks for.
+pub const PREFETCH_BYTES: u64 = 16 << 20;
+/// Directory prefetches running at once; a new one cancels the oldest.
+pub const PREFETCH_DIRS: usize = 8;
+
+impl NetworkStore {
+    /// Starts the prefetch of a directory's subdirectory roots, manifests and first blocks
+    /// (see the module doc).
+    pub(super) fn start_prefetch(&self, top: &Cid, files: Vec<(Cid, u64)>, dirs: Vec<Cid>) {
+        let Some(me) = self.me.upgrade() else { return };
+        let top = *top;
+        let task = self
+            .runtime
+            .spawn(async move { me.prefetch_task(top, files, dirs).await });
+        let mut running = self.prefetches.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|t| !t.is_finished());
+        running.push_back(task.abort_handle());
+        while running.len() > PREFETCH_DIRS {
+            if let Some(oldest) = running.pop_front() {
+                oldest.abort();
+            }
+        }
+    }
+
+    fn top_peers(&self, top: &Cid) -> Vec<libp2p::PeerId> {
+        self.providers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(top)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    async fn prefetch_task(
+        self: std::sync::Arc<Self>,
+        top: Cid,
+        files: Vec<(Cid, u64)>,
+        dirs: Vec<Cid>,
+    ) {
+        let peers = self.top_peers(&top);
+        let discover = if peers.is_empty() {
+            Discover::Now
+        } else {
+            Discover::WhenStuck
+        };
+        // 1. Subdirectory roots and manifests not here yet, in one wantlist.
+        let mut wanted: Vec<Cid> = Vec::new();
+        for d in dirs {
+            if self.node.cache().get(&d).is_none()
+                && self.node.repo().get_block(&d).ok().flatten().is_none()
+            {
+                wanted.push(d);
+            }
+        }
+        let mut datasets: Vec<Dataset> = Vec::new();
+        for (f, _) in &files {
+            if f.codec() != MANIFEST_CODEC {
+                continue;
+            }
+            let known = self
+                .resolved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(f)
+                .cloned();
+            match known {
+                Some(d) => datasets.push(d),
+                None => match self.node.resolve(f) {
+                    Ok(Some(d)) => datasets.push(d),
+                    _ => wanted.push(*f),
+                },
+            }
+        }
+        if !wanted.is_empty() {
+            let addresses = wanted.iter().map(|c| (BlockAddress::Cid(*c), 0)).collect();
+            let fetches = self
+                .exchange
+                .fetch_many(addresses, &peers, self.timeout, discover);
+            let got = futures::future::join_all(fetches).await;
+            for (cid, fetched) in wanted.iter().zip(got) {
+                let Ok(fetched) = fetched else { continue };
+                if cid.codec() == MANIFEST_CODEC {
+                    let Ok(m) = Manifest::decode(&fetched.data) else {
+                        continue;
+                    };
+                    let d = Dataset::Manifest(*cid, m);
+                    self.providers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(*cid, vec![fetched.from]);
+                    self.resolved
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .put(*cid, d.clone());
+                    datasets.push(d);
+                } else {
+                    // (A copy: the delivered bytes are a slice of a whole frame.)
+                    self.node
+                        .cache()
+                        .insert(*cid, Bytes::copy_from_slice(&fetched.data));
+                }
+            }
+        }
+        // 2. The files' blocks, from the first file on, within the budget.
+        let mut budget = PREFETCH_BYTES;
+        let mut blocks = Vec::new();
+        let mut trees = Vec::new();
+        for d in &datasets {
+            let Dataset::Manifest(_, m) = d else { continue };
+            if budget == 0 {
+                break;
+            }
+            let n = d.block_count().min(budget.div_ceil(m.block_size).max(1));
+            budget = budget.saturating_sub(n * m.block_size);
+            trees.push(m.clone());
+            for i in 0..n {
+                blocks.push((d.clone(), i));
+            }
+        }
+        if blocks.is_empty() {
+            return;
+        }
+        // Fetched leaves are kept only for trees on record; which leaves are here already.
+        let node = self.node.clone();
+        let needed = tokio::task::spawn_blocking(move || {
+            for m in &trees {
+                let _ = node.repo().ensure_tree(m);
+            }
+            blocks
+                .into_iter()
+                .filter(|(d, i)| matches!(node.local_block(d, *i), Err(Error::NotFound(_))))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        if needed.is_empty() {
+            return;
+        }
+        let addresses = needed
+            .iter()
+            .filter_map(|(d, i)| match d {
+                Dataset::Manifest(_, m) => Some((
+                    BlockAddress::Leaf {
+                        tree: m.tree_cid,
+                        index: *i,
+                    },
+                    m.block_count(),
+                )),
+                Dataset::Block(..) => None,
+            })
+            .collect();
+        let fetches = self
+            .exchange
+            .fetch_many(addresses, &peers, self.timeout, discover);
+        // The exchange stores what arrives; the futures only keep the wants alive.
+        let _ = futures::future::join_all(fetches).await;
+    }
+
+    /// Fetches directory blocks in one wantlist into the block cache (blocking).
+    pub(super) fn fetch_dir_blocks_now(&self, cids: &[Cid], top: &Cid) {
+        let wanted: Vec<Cid> = cids
+            .iter()
+            .filter(|c| {
+                self.node.cache().get(c).is_none()
+                    && self.node.repo().get_block(c).ok().flatten().is_none()
+            })
+            .copied()
+            .collect();
+        if wanted.len() < 2 {
+            return;
+        }
+        let peers = self.top_peers(top);
+        let discover = if peers.is_empty() {
+            Discover::Now
+        } else {
+            Discover::WhenStuck
+        };
+        let addresses = wanted.iter().map(|c| (BlockAddress::Cid(*c), 0)).collect();
+        let fetches = self
+            .exchange
+            .fetch_many(addresses, &peers, self.timeout, discover);
+        let got = self.runtime.block_on(futures::future::join_all(fetches));
+        for (cid, fetched) in wanted.iter().zip(got) {
+            if let Ok(f) = fetched {
+                self.node
+                    .cache()
+                    .insert(*cid, Bytes::copy_from_slice(&f.data));
+            }
+        }
+    }
+}
