@@ -22,9 +22,9 @@ use crate::net::protocol::BlockAddress;
 use crate::node::{BlockSource, Dataset};
 
 /// Bytes of file blocks one directory's prefetch asks for.
-pub const PREFETCH_BYTES: u64 = 16 << 20;
+pub const PREFETCH_BYTES: u64 = 4 << 20;
 /// Directory prefetches running at once; a new one cancels the oldest.
-pub const PREFETCH_DIRS: usize = 8;
+pub const PREFETCH_DIRS: usize = 32;
 
 impl NetworkStore {
     /// Starts the prefetch of a directory's subdirectory roots, manifests and first blocks

@@ -1160,3 +1160,35 @@ fn wants_past_a_batchs_byte_limit_are_served_next() {
         .collect();
     assert_eq!(next, vec![leaf(1, 1), leaf(1, 2), leaf(1, 3)]);
 }
+
+/// Many wants made as one event (a directory's prefetch, issue 18) go to a peer as one
+/// message carrying them all (as far as its window goes), not a message per want; each
+/// waiter is delivered its own block.
+#[test]
+fn many_wants_made_at_once_go_out_in_one_message() {
+    let mut t = T::new();
+    let p = peer(1);
+    t.connect(p);
+    t.actions();
+    let addresses: Vec<BlockAddress> = (0..100u8).map(|n| leaf(n, 0)).collect();
+    let waiters = t.core.want_many(
+        t.now,
+        addresses.iter().map(|a| (a.clone(), 1)).collect(),
+        &[provider(p)],
+        t.now + secs(30.0),
+        false,
+    );
+    assert_eq!(waiters.len(), 100);
+    let actions = t.actions();
+    let messages = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Send { peer, .. } if *peer == p))
+        .count();
+    assert_eq!(messages, 1, "one message for the whole batch");
+    let asked = sent(&actions, p).len();
+    assert!(asked >= 16, "only {asked} of 100 wants in the message");
+    assert!(
+        lookups(&actions).is_empty(),
+        "no lookup per key: the provider is asked"
+    );
+}
