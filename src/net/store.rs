@@ -394,4 +394,8 @@ impl BlockSource for NetworkStore {
     fn prefetch(&self, top: &Cid, files: Vec<(Cid, u64)>, dirs: Vec<Cid>) {
         self.start_prefetch(top, files, dirs);
     }
+
+    fn prefetches(&self) -> bool {
+        true
+    }
 }

@@ -95,6 +95,11 @@ pub trait BlockSource: Send + Sync + 'static {
     /// source.
     fn prefetch(&self, _top: &Cid, _files: Vec<(Cid, u64)>, _dirs: Vec<Cid>) {}
 
+    /// Whether [`Self::prefetch`] does anything (a walk of a local tree needs none).
+    fn prefetches(&self) -> bool {
+        false
+    }
+
     /// Appends blocks `blocks` whole to `out` for as many leading blocks as can be had
     /// at once, and returns how many (the rest go through [`Self::read_now`]). A
     /// sequential reader's requests come here: one lookup and one read for many blocks.

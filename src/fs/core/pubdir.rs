@@ -18,6 +18,9 @@ use crate::fs::prefetch::Errno;
 /// Parsed roots and pages kept by the mount (a few MiB at most).
 pub(super) const ROOTS_CACHED: usize = 1024;
 pub(super) const PAGES_CACHED: usize = 32;
+/// Pages of a directory whose entries a walk's prefetch asks for (a listing of a huge
+/// directory still holds one page at a time; its prefetch covers its start).
+const PREFETCH_PAGES: usize = 4;
 
 /// A directory block that cannot be had or does not validate is an I/O error; only a
 /// top (a CID looked up in the root) that nobody has is "no such file".
@@ -181,12 +184,12 @@ impl FsCore {
     }
 
     /// A directory of a published tree is opened (a walk, a listing): what the walk reads
-    /// next is asked for at once, in the background — all its pages in one go, then the
+    /// next is asked for at once, in the background — its first pages in one go, then the
     /// roots of its subdirectories, its files' manifests and first blocks (the source's
     /// prefetch, bounded by a byte budget, cancelled when the walk has moved on). Once
     /// per directory (while remembered).
     fn prefetch_walk(&self, root: &Arc<DirRoot>, top: &Cid) {
-        if lock(&self.prefetched).put(root.cid, ()).is_some() {
+        if !self.source.prefetches() || lock(&self.prefetched).put(root.cid, ()).is_some() {
             return;
         }
         let (blocks, source, root, top) = (
@@ -197,9 +200,10 @@ impl FsCore {
         );
         self.runtime.spawn_blocking(move || {
             let pages = if root.is_paged() {
-                let cids: Vec<Cid> = root.pages.iter().map(|p| p.cid).collect();
+                let pages = root.pages.len().min(PREFETCH_PAGES);
+                let cids: Vec<Cid> = root.pages[..pages].iter().map(|p| p.cid).collect();
                 blocks.fetch_dir_blocks(&cids, &top);
-                root.pages.len()
+                pages
             } else {
                 1
             };
