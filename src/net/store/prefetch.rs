@@ -21,8 +21,8 @@ use crate::net::exchange::Discover;
 use crate::net::protocol::BlockAddress;
 use crate::node::{BlockSource, Dataset};
 
-/// Bytes of file blocks one directory's prefetch asks for.
-pub const PREFETCH_BYTES: u64 = 4 << 20;
+/// Bytes of files (their content, from the first file on) one directory's prefetch asks for.
+pub const PREFETCH_BYTES: u64 = 8 << 20;
 /// Directory prefetches running at once; a new one cancels the oldest.
 pub const PREFETCH_DIRS: usize = 32;
 
@@ -133,8 +133,10 @@ impl NetworkStore {
             if budget == 0 {
                 break;
             }
+            // Charged by the file's bytes (a small file's one padded block is not 64 KiB
+            // of reading ahead).
             let n = d.block_count().min(budget.div_ceil(m.block_size).max(1));
-            budget = budget.saturating_sub(n * m.block_size);
+            budget = budget.saturating_sub((n * m.block_size).min(d.size()).max(1));
             trees.push(m.clone());
             for i in 0..n {
                 blocks.push((d.clone(), i));
