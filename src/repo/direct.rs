@@ -30,7 +30,7 @@ use crate::error::Result;
 /// logical block size Linux supports).
 pub const ALIGN: usize = 4096;
 /// How far ahead of the writes the file is preallocated.
-const PREALLOCATE: u64 = 64 << 20;
+pub const PREALLOCATE: u64 = 64 << 20;
 
 /// A handle of a file opened for direct writes.
 pub struct DirectFile {
@@ -60,7 +60,15 @@ impl DirectFile {
     /// Writes `parts`, one after another, at `offset`. `Ok(false)`: nothing was written
     /// (the run is not aligned, or the file system refused), write it the ordinary way.
     /// `fallback` is an ordinary handle of the same file, for what a short write leaves.
-    pub fn write_run(&self, parts: &[&[u8]], offset: u64, fallback: &File) -> Result<bool> {
+    /// With `ahead`, the file is preallocated [`PREALLOCATE`] beyond the run when it must
+    /// grow (without: just to the run's end, for a disk nearly full).
+    pub fn write_run(
+        &self,
+        parts: &[&[u8]],
+        offset: u64,
+        fallback: &File,
+        ahead: bool,
+    ) -> Result<bool> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         if total == 0
             || !offset.is_multiple_of(ALIGN as u64)
@@ -69,7 +77,7 @@ impl DirectFile {
         {
             return Ok(false);
         }
-        self.preallocate(offset + total as u64)?;
+        self.preallocate(offset + total as u64, ahead)?;
         let aligned = parts
             .iter()
             .all(|p| (p.as_ptr() as usize).is_multiple_of(ALIGN) && p.len().is_multiple_of(ALIGN));
@@ -137,14 +145,19 @@ impl DirectFile {
         Ok(true)
     }
 
-    /// Makes sure `[0, end)` is allocated, reserving [`PREALLOCATE`] more at a time.
-    fn preallocate(&self, end: u64) -> Result<()> {
+    /// Makes sure `[0, end)` is allocated, reserving [`PREALLOCATE`] more at a time if
+    /// `ahead`.
+    fn preallocate(&self, end: u64, ahead: bool) -> Result<()> {
         let mut allocated = self.allocated.lock().unwrap_or_else(|p| p.into_inner());
         if end <= *allocated {
             return Ok(());
         }
         // Ahead of the writes, or (on a disk nearly full) just what this one needs.
-        let mut to = end.max(*allocated + PREALLOCATE);
+        let mut to = if ahead {
+            end.max(*allocated + PREALLOCATE)
+        } else {
+            end
+        };
         loop {
             // SAFETY: fallocate only reads its arguments.
             let r = unsafe {

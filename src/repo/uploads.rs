@@ -134,7 +134,14 @@ impl Upload<'_> {
         let file = self.file(part)?;
         if part == Part::Data {
             if let Some(direct) = self.direct_file()? {
-                if direct.write_run(run, at, &file)? {
+                // Space preallocated ahead must not eat the disk's reserve.
+                let size = run.iter().map(|r| r.len() as u64).sum::<u64>();
+                let ahead = self
+                    .repo
+                    .files
+                    .ensure_room(size + super::direct::PREALLOCATE)
+                    .is_ok();
+                if direct.write_run(run, at, &file, ahead)? {
                     return Ok(());
                 }
             }
