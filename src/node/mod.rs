@@ -171,7 +171,7 @@ impl Node {
     /// and whether the dataset is new.
     pub fn publish_buffers(
         &self,
-        buffers: impl Iterator<Item = std::io::Result<Vec<u8>>>,
+        buffers: impl Iterator<Item = std::io::Result<crate::chunker::Buffer>>,
         pool: BufferPool,
         filename: Option<String>,
     ) -> Result<(Cid, bool)> {
