@@ -1,7 +1,7 @@
 //! The network: the block exchange protocol ([`protocol`]), answering peers from the local
 //! store ([`provider`]), checking what peers deliver ([`verify`]), the libp2p swarm
-//! ([`swarm`]), the exchange engine over it ([`exchange`]) and the store that reads
-//! through it ([`store`]).
+//! ([`swarm`]) and its transport ([`transport`]), the exchange engine over it
+//! ([`exchange`]) and the store that reads through it ([`store`]).
 
 pub mod exchange;
 pub mod protocol;
@@ -10,6 +10,7 @@ pub mod serve;
 pub mod service;
 pub mod store;
 pub mod swarm;
+pub mod transport;
 pub mod verify;
 
 pub use protocol::{BlockAddress, Message};
