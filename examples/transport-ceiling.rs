@@ -4,7 +4,8 @@
 //! transport the node builds (`codexfs::net::transport::build`) and only the stream
 //! behaviour, on the node's runtime (2 worker threads). The dialer keeps `--window`
 //! requests in flight on one long-lived stream; the server answers each with a 64 KiB
-//! payload from one reused buffer. Nothing is hashed or stored. Printed: MB/s and the CPU
+//! payload from one reused buffer. Nothing is hashed or stored. Both processes set malloc
+//! up as the node does (`transport::keep_freed_memory`). Printed: MB/s and the CPU
 //! seconds per GiB of each process (user + system, from first request to last byte).
 //!
 //!     transport-ceiling [--mib 1024] [--stack default|noise-yamux] [--security tls,noise]
@@ -57,6 +58,10 @@ struct Args {
     /// QUIC: stream window in bytes (the connection window is 1.5 times it).
     #[arg(long, default_value_t = 10_000_000)]
     quic_window: u32,
+    /// Leave glibc's malloc thresholds as they are (the node sets them, see
+    /// `transport::keep_freed_memory`).
+    #[arg(long)]
+    malloc_defaults: bool,
     /// Run as the serving child.
     #[arg(long, hide = true)]
     serve: bool,
@@ -119,6 +124,9 @@ fn swarm(config: &TransportConfig) -> Result<libp2p::Swarm<libp2p_stream::Behavi
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if !args.malloc_defaults {
+        transport::keep_freed_memory();
+    }
     // The transport's debug line says which security each connection negotiated.
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -277,7 +285,7 @@ async fn fetch(args: &Args) -> Result<()> {
     let bytes = (blocks * BLOCK as u64) as f64;
     let gib = bytes / GIB;
     let mbps = bytes / elapsed / 1e6;
-    let name = if args.quic {
+    let mut name = if args.quic {
         format!(
             "quic(mtu<={}, window {}k)",
             args.quic_mtu,
@@ -286,6 +294,9 @@ async fn fetch(args: &Args) -> Result<()> {
     } else {
         config.describe()
     };
+    if args.malloc_defaults {
+        name += " (malloc defaults)";
+    }
     println!(
         "transport ceiling {name}: {} MiB in {elapsed:.2} s = {mbps:.0} MB/s; CPU s/GiB: server {:.2}, client {:.2}",
         args.mib,

@@ -167,6 +167,7 @@ pub fn start(
     let peer_id = key.public().to_peer_id();
     let mdns_on = config.mdns;
     let max_peers = config.max_peers.max(1);
+    super::transport::keep_freed_memory();
     let transport =
         super::transport::TransportConfig::from_env().map_err(Error::InvalidArgument)?;
     let transport = super::transport::build(&key, &transport)

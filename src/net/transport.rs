@@ -151,6 +151,28 @@ pub enum TransportError {
     Noise(#[from] noise::Error),
 }
 
+/// Has glibc's malloc keep freed memory for reuse rather than hand it back to the kernel at
+/// once (process-wide; called when the network starts).
+///
+/// Every frame, record and message on a connection is a buffer that comes and goes; with
+/// glibc's defaults the top of a heap is given back as soon as 128 KiB or more of it is free
+/// (and buffers of 128 KiB and up are mmap'd and unmapped each time), so the next burst
+/// faults zeroed pages in again. On the development VM that cost 25 % of the transport's CPU
+/// (`docs/performance.md`). Peaks stay what they were; the memory kept is reused.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes malloc's thresholds.
+            unsafe {
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+            }
+        });
+    }
+}
+
 /// Handshakes (security and multiplexer) that take longer fail.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
