@@ -9,7 +9,8 @@
 //! seconds per GiB of each process (user + system, from first request to last byte).
 //!
 //!     transport-ceiling [--mib 1024] [--stack default|noise-yamux] [--security tls,noise]
-//!                       [--cipher aes128gcm|chacha20] [--yamux-frame BYTES (0: libp2p's)]
+//!                       [--cipher aes128gcm|chacha20] [--crypto ring|aws-lc]
+//!                       [--yamux-frame BYTES (0: libp2p's)]
 //!                       [--quic [--quic-mtu N] [--quic-window BYTES]]
 //!
 //! The last line is for scripts: `ceiling stack=… mbps=… cpu_server=… cpu_client=…`.
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use codexfs::net::transport::{self, Cipher, QuicSettings, Security, TransportConfig};
+use codexfs::net::transport::{self, Cipher, Crypto, QuicSettings, Security, TransportConfig};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol};
@@ -46,6 +47,9 @@ struct Args {
     /// The AEAD TLS offers first: aes128gcm, chacha20 or fastest.
     #[arg(long)]
     cipher: Option<String>,
+    /// The cryptography under TLS: ring or aws-lc.
+    #[arg(long)]
+    crypto: Option<String>,
     /// yamux payload bytes per frame; 0: libp2p-yamux as it comes (16 KiB).
     #[arg(long)]
     yamux_frame: Option<usize>,
@@ -86,6 +90,13 @@ impl Args {
                 "chacha20" => Cipher::ChaCha20Poly1305,
                 "fastest" => Cipher::Fastest,
                 other => bail!("unknown cipher {other:?}"),
+            };
+        }
+        if let Some(crypto) = &self.crypto {
+            config.crypto = match crypto.as_str() {
+                "ring" => Crypto::Ring,
+                "aws-lc" => Crypto::AwsLc,
+                other => bail!("unknown crypto {other:?}"),
             };
         }
         if let Some(frame) = self.yamux_frame {
@@ -217,10 +228,17 @@ async fn fetch(args: &Args) -> Result<()> {
 
     let mut swarm = swarm(&config)?;
     let mut control = swarm.behaviour().new_control();
+    let dialed = Instant::now();
     swarm.dial(addr.clone())?;
     loop {
         match swarm.select_next_some().await {
-            SwarmEvent::ConnectionEstablished { .. } => break,
+            SwarmEvent::ConnectionEstablished { .. } => {
+                eprintln!(
+                    "connected in {:.1} ms",
+                    dialed.elapsed().as_secs_f64() * 1e3
+                );
+                break;
+            }
             SwarmEvent::OutgoingConnectionError { error, .. } => bail!("dialing {addr}: {error}"),
             _ => {}
         }

@@ -25,12 +25,15 @@ use libp2p::core::upgrade::{
 use libp2p::identity::Keypair;
 use libp2p::{noise, quic, tcp, yamux, PeerId};
 
-pub use tls::Cipher;
+pub use tls::{Cipher, Crypto};
 
 /// The environment variable that picks a preset (hidden: interop checks and tests):
 /// `noise-yamux` limits the node to what Codex nodes speak; unset or `default` is
 /// [`TransportConfig::default`].
 pub const ENV: &str = "CODEXFS_TRANSPORT";
+
+/// libp2p-noise's multistream-select name.
+const NOISE_PROTOCOL: &str = "/noise";
 
 /// A connection's security protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +48,7 @@ impl Security {
     fn protocol(self) -> &'static str {
         match self {
             Security::Tls => tls::PROTOCOL,
-            Security::Noise => "/noise",
+            Security::Noise => NOISE_PROTOCOL,
         }
     }
 }
@@ -68,6 +71,8 @@ pub struct TransportConfig {
     pub security: Vec<Security>,
     /// The AEAD TLS offers first.
     pub cipher: Cipher,
+    /// The cryptography under TLS.
+    pub crypto: Crypto,
     /// Payload bytes per yamux data frame sent; `None`: libp2p-yamux as it comes (16 KiB).
     pub yamux_frame: Option<usize>,
     /// Also dial and listen on QUIC (`/udp/…/quic-v1` addresses).
@@ -81,6 +86,7 @@ impl Default for TransportConfig {
         Self {
             security: vec![Security::Tls, Security::Noise],
             cipher: Cipher::Fastest,
+            crypto: Crypto::Ring,
             yamux_frame: Some(64 * 1024),
             quic: None,
         }
@@ -93,6 +99,7 @@ impl TransportConfig {
         Self {
             security: vec![Security::Noise],
             cipher: Cipher::Fastest,
+            crypto: Crypto::Ring,
             yamux_frame: None,
             quic: None,
         }
@@ -120,7 +127,14 @@ impl TransportConfig {
             .security
             .iter()
             .map(|s| match s {
-                Security::Tls => format!("tls({})", self.cipher.name()),
+                Security::Tls => format!(
+                    "tls({}{})",
+                    self.cipher.name(),
+                    match self.crypto {
+                        Crypto::Ring => "",
+                        Crypto::AwsLc => ", aws-lc",
+                    }
+                ),
                 Security::Noise => "noise".to_string(),
             })
             .collect();
@@ -236,7 +250,7 @@ impl SecurityUpgrade {
             return Err(TransportError::NoSecurity);
         }
         let tls = if config.security.contains(&Security::Tls) {
-            Some(tls::TlsUpgrade::new(key, config.cipher)?)
+            Some(tls::TlsUpgrade::new(key, config.cipher, config.crypto)?)
         } else {
             None
         };
@@ -263,22 +277,24 @@ impl SecurityUpgrade {
         C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         async move {
-            let (peer, stream) = if protocol == tls::PROTOCOL {
-                let tls = self.tls.ok_or(SecurityError::NotOffered(protocol))?;
-                let (peer, stream) = if dialer {
-                    tls.upgrade_outbound(socket, protocol).await?
-                } else {
-                    tls.upgrade_inbound(socket, protocol).await?
-                };
-                (peer, Either::Left(stream))
-            } else {
-                let noise = self.noise.ok_or(SecurityError::NotOffered(protocol))?;
-                let (peer, stream) = if dialer {
-                    noise.upgrade_outbound(socket, protocol).await?
-                } else {
-                    noise.upgrade_inbound(socket, protocol).await?
-                };
-                (peer, Either::Right(stream))
+            let (peer, stream) = match (protocol, self.tls, self.noise) {
+                (tls::PROTOCOL, Some(tls), _) => {
+                    let (peer, stream) = if dialer {
+                        tls.upgrade_outbound(socket, protocol).await?
+                    } else {
+                        tls.upgrade_inbound(socket, protocol).await?
+                    };
+                    (peer, Either::Left(stream))
+                }
+                (NOISE_PROTOCOL, _, Some(noise)) => {
+                    let (peer, stream) = if dialer {
+                        noise.upgrade_outbound(socket, protocol).await?
+                    } else {
+                        noise.upgrade_inbound(socket, protocol).await?
+                    };
+                    (peer, Either::Right(stream))
+                }
+                _ => return Err(SecurityError::NotOffered(protocol)),
             };
             let security = match &stream {
                 Either::Left(tls) => match tls.get_ref().1.negotiated_cipher_suite() {

@@ -75,6 +75,16 @@ fn aes_in_hardware() -> bool {
     }
 }
 
+/// Whose cryptography rustls runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crypto {
+    /// ring: the OS's random numbers, AES-GCM with AES-NI/VAES.
+    Ring,
+    /// aws-lc-rs (libp2p-tls's choice): its first random number in a process seeds from
+    /// CPU jitter, ~0.1 s of CPU on the first handshake.
+    AwsLc,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("TLS certificate: {0}")]
@@ -95,9 +105,9 @@ pub struct TlsUpgrade {
 }
 
 impl TlsUpgrade {
-    pub fn new(key: &Keypair, cipher: Cipher) -> Result<Self, TlsError> {
+    pub fn new(key: &Keypair, cipher: Cipher, crypto: Crypto) -> Result<Self, TlsError> {
         let (cert, cert_key) = certificate::generate(key)?;
-        let provider = Arc::new(provider(cipher));
+        let provider = Arc::new(provider(cipher, crypto));
         // rustls's own certificate loaders run webpki over the certificate, which refuses
         // the libp2p extension (critical, unknown to it): hand rustls the key directly.
         let ours = Arc::new(OurCertificate(Arc::new(rustls::sign::CertifiedKey::new(
@@ -123,23 +133,31 @@ impl TlsUpgrade {
     }
 }
 
-/// aws-lc-rs (what libp2p-tls builds on) with only the TLS 1.3 suites, `cipher` first.
-fn provider(cipher: Cipher) -> CryptoProvider {
-    use aws_lc_rs::cipher_suite::{
-        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+/// `crypto`'s provider with only the TLS 1.3 suites, `cipher` first.
+fn provider(cipher: Cipher, crypto: Crypto) -> CryptoProvider {
+    let (mut provider, aes128, aes256, chacha) = match crypto {
+        Crypto::Ring => {
+            use rustls::crypto::ring::cipher_suite::*;
+            (
+                rustls::crypto::ring::default_provider(),
+                TLS13_AES_128_GCM_SHA256,
+                TLS13_AES_256_GCM_SHA384,
+                TLS13_CHACHA20_POLY1305_SHA256,
+            )
+        }
+        Crypto::AwsLc => {
+            use aws_lc_rs::cipher_suite::*;
+            (
+                aws_lc_rs::default_provider(),
+                TLS13_AES_128_GCM_SHA256,
+                TLS13_AES_256_GCM_SHA384,
+                TLS13_CHACHA20_POLY1305_SHA256,
+            )
+        }
     };
-    let mut provider = aws_lc_rs::default_provider();
     provider.cipher_suites = match cipher.resolve() {
-        Cipher::Aes128Gcm => vec![
-            TLS13_AES_128_GCM_SHA256,
-            TLS13_AES_256_GCM_SHA384,
-            TLS13_CHACHA20_POLY1305_SHA256,
-        ],
-        _ => vec![
-            TLS13_CHACHA20_POLY1305_SHA256,
-            TLS13_AES_256_GCM_SHA384,
-            TLS13_AES_128_GCM_SHA256,
-        ],
+        Cipher::Aes128Gcm => vec![aes128, aes256, chacha],
+        _ => vec![chacha, aes256, aes128],
     };
     provider
 }
