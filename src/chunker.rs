@@ -166,7 +166,8 @@ impl<R: Read> BatchSource for Chunker<R> {
 
 /// Batches from buffers handed over whole (the mount's writes): a buffer of whole blocks
 /// that starts on a block boundary becomes a batch as it is, without a copy; anything
-/// else is gathered until whole blocks can go.
+/// else is gathered until whole blocks can go. An `Err` item ends the input with that
+/// error (a writer that gave up: nothing of it must be stored as a dataset).
 pub struct BufferBatcher<I> {
     buffers: I,
     /// Where whole buffers passed on as batches go back to (the writer's pool).
@@ -179,7 +180,7 @@ pub struct BufferBatcher<I> {
     done: bool,
 }
 
-impl<I: Iterator<Item = Vec<u8>>> BufferBatcher<I> {
+impl<I: Iterator<Item = io::Result<Vec<u8>>>> BufferBatcher<I> {
     pub fn new(buffers: I, block_size: usize, batch_bytes: usize) -> Self {
         assert!(block_size > 0, "block size must be positive");
         Self {
@@ -211,7 +212,7 @@ impl<I: Iterator<Item = Vec<u8>>> BufferBatcher<I> {
     }
 }
 
-impl<I: Iterator<Item = Vec<u8>>> BatchSource for BufferBatcher<I> {
+impl<I: Iterator<Item = io::Result<Vec<u8>>>> BatchSource for BufferBatcher<I> {
     fn next_batch(&mut self) -> io::Result<Option<ChunkBatch>> {
         let bs = self.block_size;
         loop {
@@ -233,7 +234,7 @@ impl<I: Iterator<Item = Vec<u8>>> BatchSource for BufferBatcher<I> {
                 }
                 return Ok(None);
             }
-            match self.buffers.next() {
+            match self.buffers.next().transpose()? {
                 Some(buf) => {
                     self.bytes_read += buf.len() as u64;
                     if self.pending.is_empty() && !buf.is_empty() && buf.len() % bs == 0 {
@@ -305,7 +306,7 @@ mod tests {
         let input: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         for split in [1usize, 3, 4, 7, 8, 64, 10_000] {
             let bufs: Vec<Vec<u8>> = input.chunks(split).map(|c| c.to_vec()).collect();
-            let mut b = BufferBatcher::new(bufs.into_iter(), 4, 16);
+            let mut b = BufferBatcher::new(bufs.into_iter().map(Ok), 4, 16);
             let mut got = Vec::new();
             let mut next = 0;
             while let Some(batch) = b.next_batch().unwrap() {
@@ -317,7 +318,7 @@ mod tests {
             assert_eq!(&got[..10_000], &input[..], "split {split}");
             assert_eq!(got.len(), 10_000); // a multiple of 4: no padding
         }
-        let mut b = BufferBatcher::new(vec![vec![1u8; 5]].into_iter(), 4, 16);
+        let mut b = BufferBatcher::new(vec![Ok(vec![1u8; 5])].into_iter(), 4, 16);
         assert_eq!(
             b.next_batch().unwrap().unwrap().data,
             vec![1, 1, 1, 1, 1, 0, 0, 0]
@@ -325,6 +326,13 @@ mod tests {
         let mut empty = BufferBatcher::new(std::iter::empty(), 4, 16);
         assert_eq!(empty.next_batch().unwrap().unwrap().data, vec![0; 4]);
         assert!(empty.next_batch().unwrap().is_none());
+        // A writer that gives up ends the input with an error, not with its last batch.
+        let gave_up = vec![
+            Ok(vec![1u8; 3]),
+            Err(io::Error::new(io::ErrorKind::Interrupted, "gone")),
+        ];
+        let mut b = BufferBatcher::new(gave_up.into_iter(), 4, 16);
+        assert!(b.next_batch().is_err());
     }
 
     #[test]
@@ -334,7 +342,7 @@ mod tests {
         assert_eq!(buf.capacity(), 0, "an empty pool hands out a new buffer");
         buf.extend_from_slice(&[7u8; 64]);
         let ptr = buf.as_ptr();
-        let mut b = BufferBatcher::new(vec![buf].into_iter(), 16, 64).with_pool(pool.clone());
+        let mut b = BufferBatcher::new(vec![Ok(buf)].into_iter(), 16, 64).with_pool(pool.clone());
         let batch = b.next_batch().unwrap().unwrap();
         assert_eq!(
             batch.data.as_ptr(),

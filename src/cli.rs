@@ -257,6 +257,10 @@ enum Command {
         /// Erasure-code files written into the mount: K data and M parity blocks per column.
         #[arg(long, value_name = "K,M", env = "CODEXFS_MOUNT_EC")]
         ec: Option<EcParams>,
+        /// How long a directory tree written into the mount stays quiet before it is
+        /// published (fsync, its CID read and unmount publish it at once).
+        #[arg(long, env = "CODEXFS_PUBLISH_DELAY", default_value = "500ms", value_parser = parse_duration)]
+        publish_delay: Duration,
         #[command(flatten)]
         api: ApiArgs,
         #[command(flatten)]
@@ -638,6 +642,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                 RunOptions {
                     mountpoint: None,
                     read_timeout: timeout,
+                    publish_delay: Duration::ZERO,
                     threads: 1,
                     api_addr: api.api_addr,
                     api_access: api.access(),
@@ -650,6 +655,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
             read_timeout,
             threads,
             ec,
+            publish_delay,
             api,
             repo,
             net,
@@ -663,6 +669,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                 RunOptions {
                     mountpoint: Some(mountpoint),
                     read_timeout,
+                    publish_delay,
                     threads,
                     api_addr: api.api_addr,
                     api_access: api.access(),
@@ -832,12 +839,15 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("size too large: {s:?}"))
 }
 
-/// "30d", "10m", "90" (seconds) → duration.
+/// "30d", "10m", "90" (seconds), "500ms" → duration.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
+    if unit == "ms" {
+        return Ok(Duration::from_millis(n));
+    }
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,

@@ -8,8 +8,10 @@ use crate::protobuf::{Reader, Writer};
 
 /// Codex writes the CID version as its enum position: CIDv0 = 1, CIDv1 = 2.
 const CID_V1_ENUM: u64 = 2;
-/// Largest block size we accept from a manifest: bounds what one block can make us allocate.
-pub const MAX_BLOCK_SIZE: u64 = 16 * 1024 * 1024;
+/// Largest block size we accept (from a manifest, or for an upload): one block must fit,
+/// with its CID, address and proof, in one block exchange frame (at most 4 MiB; the
+/// protocol's tests check the fit), or the dataset could never be fetched.
+pub const MAX_BLOCK_SIZE: u64 = 4 * 1024 * 1024 - 64 * 1024;
 const WHAT: &str = "manifest";
 
 /// Erasure-coding parameters of a protected dataset.
@@ -139,10 +141,16 @@ impl Manifest {
         }
         let missing = |f: &str| Error::malformed(WHAT, format!("no {f}"));
         let block_size = block_size.ok_or_else(|| missing("blockSize"))?;
-        if block_size == 0 || block_size > MAX_BLOCK_SIZE {
+        if block_size == 0 {
+            return Err(Error::malformed(WHAT, "block size 0"));
+        }
+        if block_size > MAX_BLOCK_SIZE {
             return Err(Error::malformed(
                 WHAT,
-                format!("block size {block_size} out of range"),
+                format!(
+                    "block size {block_size} is larger than a block exchange frame can carry \
+                     (at most {MAX_BLOCK_SIZE} bytes)"
+                ),
             ));
         }
         if version.ok_or_else(|| missing("version"))? != CID_V1_ENUM {
@@ -245,6 +253,19 @@ mod tests {
         }
         assert_eq!(fields, vec![1, 2, 3, 4, 5, 6]);
         assert_eq!(m.cid().codec(), MANIFEST_CODEC);
+    }
+
+    #[test]
+    fn a_block_size_no_frame_can_carry_is_refused_with_a_clear_error() {
+        let mut m = sample();
+        m.block_size = MAX_BLOCK_SIZE;
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+        m.block_size = 16 * 1024 * 1024;
+        let e = Manifest::decode(&m.encode()).unwrap_err().to_string();
+        assert!(
+            e.contains("larger than a block exchange frame can carry"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub const API_URL_FILE: &str = "api-url";
 pub struct RunOptions {
     pub mountpoint: Option<PathBuf>,
     pub read_timeout: Duration,
+    /// How long a tree written into the mount stays quiet before it is published.
+    pub publish_delay: Duration,
     pub threads: usize,
     pub api_addr: std::net::SocketAddr,
     /// Who may use the API besides loopback clients without a token.
@@ -39,6 +41,7 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
     let RunOptions {
         mountpoint,
         read_timeout,
+        publish_delay,
         threads,
         api_addr,
         api_access,
@@ -77,6 +80,7 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
         Some(mountpoint) => {
             let mut fs_config = FsConfig::new(data_dir.join("spool"));
             fs_config.prefetch.timeout = read_timeout;
+            fs_config.publish_delay = publish_delay;
             // Spool files of a previous run were never published: nothing refers to them.
             let _ = std::fs::remove_dir_all(&fs_config.spool_dir);
             let core = Arc::new(

@@ -82,9 +82,12 @@ fn make_project(root: &Path) {
 /// Relative path → (mode bits, mtime ns), everything under `root` but `root` itself.
 fn metadata(root: &Path) -> BTreeMap<PathBuf, (u32, i128)> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, (u32, i128)>) {
-        for e in std::fs::read_dir(dir).unwrap() {
+        let entries =
+            std::fs::read_dir(dir).unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+        for e in entries {
             let e = e.unwrap();
-            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            let m = std::fs::symlink_metadata(e.path())
+                .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
             let t = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
             out.insert(
                 e.path().strip_prefix(root).unwrap().to_path_buf(),
@@ -144,16 +147,6 @@ fn cp_r_into_the_mount_and_diff_r_here_and_on_another_node() {
     ));
     diff_r(&project, &a.mnt().join("tx/project"));
 
-    // Renames and unlinks in a published tree make a new version; the old one stays.
-    std::fs::rename(a.mnt().join("rs/empty"), a.mnt().join("rs/a/moved")).unwrap();
-    std::fs::remove_file(a.mnt().join("rs/.gitignore")).unwrap();
-    std::fs::remove_dir(a.mnt().join("rs/a/empty dir")).unwrap();
-    let rs2 = xattr_cid(&a.mnt().join("rs"));
-    assert_ne!(rs, rs2);
-    assert!(a.mnt().join(&rs2).join("a/moved").exists());
-    assert!(!a.mnt().join(&rs2).join(".gitignore").exists());
-    diff_r(&project, &a.mnt().join(&rs));
-
     // Another node mounts the tree lazily through the network.
     let b = peer(
         &tmp.path().join("b"),
@@ -189,6 +182,17 @@ fn cp_r_into_the_mount_and_diff_r_here_and_on_another_node() {
     diff_r(&project, &out);
     assert_eq!(metadata(&project), metadata(&out));
 
+    // Renames and unlinks in a published tree make a new version; the old one goes, as
+    // nothing refers to it any more (what the new one shares with it stays).
+    std::fs::rename(a.mnt().join("rs/empty"), a.mnt().join("rs/a/moved")).unwrap();
+    std::fs::remove_file(a.mnt().join("rs/.gitignore")).unwrap();
+    std::fs::remove_dir(a.mnt().join("rs/a/empty dir")).unwrap();
+    let rs2 = xattr_cid(&a.mnt().join("rs"));
+    assert_ne!(rs, rs2);
+    assert!(a.mnt().join(&rs2).join("a/moved").exists());
+    assert!(!a.mnt().join(&rs2).join(".gitignore").exists());
+    assert!(a.mnt().join(&rs2).join("big.bin").exists());
+
     // The mount's repo is consistent after all that.
     drop(b);
     a.stop();
@@ -196,6 +200,14 @@ fn cp_r_into_the_mount_and_diff_r_here_and_on_another_node() {
     assert!(check.starts_with("datasets"), "{check}");
     let check = ok(codexfs(&tmp.path().join("c"), &["check"]));
     assert!(check.starts_with("datasets"), "{check}");
+    let node = codexfs::node::Node::open(&tmp.path().join("a"), Default::default()).unwrap();
+    let stored = |cid: &str| {
+        node.repo()
+            .has_directory(&codexfs::cids::parse_cid(cid).unwrap())
+            .unwrap()
+    };
+    assert!(stored(&rs2) && stored(&cid), "the tops named now");
+    assert!(!stored(&rs), "the version rs replaced");
 }
 
 #[test]

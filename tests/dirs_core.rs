@@ -184,25 +184,26 @@ fn a_tree_built_in_the_mount_publishes_and_reads_back_by_cid() {
         .unwrap();
     assert_eq!(manifest.filename.as_deref(), Some("big.bin"));
 
-    // Changing the tree publishes a new root; the old one stays as it was.
+    // Changing the tree publishes a new root; the old one goes, as nothing refers to it
+    // any more (but what the new one shares with it).
     write(core, sub, "late", b"late");
     core.fsyncdir(sub).unwrap();
     let v2 = cid_of(core, top);
     assert_ne!(v1, v2);
     assert!(lookup_path(core, &format!("{v2}/sub dir/late")).is_ok());
-    assert_eq!(
-        lookup_path(core, &format!("{v1}/sub dir/late")).unwrap_err(),
-        libc::ENOENT
-    );
+    let v1c = codexfs::cids::parse_cid(&v1).unwrap();
+    assert!(!f.node.repo().has_directory(&v1c).unwrap());
     // The top's name follows the newest version, and the repo is consistent.
     let record = f.node.repo().name("project").unwrap().unwrap();
     assert_eq!(cid_string(&record.cid), v2);
     let report = f.node.repo().check_consistency().unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(
-        report.directories, 5,
-        "two versions of the top and of sub dir, one of ünïcødé"
+        report.directories, 3,
+        "one version of the top, of sub dir and of ünïcødé"
     );
+    let b2 = lookup_path(core, &format!("{v2}/sub dir/big.bin")).unwrap();
+    assert!(read(core, b2) == big);
 
     // A published file inside cannot be deleted on its own; the tree can.
     let held = codexfs::cids::parse_cid(&file_cid).unwrap();
@@ -210,13 +211,11 @@ fn a_tree_built_in_the_mount_publishes_and_reads_back_by_cid() {
         f.node.delete(&held),
         Err(codexfs::Error::InUse(_))
     ));
-    let v1c = codexfs::cids::parse_cid(&v1).unwrap();
-    assert!(f.node.delete(&v1c).unwrap());
+    let v2c = codexfs::cids::parse_cid(&v2).unwrap();
+    assert!(f.node.delete(&v2c).unwrap());
     let report = f.node.repo().check_consistency().unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
-    // v2 shares the big file with v1: still readable.
-    let b2 = lookup_path(core, &format!("{v2}/sub dir/big.bin")).unwrap();
-    assert!(read(core, b2) == big);
+    assert!(!f.node.repo().has_dataset(&held).unwrap());
 }
 
 #[test]

@@ -464,3 +464,44 @@ fn kill_9_during_cp_leaves_a_consistent_store_and_a_mount_that_comes_back() {
         "a file interrupted mid-copy is not published"
     );
 }
+
+/// The datasets stored in a data dir no process has open, as CIDs.
+fn stored_datasets(data: &Path) -> Vec<String> {
+    let node = codexfs::node::Node::open(data, codexfs::node::NodeConfig::default()).unwrap();
+    let mut out: Vec<String> = node
+        .repo()
+        .datasets()
+        .unwrap()
+        .iter()
+        .map(|(c, _)| codexfs::cids::cid_string(c))
+        .collect();
+    out.sort();
+    out
+}
+
+/// A child process that inherits the file being written (a fork and exec next to the
+/// writer, as any test or program that spawns processes does) closes its copy at exec:
+/// the kernel sends a FLUSH that is not the writer's close. Only the writer's close
+/// publishes: one file, one dataset.
+#[test]
+fn a_file_written_while_children_come_and_go_is_stored_once() {
+    use std::io::Write;
+    let mut node = MountedNode::start(&[]);
+    let data = common::random_bytes(24 << 20, 21);
+    let mut f = std::fs::File::create(node.path("big.bin")).unwrap();
+    let mut children = 0;
+    for (i, chunk) in data.chunks(1 << 20).enumerate() {
+        f.write_all(chunk).unwrap();
+        if i % 3 == 2 {
+            assert!(Command::new("true").status().unwrap().success());
+            children += 1;
+        }
+    }
+    drop(f);
+    assert_eq!(children, 8);
+    let cid = xattr(&node.path("big.bin"), "user.codex.cid").unwrap();
+    assert!(std::fs::read(node.path("big.bin")).unwrap() == data);
+    let (status, log) = node.stop();
+    assert!(status.success(), "{log}");
+    assert_eq!(stored_datasets(&node.data), vec![cid]);
+}

@@ -1,6 +1,7 @@
 //! Real nodes in separate processes on 127.0.0.1, each with its own data dir: discovery
 //! through Kademlia, downloads through the mount and `codexfs download`, a swarm of
-//! seeders, a seeder killed mid-download, a lying peer, and an unknown CID.
+//! seeders (each serving a share), a seeder killed mid-download, a lying peer, an unknown
+//! CID, a reader limited to one peer, and a local block that fails its check.
 
 mod common;
 use common::{bin, random_file, Peer};
@@ -155,10 +156,21 @@ fn three_seeders_share_the_load_and_one_may_die() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Read as it comes (a full pipe would stop the download).
+    let dl_log = common::Log::capture(&mut dl);
+    // Part way: once the download has written its first bytes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&out2).map_or(0, |m| m.len()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the download wrote nothing in 60 s"
+        );
+        assert!(dl.try_wait().unwrap().is_none(), "the download ended early");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     seeders[0].kill();
     let status = dl.wait().unwrap();
-    assert!(status.success());
+    assert!(status.success(), "{}", dl_log.text());
     assert!(
         std::fs::read(&out2).unwrap() == bytes,
         "download after a seeder died differs"
@@ -210,7 +222,7 @@ fn a_lying_peer_is_refused_and_the_data_comes_from_an_honest_one() {
         );
         log = String::from_utf8_lossy(&d.stderr).into_owned();
         refused = log
-            .split("refused ")
+            .split("fetched from the network, refused ")
             .nth(1)
             .and_then(|r| r.split(' ').next())
             .and_then(|n| n.parse().ok())
@@ -239,5 +251,109 @@ fn an_unknown_cid_fails_in_time_through_the_mount() {
         t.elapsed() < Duration::from_secs(25),
         "took {:?}",
         t.elapsed()
+    );
+}
+
+/// `--max-peers 1` limits who may connect to us, not whom we dial: a reader whose one
+/// peer is its bootstrap node still reaches the seeder it finds.
+#[test]
+fn our_own_dials_pass_the_peer_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("f.bin");
+    let bytes = random_file(&file, 3 * 1024 * 1024, 4);
+    let a_data = tmp.path().join("a");
+    let cid = upload(&a_data, &file);
+    let b = peer(&tmp.path().join("b"), None, None, &[]);
+    let a = peer(&a_data, None, Some(&b.addr()), &[]);
+    a.wait_for("advertised all");
+    let out = tmp.path().join("out.bin");
+    let d = Command::new(bin())
+        .args(["download", &cid, "-o"])
+        .arg(&out)
+        .arg("--data-dir")
+        .arg(tmp.path().join("d"))
+        .args([
+            "--bootstrap",
+            &b.addr(),
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--timeout",
+            "10s",
+            "--max-peers",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        d.status.success(),
+        "{}\nA:\n{}\nB:\n{}",
+        String::from_utf8_lossy(&d.stderr),
+        a.log.text(),
+        b.log.text()
+    );
+    assert!(std::fs::read(&out).unwrap() == bytes);
+}
+
+/// A block stored here whose bytes changed on disk is fetched again from a peer, the read
+/// gets the right bytes, and the bad copy is replaced (the store checks clean after).
+#[test]
+fn a_local_block_that_fails_its_check_is_fetched_again_and_replaced() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("f.bin");
+    let bytes = random_file(&file, 6 * 1024 * 1024, 5);
+    let a_data = tmp.path().join("a");
+    let cid = upload(&a_data, &file);
+    let a = peer(&a_data, None, None, &[]);
+    // C fetches the dataset (its blocks go to pack files), then one byte of it rots.
+    let c_data = tmp.path().join("c");
+    let first = download(&c_data, &cid, &tmp.path().join("first.bin"), &a.addr());
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let pack = std::fs::read_dir(c_data.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .max_by_key(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .expect("fetched blocks are in a pack file");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, 100_000).unwrap();
+    f.write_all_at(&[byte[0] ^ 0xff], 100_000).unwrap();
+    drop(f);
+    let check = |what: &str| {
+        Command::new(bin())
+            .arg("check")
+            .arg("--data-dir")
+            .arg(&c_data)
+            .output()
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    };
+    assert!(
+        !check("before").status.success(),
+        "check sees the bad block"
+    );
+
+    let mnt = tmp.path().join("mnt");
+    let mut c = peer(&c_data, Some(&mnt), Some(&a.addr()), &[]);
+    let read = std::fs::read(mnt.join(&cid))
+        .unwrap_or_else(|e| panic!("reading through the mount: {e}\n{}", c.log.text()));
+    assert!(read == bytes, "the mount read other bytes");
+    // (The replacement is made before the read is answered.)
+    c.stop();
+    assert!(c.log.contains("fetching it again"), "{}", c.log.text());
+    let after = check("after");
+    assert!(
+        after.status.success(),
+        "the bad copy was replaced: {}",
+        String::from_utf8_lossy(&after.stdout)
     );
 }

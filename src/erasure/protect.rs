@@ -20,7 +20,7 @@ use crate::cids::{block_cid, cid_string, digest_of, Digest};
 use crate::error::{Error, Result};
 use crate::manifest::{ErasureInfo, Manifest};
 use crate::merkle::MerkleTree;
-use crate::repo::{RepoStore, Upload};
+use crate::repo::{Origin, RepoStore, Upload};
 
 /// Block bytes one worker holds at a time (data and parity of its run of columns).
 const PASS_BYTES: u64 = 8 << 20;
@@ -28,6 +28,11 @@ const PASS_BYTES: u64 = 8 << 20;
 /// Protects stored dataset `cid`; returns the protected manifest's CID. The original
 /// dataset stays stored.
 pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
+    protect_as(repo, cid, ec, Origin::Explicit)
+}
+
+/// [`protect`] on behalf of `origin` (the mount's protected versions are its own).
+pub fn protect_as(repo: &RepoStore, cid: &Cid, ec: EcParams, origin: Origin) -> Result<Cid> {
     let ec = EcParams::new(ec.k, ec.m)?;
     let manifest = match repo.manifest(cid)? {
         Some(m) if repo.has_dataset(cid)? => m,
@@ -45,17 +50,19 @@ pub fn protect(repo: &RepoStore, cid: &Cid, ec: EcParams) -> Result<Cid> {
         )));
     }
     let block_of = |index| repo.leaf_block(&manifest.tree_cid, index);
-    protect_blocks(repo, &manifest, ec, &block_of)
+    protect_blocks(repo, &manifest, ec, &block_of, origin)
 }
 
 /// Protects a dataset whose blocks an unfinished upload holds (`tree` and `manifest`
 /// describe them; no dataset record names them): an upload with `?ec` never records the
-/// unprotected dataset. Returns the protected manifest's CID.
+/// unprotected dataset. Returns the protected manifest's CID, recorded on behalf of
+/// `origin`.
 pub fn protect_staged(
     repo: &RepoStore,
     tree: &MerkleTree,
     manifest: &Manifest,
     ec: EcParams,
+    origin: Origin,
 ) -> Result<Cid> {
     let ec = EcParams::new(ec.k, ec.m)?;
     let leaves = tree.leaves();
@@ -64,7 +71,7 @@ pub fn protect_staged(
             .get(index as usize)
             .map(|d| crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, d)))
     };
-    protect_blocks(repo, manifest, ec, &block_of)
+    protect_blocks(repo, manifest, ec, &block_of, origin)
 }
 
 /// Which block is leaf `index` of the dataset being protected.
@@ -75,10 +82,11 @@ fn protect_blocks(
     manifest: &Manifest,
     ec: EcParams,
     block_of: &BlockOf<'_>,
+    origin: Origin,
 ) -> Result<Cid> {
     check_block_size(manifest.block_size)?;
     let layout = Layout::new(manifest.block_count(), ec.k as u64, ec.m as u64);
-    let upload = repo.begin_upload()?;
+    let upload = repo.begin_upload_as(origin)?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
     let digests = encode_all(repo, manifest, &layout, &upload, block_of)?;
     let tree = MerkleTree::new(digests)?;

@@ -7,6 +7,12 @@
 //! parses as a CID resolves to that dataset, read-only, even when not listed — a directory
 //! CID to a read-only tree (`core/pubdir.rs`). Directories written into the mount are
 //! trees that publish themselves (`core/tree.rs`).
+//!
+//! Publishing: a writer's content becomes a version (stored, then its name bound to it)
+//! under the inode's publish lock, on the writer's own close (the FLUSH of a process that
+//! wrote through it, not one that only inherited the file), on fsync and on release. The
+//! version a name or tree no longer points at is deleted once nothing refers to it
+//! (`versions.rs`); an operation never waits for another file's publish.
 
 mod pubdir;
 mod tree;
@@ -22,12 +28,13 @@ use cid::Cid;
 
 use super::inodes::{Entry, InodeTable, ROOT_INO};
 use super::prefetch::{Errno, PrefetchConfig, Prefetcher};
-use super::writer::FileWriter;
+use super::versions::Versions;
+use super::writer::{FileWriter, Published, WriterStatus};
 use crate::cids::{cid_string, parse_cid};
 use crate::dir::{DirBlocks, DirRoot, Item};
 use crate::node::{BlockSource, Dataset, Node};
 use crate::repo::schema::NameRecord;
-use crate::repo::unix_now;
+use crate::repo::{unix_now, Origin};
 
 pub const XATTR_CID: &str = "user.codex.cid";
 /// What `st_blksize` says: tools that size their buffers by it (cp) then write 1 MiB.
@@ -95,6 +102,8 @@ enum Handle {
     Write {
         ino: u64,
         writer: Arc<Mutex<FileWriter>>,
+        /// What others may know of the writer without waiting for it.
+        status: Arc<WriterStatus>,
         created: bool,
         writable: bool,
     },
@@ -131,6 +140,22 @@ pub struct FsCore {
     dir_pages: Mutex<lru::LruCache<Cid, Arc<Vec<Item>>>>,
     /// Directory trees written into the mount.
     tree: Mutex<tree::Trees>,
+    /// The versions the mount stored, and which of them are in use.
+    versions: Arc<Versions>,
+    /// One per inode being written: a publish stores and binds its name under it, so the
+    /// name ends on the newest version.
+    publish_locks: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    /// The version each read handle of a named file reads (held while it is open).
+    read_holds: Mutex<HashMap<u64, Cid>>,
+}
+
+/// A write handle's parts, taken out of the handle table.
+#[derive(Clone)]
+struct WriteHandle {
+    ino: u64,
+    writer: Arc<Mutex<FileWriter>>,
+    status: Arc<WriterStatus>,
+    created: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -162,7 +187,17 @@ impl FsCore {
         config: FsConfig,
     ) -> Self {
         let cap = |n: usize| std::num::NonZeroUsize::new(n).expect("non-zero");
+        // Versions a previous run made and left unreferenced (a crash between a publish
+        // and its name, a tree never published) go now.
+        match node.repo().recover_mount() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(versions = n, "deleted versions a previous run left behind"),
+            Err(e) => tracing::warn!("cleaning up versions of a previous run failed: {e}"),
+        }
         Self {
+            versions: Arc::new(Versions::new(node.clone())),
+            publish_locks: Mutex::new(HashMap::new()),
+            read_holds: Mutex::new(HashMap::new()),
             dir_blocks: Arc::new(node.clone()),
             node,
             source,
@@ -251,34 +286,67 @@ impl FsCore {
     /// The writer open on `ino` that has changed the file and not published it yet, if
     /// any: its view is the file's current content. (Writers that have published, such
     /// as a handle whose release is still on its way, say nothing the name does not.)
-    fn open_writer(&self, ino: u64) -> Option<Arc<Mutex<FileWriter>>> {
-        let writers: Vec<_> = lock(&self.handles)
-            .values()
-            .filter_map(|h| match h {
-                Handle::Write {
-                    ino: i,
-                    writer,
-                    writable: true,
-                    ..
-                } if *i == ino => Some(writer.clone()),
-                _ => None,
-            })
-            .collect();
-        writers.into_iter().find(|w| lock(w).is_dirty())
+    /// (Never waits for a writer: its status says.)
+    fn open_writer(&self, ino: u64) -> Option<(Arc<Mutex<FileWriter>>, Arc<WriterStatus>)> {
+        lock(&self.handles).values().find_map(|h| match h {
+            Handle::Write {
+                ino: i,
+                writer,
+                status,
+                writable: true,
+                ..
+            } if *i == ino && status.speaks_for_file() => Some((writer.clone(), status.clone())),
+            _ => None,
+        })
+    }
+
+    /// The write handles open on `ino` (but `except`).
+    fn write_handles(&self, ino: u64, except: Option<u64>) -> Vec<(u64, WriteHandle)> {
+        lock(&self.handles)
+            .iter()
+            .filter(|(fh, _)| Some(**fh) != except)
+            .filter_map(|(fh, h)| Some((*fh, Self::write_handle(h)?)))
+            .filter(|(_, w)| w.ino == ino)
+            .collect()
+    }
+
+    fn write_handle(h: &Handle) -> Option<WriteHandle> {
+        match h {
+            Handle::Write {
+                ino,
+                writer,
+                status,
+                created,
+                writable: true,
+            } => Some(WriteHandle {
+                ino: *ino,
+                writer: writer.clone(),
+                status: status.clone(),
+                created: *created,
+            }),
+            _ => None,
+        }
+    }
+
+    /// What `name` points at in the repo, unless that is not its content any more (a
+    /// file not yet published was renamed onto it).
+    fn record(&self, name: &str) -> Result<Option<NameRecord>, Errno> {
+        if lock(&self.inodes).is_stale(name) {
+            return Ok(None);
+        }
+        self.node.repo().name(name).map_err(|e| e.errno())
     }
 
     fn named_attr(&self, ino: u64, name: Option<&str>) -> Result<Attr, Errno> {
-        if let Some(w) = self.open_writer(ino) {
-            let size = lock(&w).size();
-            return Ok(self.file_attr(ino, size, 0o644, SystemTime::now()));
+        if let Some((_, status)) = self.open_writer(ino) {
+            return Ok(self.file_attr(ino, status.size(), 0o644, SystemTime::now()));
         }
-        let name = name.ok_or(libc::ENOENT)?;
-        let record = self
-            .node
-            .repo()
-            .name(name)
-            .map_err(|e| e.errno())?
-            .ok_or(libc::ENOENT)?;
+        let Some(name) = name else {
+            // Unlinked while open: what its writer holds.
+            let (_, w) = self.write_handles(ino, None).pop().ok_or(libc::ENOENT)?;
+            return Ok(self.file_attr(ino, w.status.size(), 0o644, SystemTime::now()));
+        };
+        let record = self.record(name)?.ok_or(libc::ENOENT)?;
         let dataset = self.resolve(&record.cid)?;
         Ok(self.file_attr(ino, dataset.size(), 0o644, from_unix(record.mtime)))
     }
@@ -301,13 +369,14 @@ impl FsCore {
         if let Some(attr) = self.tree_lookup_top(name)? {
             return Ok(attr);
         }
-        let published = self.node.repo().name(name).map_err(|e| e.errno())?;
+        let published = self.record(name)?;
         let in_flight = lock(&self.inodes).find_name(name);
         if published.is_some() || in_flight.is_some() {
-            let ino = lock(&self.inodes).named(name, false);
-            let attr = self.named_attr(ino, Some(name))?;
-            lock(&self.inodes).named(name, true);
-            return Ok(attr);
+            // Counted before anything else: a FORGET meanwhile must not take the inode.
+            let ino = lock(&self.inodes).named(name, true);
+            return self
+                .named_attr(ino, Some(name))
+                .inspect_err(|_| self.forget(ino, 1));
         }
         let cid = parse_cid(name).map_err(|_| libc::ENOENT)?;
         if let Some(d) = self.pub_dir_of(&Entry::Cid(cid)) {
@@ -384,6 +453,24 @@ impl FsCore {
                 name: "..".into(),
             },
         ];
+        // What the repo holds is read first, with no lock of ours held: a scan of every
+        // dataset must not hold up lookups.
+        let mut datasets = Vec::new();
+        for (cid, _) in repo.datasets().map_err(|e| e.errno())? {
+            // Files of stored trees are reached through their trees.
+            if repo.holds(&cid).map_err(|e| e.errno())? == 0 {
+                datasets.push(cid);
+            }
+        }
+        let top_dirs = repo.top_directories().map_err(|e| e.errno())?;
+        let writing: Vec<u64> = lock(&self.handles)
+            .values()
+            .filter_map(|h| match h {
+                Handle::Write { ino, .. } => Some(*ino),
+                _ => None,
+            })
+            .collect();
+
         let mut seen = std::collections::HashSet::new();
         for (name, ino) in tops {
             seen.insert(name.clone());
@@ -407,26 +494,18 @@ impl FsCore {
             });
         }
         // Files being written for the first time are listed too.
-        let handles = lock(&self.handles);
-        for h in handles.values() {
-            if let Handle::Write { ino, .. } = h {
-                if let Some(Entry::Named(Some(name))) = inodes.get(*ino) {
-                    if seen.insert(name.clone()) {
-                        entries.push(DirEntry {
-                            ino: *ino,
-                            kind: Kind::File,
-                            name: name.clone(),
-                        });
-                    }
+        for ino in writing {
+            if let Some(Entry::Named(Some(name))) = inodes.get(ino) {
+                if seen.insert(name.clone()) {
+                    entries.push(DirEntry {
+                        ino,
+                        kind: Kind::File,
+                        name: name.clone(),
+                    });
                 }
             }
         }
-        drop(handles);
-        for (cid, _) in repo.datasets().map_err(|e| e.errno())? {
-            // Files of stored trees are reached through their trees.
-            if repo.holds(&cid).map_err(|e| e.errno())? > 0 {
-                continue;
-            }
+        for cid in datasets {
             let ino = inodes.cid(&cid, false);
             entries.push(DirEntry {
                 ino,
@@ -434,7 +513,7 @@ impl FsCore {
                 name: cid_string(&cid),
             });
         }
-        for cid in repo.top_directories().map_err(|e| e.errno())? {
+        for cid in top_dirs {
             let ino = inodes.cid(&cid, false);
             entries.push(DirEntry {
                 ino,
@@ -523,6 +602,55 @@ impl FsCore {
         fh
     }
 
+    /// A handle writing `ino` through `writer`; the inode stays while it is open.
+    pub(super) fn add_writer(&self, ino: u64, writer: FileWriter, created: bool) -> u64 {
+        lock(&self.inodes).opened(ino);
+        let status = writer.status();
+        self.add_handle(Handle::Write {
+            ino,
+            writer: Arc::new(Mutex::new(writer)),
+            status,
+            created,
+            writable: true,
+        })
+    }
+
+    /// A writer of a file of the mount; its `base` is held from here on.
+    pub(super) fn new_writer(
+        &self,
+        name: String,
+        base: Option<(Cid, u64)>,
+        truncate: bool,
+    ) -> FileWriter {
+        FileWriter::new(
+            self.node.clone(),
+            self.versions.clone(),
+            name,
+            self.config.spool_dir.clone(),
+            base,
+            truncate,
+        )
+    }
+
+    /// A read handle of version `cid` of a file, which stays stored while it is open.
+    /// The caller holds the versions' gate or a hold of its own on `cid`.
+    pub(super) fn add_version_reader(&self, cid: Cid) -> Result<Opened, Errno> {
+        self.versions.hold(cid);
+        let dataset = match self.resolve(&cid) {
+            Ok(d) => d,
+            Err(e) => {
+                self.versions.unhold(cid);
+                return Err(e);
+            }
+        };
+        let fh = self.add_handle(Handle::Read(self.prefetcher(dataset)));
+        lock(&self.read_holds).insert(fh, cid);
+        Ok(Opened {
+            fh,
+            keep_cache: false,
+        })
+    }
+
     /// `flags` are open(2)'s.
     pub fn open(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
         let writing = flags & libc::O_ACCMODE != libc::O_RDONLY;
@@ -544,37 +672,22 @@ impl FsCore {
             }
             Entry::Named(name) => {
                 let name = name.ok_or(libc::ENOENT)?;
+                // The version named now stays stored until this handle holds it.
+                let _gate = self.versions.gate();
                 let published = self.published(&name)?;
                 if writing {
                     let truncate = flags & libc::O_TRUNC != 0;
-                    let writer = FileWriter::new(
-                        self.node.clone(),
-                        name,
-                        self.config.spool_dir.clone(),
-                        published,
-                        truncate,
-                    );
-                    let h = Handle::Write {
-                        ino,
-                        writer: Arc::new(Mutex::new(writer)),
-                        created: false,
-                        writable: true,
-                    };
+                    let writer = self.new_writer(name, published, truncate);
                     return Ok(Opened {
-                        fh: self.add_handle(h),
+                        fh: self.add_writer(ino, writer, false),
                         keep_cache: false,
                     });
                 }
                 // A reader sees the version published when it opened.
-                let (cid, _) = match published {
-                    Some(p) => p,
-                    None => return self.open_unpublished(ino),
-                };
-                let dataset = self.resolve(&cid)?;
-                Ok(Opened {
-                    fh: self.add_handle(Handle::Read(self.prefetcher(dataset))),
-                    keep_cache: false,
-                })
+                match published {
+                    Some((cid, _)) => self.add_version_reader(cid),
+                    None => self.open_unpublished(ino),
+                }
             }
         }
     }
@@ -582,11 +695,12 @@ impl FsCore {
     /// A read-only open of a file whose first version is still being written: reads go
     /// through the writer.
     fn open_unpublished(&self, ino: u64) -> Result<Opened, Errno> {
-        let writer = self.open_writer(ino).ok_or(libc::ENOENT)?;
+        let (writer, status) = self.open_writer(ino).ok_or(libc::ENOENT)?;
         Ok(Opened {
             fh: self.add_handle(Handle::Write {
                 ino,
                 writer,
+                status,
                 created: false,
                 writable: false,
             }),
@@ -603,8 +717,9 @@ impl FsCore {
         ))
     }
 
+    /// The version `name` points at and its size.
     fn published(&self, name: &str) -> Result<Option<(Cid, u64)>, Errno> {
-        match self.node.repo().name(name).map_err(|e| e.errno())? {
+        match self.record(name)? {
             Some(r) => Ok(Some((r.cid, self.resolve(&r.cid)?.size()))),
             None => Ok(None),
         }
@@ -635,27 +750,18 @@ impl FsCore {
         if self.tree_lookup_top_exists(name)? {
             return Err(libc::EISDIR);
         }
+        let _gate = self.versions.gate();
         let published = self.published(name)?;
-        if published.is_some() && flags & libc::O_EXCL != 0 {
+        let in_flight = lock(&self.inodes).find_name(name).is_some();
+        if (published.is_some() || in_flight) && flags & libc::O_EXCL != 0 {
             return Err(libc::EEXIST);
         }
         let truncate = flags & libc::O_TRUNC != 0;
         let created = published.is_none();
         let ino = lock(&self.inodes).named(name, true);
-        let writer = FileWriter::new(
-            self.node.clone(),
-            name.to_string(),
-            self.config.spool_dir.clone(),
-            published,
-            truncate,
-        );
+        let writer = self.new_writer(name.to_string(), published, truncate);
         let size = writer.size();
-        let fh = self.add_handle(Handle::Write {
-            ino,
-            writer: Arc::new(Mutex::new(writer)),
-            created,
-            writable: true,
-        });
+        let fh = self.add_writer(ino, writer, created);
         Ok((
             self.file_attr(ino, size, 0o644, SystemTime::now()),
             Opened {
@@ -702,73 +808,178 @@ impl FsCore {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
-        let writer = match lock(&self.handles).get(&fh) {
-            Some(Handle::Write {
-                writer,
-                writable: true,
-                ..
-            }) => writer.clone(),
-            _ => return Err(libc::EBADF),
-        };
-        lock(&writer).write(offset, data)?;
+        self.write_as(fh, offset, data, None)
+    }
+
+    /// A write by the process whose file table FUSE calls `owner` (when the kernel says).
+    pub fn write_as(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        owner: Option<u64>,
+    ) -> Result<u32, Errno> {
+        let w = lock(&self.handles)
+            .get(&fh)
+            .and_then(Self::write_handle)
+            .ok_or(libc::EBADF)?;
+        if let Some(owner) = owner {
+            w.status.wrote_as(owner);
+        }
+        // (A stream that turned into a spool leaves a copy to delete: the close, or the
+        // publisher's next round, deletes it, not the write path.)
+        lock(&w.writer).write(offset, data)?;
         Ok(data.len() as u32)
     }
 
     /// Publishes what the handle wrote (close(2) sees its errors).
     pub fn flush(&self, fh: u64) -> Result<(), Errno> {
-        let (ino, writer, created) = match lock(&self.handles).get(&fh) {
-            Some(Handle::Write {
-                ino,
-                writer,
-                created,
-                writable: true,
-            }) => (*ino, writer.clone(), *created),
-            _ => return Ok(()),
+        self.flush_as(fh, None)
+    }
+
+    /// A FLUSH: sent whenever a copy of the file descriptor is closed, also by a process
+    /// that only inherited it (a fork and exec next to the writer). It publishes when it
+    /// is the close of a process that wrote through the handle (`owner` is FUSE's lock
+    /// owner), or when the kernel did not say who wrote; else the writer's own close or
+    /// the release publishes.
+    pub fn flush_as(&self, fh: u64, owner: Option<u64>) -> Result<(), Errno> {
+        let Some(w) = lock(&self.handles).get(&fh).and_then(Self::write_handle) else {
+            return Ok(());
         };
-        let result = lock(&writer).publish();
-        match result {
-            Ok(Some((cid, size))) => {
-                self.bind_name(ino, cid, size)?;
-                self.rebase_clean_writers(ino, Some(fh), Some((cid, size)));
+        if let Some(owner) = owner {
+            if !w.status.closed_by_writer(owner) {
+                return Ok(());
+            }
+        }
+        let r = self.publish_writer(&w, Some(fh));
+        self.versions.reap();
+        r
+    }
+
+    /// fsync: what was written is published (the previous version this handle published
+    /// goes: one version per file, however often it syncs), and a file's tree with it.
+    pub fn fsync(&self, fh: u64) -> Result<(), Errno> {
+        let w = lock(&self.handles).get(&fh).and_then(Self::write_handle);
+        let r = match w {
+            Some(w) => self.publish_writer(&w, Some(fh)).and_then(|()| {
+                if self.is_tree(w.ino) {
+                    self.tree_sync(w.ino)
+                } else {
+                    Ok(())
+                }
+            }),
+            None => Ok(()),
+        };
+        self.versions.reap();
+        r
+    }
+
+    pub fn release(&self, fh: u64) -> Result<(), Errno> {
+        let result = self.flush_as(fh, None);
+        let handle = lock(&self.handles).remove(&fh);
+        if let Some(cid) = lock(&self.read_holds).remove(&fh) {
+            self.versions.unhold(cid);
+        }
+        if let Some(Handle::Write {
+            ino,
+            writable: true,
+            ..
+        }) = &handle
+        {
+            let ino = *ino;
+            let tree = self.is_tree(ino);
+            lock(&self.inodes).closed(ino);
+            if tree {
+                self.tree_writer_closed(ino);
+                self.tree_forget(ino);
+            }
+            let mut locks = lock(&self.publish_locks);
+            // (Only if no publish holds it: one without a handle, a truncate, may.)
+            if locks.get(&ino).is_some_and(|l| Arc::strong_count(l) == 1)
+                && self.write_handles(ino, None).is_empty()
+            {
+                locks.remove(&ino);
+            }
+        }
+        // The writer goes (its base no longer held) outside every lock.
+        drop(handle);
+        self.versions.reap();
+        result
+    }
+
+    fn publish_lock(&self, ino: u64) -> Arc<Mutex<()>> {
+        lock(&self.publish_locks).entry(ino).or_default().clone()
+    }
+
+    /// The name a version of `ino` is published under: its name now (the last one it had,
+    /// for a file unlinked while open).
+    fn current_name(&self, ino: u64, writer: &FileWriter) -> String {
+        if self.is_tree(ino) {
+            if let Some(name) = self.tree_name(ino) {
+                return name;
+            }
+        }
+        match lock(&self.inodes).get(ino) {
+            Some(Entry::Named(Some(name))) => name.clone(),
+            _ => writer.name().to_string(),
+        }
+    }
+
+    /// Publishes a writer's changes, if any, and binds the inode's name to the new
+    /// version: one step under the inode's publish lock, so the name ends on the newest
+    /// version whichever handle or thread publishes. Nobody else waits for it: the
+    /// writer's status answers stat and lookup meanwhile.
+    fn publish_writer(&self, w: &WriteHandle, fh: Option<u64>) -> Result<(), Errno> {
+        let plock = self.publish_lock(w.ino);
+        let _publishing = lock(&plock);
+        w.status.set_publishing(true);
+        let r = {
+            let _gate = self.versions.gate();
+            let mut writer = lock(&w.writer);
+            let name = self.current_name(w.ino, &writer);
+            match writer.publish(&name) {
+                Ok(Some(p)) => self.bind(w.ino, &mut writer, p).map(Some),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        w.status.set_publishing(false);
+        match r {
+            Ok(Some(version)) => {
+                self.rebase_clean_writers(w.ino, fh, Some(version));
                 Ok(())
             }
             Ok(None) => Ok(()),
             Err(e) => {
-                if created {
-                    self.drop_unpublished_name(ino);
+                if w.created {
+                    self.drop_unpublished_name(w.ino, fh);
                 }
                 Err(e)
             }
         }
     }
 
-    pub fn fsync(&self, fh: u64) -> Result<(), Errno> {
-        self.flush(fh)
-    }
-
-    pub fn release(&self, fh: u64) -> Result<(), Errno> {
-        let result = self.flush(fh);
-        let handle = lock(&self.handles).remove(&fh);
-        if let Some(Handle::Write { ino, .. }) = handle {
-            if self.is_tree(ino) {
-                self.tree_writer_closed(ino);
-            }
-        }
-        result
-    }
-
-    /// Points the inode's current name (if it still has one) at `cid`.
-    fn bind_name(&self, ino: u64, cid: Cid, size: u64) -> Result<(), Errno> {
+    /// Points the inode's current name (if it still has one) at a version just published
+    /// (relabelled first if the file was renamed while it was written); the version the
+    /// name pointed at before goes unless something else refers to it. Called under the
+    /// versions' gate. Returns the version bound.
+    fn bind(&self, ino: u64, writer: &mut FileWriter, p: Published) -> Result<(Cid, u64), Errno> {
         if self.is_tree(ino) {
-            self.tree_set_version(ino, cid, size);
-            return Ok(());
+            return self.tree_bind(ino, writer, p);
         }
         let _g = lock(&self.names_lock);
         let name = match lock(&self.inodes).get(ino) {
             Some(Entry::Named(Some(name))) => name.clone(),
-            _ => return Ok(()), // unlinked while open: the data is stored, nameless
+            _ => {
+                // Unlinked while open: what it wrote goes with it.
+                writer.relabelled(p.cid, &p.filename);
+                self.versions.candidate(p.cid);
+                return Ok((p.cid, p.size));
+            }
         };
-        self.node
+        let cid = self.relabel_version(writer, &p, &name)?;
+        let old = self
+            .node
             .repo()
             .set_name(
                 &name,
@@ -777,38 +988,62 @@ impl FsCore {
                     mtime: unix_now(),
                 },
             )
-            .map_err(|e| e.errno())
+            .map_err(|e| e.errno())?;
+        lock(&self.inodes).set_stale(&name, false);
+        if let Some(old) = old {
+            self.versions.candidate(old.cid);
+        }
+        Ok((cid, p.size))
+    }
+
+    /// The version `p` with its manifest naming `name`: itself, or a relabelled copy
+    /// (same blocks) that becomes the writer's base; the other one goes.
+    pub(super) fn relabel_version(
+        &self,
+        writer: &mut FileWriter,
+        p: &Published,
+        name: &str,
+    ) -> Result<Cid, Errno> {
+        if p.filename == name {
+            return Ok(p.cid);
+        }
+        let cid = self.relabel(&p.cid, name)?;
+        writer.relabelled(cid, name);
+        self.versions.candidate(p.cid);
+        Ok(cid)
     }
 
     /// Other handles open for writing on `ino` that have not changed anything follow the
     /// version just published.
     fn rebase_clean_writers(&self, ino: u64, except: Option<u64>, version: Option<(Cid, u64)>) {
-        let others: Vec<_> = lock(&self.handles)
-            .iter()
-            .filter_map(|(fh, h)| match h {
-                Handle::Write {
-                    ino: i,
-                    writer,
-                    writable: true,
-                    ..
-                } if *i == ino && Some(*fh) != except => Some(writer.clone()),
-                _ => None,
-            })
-            .collect();
-        for w in others {
-            lock(&w).rebase(version);
+        for (_, w) in self.write_handles(ino, except) {
+            if !w.status.speaks_for_file() {
+                lock(&w.writer).rebase(version);
+            }
         }
     }
 
-    /// A new file whose first version failed leaves no name behind.
-    fn drop_unpublished_name(&self, ino: u64) {
+    /// A new file whose first version failed leaves no name behind, unless another handle
+    /// writes it too (its close may still publish it).
+    fn drop_unpublished_name(&self, ino: u64, except: Option<u64>) {
+        if !self.write_handles(ino, except).is_empty() {
+            return;
+        }
         if self.is_tree(ino) {
             return self.tree_drop_unpublished(ino);
         }
         let _g = lock(&self.names_lock);
         let mut inodes = lock(&self.inodes);
         if let Some(Entry::Named(Some(name))) = inodes.get(ino).cloned() {
-            if matches!(self.node.repo().name(&name), Ok(None)) {
+            let stale = inodes.is_stale(&name);
+            if stale {
+                // A file renamed onto this name replaced what the record says.
+                match self.node.repo().remove_name(&name) {
+                    Ok(old) => old.into_iter().for_each(|r| self.versions.candidate(r.cid)),
+                    Err(e) => tracing::warn!("removing a replaced name failed: {e}"),
+                }
+            }
+            if stale || matches!(self.node.repo().name(&name), Ok(None)) {
                 inodes.unlink(&name);
             }
         }
@@ -823,40 +1058,42 @@ impl FsCore {
             Entry::Named(name) => name,
             Entry::Tree => None,
         };
-        let via_handle = fh.and_then(|fh| match lock(&self.handles).get(&fh) {
-            Some(Handle::Write {
-                writer,
-                writable: true,
-                ..
-            }) => Some(writer.clone()),
-            _ => None,
-        });
-        let writer = via_handle.or_else(|| self.open_writer(ino));
+        let via_handle =
+            fh.and_then(|fh| lock(&self.handles).get(&fh).and_then(Self::write_handle));
+        // Without a handle (truncate(2), and open(O_TRUNC): the kernel truncates after the
+        // open, without its handle): the writer holding changes, else the newest one, takes
+        // it, to publish with the rest on close.
+        let writer = via_handle
+            .map(|w| w.writer)
+            .or_else(|| self.open_writer(ino).map(|(w, _)| w))
+            .or_else(|| {
+                let mut writers = self.write_handles(ino, None);
+                writers.sort_by_key(|(fh, _)| *fh);
+                writers.pop().map(|(_, w)| w.writer)
+            });
         match writer {
             Some(w) => lock(&w).truncate(size)?,
-            None if self.is_tree(ino) => {
-                let mut w = self.tree_writer(ino)?;
-                w.truncate(size)?;
-                if let Some((cid, size)) = w.publish()? {
-                    self.bind_name(ino, cid, size)?;
-                }
-            }
             None => {
                 // truncate(1) on a closed file: a new version now.
-                let name = name.ok_or(libc::ENOENT)?;
-                let published = self.published(&name)?;
-                let mut w = FileWriter::new(
-                    self.node.clone(),
-                    name,
-                    self.config.spool_dir.clone(),
-                    published,
-                    false,
-                );
-                w.truncate(size)?;
-                if let Some((cid, size)) = w.publish()? {
-                    self.bind_name(ino, cid, size)?;
-                    self.rebase_clean_writers(ino, None, Some((cid, size)));
-                }
+                let gate = self.versions.gate();
+                let writer = if self.is_tree(ino) {
+                    self.tree_writer(ino)?
+                } else {
+                    let name = name.ok_or(libc::ENOENT)?;
+                    let published = self.published(&name)?;
+                    self.new_writer(name, published, false)
+                };
+                drop(gate);
+                let w = WriteHandle {
+                    ino,
+                    status: writer.status(),
+                    writer: Arc::new(Mutex::new(writer)),
+                    created: false,
+                };
+                lock(&w.writer).truncate(size)?;
+                self.publish_writer(&w, None)?;
+                drop(w);
+                self.versions.reap();
             }
         }
         self.getattr(ino)
@@ -873,25 +1110,30 @@ impl FsCore {
         if self.tree_lookup_top_exists(name)? {
             return Err(libc::EISDIR);
         }
-        let _g = lock(&self.names_lock);
-        let published = self
-            .node
-            .repo()
-            .name(name)
-            .map_err(|e| e.errno())?
-            .is_some();
-        let mut inodes = lock(&self.inodes);
-        if !published && inodes.find_name(name).is_none() {
-            return Err(if looks_like_cid(name) {
-                libc::EROFS
-            } else {
-                libc::ENOENT
-            });
+        {
+            let _g = lock(&self.names_lock);
+            let published = self
+                .node
+                .repo()
+                .name(name)
+                .map_err(|e| e.errno())?
+                .is_some();
+            if !published && lock(&self.inodes).find_name(name).is_none() {
+                return Err(if looks_like_cid(name) {
+                    libc::EROFS
+                } else {
+                    libc::ENOENT
+                });
+            }
+            if published {
+                let old = self.node.repo().remove_name(name).map_err(|e| e.errno())?;
+                if let Some(old) = old {
+                    self.versions.candidate(old.cid);
+                }
+            }
+            lock(&self.inodes).unlink(name);
         }
-        if published {
-            self.node.repo().remove_name(name).map_err(|e| e.errno())?;
-        }
-        inodes.unlink(name);
+        self.versions.reap();
         Ok(())
     }
 
@@ -911,19 +1153,36 @@ impl FsCore {
         let from_top = parent == ROOT_INO
             && self.tree_lookup_top_exists(from.to_str().ok_or(libc::ENOENT)?)?;
         if parent != ROOT_INO || new_parent != ROOT_INO || from_top {
-            return self.tree_rename(parent, from, new_parent, to, noreplace);
-        }
-        if self.tree_lookup_top_exists(to.to_str().ok_or(libc::EINVAL)?)? {
-            return Err(libc::EISDIR);
+            let r = self.tree_rename(parent, from, new_parent, to, noreplace);
+            self.versions.reap();
+            return r;
         }
         let from = from.to_str().ok_or(libc::ENOENT)?;
         let to = file_name(to)?;
-        if looks_like_cid(to) {
-            return Err(libc::EROFS);
+        let r = self.rename_file(from, to, noreplace);
+        self.versions.reap();
+        r
+    }
+
+    /// Renames a file of the root. A published file is relabelled and its name moved in one
+    /// synced batch; one not published yet moves in memory, and the record of a file it
+    /// replaces stays (what a crash leaves) until its own first version replaces it.
+    fn rename_file(&self, from: &str, to: &str, noreplace: bool) -> Result<(), Errno> {
+        // The errors the kernel would see first (no names lock held: a tree's lock comes
+        // before it).
+        let exists = self.record(from)?.is_some() || lock(&self.inodes).find_name(from).is_some();
+        if exists && from != to {
+            if looks_like_cid(to) {
+                return Err(libc::EROFS);
+            }
+            if self.tree_lookup_top_exists(to)? {
+                return Err(libc::EISDIR);
+            }
         }
+        let _gate = self.versions.gate();
         let _g = lock(&self.names_lock);
         let repo = self.node.repo();
-        let record = repo.name(from).map_err(|e| e.errno())?;
+        let record = self.record(from)?;
         let in_flight = lock(&self.inodes).find_name(from);
         if record.is_none() && in_flight.is_none() {
             return Err(if looks_like_cid(from) {
@@ -932,76 +1191,71 @@ impl FsCore {
                 libc::ENOENT
             });
         }
-        if noreplace
-            && (repo.name(to).map_err(|e| e.errno())?.is_some()
-                || lock(&self.inodes).find_name(to).is_some())
-        {
+        if from == to {
+            return Ok(());
+        }
+        if noreplace && (self.record(to)?.is_some() || lock(&self.inodes).find_name(to).is_some()) {
             return Err(libc::EEXIST);
         }
-        if let Some(record) = record {
-            // The manifest names the file: the renamed file is the same tree under a new
-            // manifest, as `codexfs cid` would compute it for the new name.
-            let new_cid = self.relabel(&record.cid, from, to)?;
-            repo.rename(
-                from,
-                to,
-                &NameRecord {
-                    cid: new_cid,
-                    mtime: record.mtime,
-                },
-            )
-            .map_err(|e| e.errno())?;
-        } else {
-            repo.remove_name(to).map_err(|e| e.errno())?;
-        }
-        lock(&self.inodes).rename(from, to);
-        let ino = lock(&self.inodes).find_name(to);
-        if let Some(ino) = ino {
-            self.rename_open_writers(ino, to);
+        match record {
+            Some(record) => {
+                // The manifest names the file: the renamed file is the same tree under a
+                // new manifest, as `codexfs cid` would compute it for the new name.
+                let new_cid = self.relabel_named(&record.cid, from, to)?;
+                let replaced = repo
+                    .rename(
+                        from,
+                        to,
+                        &NameRecord {
+                            cid: new_cid,
+                            mtime: record.mtime,
+                        },
+                    )
+                    .map_err(|e| e.errno())?;
+                if new_cid != record.cid {
+                    self.versions.candidate(record.cid);
+                }
+                if let Some(r) = replaced {
+                    self.versions.candidate(r.cid);
+                }
+                lock(&self.inodes).rename(from, to);
+            }
+            None => {
+                if lock(&self.inodes).is_stale(from) {
+                    // `from` itself replaced a published file: that record goes now.
+                    if let Some(old) = repo.remove_name(from).map_err(|e| e.errno())? {
+                        self.versions.candidate(old.cid);
+                    }
+                }
+                let keep = repo.name(to).map_err(|e| e.errno())?.is_some();
+                let mut inodes = lock(&self.inodes);
+                inodes.rename(from, to);
+                inodes.set_stale(to, keep);
+            }
         }
         Ok(())
     }
 
-    /// Writers of `ino` still open publish under its new name `to`.
-    fn rename_open_writers(&self, ino: u64, to: &str) {
-        for h in lock(&self.handles).values() {
-            if let Handle::Write {
-                ino: i,
-                writer,
-                writable: true,
-                ..
-            } = h
-            {
-                if *i == ino {
-                    lock(writer).set_name(to.to_string());
-                }
-            }
+    /// A manifest like `cid`'s with filename `to` if it names `from` (the mount made it
+    /// for that name); `cid` itself otherwise. Stores it; deletes nothing. Called under
+    /// the versions' gate.
+    fn relabel_named(&self, cid: &Cid, from: &str, to: &str) -> Result<Cid, Errno> {
+        match self.node.repo().manifest(cid).map_err(|e| e.errno())? {
+            Some(m) if m.filename.as_deref() == Some(from) => self.relabel(cid, to),
+            _ => Ok(*cid),
         }
     }
 
-    /// A manifest like `cid`'s with filename `to`; the old one is deleted when this mount
-    /// made it for the name `from` (so renames leave no stray dataset behind).
-    fn relabel(&self, cid: &Cid, from: &str, to: &str) -> Result<Cid, Errno> {
+    /// A manifest like `cid`'s with filename `to`, stored as the mount's (same blocks).
+    /// Called under the versions' gate.
+    pub(super) fn relabel(&self, cid: &Cid, to: &str) -> Result<Cid, Errno> {
         let repo = self.node.repo();
         let Some(mut manifest) = repo.manifest(cid).map_err(|e| e.errno())? else {
             return Ok(*cid);
         };
-        if manifest.filename.as_deref() != Some(from) {
-            return Ok(*cid);
-        }
         manifest.filename = Some(to.to_string());
-        let new_cid = repo
-            .store_manifest_for_stored_tree(&manifest)
-            .map_err(|e| e.errno())?;
-        let still_named = repo
-            .names()
-            .map_err(|e| e.errno())?
-            .iter()
-            .any(|(n, r)| r.cid == *cid && n != from);
-        if !still_named && new_cid != *cid {
-            self.node.delete(cid).map_err(|e| e.errno())?;
-        }
-        Ok(new_cid)
+        repo.store_manifest_as(&manifest, Origin::Mount)
+            .map_err(|e| e.errno())
     }
 
     // ---- extended attributes, statfs ----
@@ -1015,27 +1269,31 @@ impl FsCore {
             Entry::Root => return Err(libc::ENODATA),
             Entry::Cid(cid) => cid,
             Entry::Child { item, .. } => item.cid,
-            Entry::Tree => self.tree_cid(ino)?,
-            Entry::Named(Some(name)) => {
-                self.node
-                    .repo()
-                    .name(&name)
-                    .map_err(|e| e.errno())?
-                    .ok_or(libc::ENODATA)?
-                    .cid
+            Entry::Tree => {
+                let cid = self.tree_cid(ino);
+                self.versions.reap();
+                cid?
             }
+            Entry::Named(Some(name)) => self.record(&name)?.ok_or(libc::ENODATA)?.cid,
             Entry::Named(None) => return Err(libc::ENODATA),
         };
         Ok(cid_string(&cid).into_bytes())
     }
 
-    /// The names of the xattrs, each followed by a NUL.
+    /// The names of the xattrs, each followed by a NUL. It only lists: `ls -l`, `cp -a`
+    /// and `rsync -X` ask for every file, and a CID is computed only when read.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, Errno> {
-        match self.getxattr(ino, OsStr::new(XATTR_CID)) {
-            Ok(_) => Ok(format!("{XATTR_CID}\0").into_bytes()),
-            Err(libc::ENODATA) => Ok(Vec::new()),
-            Err(e) => Err(e),
-        }
+        let entry = lock(&self.inodes).get(ino).cloned().ok_or(libc::ENOENT)?;
+        let has_cid = match entry {
+            Entry::Root | Entry::Named(None) => false,
+            Entry::Cid(_) | Entry::Child { .. } => true,
+            Entry::Tree => self.tree_has_cid(ino)?,
+            Entry::Named(Some(name)) => self.record(&name)?.is_some(),
+        };
+        Ok(match has_cid {
+            true => format!("{XATTR_CID}\0").into_bytes(),
+            false => Vec::new(),
+        })
     }
 
     /// `(total, free)` bytes of the quota.
@@ -1047,7 +1305,8 @@ impl FsCore {
         )
     }
 
-    /// Publishes every open writer (used on unmount, so nothing written is lost).
+    /// Publishes every open writer and every tree (used on unmount, so nothing written is
+    /// lost), then deletes what that left unreferenced.
     pub fn flush_all(&self) {
         let fhs: Vec<u64> = lock(&self.handles)
             .iter()
@@ -1060,5 +1319,32 @@ impl FsCore {
             }
         }
         self.publish_all();
+        self.versions.reap();
+    }
+
+    /// After the FUSE session ended (unmount): no open file or inode the kernel held
+    /// refers to a version any more, so what only they did (a file unlinked while open, a
+    /// tree node the kernel had not forgotten) goes now, as it would at the next start.
+    pub fn unmounted(&self) {
+        match self
+            .versions
+            .close_with(|| self.node.repo().recover_mount())
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(versions = n, "deleted versions only the mount used"),
+            Err(e) => tracing::warn!("deleting versions only the mount used failed: {e}"),
+        }
+    }
+
+    /// Deletes the versions nothing refers to any more, if no publish is under way (the
+    /// publisher thread calls this; so do tests that count what is stored).
+    pub fn reap(&self) {
+        self.versions.reap();
+    }
+
+    /// Whether versions wait to be deleted (a publish was under way when they lost their
+    /// last reference).
+    pub fn reap_pending(&self) -> bool {
+        self.versions.pending()
     }
 }

@@ -268,10 +268,13 @@ impl Filesystem for CodexFuse {
         data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match traced("write", || self.core.write(fh.0, offset, data)) {
+        // The lock owner (direct I/O writes carry it) says which process wrote: its close
+        // publishes, a close by a process that only inherited the file does not.
+        let owner = lock_owner.map(|o| o.0);
+        match traced("write", || self.core.write_as(fh.0, offset, data, owner)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -282,10 +285,13 @@ impl Filesystem for CodexFuse {
         _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, traced("flush", || self.core.flush(fh.0)));
+        reply_empty(
+            reply,
+            traced("flush", || self.core.flush_as(fh.0, Some(lock_owner.0))),
+        );
     }
 
     fn release(

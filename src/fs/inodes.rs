@@ -1,6 +1,6 @@
 //! Inode numbers for the mount's entries, kept until the kernel forgets them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use cid::Cid;
@@ -32,6 +32,24 @@ pub enum Entry {
 struct Inode {
     entry: Entry,
     lookups: u64,
+    /// Handles open for writing on it: an inode goes only once the kernel has forgotten
+    /// it and its last writer is released (a FORGET can come before an asynchronous
+    /// RELEASE, whose publish still needs the name).
+    opens: u64,
+}
+
+impl Inode {
+    fn new(entry: Entry) -> Self {
+        Self {
+            entry,
+            lookups: 0,
+            opens: 0,
+        }
+    }
+
+    fn unused(&self) -> bool {
+        self.lookups == 0 && self.opens == 0
+    }
 }
 
 #[derive(Debug)]
@@ -40,6 +58,10 @@ pub struct InodeTable {
     by_name: HashMap<String, u64>,
     by_cid: HashMap<Cid, u64>,
     by_child: HashMap<(u64, String), u64>,
+    /// Names whose record in the repo is not their content: a file not yet published was
+    /// renamed onto them. The record stays (what a crash leaves) until the file's first
+    /// version replaces it.
+    stale: HashSet<String>,
     next: u64,
 }
 
@@ -55,18 +77,15 @@ pub fn child_ino(parent: u64, name: &str) -> u64 {
 impl Default for InodeTable {
     fn default() -> Self {
         let mut by_ino = HashMap::new();
-        by_ino.insert(
-            ROOT_INO,
-            Inode {
-                entry: Entry::Root,
-                lookups: 1,
-            },
-        );
+        let mut root = Inode::new(Entry::Root);
+        root.lookups = 1;
+        by_ino.insert(ROOT_INO, root);
         Self {
             by_ino,
             by_name: HashMap::new(),
             by_cid: HashMap::new(),
             by_child: HashMap::new(),
+            stale: HashSet::new(),
             next: ROOT_INO + 1,
         }
     }
@@ -80,7 +99,7 @@ impl InodeTable {
     fn insert(&mut self, entry: Entry) -> u64 {
         let ino = self.next;
         self.next += 1;
-        self.by_ino.insert(ino, Inode { entry, lookups: 0 });
+        self.by_ino.insert(ino, Inode::new(entry));
         ino
     }
 
@@ -135,7 +154,7 @@ impl InodeTable {
                 let ino = if self.by_ino.contains_key(&wanted) {
                     self.insert(entry)
                 } else {
-                    self.by_ino.insert(wanted, Inode { entry, lookups: 0 });
+                    self.by_ino.insert(wanted, Inode::new(entry));
                     wanted
                 };
                 self.by_child.insert(key, ino);
@@ -158,10 +177,27 @@ impl InodeTable {
         }
     }
 
-    /// Drops a tree node's inode once the kernel holds it no more; true if it went.
+    /// A handle open for writing on `ino` was made.
+    pub fn opened(&mut self, ino: u64) {
+        if let Some(i) = self.by_ino.get_mut(&ino) {
+            i.opens += 1;
+        }
+    }
+
+    /// A handle open for writing on `ino` was released: the inode goes if the kernel
+    /// forgot it meanwhile (tree nodes: see `drop_tree_if_unused`).
+    pub fn closed(&mut self, ino: u64) {
+        if let Some(i) = self.by_ino.get_mut(&ino) {
+            i.opens = i.opens.saturating_sub(1);
+        }
+        self.forget(ino, 0);
+    }
+
+    /// Drops a tree node's inode once the kernel holds it no more and no handle writes
+    /// it; true if it went.
     pub fn drop_tree_if_unused(&mut self, ino: u64) -> bool {
         match self.by_ino.get(&ino) {
-            Some(i) if i.entry == Entry::Tree && i.lookups == 0 => {
+            Some(i) if i.entry == Entry::Tree && i.unused() => {
                 self.by_ino.remove(&ino);
                 true
             }
@@ -169,8 +205,22 @@ impl InodeTable {
         }
     }
 
+    /// Whether `name`'s record in the repo is not its content (see `stale`).
+    pub fn is_stale(&self, name: &str) -> bool {
+        self.stale.contains(name)
+    }
+
+    pub fn set_stale(&mut self, name: &str, stale: bool) {
+        if stale {
+            self.stale.insert(name.to_string());
+        } else {
+            self.stale.remove(name);
+        }
+    }
+
     /// Detaches a name from its inode (which lives on while the kernel holds it).
     pub fn unlink(&mut self, name: &str) -> Option<u64> {
+        self.stale.remove(name);
         let ino = self.by_name.remove(name)?;
         if let Some(i) = self.by_ino.get_mut(&ino) {
             i.entry = Entry::Named(None);
@@ -181,6 +231,7 @@ impl InodeTable {
     /// Moves inode of `from` to `to`; the inode that `to` had, if any, is unlinked.
     pub fn rename(&mut self, from: &str, to: &str) {
         self.unlink(to);
+        self.stale.remove(from);
         if let Some(ino) = self.by_name.remove(from) {
             if let Some(i) = self.by_ino.get_mut(&ino) {
                 i.entry = Entry::Named(Some(to.to_string()));
@@ -198,7 +249,7 @@ impl InodeTable {
         };
         inode.lookups = inode.lookups.saturating_sub(n);
         // Tree nodes keep their inode while the tree has them (see `drop_tree_if_unused`).
-        if inode.lookups == 0 && inode.entry != Entry::Tree {
+        if inode.unused() && inode.entry != Entry::Tree {
             let inode = self.by_ino.remove(&ino).expect("present");
             match inode.entry {
                 Entry::Named(Some(name)) => {

@@ -7,6 +7,7 @@ pub mod fuse;
 pub mod inodes;
 pub mod mount;
 pub mod prefetch;
+pub mod versions;
 pub mod writer;
 
 pub use self::core::{FsConfig, FsCore};

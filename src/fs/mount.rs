@@ -23,6 +23,7 @@ pub struct MountConfig {
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     core: Arc<FsCore>,
+    publisher: Option<std::thread::JoinHandle<()>>,
     mountpoint: PathBuf,
     device: Option<u64>,
 }
@@ -30,7 +31,14 @@ pub struct Mounted {
 /// Makes sure `mountpoint` is a directory we can mount on: creates it if missing and
 /// detaches a mount left behind by a crashed process (stat fails with ENOTCONN).
 pub fn prepare_mountpoint(mountpoint: &Path) -> Result<()> {
-    match std::fs::metadata(mountpoint) {
+    // Right after the crash the kernel may still answer stat from its cache; statfs always
+    // asks the (dead) daemon.
+    let dead = is_mountpoint(mountpoint) && statfs_errno(mountpoint) == Some(libc::ENOTCONN);
+    let stat = match dead {
+        true => Err(std::io::Error::from_raw_os_error(libc::ENOTCONN)),
+        false => std::fs::metadata(mountpoint),
+    };
+    match stat {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(Error::InvalidArgument(format!(
             "{} is not a directory",
@@ -53,6 +61,18 @@ pub fn prepare_mountpoint(mountpoint: &Path) -> Result<()> {
             Ok(())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The errno statfs(2) of `path` fails with, if it does.
+fn statfs_errno(path: &Path) -> Option<i32> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: a valid C string and a zeroed struct for the kernel to fill.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    match unsafe { libc::statfs(c.as_ptr(), &mut buf) } {
+        0 => None,
+        _ => std::io::Error::last_os_error().raw_os_error(),
     }
 }
 
@@ -110,7 +130,7 @@ pub fn mount(core: Arc<FsCore>, config: &MountConfig) -> Result<Mounted> {
     fuse_config.n_threads = Some(config.threads.max(1));
     fuse_config.clone_fd = true;
     // Directory trees written into the mount publish themselves once quiet.
-    core.spawn_publisher();
+    let publisher = core.spawn_publisher();
     let session = fuser::spawn_mount(
         CodexFuse::new(core.clone()),
         &config.mountpoint,
@@ -123,6 +143,7 @@ pub fn mount(core: Arc<FsCore>, config: &MountConfig) -> Result<Mounted> {
     Ok(Mounted {
         session: Some(session),
         core,
+        publisher: Some(publisher),
         mountpoint: config.mountpoint.clone(),
         device,
     })
@@ -146,6 +167,16 @@ impl Mounted {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        let r = self.end_session(session);
+        self.core.unmounted();
+        // It stops at its next round now; the core is not to outlive this in it.
+        if let Some(p) = self.publisher.take() {
+            let _ = p.join();
+        }
+        r
+    }
+
+    fn end_session(&self, session: fuser::BackgroundSession) -> Result<()> {
         if session.guard.is_finished() {
             // Unmounted from outside: nothing left to unmount.
             if let Err(e) = session.join() {
@@ -176,6 +207,13 @@ impl Mounted {
             // The join is still under way; give it a moment after the abort.
             let _ = rx.recv_timeout(Duration::from_secs(5));
         }
+        // The session's threads end once the connection is aborted and let go of the core:
+        // wait for that (a while at most), so that the repo closes here and not in one of
+        // them as the process exits (RocksDB aborts when its statics go first).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.core) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Ok(())
     }
 }
@@ -185,6 +223,10 @@ impl Drop for Mounted {
         if let Some(session) = self.session.take() {
             self.core.flush_all();
             drop(session); // unmounts
+            self.core.unmounted();
+            if let Some(p) = self.publisher.take() {
+                let _ = p.join();
+            }
         }
     }
 }

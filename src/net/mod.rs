@@ -1,12 +1,12 @@
 //! The network: the block exchange protocol ([`protocol`]), answering peers from the local
 //! store ([`provider`]), checking what peers deliver ([`verify`]), the libp2p swarm
-//! ([`swarm`]) and its transport ([`transport`]), the exchange engine over it
-//! ([`exchange`]) and the store that reads through it ([`store`]).
+//! ([`swarm`]) and its transport ([`transport`]), the exchange — a sans-IO core and the shell
+//! that drives it over the swarm ([`exchange`]) — and the store that reads through it
+//! ([`store`]).
 
 pub mod exchange;
 pub mod protocol;
 pub mod provider;
-pub mod serve;
 pub mod service;
 pub mod store;
 pub mod swarm;

@@ -45,7 +45,7 @@ pub enum BlockAddress {
     Leaf { tree: Cid, index: u64 },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WantType {
     Block,
     Have,
@@ -394,6 +394,16 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Whether part of a frame is buffered (a stream that stops here is stalled).
+    pub fn is_partial(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Bytes buffered.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// The next whole message, `None` if more bytes are needed; an error (oversized or
     /// malformed frame) means the stream is unusable and the peer should be dropped.
     pub fn next_message(&mut self) -> Result<Option<Message>> {
@@ -411,7 +421,8 @@ impl FrameDecoder {
         }
         let len = len as usize;
         if self.buf.len() < n + len {
-            self.buf.reserve(n + len - self.buf.len());
+            // The buffer grows with what arrives, not with what the header claims: a
+            // peer that announces 4 MiB and sends ten bytes holds ten bytes.
             return Ok(None);
         }
         let mut frame = self.buf.split_to(n + len);
@@ -491,6 +502,29 @@ mod tests {
             }
             assert_eq!(got, vec![m.clone(), empty.clone()], "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn the_largest_block_a_manifest_may_declare_fits_a_frame() {
+        // The deepest proof a tree can have (2^64 leaves), and the longest CIDs.
+        let tree = cid_from_digest(ROOT_CODEC, &sha256(b"tree"));
+        let data = Bytes::from(vec![1u8; crate::manifest::MAX_BLOCK_SIZE as usize]);
+        let m = Message {
+            deliveries: vec![BlockDelivery {
+                cid: block_cid(&data),
+                data,
+                address: BlockAddress::Leaf {
+                    tree,
+                    index: u64::MAX,
+                },
+                proof: Some(Bytes::from(vec![0xffu8; 64 * 40 + 32])),
+            }],
+            ..Message::default()
+        };
+        assert!(
+            encode_frame(&m).is_ok(),
+            "a block of the largest size is sendable"
+        );
     }
 
     #[test]

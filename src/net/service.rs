@@ -27,15 +27,10 @@ pub fn start(
 ) -> Result<Network> {
     let _entered = runtime.enter();
     let key = swarm::load_or_create_key(&node.data_dir().join("node.key"))?;
-    let (handle, events) = swarm::start(key, config)?;
-    let exchange = Exchange::start(node.repo().clone(), handle.clone(), events)?;
-    let store = NetworkStore::new(
-        node.clone(),
-        exchange.clone(),
-        handle.clone(),
-        runtime.clone(),
-        timeout,
-    );
+    let started = swarm::start(key, config)?;
+    let handle = started.handle.clone();
+    let exchange = Exchange::start(node.repo().clone(), started)?;
+    let store = NetworkStore::new(node.clone(), exchange.clone(), runtime.clone(), timeout);
     let (repo, h) = (node.repo().clone(), handle.clone());
     runtime.spawn(async move {
         let mut tick = tokio::time::interval(ADVERTISE_EVERY);

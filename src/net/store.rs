@@ -1,6 +1,7 @@
-//! The network store: the local store first, then the exchange, with providers found
-//! through Kademlia (and the peers already connected). What the filesystem and
-//! `download` read through when the network is on.
+//! The network store: the local store first, then the exchange (which asks the connected
+//! peers, the peers a dataset's manifest came from, and providers it looks up through
+//! Kademlia). What the filesystem and `download` read through when the network is on. A
+//! local block that fails its check is fetched again and the bad copy replaced.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -12,9 +13,8 @@ use cid::Cid;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
 
-use super::exchange::Exchange;
+use super::exchange::{Discover, Exchange};
 use super::protocol::BlockAddress;
-use super::swarm::NetHandle;
 use crate::cids::{cid_string, MANIFEST_CODEC};
 use crate::erasure::recover::{is_loss, is_protected, recover_block};
 use crate::error::{Error, Result};
@@ -26,12 +26,14 @@ mod dirs;
 pub struct NetworkStore {
     node: Node,
     exchange: Arc<Exchange>,
-    net: NetHandle,
     runtime: tokio::runtime::Handle,
     /// How long one block (or a provider search) may take in all.
     timeout: Duration,
     /// Who has each dataset fetched from the network.
     providers: Mutex<HashMap<Cid, Vec<PeerId>>>,
+    /// Datasets resolved from the network lately (a CID always names the same one): a
+    /// lookup then an open of a file fetch its manifest once.
+    resolved: Mutex<lru::LruCache<Cid, Dataset>>,
     /// Itself, for decodes that run on the blocking pool.
     me: Weak<NetworkStore>,
 }
@@ -40,25 +42,51 @@ impl NetworkStore {
     pub fn new(
         node: Node,
         exchange: Arc<Exchange>,
-        net: NetHandle,
         runtime: tokio::runtime::Handle,
         timeout: Duration,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             node,
             exchange,
-            net,
             runtime,
             timeout,
             providers: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(RESOLVED_KEPT).expect("non-zero"),
+            )),
             me: me.clone(),
         })
     }
 
-    /// Block `index`, local or from peers, without erasure decoding.
+    /// Block `index`, local or from peers, without erasure decoding. A local copy that
+    /// fails its check is fetched again and replaced.
     fn get(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
         match self.node.local_block(dataset, index) {
             Err(Error::NotFound(_)) => self.fetch_remote(dataset, index),
+            Err(Error::Corrupt(e)) => {
+                tracing::warn!(
+                    "block {index} of {}: {e}; fetching it again",
+                    cid_string(dataset.cid())
+                );
+                let (fetch, repo) = (self.fetch_remote(dataset, index), self.node.repo().clone());
+                Box::pin(async move {
+                    let data = fetch.await?;
+                    let good = data.clone();
+                    let healed = tokio::task::spawn_blocking(move || {
+                        repo.replace_block(&crate::cids::block_cid(&good), &good)
+                    })
+                    .await;
+                    match healed {
+                        Ok(Ok(true)) => {
+                            tracing::info!("replaced a corrupt local copy of block {index}")
+                        }
+                        Ok(Ok(false)) => {}
+                        Ok(Err(e)) => tracing::warn!("could not replace block {index}: {e}"),
+                        Err(e) => tracing::warn!("could not replace block {index}: {e}"),
+                    }
+                    Ok(data)
+                })
+            }
             local => Box::pin(futures::future::ready(local)),
         }
     }
@@ -96,20 +124,6 @@ impl NetworkStore {
         recover_block(self, self.node.repo(), dataset, index)
     }
 
-    /// Peers that may have `cid`: Kademlia providers, then every connected peer.
-    async fn candidates(&self, cid: &Cid) -> Vec<PeerId> {
-        let mut peers = self
-            .net
-            .find_providers(&cid.to_bytes(), self.timeout.min(Duration::from_secs(10)))
-            .await;
-        for p in self.net.connected_peers().await {
-            if !peers.contains(&p) {
-                peers.push(p);
-            }
-        }
-        peers
-    }
-
     fn providers_of(&self, dataset: &Dataset) -> Vec<PeerId> {
         self.providers
             .lock()
@@ -121,12 +135,21 @@ impl NetworkStore {
 
     /// A future for block `index` of `dataset` from the peers that have it.
     fn fetch_remote(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
+        self.fetch_remote_within(dataset, index, self.timeout)
+    }
+
+    fn fetch_remote_within(
+        &self,
+        dataset: &Dataset,
+        index: u64,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<Bytes>> {
         remote_block(
             self.exchange.clone(),
             dataset,
             index,
             self.providers_of(dataset),
-            self.timeout,
+            timeout,
         )
     }
 
@@ -169,12 +192,22 @@ impl NetworkStore {
             .upgrade()
             .ok_or_else(|| Error::NotFound("the network store is gone".into()))?;
         let ds = dataset.clone();
+        // Blocks asked far ahead wait their turn at a busy peer: each may take many times
+        // the timeout. What fails the stream is no block arriving for a whole timeout.
+        let stall = self.timeout;
+        let ahead = self.timeout.saturating_mul(STREAM_AHEAD_TIMEOUTS);
         let fetcher = self.runtime.spawn(async move {
             use futures::StreamExt;
             // Local blocks, else from peers, else (erasure-coded) decoded.
             let mut blocks = futures::stream::iter(first..=last)
-                .map(|i| me.or_recover(&ds, i, me.get(&ds, i)))
-                .buffered(256);
+                .map(|i| {
+                    let fetch = match me.node.local_block(&ds, i) {
+                        Err(Error::NotFound(_)) => me.fetch_remote_within(&ds, i, ahead),
+                        _ => me.get(&ds, i),
+                    };
+                    me.or_recover(&ds, i, fetch)
+                })
+                .buffered(STREAM_BLOCKS_AHEAD);
             while let Some(block) = blocks.next().await {
                 let failed = block.is_err();
                 if tx.send(block).await.is_err() || failed {
@@ -184,9 +217,18 @@ impl NetworkStore {
         });
         let written = (|| {
             for i in first..=last {
-                let block = rx
-                    .blocking_recv()
-                    .ok_or_else(|| Error::NotFound("the block fetcher stopped".into()))??;
+                let next = self
+                    .runtime
+                    .block_on(async { tokio::time::timeout(stall, rx.recv()).await });
+                let block = match next {
+                    Ok(Some(block)) => block?,
+                    Ok(None) => return Err(Error::NotFound("the block fetcher stopped".into())),
+                    Err(_) => {
+                        return Err(Error::NotFound(format!(
+                            "block {i}: nothing arrived for {stall:?}"
+                        )))
+                    }
+                };
                 let from = range.start.max(i * bs) - i * bs;
                 let to = range.end.min((i + 1) * bs) - i * bs;
                 out.write_all(
@@ -202,6 +244,8 @@ impl NetworkStore {
         if range != (0..size) {
             return Ok(());
         }
+        // Blocks reach us before they are stored: all must be before the dataset is kept.
+        self.runtime.block_on(self.exchange.stored());
         let Some(manifest) = dataset.manifest() else {
             return Ok(());
         };
@@ -228,6 +272,14 @@ impl crate::erasure::Fetch for NetworkStore {
     }
 }
 
+/// Datasets resolved from the network kept in memory.
+const RESOLVED_KEPT: usize = 256;
+/// Blocks a stream asks for ahead of the one it writes.
+const STREAM_BLOCKS_AHEAD: usize = 256;
+/// How many timeouts a block asked ahead may wait (the stream fails sooner if nothing
+/// arrives for one timeout).
+const STREAM_AHEAD_TIMEOUTS: u32 = 32;
+
 /// A future for block `index` of `dataset` from `peers`, verified by the exchange.
 fn remote_block(
     ex: Arc<Exchange>,
@@ -246,7 +298,9 @@ fn remote_block(
         ),
         Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
     };
-    Box::pin(async move { ex.fetch(address, leaves, peers, timeout).await })
+    // The want is made here, now: blocks asked in order are wanted in order.
+    let fetch = ex.fetch(address, leaves, &peers, timeout, Discover::Now);
+    Box::pin(async move { fetch.await.map(|f| f.data) })
 }
 
 impl BlockSource for NetworkStore {
@@ -254,41 +308,44 @@ impl BlockSource for NetworkStore {
         if let Some(d) = self.node.resolve(cid)? {
             return Ok(Some(d));
         }
+        if let Some(d) = self
+            .resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cid)
+        {
+            return Ok(Some(d.clone()));
+        }
+        // The connected peers are asked at once while a lookup looks for providers.
         let c = *cid;
-        let found = self.runtime.block_on(async {
-            let peers = self.candidates(&c).await;
-            tracing::debug!(
-                "{}: {} candidate peers {peers:?}",
-                cid_string(&c),
-                peers.len()
-            );
-            if peers.is_empty() {
+        let found = self.runtime.block_on(self.exchange.fetch(
+            BlockAddress::Cid(c),
+            0,
+            &[],
+            self.timeout,
+            Discover::Now,
+        ));
+        let fetched = match found {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::info!("{}: {e}", cid_string(&c));
                 return Ok(None);
             }
-            match self
-                .exchange
-                .fetch(BlockAddress::Cid(c), 0, peers.clone(), self.timeout)
-                .await
-            {
-                Ok(d) => Ok::<_, Error>(Some((d, peers))),
-                Err(e) => {
-                    tracing::info!("{} from {} peers: {e}", cid_string(&c), peers.len());
-                    Ok(None)
-                }
-            }
-        })?;
-        let Some((data, peers)) = found else {
-            return Ok(None);
         };
         let dataset = if c.codec() == MANIFEST_CODEC {
-            Dataset::Manifest(c, Manifest::decode(&data)?)
+            Dataset::Manifest(c, Manifest::decode(&fetched.data)?)
         } else {
-            Dataset::Block(c, data.len() as u64)
+            Dataset::Block(c, fetched.data.len() as u64)
         };
+        // The peer that had the manifest very likely has the blocks: it is asked first.
         self.providers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(c, peers);
+            .insert(c, vec![fetched.from]);
+        self.resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(c, dataset.clone());
         Ok(Some(dataset))
     }
 
@@ -300,17 +357,18 @@ impl BlockSource for NetworkStore {
         }
     }
 
-    /// Blocks not found here come from peers; waiting for them holds no thread (nor
-    /// does a decode when a protected dataset's block cannot be had).
+    /// Blocks not found here (or failing their check) come from peers; waiting for them
+    /// holds no thread (nor does a decode when a protected dataset's block cannot be had).
     fn block_async(
         &self,
         dataset: &Dataset,
         index: u64,
     ) -> Option<BoxFuture<'static, Result<Bytes>>> {
-        Some(self.or_recover(dataset, index, self.fetch_remote(dataset, index)))
+        Some(self.or_recover(dataset, index, self.get(dataset, index)))
     }
 
-    /// Local blocks are read at once; the rest (not found here) are waited for.
+    /// Local blocks are read at once; the rest (not found here, or failing their check:
+    /// fetched again) are waited for.
     fn read_now(
         &self,
         dataset: &Dataset,
@@ -319,7 +377,7 @@ impl BlockSource for NetworkStore {
         out: &mut Vec<u8>,
     ) -> Result<bool> {
         match self.node.read_now(dataset, index, range, out) {
-            Err(Error::NotFound(_)) => Ok(false),
+            Err(Error::NotFound(_) | Error::Corrupt(_)) => Ok(false),
             other => other,
         }
     }

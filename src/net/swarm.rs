@@ -1,10 +1,12 @@
 //! The node's libp2p swarm: the transport of [`super::transport`], identify, ping,
-//! Kademlia in server mode, optional mDNS, and the stream behaviour that carries the block exchange. A task owns
-//! the swarm; the rest of the node talks to it through [`NetHandle`].
+//! Kademlia in server mode, optional mDNS, and the stream behaviour that carries the block
+//! exchange. A task owns the swarm; the rest of the node talks to it through [`NetHandle`].
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::identity::Keypair;
@@ -50,8 +52,11 @@ pub enum PeerEvent {
 
 enum Command {
     Provide(RecordKey),
-    FindProviders(RecordKey, oneshot::Sender<Vec<PeerId>>),
+    /// Providers as the query finds them; the channel closes when it ends.
+    FindProviders(RecordKey, mpsc::UnboundedSender<Vec<PeerId>>),
     Dial(PeerId),
+    Disconnect(PeerId),
+    Ban(PeerId, Duration),
     Peers(oneshot::Sender<Vec<PeerId>>),
     Connect(PeerId, Vec<Multiaddr>, oneshot::Sender<Result<(), String>>),
     Addresses(oneshot::Sender<Addresses>),
@@ -65,12 +70,17 @@ pub struct Addresses {
     pub announce: Vec<Multiaddr>,
 }
 
+/// When each peer last sent us exchange messages: the inbound peer idle longest is the
+/// one closed when a new one comes past `--max-peers`.
+pub type Activity = Arc<Mutex<HashMap<PeerId, Instant>>>;
+
 /// Talks to the swarm task.
 #[derive(Clone)]
 pub struct NetHandle {
     commands: mpsc::UnboundedSender<Command>,
     pub peer_id: PeerId,
     pub control: libp2p_stream::Control,
+    activity: Activity,
 }
 
 impl NetHandle {
@@ -81,19 +91,43 @@ impl NetHandle {
 
     /// Peers that advertised `key`, found through Kademlia (waits at most `timeout`).
     pub async fn find_providers(&self, key: &[u8], timeout: Duration) -> Vec<PeerId> {
-        let (tx, rx) = oneshot::channel();
-        if self
+        let mut found = self.find_providers_stream(key);
+        let mut all = Vec::new();
+        let _ = tokio::time::timeout(timeout, async {
+            while let Some(batch) = found.recv().await {
+                all.extend(batch);
+            }
+        })
+        .await;
+        all
+    }
+
+    /// Peers that advertised `key`, in batches as the Kademlia query finds them (each
+    /// dialled as it is found); the channel closes when the query ends.
+    pub fn find_providers_stream(&self, key: &[u8]) -> mpsc::UnboundedReceiver<Vec<PeerId>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = self
             .commands
-            .send(Command::FindProviders(RecordKey::new(&key), tx))
-            .is_err()
-        {
-            return Vec::new();
-        }
-        tokio::time::timeout(timeout, rx)
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .unwrap_or_default()
+            .send(Command::FindProviders(RecordKey::new(&key), tx));
+        rx
+    }
+
+    /// Closes every connection to `peer`.
+    pub fn disconnect(&self, peer: PeerId) {
+        let _ = self.commands.send(Command::Disconnect(peer));
+    }
+
+    /// Closes `peer`'s connections and refuses new ones for `for_`.
+    pub fn ban(&self, peer: PeerId, for_: Duration) {
+        let _ = self.commands.send(Command::Ban(peer, for_));
+    }
+
+    /// Notes that `peer` is active (it sent exchange messages).
+    pub fn mark_active(&self, peer: PeerId) {
+        self.activity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, Instant::now());
     }
 
     pub fn dial(&self, peer: PeerId) {
@@ -158,12 +192,69 @@ fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     })
 }
 
-/// Starts the swarm on the current tokio runtime. Returns the handle and the stream of
-/// peer events for the exchange.
-pub fn start(
-    key: Keypair,
-    config: NetConfig,
-) -> Result<(NetHandle, mpsc::UnboundedReceiver<PeerEvent>)> {
+/// What to do with a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Accept,
+    Refuse,
+    /// Accept it and close this (inbound, idle longest) peer to make room.
+    Evict(PeerId),
+}
+
+/// The connection limits: a banned peer is refused; a connection we dialled is always
+/// accepted (we dial providers we need); an inbound connection of a new peer past
+/// `max_peers` evicts the inbound-only peer idle longest (never active first), or is
+/// refused when every peer is one we dialled.
+pub fn admit(
+    dialer: bool,
+    banned: bool,
+    extra_connection: bool,
+    connected: usize,
+    max_peers: usize,
+    inbound_only: &[(PeerId, Option<Instant>)],
+) -> Admit {
+    if banned || extra_connection {
+        return Admit::Refuse;
+    }
+    if dialer || connected < max_peers {
+        return Admit::Accept;
+    }
+    match inbound_only.iter().min_by_key(|(_, active)| *active) {
+        Some((victim, _)) => Admit::Evict(*victim),
+        None => Admit::Refuse,
+    }
+}
+
+/// The IP of an address's first component, if it has one.
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+/// What the exchange needs from a started swarm.
+pub struct Started {
+    pub handle: NetHandle,
+    /// Connections coming and going.
+    pub events: mpsc::UnboundedReceiver<PeerEvent>,
+    /// Streams peers open with the block exchange protocol (accepted from the start, so
+    /// a peer that connects at once can open one).
+    pub incoming: libp2p_stream::IncomingStreams,
+}
+
+/// Of the listen addresses a peer claims (identify), those at the IP it connected from:
+/// a peer cannot point the routing table at hosts it is not on.
+fn confirmed(claimed: Vec<Multiaddr>, seen: Option<IpAddr>) -> Vec<Multiaddr> {
+    claimed
+        .into_iter()
+        .filter(|a| seen.is_some() && ip_of(a) == seen)
+        .collect()
+}
+
+/// Starts the swarm on the current tokio runtime.
+pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
     let peer_id = key.public().to_peer_id();
     let mdns_on = config.mdns;
     let max_peers = config.max_peers.max(1);
@@ -190,10 +281,13 @@ pub fn start(
             Behaviour {
                 stream: libp2p_stream::Behaviour::new(),
                 kad,
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/codexfs/1.0.0".into(),
-                    key.public(),
-                )),
+                // A node that dials its bootstrap peer before its listener is up would
+                // otherwise tell it no address, and that peer could not point others at it
+                // (a provider without an address is not returned by a lookup).
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/codexfs/1.0.0".into(), key.public())
+                        .with_push_listen_addr_updates(true),
+                ),
                 ping: ping::Behaviour::default(),
                 mdns: Toggle::from(mdns),
             }
@@ -221,12 +315,23 @@ pub fn start(
         let _ = swarm.behaviour_mut().kad.bootstrap();
     }
 
-    let control = swarm.behaviour().stream.new_control();
+    let mut control = swarm.behaviour().stream.new_control();
+    let incoming = control.accept(protocol()).map_err(|e| {
+        Error::Io(std::io::Error::other(format!(
+            "protocol already registered: {e}"
+        )))
+    })?;
     let (commands, mut command_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let activity: Activity = Arc::default();
+    let board = activity.clone();
     tokio::spawn(async move {
-        let mut finding: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)> =
+        let mut finding: HashMap<QueryId, (HashSet<PeerId>, mpsc::UnboundedSender<Vec<PeerId>>)> =
             HashMap::new();
+        // Each open connection: its peer, whether we dialled it, the peer's IP on it.
+        let mut conns: HashMap<libp2p::swarm::ConnectionId, (PeerId, bool, Option<IpAddr>)> =
+            HashMap::new();
+        let mut banned: HashMap<PeerId, Instant> = HashMap::new();
         let mut connecting: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>> =
             HashMap::new();
         let announce = config.announce.clone();
@@ -260,6 +365,14 @@ pub fn start(
                             if !swarm.is_connected(&peer) {
                                 let _ = swarm.dial(peer);
                             }
+                        }
+                        Command::Disconnect(peer) => {
+                            let _ = swarm.disconnect_peer_id(peer);
+                        }
+                        Command::Ban(peer, for_) => {
+                            banned.retain(|_, until| *until > Instant::now());
+                            banned.insert(peer, Instant::now() + for_);
+                            let _ = swarm.disconnect_peer_id(peer);
                         }
                         Command::Peers(reply) => {
                             let _ = reply.send(swarm.connected_peers().copied().collect());
@@ -311,21 +424,47 @@ pub fn start(
                     SwarmEvent::NewListenAddr { address, .. } => {
                         eprintln!("codexfs: listening on {address}/p2p/{peer_id}");
                     }
-                    SwarmEvent::ConnectionEstablished { peer_id, num_established, connection_id, .. } => {
-                        // Connection limits: extra connections to one peer, and new peers
-                        // past the maximum, are closed at once.
-                        let too_many = num_established.get() > MAX_CONNECTIONS_PER_PEER
-                            || (num_established.get() == 1
-                                && swarm.connected_peers().filter(|p| **p != peer_id).count()
-                                    >= max_peers);
-                        if too_many {
-                            tracing::info!(%peer_id, "connection limit reached; closing");
-                            swarm.close_connection(connection_id);
-                            refused.insert(connection_id);
-                            for reply in connecting.remove(&peer_id).unwrap_or_default() {
-                                let _ = reply.send(Err("connection limit reached".into()));
+                    SwarmEvent::ConnectionEstablished { peer_id, num_established, connection_id, endpoint, .. } => {
+                        let dialer = endpoint.is_dialer();
+                        let is_banned = banned.get(&peer_id).is_some_and(|until| *until > Instant::now());
+                        let inbound_only: Vec<(PeerId, Option<Instant>)> = {
+                            let board = board.lock().unwrap_or_else(|e| e.into_inner());
+                            let dialled: HashSet<PeerId> = conns.values().filter(|c| c.1).map(|c| c.0).collect();
+                            let mut peers: Vec<PeerId> = conns.values().map(|c| c.0).filter(|p| *p != peer_id && !dialled.contains(p)).collect();
+                            peers.sort();
+                            peers.dedup();
+                            peers.into_iter().map(|p| (p, board.get(&p).copied())).collect()
+                        };
+                        let connected = swarm.connected_peers().filter(|p| **p != peer_id).count();
+                        let decision = admit(
+                            dialer,
+                            is_banned,
+                            num_established.get() > MAX_CONNECTIONS_PER_PEER,
+                            if num_established.get() == 1 { connected } else { 0 },
+                            max_peers,
+                            &inbound_only,
+                        );
+                        match decision {
+                            Admit::Refuse => {
+                                tracing::info!(%peer_id, "connection refused (limit or ban)");
+                                swarm.close_connection(connection_id);
+                                refused.insert(connection_id);
+                                for reply in connecting.remove(&peer_id).unwrap_or_default() {
+                                    let _ = reply.send(Err("connection limit reached".into()));
+                                }
+                                continue;
                             }
-                            continue;
+                            Admit::Evict(victim) => {
+                                tracing::info!(%victim, "closing the idlest inbound peer for a new one");
+                                let _ = swarm.disconnect_peer_id(victim);
+                            }
+                            Admit::Accept => {}
+                        }
+                        let remote = endpoint.get_remote_address().clone();
+                        conns.insert(connection_id, (peer_id, dialer, ip_of(&remote)));
+                        if dialer {
+                            // An address we reached it at: confirmed.
+                            swarm.behaviour_mut().kad.add_address(&peer_id, remote);
                         }
                         for reply in connecting.remove(&peer_id).unwrap_or_default() {
                             let _ = reply.send(Ok(()));
@@ -336,15 +475,18 @@ pub fn start(
                         }
                     }
                     SwarmEvent::ConnectionClosed { peer_id, num_established, connection_id, .. } => {
+                        conns.remove(&connection_id);
                         if refused.remove(&connection_id) {
                             continue;
                         }
                         if num_established == 0 {
+                            board.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer_id);
                             let _ = events_tx.send(PeerEvent::Disconnected(peer_id));
                         }
                     }
-                    SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                        for addr in info.listen_addrs {
+                    SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, connection_id, .. })) => {
+                        let seen = conns.get(&connection_id).and_then(|c| c.2);
+                        for addr in confirmed(info.listen_addrs, seen) {
                             swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                         }
                     }
@@ -365,20 +507,25 @@ pub fn start(
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. })) => {
                         if let QueryResult::GetProviders(result) = result {
-                            if let Some((found, _)) = finding.get_mut(&id) {
+                            if let Some((found, reply)) = finding.get_mut(&id) {
                                 if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = result {
+                                    let mut new = Vec::new();
                                     for p in providers {
                                         // Dial while the query still holds the provider's addresses.
-                                        if p != peer_id && found.insert(p) && !swarm.is_connected(&p) {
-                                            let _ = swarm.dial(p);
+                                        if p != peer_id && found.insert(p) {
+                                            if !swarm.is_connected(&p) {
+                                                let _ = swarm.dial(p);
+                                            }
+                                            new.push(p);
                                         }
+                                    }
+                                    if !new.is_empty() {
+                                        let _ = reply.send(new);
                                     }
                                 }
                             }
                             if step.last {
-                                if let Some((found, reply)) = finding.remove(&id) {
-                                    let _ = reply.send(found.into_iter().collect());
-                                }
+                                finding.remove(&id);
                             }
                         }
                     }
@@ -387,16 +534,85 @@ pub fn start(
             }
         }
     });
-    Ok((
-        NetHandle {
+    Ok(Started {
+        handle: NetHandle {
             commands,
             peer_id,
             control,
+            activity,
         },
-        events_rx,
-    ))
+        events: events_rx,
+        incoming,
+    })
 }
 
 pub fn protocol() -> StreamProtocol {
     StreamProtocol::new(super::protocol::PROTOCOL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_dials_pass_the_limit_and_the_idlest_inbound_peer_makes_room() {
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let now = Instant::now();
+        let inbound = [
+            (a, Some(now)),
+            (b, None),
+            (c, Some(now - Duration::from_secs(5))),
+        ];
+        // Under the limit: accepted.
+        assert_eq!(admit(false, false, false, 3, 4, &inbound), Admit::Accept);
+        // Our own dial past the limit: accepted, nobody evicted.
+        assert_eq!(admit(true, false, false, 10, 4, &inbound), Admit::Accept);
+        // An inbound peer past the limit: the never-active one goes first...
+        assert_eq!(admit(false, false, false, 4, 4, &inbound), Admit::Evict(b));
+        // ...then the one idle longest.
+        assert_eq!(
+            admit(
+                false,
+                false,
+                false,
+                4,
+                4,
+                &inbound[..1]
+                    .iter()
+                    .chain(&inbound[2..])
+                    .copied()
+                    .collect::<Vec<_>>()
+            ),
+            Admit::Evict(c)
+        );
+        // Only peers we dialled: the newcomer is refused.
+        assert_eq!(admit(false, false, false, 4, 4, &[]), Admit::Refuse);
+        // Banned, or one connection too many: refused even when we dialled.
+        assert_eq!(admit(true, true, false, 0, 4, &[]), Admit::Refuse);
+        assert_eq!(admit(true, false, true, 0, 4, &[]), Admit::Refuse);
+    }
+
+    #[test]
+    fn only_addresses_at_the_ip_a_peer_came_from_are_believed() {
+        let claimed: Vec<Multiaddr> = [
+            "/ip4/10.0.0.5/tcp/8070",
+            "/ip4/192.0.2.1/tcp/8070",
+            "/dns4/victim.example/tcp/80",
+            "/ip4/10.0.0.5/udp/9/quic-v1",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let ok = confirmed(claimed.clone(), Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(ok, vec![claimed[0].clone(), claimed[3].clone()]);
+        assert!(confirmed(claimed, None).is_empty());
+    }
+
+    #[test]
+    fn ips_of_addresses() {
+        let a: Multiaddr = "/ip4/10.1.2.3/tcp/80".parse().unwrap();
+        let b: Multiaddr = "/dns4/example.org/tcp/80".parse().unwrap();
+        assert_eq!(ip_of(&a), Some("10.1.2.3".parse().unwrap()));
+        assert_eq!(ip_of(&b), None);
+    }
 }

@@ -16,7 +16,7 @@ use crate::chunker::{BufferPool, DEFAULT_BLOCK_SIZE};
 use crate::erasure::{EcParams, RepairReport};
 use crate::error::{Error, Result};
 use crate::manifest::MAX_BLOCK_SIZE;
-use crate::repo::{RepoConfig, RepoStore, DEFAULT_SWEEP_INTERVAL};
+use crate::repo::{Origin, RepoConfig, RepoStore, DEFAULT_SWEEP_INTERVAL};
 pub use reader::DatasetReader;
 pub use source::{BlockSource, Dataset};
 pub use upload::compute_cid;
@@ -119,51 +119,87 @@ impl Node {
     ) -> Result<Cid> {
         let bs = self.config.block_size;
         let cid = match ec {
-            None => upload::store(&self.repo, bs, reader, filename, mimetype)?.0,
-            Some(ec) => {
-                let ec = EcParams::new(ec.k, ec.m)?;
-                let staged = upload::stage(&self.repo, bs, reader, filename, mimetype)?;
-                self.protect_staged(staged, ec)?
-            }
-        };
-        crate::metrics::metrics().uploads.inc();
-        Ok(cid)
-    }
-
-    /// Stores buffers handed over whole as one dataset (the mount's sequential writes),
-    /// erasure-coded with `ec` when given (as [`Self::store_ec`]). Buffers stored as they
-    /// are go back to `pool` once written.
-    pub fn store_buffers_ec(
-        &self,
-        buffers: impl Iterator<Item = Vec<u8>>,
-        pool: BufferPool,
-        filename: Option<String>,
-        mimetype: Option<String>,
-        ec: Option<EcParams>,
-    ) -> Result<Cid> {
-        let bs = self.config.block_size;
-        let cid = match ec {
-            None => upload::store_buffers(&self.repo, bs, buffers, pool, filename, mimetype)?.0,
+            None => upload::store(&self.repo, bs, reader, filename, mimetype, Origin::Explicit)?.0,
             Some(ec) => {
                 let ec = EcParams::new(ec.k, ec.m)?;
                 let staged =
-                    upload::stage_buffers(&self.repo, bs, buffers, pool, filename, mimetype)?;
-                self.protect_staged(staged, ec)?
+                    upload::stage(&self.repo, bs, reader, filename, mimetype, Origin::Explicit)?;
+                self.protect_staged(staged, ec, Origin::Explicit)?
             }
         };
         crate::metrics::metrics().uploads.inc();
         Ok(cid)
     }
 
-    /// Protects a staged upload; the staged blocks are given back once the protected
-    /// dataset holds its own references to them.
-    fn protect_staged(&self, staged: upload::Staged<'_>, ec: EcParams) -> Result<Cid> {
+    /// The mount's [`Self::store_ec`]: a version of a file, which the mount deletes again
+    /// once nothing refers to it (see [`Origin`]), erasure-coded with `publish_ec`.
+    pub fn publish(&self, reader: impl Read + Send, filename: Option<String>) -> Result<Cid> {
+        let bs = self.config.block_size;
+        let cid = match self.config.publish_ec {
+            None => upload::store(&self.repo, bs, reader, filename, None, Origin::Mount)?.0,
+            Some(ec) => {
+                let staged = upload::stage(&self.repo, bs, reader, filename, None, Origin::Mount)?;
+                self.protect_staged(staged, ec, Origin::Mount)?
+            }
+        };
+        crate::metrics::metrics().uploads.inc();
+        Ok(cid)
+    }
+
+    /// The mount's sequential writes: buffers handed over whole stored as one dataset, not
+    /// yet erasure-coded (see [`Self::protect_published`]); `Err` buffers fail it and store
+    /// nothing. Buffers stored as they are go back to `pool` once written. Returns the CID
+    /// and whether the dataset is new.
+    pub fn publish_buffers(
+        &self,
+        buffers: impl Iterator<Item = std::io::Result<Vec<u8>>>,
+        pool: BufferPool,
+        filename: Option<String>,
+    ) -> Result<(Cid, bool)> {
+        let stored = upload::store_buffers(
+            &self.repo,
+            self.config.block_size,
+            buffers,
+            pool,
+            filename,
+            Origin::Mount,
+        )?;
+        crate::metrics::metrics().uploads.inc();
+        Ok(stored)
+    }
+
+    /// Erasure-codes a version [`Self::publish_buffers`] stored, if the mount is to
+    /// (`publish_ec`); returns the CID to publish. The unprotected version is deleted
+    /// unless something else took it meanwhile (an explicit upload of the same bytes
+    /// makes it the user's: see [`RepoStore::delete_mount_version`]).
+    pub fn protect_published(&self, cid: Cid, new: bool) -> Result<Cid> {
+        let Some(ec) = self.config.publish_ec else {
+            return Ok(cid);
+        };
+        let protected = crate::erasure::protect::protect_as(&self.repo, &cid, ec, Origin::Mount);
+        if new {
+            // The protected dataset holds its own references to the blocks.
+            self.repo.delete_mount_version(&cid)?;
+            self.cache.remove(&cid);
+        }
+        protected
+    }
+
+    /// Protects a staged upload on behalf of `origin`; the staged blocks are given back
+    /// once the protected dataset holds its own references to them.
+    fn protect_staged(
+        &self,
+        staged: upload::Staged<'_>,
+        ec: EcParams,
+        origin: Origin,
+    ) -> Result<Cid> {
         let upload::Staged {
             upload,
             tree,
             manifest,
         } = staged;
-        let cid = crate::erasure::protect::protect_staged(&self.repo, &tree, &manifest, ec)?;
+        let cid =
+            crate::erasure::protect::protect_staged(&self.repo, &tree, &manifest, ec, origin)?;
         drop(upload);
         Ok(cid)
     }

@@ -16,7 +16,7 @@ use crate::cids::{cid_from_digest, sha256, Digest, BLOCK_CODEC};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::merkle::MerkleTree;
-use crate::repo::{RepoStore, Upload};
+use crate::repo::{Origin, RepoStore, Upload};
 
 /// Bytes read per batch (rounded to whole blocks).
 const BATCH_BYTES: usize = 1 << 20;
@@ -196,23 +196,24 @@ pub(super) fn store<R: Read + Send>(
     reader: R,
     filename: Option<String>,
     mimetype: Option<String>,
+    origin: Origin,
 ) -> Result<(Cid, bool)> {
     let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
-    store_batches(repo, block_size, &mut chunker, filename, mimetype)
+    store_batches(repo, block_size, &mut chunker, filename, mimetype, origin)
 }
 
 /// Stores buffers handed over whole (block-aligned ones are not copied again), as
-/// [`store`].
+/// [`store`]. An `Err` buffer fails the upload and stores nothing.
 pub(super) fn store_buffers(
     repo: &RepoStore,
     block_size: usize,
-    buffers: impl Iterator<Item = Vec<u8>>,
+    buffers: impl Iterator<Item = std::io::Result<Vec<u8>>>,
     pool: BufferPool,
     filename: Option<String>,
-    mimetype: Option<String>,
+    origin: Origin,
 ) -> Result<(Cid, bool)> {
     let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES).with_pool(pool);
-    store_batches(repo, block_size, &mut batcher, filename, mimetype)
+    store_batches(repo, block_size, &mut batcher, filename, None, origin)
 }
 
 fn store_batches(
@@ -221,8 +222,9 @@ fn store_batches(
     source: &mut dyn BatchSource,
     filename: Option<String>,
     mimetype: Option<String>,
+    origin: Origin,
 ) -> Result<(Cid, bool)> {
-    let staged = stage_batches(repo, block_size, source, filename, mimetype)?;
+    let staged = stage_batches(repo, block_size, source, filename, mimetype, origin)?;
     staged.upload.commit(&staged.tree, &staged.manifest)
 }
 
@@ -234,15 +236,16 @@ pub(super) struct Staged<'a> {
     pub manifest: Manifest,
 }
 
-/// Stores what `source` yields as a [`Staged`] upload.
+/// Stores what `source` yields as a [`Staged`] upload on behalf of `origin`.
 fn stage_batches<'a>(
     repo: &'a RepoStore,
     block_size: usize,
     source: &mut dyn BatchSource,
     filename: Option<String>,
     mimetype: Option<String>,
+    origin: Origin,
 ) -> Result<Staged<'a>> {
-    let upload = repo.begin_upload()?;
+    let upload = repo.begin_upload_as(origin)?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
     let (digests, size) = chunk_and_hash(source, block_size, &upload)?;
     let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;
@@ -260,20 +263,8 @@ pub(super) fn stage<'a, R: Read + Send>(
     reader: R,
     filename: Option<String>,
     mimetype: Option<String>,
+    origin: Origin,
 ) -> Result<Staged<'a>> {
     let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
-    stage_batches(repo, block_size, &mut chunker, filename, mimetype)
-}
-
-/// Stages buffers handed over whole (see [`store_buffers`]).
-pub(super) fn stage_buffers<'a>(
-    repo: &'a RepoStore,
-    block_size: usize,
-    buffers: impl Iterator<Item = Vec<u8>>,
-    pool: BufferPool,
-    filename: Option<String>,
-    mimetype: Option<String>,
-) -> Result<Staged<'a>> {
-    let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES).with_pool(pool);
-    stage_batches(repo, block_size, &mut batcher, filename, mimetype)
+    stage_batches(repo, block_size, &mut chunker, filename, mimetype, origin)
 }

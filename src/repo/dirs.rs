@@ -102,6 +102,11 @@ impl RepoStore {
     /// directories of the sizes the entries say). Storing one already here refreshes its
     /// expiry. Returns its CID.
     pub fn store_directory(&self, enc: &Encoded) -> Result<Cid> {
+        self.store_directory_as(enc, Origin::Explicit)
+    }
+
+    /// [`Self::store_directory`] on behalf of `origin` (see [`Origin`]).
+    pub fn store_directory_as(&self, enc: &Encoded, origin: Origin) -> Result<Cid> {
         let root = decode_root(&enc.cid, &enc.root)?;
         let mut entries = Vec::with_capacity(root.count as usize);
         if root.is_paged() {
@@ -154,6 +159,7 @@ impl RepoStore {
             }
         }
         t.batch.put_cf(self.cf(CF_DIRS), &key, record.encode());
+        self.mark_origin(&mut t.batch, &key, origin, !exists);
         t.commit(&mut counters, true)?;
         Ok(enc.cid)
     }
@@ -197,47 +203,20 @@ impl RepoStore {
     ) -> Result<bool> {
         let freed = {
             let _guard = lock(&self.datasets_lock);
-            let key = cid.to_bytes();
-            let Some(record) = self.db.get_pinned_cf(self.cf(CF_DIRS), &key)? else {
-                return Ok(false);
-            };
-            if expired_at.is_some_and(|now| super::lifecycle::still_alive(&record, now)) {
-                return Ok(false);
-            }
-            if self.holds(cid)? > 0 {
-                return Err(Error::InUse(format!(
-                    "directory {} is named by another stored directory; delete that one",
-                    cid_string(cid)
-                )));
-            }
-            let root = self.directory_root(cid)?.ok_or_else(|| {
-                Error::Corrupt(format!("directory {} has no root block", cid_string(cid)))
-            })?;
-            let (pages, entries) = self.directory_contents(&root)?;
-            let mut drops: HashMap<Vec<u8>, (ItemKind, Cid, u64)> = HashMap::new();
-            for (kind, c, _) in entries {
-                drops.entry(c.to_bytes()).or_insert((kind, c, 0)).2 += 1;
-            }
-            let mut freed = Vec::new();
-            let mut counters = lock(&self.counters);
-            let mut t = Txn::new(self);
-            t.unref(&key)?;
-            for p in &pages {
-                t.unref(&p.to_bytes())?;
-            }
-            for (k, (kind, c, n)) in drops {
-                let left = self.hold_raw(&k)?.saturating_sub(n);
-                if left == 0 {
-                    t.batch.delete_cf(self.cf(CF_HOLDS), &k);
-                    freed.push((kind, c));
-                } else {
-                    t.batch.put_cf(self.cf(CF_HOLDS), &k, left.to_le_bytes());
+            if let Some(now) = expired_at {
+                let key = cid.to_bytes();
+                match self.db.get_pinned_cf(self.cf(CF_DIRS), &key)? {
+                    None => return Ok(false),
+                    Some(record) if super::lifecycle::still_alive(&record, now) => {
+                        return Ok(false)
+                    }
+                    Some(_) => {}
                 }
             }
-            t.batch.delete_cf(self.cf(CF_DIRS), &key);
-            // Synced: a deletion the caller was told of stays done after a power loss.
-            t.commit(&mut counters, true)?;
-            freed
+            match self.delete_directory_locked(cid)? {
+                Some(freed) => freed,
+                None => return Ok(false),
+            }
         };
         if recursive {
             for (kind, c) in freed {
@@ -252,6 +231,55 @@ impl RepoStore {
             }
         }
         Ok(true)
+    }
+
+    /// Deletes a stored directory that no other directory names, for a caller that holds
+    /// the datasets lock. `None` if it was not stored here; else the entries it named
+    /// that no stored directory names any more.
+    pub(super) fn delete_directory_locked(
+        &self,
+        cid: &Cid,
+    ) -> Result<Option<Vec<(ItemKind, Cid)>>> {
+        let key = cid.to_bytes();
+        if !self.has_directory(cid)? {
+            return Ok(None);
+        }
+        if self.holds(cid)? > 0 {
+            return Err(Error::InUse(format!(
+                "directory {} is named by another stored directory; delete that one",
+                cid_string(cid)
+            )));
+        }
+        let root = self.directory_root(cid)?.ok_or_else(|| {
+            Error::Corrupt(format!("directory {} has no root block", cid_string(cid)))
+        })?;
+        let (pages, entries) = self.directory_contents(&root)?;
+        let mut drops: HashMap<Vec<u8>, (ItemKind, Cid, u64)> = HashMap::new();
+        for (kind, c, _) in entries {
+            drops.entry(c.to_bytes()).or_insert((kind, c, 0)).2 += 1;
+        }
+        let mut freed = Vec::new();
+        let mut counters = lock(&self.counters);
+        let mut t = Txn::new(self);
+        t.unref(&key)?;
+        for p in &pages {
+            t.unref(&p.to_bytes())?;
+        }
+        for (k, (kind, c, n)) in drops {
+            let left = self.hold_raw(&k)?.saturating_sub(n);
+            if left == 0 {
+                t.batch.delete_cf(self.cf(CF_HOLDS), &k);
+                freed.push((kind, c));
+            } else {
+                t.batch.put_cf(self.cf(CF_HOLDS), &k, left.to_le_bytes());
+            }
+        }
+        t.batch.delete_cf(self.cf(CF_DIRS), &key);
+        t.batch
+            .delete_cf(self.cf(CF_MOUNT), super::names::owned_key(&key));
+        // Synced: a deletion the caller was told of stays done after a power loss.
+        t.commit(&mut counters, true)?;
+        Ok(Some(freed))
     }
 
     /// Deletes expired directories nothing holds, until none is left (a deleted parent

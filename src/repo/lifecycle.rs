@@ -20,11 +20,27 @@ impl RepoStore {
     /// since (it must not lose the CID it was just given).
     fn delete_dataset_if(&self, cid: &Cid, expired_at: Option<u64>) -> Result<bool> {
         let _guard = lock(&self.datasets_lock);
+        if let Some(now) = expired_at {
+            match self.db.get_pinned_cf(self.cf(CF_DATASETS), cid.to_bytes())? {
+                None => return Ok(false),
+                Some(record) if still_alive(&record, now) => return Ok(false),
+                Some(_) => {}
+            }
+        }
+        if self.holds(cid)? > 0 && self.has_dataset(cid)? {
+            return Err(Error::InUse(format!(
+                "dataset {} is named by a stored directory; delete the directory",
+                crate::cids::cid_string(cid)
+            )));
+        }
+        self.delete_dataset_locked(cid)
+    }
+
+    /// [`Self::delete_dataset`] of a dataset no stored directory names, for a caller that
+    /// holds the datasets lock.
+    pub(super) fn delete_dataset_locked(&self, cid: &Cid) -> Result<bool> {
         let key = cid.to_bytes();
-        let Some(record) = self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)? else {
-            return Ok(false);
-        };
-        if expired_at.is_some_and(|now| still_alive(&record, now)) {
+        if self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)?.is_none() {
             return Ok(false);
         }
         if self.holds(cid)? > 0 {
@@ -42,6 +58,7 @@ impl RepoStore {
             let mut t = Txn::new(self);
             t.unref(&key)?;
             t.batch.delete_cf(self.cf(CF_DATASETS), &key);
+            t.batch.delete_cf(self.cf(CF_MOUNT), names::owned_key(&key));
             let mut released = false;
             if let Some(b) = self.db.get_pinned_cf(self.cf(CF_TREES), &tree_key)? {
                 let mut tree = TreeRecord::decode(&b)?;

@@ -14,6 +14,9 @@ pub struct DataDirLock {
     _file: File,
 }
 
+/// How long a lock held by another is waited for before the data dir counts as in use.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl DataDirLock {
     pub fn acquire(dir: &Path) -> Result<Self> {
         super::durability::create_dir_durably(dir)?;
@@ -24,8 +27,20 @@ impl DataDirLock {
             .create(true)
             .truncate(false)
             .open(&path)?;
-        // SAFETY: flock on a file descriptor we own.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        // A lock that is being let go is waited for a moment: the process that held it may
+        // be ending, or a child forked by another thread of the process that held it may
+        // hold a copy of its descriptor until it execs.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let rc = loop {
+            // SAFETY: flock on a file descriptor we own.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            let busy = rc != 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK);
+            if !busy || std::time::Instant::now() >= deadline {
+                break rc;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {

@@ -11,6 +11,7 @@ mod checks;
 mod dirs;
 mod durability;
 mod faults;
+mod heal;
 mod lifecycle;
 mod lock;
 mod names;
@@ -37,6 +38,7 @@ use crate::manifest::Manifest;
 use crate::merkle::MerkleTree;
 pub use checks::ConsistencyReport;
 pub use lock::DataDirLock;
+pub use names::Origin;
 use schema::*;
 use txn::Txn;
 pub use uploads::Upload;
@@ -467,9 +469,16 @@ impl RepoStore {
         {
             let (k, _) = item?;
             let cid = cid_from_bytes(&k, "dataset key")?;
-            let manifest = self
-                .manifest(&cid)?
-                .ok_or_else(|| Error::Corrupt(format!("dataset {cid} has no manifest block")))?;
+            let manifest = match self.manifest(&cid)? {
+                Some(m) => m,
+                // Deleted since the iterator started.
+                None if !self.has_dataset(&cid)? => continue,
+                None => {
+                    return Err(Error::Corrupt(format!(
+                        "dataset {cid} has no manifest block"
+                    )))
+                }
+            };
             out.push((cid, manifest));
         }
         Ok(out)

@@ -11,6 +11,7 @@
 //! | `names` | file name | manifest CID (the mount's names) |
 //! | `dirs` | directory root CID | [`DatasetRecord`]: stored-at, expiry |
 //! | `holds` | manifest or directory CID | u64 LE: entries of stored directories naming it |
+//! | `mount` | see [`super::names`] | versions the mount made, the names' reverse index |
 //! | `default` | `counters` | [`Counters`] |
 //!
 //! A block's reference count is the number of leaf records that name it plus the number
@@ -35,7 +36,8 @@ pub const CF_JOURNAL: &str = "journal";
 pub const CF_NAMES: &str = "names";
 pub const CF_DIRS: &str = "dirs";
 pub const CF_HOLDS: &str = "holds";
-pub const ALL_CFS: [&str; 9] = [
+pub const CF_MOUNT: &str = "mount";
+pub const ALL_CFS: [&str; 10] = [
     CF_BLOCKS,
     CF_BLOCK_META,
     CF_LEAVES,
@@ -45,6 +47,7 @@ pub const ALL_CFS: [&str; 9] = [
     CF_NAMES,
     CF_DIRS,
     CF_HOLDS,
+    CF_MOUNT,
 ];
 pub const COUNTERS_KEY: &[u8] = b"counters";
 

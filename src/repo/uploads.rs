@@ -9,6 +9,11 @@ impl RepoStore {
     /// Starts an upload: blocks put through it are held by the upload until it commits,
     /// and released if it is dropped uncommitted or the process dies first.
     pub fn begin_upload(&self) -> Result<Upload<'_>> {
+        self.begin_upload_as(Origin::Explicit)
+    }
+
+    /// [`Self::begin_upload`] on behalf of `origin` (see [`Origin`]).
+    pub fn begin_upload_as(&self, origin: Origin) -> Result<Upload<'_>> {
         let id = {
             let mut c = lock(&self.counters);
             let mut next = *c;
@@ -23,6 +28,7 @@ impl RepoStore {
         Ok(Upload {
             repo: self,
             id,
+            origin,
             finished: false,
             bytes_put: AtomicU64::new(0),
         })
@@ -51,11 +57,16 @@ impl RepoStore {
     /// Stores a manifest whose tree is already stored (the same bytes under another
     /// filename, say): no block but the manifest is written. Returns its CID.
     pub fn store_manifest_for_stored_tree(&self, manifest: &Manifest) -> Result<Cid> {
+        self.store_manifest_as(manifest, Origin::Explicit)
+    }
+
+    /// [`Self::store_manifest_for_stored_tree`] on behalf of `origin` (see [`Origin`]).
+    pub fn store_manifest_as(&self, manifest: &Manifest, origin: Origin) -> Result<Cid> {
         let _guard = lock(&self.datasets_lock);
         let tree = self.tree_record(&manifest.tree_cid)?.ok_or_else(|| {
             Error::NotFound(format!("tree {} is not stored here", manifest.tree_cid))
         })?;
-        self.record_dataset_on_tree(manifest, tree)
+        self.record_dataset_on_tree(manifest, tree, origin)
     }
 
     fn tree_record(&self, tree: &Cid) -> Result<Option<TreeRecord>> {
@@ -65,11 +76,16 @@ impl RepoStore {
             .transpose()
     }
 
-    /// Records `manifest` as a dataset of `tree` (its record as stored, or a new one):
-    /// the manifest block, the tree's dataset count and the dataset record, in one synced
-    /// transaction (nothing of it when the quota refuses the manifest). The caller holds
-    /// the datasets lock.
-    fn record_dataset_on_tree(&self, manifest: &Manifest, mut tree: TreeRecord) -> Result<Cid> {
+    /// Records `manifest` as a dataset of `tree` (its record as stored, or a new one) on
+    /// behalf of `origin`: the manifest block, the tree's dataset count and the dataset
+    /// record, in one synced transaction (nothing of it when the quota refuses the
+    /// manifest). The caller holds the datasets lock.
+    fn record_dataset_on_tree(
+        &self,
+        manifest: &Manifest,
+        mut tree: TreeRecord,
+        origin: Origin,
+    ) -> Result<Cid> {
         let encoded = manifest.encode();
         let mcid = crate::manifest::manifest_cid(&encoded);
         let mkey = mcid.to_bytes();
@@ -79,11 +95,11 @@ impl RepoStore {
         };
         let mut counters = lock(&self.counters);
         let mut t = Txn::new(self);
-        if self
+        let new = self
             .db
             .get_pinned_cf(self.cf(CF_DATASETS), &mkey)?
-            .is_none()
-        {
+            .is_none();
+        if new {
             t.add_ref(&mkey, &encoded, record.expiry)?;
             tree.datasets += 1;
             t.batch.put_cf(
@@ -93,6 +109,7 @@ impl RepoStore {
             );
         }
         t.batch.put_cf(self.cf(CF_DATASETS), &mkey, record.encode());
+        self.mark_origin(&mut t.batch, &mkey, origin, new);
         t.commit(&mut counters, true)?;
         Ok(mcid)
     }
@@ -146,7 +163,7 @@ impl RepoStore {
                 }
             }
         };
-        self.record_dataset_on_tree(manifest, tree)
+        self.record_dataset_on_tree(manifest, tree, Origin::Explicit)
     }
 }
 
@@ -155,6 +172,7 @@ impl RepoStore {
 pub struct Upload<'a> {
     repo: &'a RepoStore,
     id: u64,
+    origin: Origin,
     finished: bool,
     /// Block bytes put so far; past `INLINE_UPLOAD_BYTES` they go to pack files.
     bytes_put: AtomicU64,
@@ -295,6 +313,7 @@ impl Upload<'_> {
                     .put_cf(repo.cf(CF_TREES), &tree_key, tree_rec.encode());
             }
             t.batch.put_cf(repo.cf(CF_DATASETS), &mkey, record.encode());
+            repo.mark_origin(&mut t.batch, &mkey, self.origin, new_dataset);
             if !tree_known {
                 // The upload's block references become the new tree's leaf references.
                 let (from, to) = JournalKey::upload_blocks_range(self.id);

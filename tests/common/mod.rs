@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+pub mod netns;
+
 use rand::{RngCore, SeedableRng};
 
 /// The `codexfs` binary under test.
@@ -58,7 +60,12 @@ impl Log {
 
     /// Waits (20 s at most) until a line containing `needle` has arrived.
     pub fn wait_for(&self, needle: &str) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        self.wait_for_within(needle, std::time::Duration::from_secs(20));
+    }
+
+    /// Waits (`within` at most) until a line containing `needle` has arrived.
+    pub fn wait_for_within(&self, needle: &str, within: std::time::Duration) {
+        let deadline = std::time::Instant::now() + within;
         while !self.contains(needle) {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -179,6 +186,11 @@ impl Peer {
                     .and_then(|n| n.parse().ok())
             })
             .unwrap_or(0)
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// SIGKILL.

@@ -7,24 +7,27 @@
 //! A top-level directory's name is kept in the repo's names like a file's, pointing at
 //! its root CID; the tree under it is loaded one directory at a time as it is walked.
 //! A published version never changes: a change makes the tree a draft again, and its next
-//! publish gives a new root (the old one stays stored, by its CID, like a file's old
-//! version). Changes not yet published are lost if the process dies; files closed in the
-//! meantime are stored datasets already.
+//! publish gives a new root; the old one goes unless something else refers to it (like a
+//! file's old version). A file open for writing does not hold the rest of its tree back:
+//! the tree publishes its last published version. Changes not yet published are lost if
+//! the process dies (fsync of a file or directory in the tree publishes it); renaming a
+//! top-level directory publishes it and moves its name in one synced step.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cid::Cid;
 
 use super::{file_name, lock, looks_like_cid, Attr, DirEntry, FsCore, Handle, Kind, Opened};
+use super::{FileWriter, Published};
 use crate::cids::DIR_CODEC;
 use crate::dir::{self, Item, ItemKind};
 use crate::fs::inodes::{Entry, ROOT_INO};
 use crate::fs::prefetch::Errno;
-use crate::fs::writer::FileWriter;
 use crate::repo::schema::NameRecord;
+use crate::repo::Origin;
 
 /// The parent of a node removed from its tree (kept while the kernel may still use it).
 const DETACHED: u64 = 0;
@@ -58,6 +61,14 @@ enum TKind {
         base: Option<(Cid, u64)>,
         dirty: bool,
     },
+}
+
+/// The version a node refers to (held in the core's versions while it does).
+fn kind_cid(kind: &TKind) -> Option<Cid> {
+    match kind {
+        TKind::File { version } => version.map(|(c, _)| c),
+        TKind::Dir { base, .. } => base.map(|(c, _)| c),
+    }
 }
 
 fn now_times() -> (u64, u32) {
@@ -188,6 +199,9 @@ impl FsCore {
     }
 
     fn new_node(&self, t: &mut Trees, parent: u64, name: &str, mode: u32, kind: TKind) -> u64 {
+        if let Some(cid) = kind_cid(&kind) {
+            self.versions.hold(cid);
+        }
         let ino = lock(&self.inodes).alloc_tree();
         t.nodes.insert(
             ino,
@@ -292,7 +306,7 @@ impl FsCore {
         let (kind, size) = match &n.kind {
             TKind::File { version } => {
                 let size = match self.open_writer(ino) {
-                    Some(w) => lock(&w).size(),
+                    Some((_, status)) => status.size(),
                     None => version.map(|(_, s)| s).unwrap_or(0),
                 };
                 (Kind::File, size)
@@ -337,6 +351,47 @@ impl FsCore {
         self.writer_for(&lock(&self.tree), ino, false)
     }
 
+    /// A tree node's name (a file's, to put in its manifest).
+    pub(super) fn tree_name(&self, ino: u64) -> Option<String> {
+        lock(&self.tree).nodes.get(&ino).map(|n| n.name.clone())
+    }
+
+    /// Whether a tree node has a CID to show (listxattr: computes nothing).
+    pub(super) fn tree_has_cid(&self, ino: u64) -> Result<bool, Errno> {
+        Ok(match lock(&self.tree).node(ino)?.kind {
+            TKind::File { version } => version.is_some(),
+            TKind::Dir { .. } => true,
+        })
+    }
+
+    /// Moves a file node to a new version: held from here, the old one let go.
+    fn set_file_version(&self, n: &mut TNode, new: Option<(Cid, u64)>) {
+        if let TKind::File { version } = &mut n.kind {
+            self.versions
+                .replace(version.map(|(c, _)| c), new.map(|(c, _)| c));
+            *version = new;
+        }
+    }
+
+    /// Removes `name` from directory `parent`; a node nothing uses any more goes with
+    /// its version.
+    fn remove_node(&self, t: &mut Trees, parent: u64, name: &str) {
+        if let Some(ino) = t.detach(parent, name) {
+            self.drop_node_if_unused(t, ino);
+        }
+    }
+
+    fn drop_node_if_unused(&self, t: &mut Trees, ino: u64) {
+        let detached = matches!(t.nodes.get(&ino), Some(n) if n.parent == DETACHED);
+        if detached && lock(&self.inodes).drop_tree_if_unused(ino) {
+            if let Some(n) = t.nodes.remove(&ino) {
+                if let Some(cid) = kind_cid(&n.kind) {
+                    self.versions.unhold(cid);
+                }
+            }
+        }
+    }
+
     pub(super) fn tree_lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, Errno> {
         let name = name.to_str().ok_or(libc::ENOENT)?;
         let mut t = lock(&self.tree);
@@ -352,10 +407,7 @@ impl FsCore {
 
     pub(super) fn tree_forget(&self, ino: u64) {
         let mut t = lock(&self.tree);
-        let detached = matches!(t.nodes.get(&ino), Some(n) if n.parent == DETACHED);
-        if detached && lock(&self.inodes).drop_tree_if_unused(ino) {
-            t.nodes.remove(&ino);
-        }
+        self.drop_node_if_unused(&mut t, ino);
     }
 
     /// `mkdir` in the root (a new top-level directory) or in a tree.
@@ -404,13 +456,7 @@ impl FsCore {
         let TKind::File { version } = &n.kind else {
             return Err(libc::EISDIR);
         };
-        Ok(FileWriter::new(
-            self.node.clone(),
-            n.name.clone(),
-            self.config.spool_dir.clone(),
-            *version,
-            truncate,
-        ))
+        Ok(self.new_writer(n.name.clone(), *version, truncate))
     }
 
     pub(super) fn tree_create(
@@ -439,12 +485,7 @@ impl FsCore {
         t.node_mut(ino)?.mtime_set = false;
         lock(&self.inodes).looked_up(ino);
         let size = writer.size();
-        let fh = self.add_handle(Handle::Write {
-            ino,
-            writer: Arc::new(Mutex::new(writer)),
-            created,
-            writable: true,
-        });
+        let fh = self.add_writer(ino, writer, created);
         let mut attr = self.attr_of(&t, ino)?;
         attr.size = size;
         Ok((
@@ -458,6 +499,8 @@ impl FsCore {
 
     pub(super) fn tree_open(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
         let writing = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        // The version read stays stored until the handle holds it.
+        let _gate = self.versions.gate();
         let mut t = lock(&self.tree);
         let version = match &t.node(ino)?.kind {
             TKind::Dir { .. } => return Err(libc::EISDIR),
@@ -466,12 +509,7 @@ impl FsCore {
         if writing {
             let writer = self.writer_for(&t, ino, flags & libc::O_TRUNC != 0)?;
             t.node_mut(ino)?.mtime_set = false;
-            let fh = self.add_handle(Handle::Write {
-                ino,
-                writer: Arc::new(Mutex::new(writer)),
-                created: false,
-                writable: true,
-            });
+            let fh = self.add_writer(ino, writer, false);
             return Ok(Opened {
                 fh,
                 keep_cache: false,
@@ -479,13 +517,7 @@ impl FsCore {
         }
         drop(t);
         match version {
-            Some((cid, _)) => {
-                let dataset = self.resolve(&cid)?;
-                Ok(Opened {
-                    fh: self.add_handle(Handle::Read(self.prefetcher(dataset))),
-                    keep_cache: false,
-                })
-            }
+            Some((cid, _)) => self.add_version_reader(cid),
             None => self.open_unpublished(ino),
         }
     }
@@ -520,15 +552,32 @@ impl FsCore {
         Ok(self.add_handle(Handle::Dir(Arc::new(entries))))
     }
 
-    /// A file of a tree has a new published version.
-    pub(super) fn tree_set_version(&self, ino: u64, cid: Cid, size: u64) {
+    /// A file of a tree has a new published version (relabelled first if the file was
+    /// renamed while it was written). Called under the versions' gate; returns the version.
+    pub(super) fn tree_bind(
+        &self,
+        ino: u64,
+        writer: &mut FileWriter,
+        p: Published,
+    ) -> Result<(Cid, u64), Errno> {
         let mut t = lock(&self.tree);
-        let Some(n) = t.nodes.get_mut(&ino) else {
-            return;
+        // (A node removed from its tree while open keeps its version, as an unlinked file
+        // its content, until the kernel forgets it.)
+        let name = match t.nodes.get(&ino) {
+            Some(n) => n.name.clone(),
+            None => {
+                writer.relabelled(p.cid, &p.filename);
+                self.versions.candidate(p.cid);
+                return Ok((p.cid, p.size));
+            }
         };
-        if let TKind::File { version } = &mut n.kind {
-            *version = Some((cid, size));
+        let cid = self.relabel_version(writer, &p, &name)?;
+        let n = t.node_mut(ino)?;
+        let size = p.size;
+        if !matches!(n.kind, TKind::File { .. }) {
+            return Err(libc::EISDIR);
         }
+        self.set_file_version(n, Some((cid, size)));
         if !n.mtime_set {
             n.mtime = now_times();
         }
@@ -538,6 +587,7 @@ impl FsCore {
         if parent != DETACHED {
             t.mark(parent, self.config.publish_delay, false);
         }
+        Ok((cid, size))
     }
 
     /// A file whose first version failed leaves no entry behind.
@@ -553,7 +603,7 @@ impl FsCore {
             _ => return,
         };
         if parent != DETACHED && t.child(parent, &name) == Some(ino) {
-            t.detach(parent, &name);
+            self.remove_node(&mut t, parent, &name);
             t.touch(parent, self.config.publish_delay);
         }
     }
@@ -589,17 +639,24 @@ impl FsCore {
         }
         if parent == ROOT_INO {
             let _g = lock(&self.names_lock);
-            self.node.repo().remove_name(name).map_err(|e| e.errno())?;
+            if let Some(old) = self.node.repo().remove_name(name).map_err(|e| e.errno())? {
+                self.versions.candidate(old.cid);
+            }
         }
-        t.detach(parent, name);
+        self.remove_node(&mut t, parent, name);
         if parent != ROOT_INO {
             t.touch(parent, self.config.publish_delay);
         }
+        drop(t);
+        self.versions.reap();
         Ok(())
     }
 
     /// Renames within and between trees (a top-level directory is one whose parent is
     /// the root). Files cannot move between a tree and the root (EXDEV: `mv` copies).
+    /// A change of top-level names is durable when it returns: the directory that gets a
+    /// top-level name is published first and the names move in one synced batch; a top
+    /// moved into a tree has that tree published before its name goes.
     pub(super) fn tree_rename(
         &self,
         parent: u64,
@@ -611,6 +668,8 @@ impl FsCore {
         let from = from.to_str().ok_or(libc::ENOENT)?;
         let to = file_name(to)?;
         let delay = self.config.publish_delay;
+        // Relabels and publishes store versions that must stay until they are referred to.
+        let _gate = self.versions.gate();
         let mut t = lock(&self.tree);
         let src = if parent == ROOT_INO {
             self.top(&mut t, from)?
@@ -619,11 +678,16 @@ impl FsCore {
             t.child(parent, from)
         };
         let Some(src) = src else {
-            return Err(if parent == ROOT_INO {
-                libc::EXDEV
-            } else {
-                libc::ENOENT
-            });
+            // A file of the root cannot move into a tree (EXDEV: `mv` copies).
+            let root_file = parent == ROOT_INO
+                && (self
+                    .node
+                    .repo()
+                    .name(from)
+                    .map_err(|e| e.errno())?
+                    .is_some()
+                    || lock(&self.inodes).find_name(from).is_some());
+            return Err(if root_file { libc::EXDEV } else { libc::ENOENT });
         };
         let src_dir = t.is_dir(src);
         if new_parent == ROOT_INO {
@@ -668,31 +732,28 @@ impl FsCore {
                 (false, true) => return Err(libc::EISDIR),
                 (false, false) => {}
             }
-            t.detach(new_parent, to);
+        }
+        // A directory that becomes a top is published where it is, before anything moves.
+        let new_top = if new_parent == ROOT_INO {
+            Some(self.publish_dir(&mut t, src)?.0)
+        } else {
+            None
+        };
+        if t.child(new_parent, to).is_some() {
+            self.remove_node(&mut t, new_parent, to);
         }
         t.detach(parent, from);
-        if parent == ROOT_INO {
-            let _g = lock(&self.names_lock);
-            self.node.repo().remove_name(from).map_err(|e| e.errno())?;
-        }
         // A published file is relabelled with its new name, as `codexfs cid` would give
-        // it (same blocks, a new manifest). The old manifest is left to expiry: another
-        // directory may name it.
+        // it (same blocks, a new manifest); the old manifest goes unless something else
+        // refers to it (a published directory of this tree, until it is replaced).
         if let TKind::File {
             version: Some((cid, size)),
         } = t.node(src)?.kind
         {
-            if let Some(mut m) = self.node.repo().manifest(&cid).map_err(|e| e.errno())? {
+            if let Some(m) = self.node.repo().manifest(&cid).map_err(|e| e.errno())? {
                 if m.filename.as_deref() == Some(from) {
-                    m.filename = Some(to.to_string());
-                    let new = self
-                        .node
-                        .repo()
-                        .store_manifest_for_stored_tree(&m)
-                        .map_err(|e| e.errno())?;
-                    if let TKind::File { version } = &mut t.node_mut(src)?.kind {
-                        *version = Some((new, size));
-                    }
+                    let new = self.relabel(&cid, to)?;
+                    self.set_file_version(t.node_mut(src)?, Some((new, size)));
                 }
             }
         }
@@ -701,18 +762,47 @@ impl FsCore {
             n.parent = new_parent;
             n.name = to.to_string();
         }
-        if new_parent == ROOT_INO {
+        if let Some(cid) = new_top {
             t.tops.insert(to.to_string(), src);
-            self.name_top(&t, src)?;
+            let record = NameRecord {
+                cid,
+                mtime: t.node(src)?.mtime.0,
+            };
+            let _g = lock(&self.names_lock);
+            let repo = self.node.repo();
+            let old_from = match parent {
+                ROOT_INO => repo.name(from).map_err(|e| e.errno())?,
+                _ => None,
+            };
+            let replaced = match parent {
+                ROOT_INO => repo.rename(from, to, &record),
+                _ => repo.set_name(to, &record),
+            }
+            .map_err(|e| e.errno())?;
+            for old in [old_from, replaced].into_iter().flatten() {
+                self.versions.candidate(old.cid);
+            }
         } else {
             t.children_mut(new_parent)?.insert(to.to_string(), src);
             t.touch(new_parent, delay);
+            if parent == ROOT_INO {
+                // A top moved into a tree: that tree holds it once published.
+                if let Some(top) = t.top_of(new_parent) {
+                    if let Err(e) = self.publish_top(&mut t, top) {
+                        tracing::warn!(
+                            "publishing a tree a directory moved into failed: errno {e}"
+                        );
+                    }
+                }
+                let _g = lock(&self.names_lock);
+                if let Some(old) = self.node.repo().remove_name(from).map_err(|e| e.errno())? {
+                    self.versions.candidate(old.cid);
+                }
+            }
         }
         if parent != ROOT_INO {
             t.touch(parent, delay);
         }
-        drop(t);
-        self.rename_open_writers(src, to);
         Ok(())
     }
 
@@ -726,7 +816,8 @@ impl FsCore {
                 ..
             } => {
                 let _g = lock(&self.names_lock);
-                self.node
+                let old = self
+                    .node
                     .repo()
                     .set_name(
                         &n.name,
@@ -735,7 +826,11 @@ impl FsCore {
                             mtime: n.mtime.0,
                         },
                     )
-                    .map_err(|e| e.errno())
+                    .map_err(|e| e.errno())?;
+                if let Some(old) = old {
+                    self.versions.candidate(old.cid);
+                }
+                Ok(())
             }
             _ => Ok(()),
         }
@@ -769,7 +864,8 @@ impl FsCore {
 
     /// Publishes directory `ino` and what changed under it, bottom up: its CID and
     /// number of entries. Files whose first version is still being written are left out
-    /// (they are in the next publish).
+    /// (they are in the next publish), and a file being rewritten is there as it was last
+    /// published. The caller holds the versions' gate.
     fn publish_dir(&self, t: &mut Trees, ino: u64) -> Result<(Cid, u64), Errno> {
         if let TKind::Dir {
             base: Some(b),
@@ -809,18 +905,25 @@ impl FsCore {
             });
         }
         let enc = dir::encode(items).map_err(|e| e.errno())?;
-        self.node.repo().store_directory(&enc).map_err(|e| {
-            tracing::warn!("publishing a directory failed: {e}");
-            e.errno()
-        })?;
+        self.node
+            .repo()
+            .store_directory_as(&enc, Origin::Mount)
+            .map_err(|e| {
+                tracing::warn!("publishing a directory failed: {e}");
+                e.errno()
+            })?;
         if let TKind::Dir { base, dirty, .. } = &mut t.node_mut(ino)?.kind {
+            // The version it replaces goes once its parent's new version (or name) no
+            // longer names it.
+            self.versions.replace(base.map(|(c, _)| c), Some(enc.cid));
             *base = Some((enc.cid, enc.count));
             *dirty = false;
         }
         Ok((enc.cid, enc.count))
     }
 
-    /// Publishes the tree `top` and points its name at the new root.
+    /// Publishes the tree `top` and points its name at the new root. The caller holds the
+    /// versions' gate.
     fn publish_top(&self, t: &mut Trees, top: u64) -> Result<Cid, Errno> {
         t.due.remove(&top);
         let (cid, _) = self.publish_dir(t, top)?;
@@ -830,25 +933,20 @@ impl FsCore {
         Ok(cid)
     }
 
-    /// Inodes open for writing (their trees are not quiet).
-    fn write_inos(&self) -> Vec<u64> {
-        lock(&self.handles)
-            .values()
-            .filter_map(|h| match h {
-                Handle::Write {
-                    ino,
-                    writable: true,
-                    ..
-                } => Some(*ino),
-                _ => None,
-            })
-            .collect()
+    /// Publishes the trees whose quiet time has come (the publisher thread calls this).
+    /// A file open for writing does not hold its tree back: it is in it as it was last
+    /// published.
+    pub fn publish_due(&self) {
+        // Unmounted: the process is ending, and the repo with it.
+        if self.versions.is_closed() {
+            return;
+        }
+        self.publish_due_trees();
+        self.versions.reap();
     }
 
-    /// Publishes the trees whose quiet time has come and in which no file is open for
-    /// writing (the publisher thread calls this).
-    pub fn publish_due(&self) {
-        let writing = self.write_inos();
+    fn publish_due_trees(&self) {
+        let _gate = self.versions.gate();
         let mut t = lock(&self.tree);
         let now = Instant::now();
         let due: Vec<u64> = t
@@ -860,10 +958,6 @@ impl FsCore {
         for top in due {
             if t.top_of(top) != Some(top) {
                 t.due.remove(&top);
-                continue;
-            }
-            if writing.iter().any(|&w| t.top_of(w) == Some(top)) {
-                t.due.insert(top, now + self.config.publish_delay);
                 continue;
             }
             if let Err(e) = self.publish_top(&mut t, top) {
@@ -878,6 +972,7 @@ impl FsCore {
 
     /// Publishes every tree with unpublished changes now (unmount).
     pub fn publish_all(&self) {
+        let _gate = self.versions.gate();
         let mut t = lock(&self.tree);
         let tops: Vec<u64> = t.due.keys().copied().collect();
         for top in tops {
@@ -893,14 +988,24 @@ impl FsCore {
 
     /// Publishes the tree `ino` is in now (fsync on a directory).
     pub(super) fn tree_sync(&self, ino: u64) -> Result<(), Errno> {
-        let mut t = lock(&self.tree);
-        let top = t.top_of(ino).ok_or(libc::ENOENT)?;
-        self.publish_top(&mut t, top).map(|_| ())
+        let r = {
+            let _gate = self.versions.gate();
+            let mut t = lock(&self.tree);
+            t.node(ino)?;
+            match t.top_of(ino) {
+                Some(top) => self.publish_top(&mut t, top).map(|_| ()),
+                // Removed from its tree: no name to make durable.
+                None => Ok(()),
+            }
+        };
+        self.versions.reap();
+        r
     }
 
     /// The CID of a tree node: a file's published version; a directory's, published
     /// first if it changed (its tree follows when quiet).
     pub(super) fn tree_cid(&self, ino: u64) -> Result<Cid, Errno> {
+        let _gate = self.versions.gate();
         let mut t = lock(&self.tree);
         match t.node(ino)?.kind {
             TKind::File { version } => version.map(|(c, _)| c).ok_or(libc::ENODATA),
@@ -914,7 +1019,9 @@ impl FsCore {
         }
     }
 
-    /// Starts the thread that publishes quiet trees; it ends with the last `Arc`.
+    /// Starts the thread that publishes quiet trees (and deletes what lost its last
+    /// reference while a publish was under way); it ends with the last `Arc` or the
+    /// unmount.
     pub fn spawn_publisher(self: &Arc<Self>) -> std::thread::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         std::thread::Builder::new()
@@ -922,6 +1029,9 @@ impl FsCore {
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_millis(50));
                 let Some(core) = weak.upgrade() else { return };
+                if core.versions.is_closed() {
+                    return;
+                }
                 core.publish_due();
             })
             .expect("spawn publisher thread")

@@ -1,0 +1,429 @@
+//! The shell's stream tasks: one reader per inbound stream, one writer per outbound one.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::PeerId;
+use tokio::sync::mpsc;
+
+use super::core::{BatchId, StreamId};
+use super::Exchange;
+use crate::net::protocol::{FrameDecoder, Message};
+use crate::net::swarm::protocol;
+
+/// A frame begun and not finished within this long (no byte of it arriving) ends the
+/// stream: a peer cannot hold a half-sent frame's buffer for ever.
+pub const READ_DEADLINE: Duration = Duration::from_secs(20);
+/// One write (at most [`WRITE_CHUNK`] plus a message) must finish within this long.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Opening a stream (dialling included) gives up after this long; a request is made again
+/// after each attempt's time.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+const OPEN_ATTEMPT: Duration = Duration::from_secs(1);
+/// Bytes read from a stream at a time.
+const READ_BUF: usize = 128 * 1024;
+/// Queued messages written together, up to about this many bytes.
+const WRITE_CHUNK: usize = 1 << 20;
+/// A stream this young that the peer drops is opened again and its bytes written again
+/// (up to this many bytes, this many times): libp2p-stream drops inbound streams its
+/// accept loop is not ready for, and our writes to such a stream still succeed.
+const YOUNG_STREAM: Duration = Duration::from_secs(2);
+const MAX_REPLAY_BYTES: usize = 8 << 20;
+const MAX_REOPENS: u32 = 3;
+
+/// What goes to a peer's writer.
+pub(super) enum Out {
+    /// Wants, cancels and presences of ours (written before answers).
+    Message(Message),
+    /// A batch of answers; the core hears when it is written.
+    Answer {
+        batch: BatchId,
+        messages: Vec<Message>,
+    },
+}
+
+/// Why reading a stream ended.
+#[derive(Debug)]
+pub(super) enum ReadEnd {
+    Closed,
+    /// A frame begun and not continued within the read deadline.
+    Stalled,
+    Bad(crate::Error),
+}
+
+/// Frames off a stream, in batches of what arrived together. Memory held is what arrived
+/// (a header that claims 4 MiB reserves nothing); a frame left half-sent for `deadline`
+/// ends the stream, an idle stream between frames has no deadline.
+pub(super) struct FrameReader<R> {
+    inner: R,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+    deadline: Duration,
+    bad: Option<crate::Error>,
+}
+
+impl<R: futures::AsyncRead + Unpin> FrameReader<R> {
+    pub(super) fn new(inner: R, deadline: Duration) -> Self {
+        Self {
+            inner,
+            decoder: FrameDecoder::new(),
+            buf: vec![0u8; READ_BUF],
+            deadline,
+            bad: None,
+        }
+    }
+
+    /// The messages of the next read that completes any (at least one), or why the
+    /// stream ended.
+    pub(super) async fn next_batch(&mut self) -> Result<Vec<Message>, ReadEnd> {
+        loop {
+            if let Some(e) = self.bad.take() {
+                return Err(ReadEnd::Bad(e));
+            }
+            let read = if self.decoder.is_partial() {
+                tokio::time::timeout(self.deadline, self.inner.read(&mut self.buf))
+                    .await
+                    .map_err(|_| ReadEnd::Stalled)?
+            } else {
+                self.inner.read(&mut self.buf).await
+            };
+            let n = match read {
+                Ok(0) | Err(_) => return Err(ReadEnd::Closed),
+                Ok(n) => n,
+            };
+            self.decoder.push(&self.buf[..n]);
+            let mut messages = Vec::new();
+            loop {
+                match self.decoder.next_message() {
+                    Ok(Some(m)) => messages.push(m),
+                    Ok(None) => break,
+                    Err(e) => {
+                        // What came before it is still handled; then the stream ends.
+                        self.bad = Some(e);
+                        break;
+                    }
+                }
+            }
+            if !messages.is_empty() {
+                return Ok(messages);
+            }
+        }
+    }
+
+    /// Bytes of a frame not yet complete.
+    #[cfg(test)]
+    pub(super) fn buffered(&self) -> usize {
+        self.decoder.buffered()
+    }
+}
+
+/// Reads the stream `peer` opened to us until it ends, misbehaves or is replaced. Every
+/// message read in one go is handed to the core in one call; deliveries it wants checked
+/// are hashed on the blocking pool while this task reads on.
+pub(super) async fn read(ex: Arc<Exchange>, peer: PeerId, id: StreamId, stream: libp2p::Stream) {
+    let mut frames = FrameReader::new(stream, READ_DEADLINE);
+    let mut marked: Option<Instant> = None;
+    let end = loop {
+        let messages = match frames.next_batch().await {
+            Ok(m) => m,
+            Err(end) => break end,
+        };
+        if marked.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            ex.net.mark_active(peer);
+            marked = Some(Instant::now());
+        }
+        // At most a few batches of deliveries are checked at once: a peer sending faster
+        // than we hash waits here.
+        let permit = if messages.iter().any(|m| !m.deliveries.is_empty()) {
+            ex.verifying.clone().acquire_owned().await.ok()
+        } else {
+            None
+        };
+        if tracing::enabled!(tracing::Level::TRACE) {
+            for m in &messages {
+                for p in &m.presences {
+                    tracing::trace!(%peer, "presence {:?} {:?}", p.presence, p.address);
+                }
+            }
+        }
+        ex.with_core(|i, now| {
+            i.verify_permit = permit;
+            for m in messages {
+                i.core.message(now, peer, id, m);
+            }
+        });
+    };
+    match end {
+        ReadEnd::Closed => {}
+        ReadEnd::Stalled => tracing::info!(%peer, "closing a stream whose frame stalled"),
+        ReadEnd::Bad(e) => tracing::info!(%peer, "closing a stream that sent a bad frame: {e}"),
+    }
+    ex.with_core(|i, now| {
+        i.readers.remove(&id);
+        i.core.inbound_closed(now, peer, id);
+    });
+}
+
+/// Opens our stream to `peer` and writes what the core sends it, until the core closes the
+/// queue or the stream fails.
+pub(super) async fn write(
+    ex: Arc<Exchange>,
+    peer: PeerId,
+    id: StreamId,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+) {
+    let mut replay: Vec<u8> = Vec::new();
+    let mut reopened = 0;
+    let mut first_open = true;
+    let mut out = Vec::new();
+    let (mut controls, mut answers) = (Vec::new(), Vec::new());
+    'open: loop {
+        let stream = match open(&ex, peer).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%peer, "cannot open a stream: {e}");
+                ex.with_core(|i, now| i.core.stream_failed(now, peer, id, !first_open));
+                return;
+            }
+        };
+        if first_open {
+            first_open = false;
+            ex.with_core(|i, now| i.core.stream_opened(now, peer, id));
+        }
+        let opened = Instant::now();
+        let young =
+            |replay: &Vec<u8>| opened.elapsed() < YOUNG_STREAM && replay.len() <= MAX_REPLAY_BYTES;
+        let (mut reader, mut writer) = stream.split();
+        if !replay.is_empty() && write_within(&mut writer, &replay).await.is_err() {
+            ex.with_core(|i, now| i.core.stream_failed(now, peer, id, true));
+            return;
+        }
+        let mut probe = [0u8; 64];
+        loop {
+            // Nothing is ever sent back on this stream: its read half ending means the
+            // peer dropped it.
+            let first = tokio::select! {
+                item = rx.recv() => match item {
+                    Some(item) => item,
+                    None => return, // closed by the core
+                },
+                _ = reader.read(&mut probe) => {
+                    if young(&replay) && reopened < MAX_REOPENS {
+                        reopened += 1;
+                        tracing::debug!(%peer, "stream dropped by the peer; opening another");
+                        continue 'open;
+                    }
+                    ex.with_core(|i, now| i.core.stream_failed(now, peer, id, true));
+                    return;
+                }
+            };
+            // Whatever else is queued goes in the same write, our own messages first.
+            let mut queued = 0usize;
+            let mut next = Some(first);
+            while let Some(item) = next.take() {
+                match item {
+                    Out::Message(m) => controls.push(m),
+                    Out::Answer { batch, messages } => {
+                        queued += messages
+                            .iter()
+                            .map(|m| m.deliveries.iter().map(|d| d.data.len()).sum::<usize>())
+                            .sum::<usize>();
+                        answers.push((batch, messages));
+                    }
+                }
+                if queued < WRITE_CHUNK {
+                    next = rx.try_recv().ok();
+                }
+            }
+            out.clear();
+            let answered = answers.iter().flat_map(|(_, ms)| ms.iter());
+            for m in controls.iter().chain(answered) {
+                let at = out.len();
+                if let Err(e) = m.encode_frame_into(&mut out) {
+                    out.truncate(at);
+                    tracing::warn!(%peer, "message not sent: {e}");
+                }
+            }
+            controls.clear();
+            if young(&replay) {
+                replay.extend_from_slice(&out);
+            } else if !replay.is_empty() {
+                replay = Vec::new();
+            }
+            tracing::trace!(%peer, "writing {} bytes", out.len());
+            if write_within(&mut writer, &out).await.is_err() {
+                if young(&replay) && reopened < MAX_REOPENS {
+                    reopened += 1;
+                    answers_written(&ex, peer, &mut answers);
+                    continue 'open;
+                }
+                ex.with_core(|i, now| i.core.stream_failed(now, peer, id, true));
+                return;
+            }
+            answers_written(&ex, peer, &mut answers);
+            if out.capacity() > 4 * WRITE_CHUNK {
+                out = Vec::new(); // a rare huge write does not keep its buffer
+            }
+        }
+    }
+}
+
+/// Opens a stream to `peer` (dialling it if needed). libp2p-stream can lose a request
+/// made while a connection to the peer is being set up (it waits for a dial that is never
+/// made): a request unanswered for a moment is made again.
+async fn open(ex: &Arc<Exchange>, peer: PeerId) -> Result<libp2p::Stream, String> {
+    let started = Instant::now();
+    loop {
+        let mut control = ex.net.control.clone();
+        match tokio::time::timeout(OPEN_ATTEMPT, control.open_stream(peer, protocol())).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) if started.elapsed() + OPEN_ATTEMPT <= OPEN_TIMEOUT => {
+                tracing::debug!(%peer, "opening a stream: no answer yet, asking again");
+            }
+            Err(_) => return Err("timed out".into()),
+        }
+    }
+}
+
+fn answers_written(ex: &Arc<Exchange>, peer: PeerId, answers: &mut Vec<(BatchId, Vec<Message>)>) {
+    if answers.is_empty() {
+        return;
+    }
+    ex.with_core(|i, now| {
+        for (batch, _) in answers.drain(..) {
+            i.core.answer_written(now, peer, batch);
+        }
+    });
+}
+
+async fn write_within(
+    writer: &mut (impl futures::AsyncWrite + Unpin),
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let write = async {
+        writer.write_all(bytes).await?;
+        writer.flush().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "write timed out",
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::protocol::{encode_frame, BlockAddress, Entry, WantType, Wantlist};
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Gives these chunks, then never another byte (or the end, with `eof`).
+    struct Script {
+        chunks: VecDeque<Vec<u8>>,
+        eof: bool,
+    }
+
+    impl futures::AsyncRead for Script {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            match self.chunks.pop_front() {
+                Some(c) => {
+                    let n = c.len().min(buf.len());
+                    buf[..n].copy_from_slice(&c[..n]);
+                    if n < c.len() {
+                        self.chunks.push_front(c[n..].to_vec());
+                    }
+                    Poll::Ready(Ok(n))
+                }
+                None if self.eof => Poll::Ready(Ok(0)),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    fn want_message(i: u64) -> Vec<u8> {
+        encode_frame(&Message {
+            wantlist: Wantlist {
+                entries: vec![Entry {
+                    address: BlockAddress::Cid(crate::cids::block_cid(&i.to_le_bytes())),
+                    priority: 0,
+                    cancel: false,
+                    want: WantType::Have,
+                    send_dont_have: true,
+                }],
+                full: false,
+            },
+            ..Message::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn frames_come_in_batches_and_a_closed_stream_ends() {
+        let (a, b) = (want_message(1), want_message(2));
+        let mut both = a.clone();
+        both.extend_from_slice(&b[..5]);
+        let script = Script {
+            chunks: VecDeque::from(vec![both, b[5..].to_vec()]),
+            eof: true,
+        };
+        let mut r = FrameReader::new(script, Duration::from_secs(5));
+        assert_eq!(r.next_batch().await.unwrap().len(), 1);
+        assert_eq!(r.next_batch().await.unwrap().len(), 1);
+        assert!(matches!(r.next_batch().await, Err(ReadEnd::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_half_sent_frame_ends_the_stream_after_the_deadline_holding_only_what_came() {
+        // A header claiming a 4 MiB frame, then ten bytes, then nothing.
+        let mut partial = Vec::new();
+        crate::protobuf::put_varint(&mut partial, (4 << 20) - 1);
+        partial.extend_from_slice(&[0x0a; 10]);
+        let script = Script {
+            chunks: VecDeque::from(vec![want_message(1), partial]),
+            eof: false,
+        };
+        let mut r = FrameReader::new(script, Duration::from_millis(50));
+        assert_eq!(r.next_batch().await.unwrap().len(), 1);
+        let started = Instant::now();
+        assert!(matches!(r.next_batch().await, Err(ReadEnd::Stalled)));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert!(r.buffered() <= 16, "{} bytes held", r.buffered());
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_between_frames_has_no_deadline_and_a_bad_frame_ends_it() {
+        let script = Script {
+            chunks: VecDeque::from(vec![want_message(1)]),
+            eof: false,
+        };
+        let mut r = FrameReader::new(script, Duration::from_millis(20));
+        assert_eq!(r.next_batch().await.unwrap().len(), 1);
+        let idle = tokio::time::timeout(Duration::from_millis(100), r.next_batch()).await;
+        assert!(idle.is_err(), "idle, not stalled: still waiting");
+
+        let mut bad = want_message(1);
+        bad.extend_from_slice(&[0x05, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        let script = Script {
+            chunks: VecDeque::from(vec![bad]),
+            eof: false,
+        };
+        let mut r = FrameReader::new(script, Duration::from_secs(5));
+        assert_eq!(
+            r.next_batch().await.unwrap().len(),
+            1,
+            "what came first is kept"
+        );
+        assert!(matches!(r.next_batch().await, Err(ReadEnd::Bad(_))));
+    }
+}
