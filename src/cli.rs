@@ -257,6 +257,10 @@ enum Command {
         /// Erasure-code files written into the mount: K data and M parity blocks per column.
         #[arg(long, value_name = "K,M", env = "CODEXFS_MOUNT_EC")]
         ec: Option<EcParams>,
+        /// Serve every read from the daemon, never by FUSE passthrough (which hands the
+        /// kernel a complete dataset's flat file; it needs CAP_SYS_ADMIN).
+        #[arg(long, env = "CODEXFS_NO_PASSTHROUGH")]
+        no_passthrough: bool,
         /// How long a directory tree written into the mount stays quiet before it is
         /// published (fsync, its CID read and unmount publish it at once).
         #[arg(long, env = "CODEXFS_PUBLISH_DELAY", default_value = "500ms", value_parser = parse_duration)]
@@ -294,7 +298,8 @@ enum Command {
         repo: RepoArgs,
     },
     /// Testing aid: one sweep of expired data now, as if `--after` had passed (datasets
-    /// and directories past their lifetime, orphaned fetched leaves, unreferenced blocks).
+    /// and directories past their lifetime, fetched trees no dataset uses, unreferenced
+    /// blocks).
     #[command(hide = true)]
     DebugSweep {
         #[arg(long, default_value = "0s", value_parser = parse_duration)]
@@ -304,6 +309,10 @@ enum Command {
     },
     /// Check the repo's invariants (counters, reference counts, datasets complete).
     Check {
+        /// Also hash every stored block (a scrub): a block that fails is dropped, its
+        /// dataset marked incomplete, and the next read fetches it from peers.
+        #[arg(long)]
+        deep: bool,
         #[command(flatten)]
         repo: RepoArgs,
     },
@@ -644,6 +653,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     read_timeout: timeout,
                     publish_delay: Duration::ZERO,
                     threads: 1,
+                    passthrough: false,
                     api_addr: api.api_addr,
                     api_access: api.access(),
                     set_log_level: set_log_level.clone(),
@@ -655,6 +665,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
             read_timeout,
             threads,
             ec,
+            no_passthrough,
             publish_delay,
             api,
             repo,
@@ -671,6 +682,7 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
                     read_timeout,
                     publish_delay,
                     threads,
+                    passthrough: !no_passthrough,
                     api_addr: api.api_addr,
                     api_access: api.access(),
                     set_log_level: set_log_level.clone(),
@@ -710,18 +722,43 @@ pub fn run(cli: Cli, set_log_level: Option<Arc<LogLevelSetter>>) -> Result<()> {
             let r = node.repo().sweep_expired(now)?;
             println!("swept {} datasets {} blocks", r.datasets, r.blocks);
         }
-        Command::Check { repo } => {
+        Command::Check { deep, repo } => {
             let node = Node::open(&data_dir(&repo)?, node_config(&repo))?;
+            let mut bad = 0;
+            if deep {
+                let bar = progress_bar(Some(node.repo().space().quota_used_bytes), false);
+                let scrub = node.repo().scrub(&|n| bar.inc(n))?;
+                bar.finish_and_clear();
+                println!(
+                    "scrubbed {} blocks ({} bytes), {} dropped",
+                    scrub.blocks, scrub.bytes, scrub.dropped
+                );
+                for b in &scrub.bad {
+                    println!("bad: {b}");
+                }
+                bad = scrub.bad.len();
+            }
             let r = node.repo().check_consistency()?;
             println!(
                 "datasets {} blocks {} bytes {}",
                 r.datasets, r.blocks, r.bytes
             );
+            if r.orphans_removed > 0 {
+                println!(
+                    "removed {} files a crash left without a record",
+                    r.orphans_removed
+                );
+            }
+            for p in &r.problems {
+                println!("problem: {p}");
+            }
             if !r.problems.is_empty() {
-                for p in &r.problems {
-                    println!("problem: {p}");
-                }
                 anyhow::bail!("{} consistency problems", r.problems.len());
+            }
+            if bad > 0 {
+                anyhow::bail!(
+                    "{bad} blocks failed their hash (dropped: the next read fetches them)"
+                );
             }
         }
     }
@@ -781,8 +818,37 @@ fn node_config(repo: &RepoArgs) -> NodeConfig {
         repo: RepoConfig {
             quota_max: repo.quota,
             block_ttl: repo.block_ttl,
+            convert_progress: Some(Arc::new(ConvertBar(std::sync::OnceLock::new()))),
         },
         ..NodeConfig::default()
+    }
+}
+
+/// The progress of converting a data dir written before flat files: a bar on a terminal,
+/// a line at start and end otherwise.
+struct ConvertBar(std::sync::OnceLock<ProgressBar>);
+
+impl codexfs::repo::ConvertProgress for ConvertBar {
+    fn start(&self, bytes: u64) {
+        eprintln!(
+            "codexfs: converting the data dir to flat files ({} MiB of blocks; once, safe to \
+             interrupt)",
+            bytes >> 20
+        );
+        let _ = self.0.set(progress_bar(Some(bytes), false));
+    }
+
+    fn advance(&self, bytes: u64) {
+        if let Some(bar) = self.0.get() {
+            bar.inc(bytes);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.0.get() {
+            bar.finish_and_clear();
+        }
+        eprintln!("codexfs: data dir converted");
     }
 }
 

@@ -22,6 +22,8 @@ pub struct RunOptions {
     /// How long a tree written into the mount stays quiet before it is published.
     pub publish_delay: Duration,
     pub threads: usize,
+    /// Reads of complete datasets by FUSE passthrough (see `fs::fuse`).
+    pub passthrough: bool,
     pub api_addr: std::net::SocketAddr,
     /// Who may use the API besides loopback clients without a token.
     pub api_access: api::Access,
@@ -43,12 +45,22 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
         read_timeout,
         publish_delay,
         threads,
+        passthrough,
         api_addr,
         api_access,
         set_log_level,
     } = opts;
     let runtime = runtime()?;
     let node = Node::open(data_dir, config)?;
+    if let Ok(Some((left, free))) = node.repo().quota_beyond_disk() {
+        eprintln!(
+            "codexfs: warning: the quota leaves {} MiB to fill, but the disk of {} has {} MiB \
+             free: uploads will fail with a full disk first",
+            left >> 20,
+            data_dir.display(),
+            free >> 20
+        );
+    }
     let _sweeper = node.spawn_sweeper();
     let network = Arc::new(
         service::start(&node, net, runtime.handle(), read_timeout)
@@ -97,6 +109,7 @@ pub fn run(data_dir: &Path, config: NodeConfig, net: NetConfig, opts: RunOptions
                 &MountConfig {
                     mountpoint: mountpoint.clone(),
                     threads,
+                    passthrough,
                 },
             )
             .with_context(|| format!("mounting at {}", mountpoint.display()))?;

@@ -530,7 +530,11 @@ fn metrics_parse_and_count_what_was_done() {
         m["codexfs_api_bytes_total{direction=\"sent\"}"],
         a.len() as f64
     );
-    assert!(m["codexfs_cache_hits_total"] + m["codexfs_cache_misses_total"] >= 4.0);
+    // Data blocks are read from their flat files (the OS page cache); the block cache is
+    // for blocks read by CID and directory blocks: counted, none here.
+    assert!(
+        m.contains_key("codexfs_cache_hits_total") && m.contains_key("codexfs_cache_misses_total")
+    );
     assert_eq!(m["codexfs_pending_blocks"], 0.0);
     assert_eq!(m["codexfs_connected_peers"], 0.0);
     assert_eq!(m["codexfs_blocks_received_total"], 0.0);
@@ -816,22 +820,24 @@ fn a_node_keeps_no_more_peers_than_its_limit() {
             .status()
     };
     assert_eq!(connect(&y), StatusCode::OK);
-    let _ = connect(&z); // X closes this one
-                         // Closing is asynchronous (and Z may dial again, to be closed again): wait for X
-                         // to settle on one peer.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let nodes = loop {
+    // Past the limit, X closes its idlest inbound peer (Y) for Z, or refuses Z when it
+    // cannot. Closing is asynchronous: wait for X to settle on one peer, as its swarm
+    // (the table) and its exchange (the metric) see it.
+    let _ = connect(&z);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (nodes, gauge) = loop {
         let nodes = get_json(&x, "/debug/info")["table"]["nodes"]
             .as_array()
             .unwrap()
             .len();
-        if nodes == 1 || Instant::now() > deadline {
-            break nodes;
+        let gauge = metrics(&x)["codexfs_connected_peers"];
+        if (nodes == 1 && gauge == 1.0) || Instant::now() > deadline {
+            break (nodes, gauge);
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(nodes, 1, "X kept one peer");
-    assert_eq!(metrics(&x)["codexfs_connected_peers"], 1.0);
+    assert_eq!(gauge, 1.0);
 }
 
 #[test]

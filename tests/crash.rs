@@ -3,14 +3,15 @@
 //! - **kill -9** (the page cache survives): CLI uploads of files of one batch, of many
 //!   blocks, of more leaves than one leaf batch, of bytes stored already, erasure-coded;
 //!   directory uploads and recursive deletions; deletions; TTL and orphan sweeps; datasets
-//!   fetched from a peer and adopted; uploads and deletions through a node's API, the node
-//!   killed; and SIGTERM of a node mid-upload.
+//!   fetched from a peer and adopted; protecting a stored dataset (its flat file linked,
+//!   parity written); the scrub (`check --deep`); uploads and deletions through a node's
+//!   API, the node killed; and SIGTERM of a node mid-upload.
 //! - **power cuts**: the same with the data dir on [`powercut::PowerCut`], which keeps only
 //!   what was fsynced: after each cut, everything acknowledged (a command that exited 0, an
 //!   API answer) must still be there, and every acknowledged deletion still done.
 //!
 //! After each crash `codexfs check` must find every invariant holding (counters, reference
-//! counts, complete datasets, trees, directories, pack bytes), and every so often every
+//! counts, complete datasets, trees and their files, directories), and every so often every
 //! acknowledged dataset and directory is read back and compared with its source.
 //!
 //! `CRASH_SEED` picks the random choices (printed on failure), `CRASH_KILLS` and
@@ -66,13 +67,15 @@ struct Entry {
     source: PathBuf,
     dir: bool,
     short_lived: bool,
+    /// Erasure-coded (it cannot be protected again).
+    ec: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Op {
     /// A file of less than one batch.
     UploadSmall,
-    /// Many blocks, past the inline budget into pack files.
+    /// Many blocks (several leaf-record batches of 64 KiB blocks).
     UploadLarge,
     /// More leaves than one leaf batch (4 KiB blocks).
     UploadManyLeaves,
@@ -92,9 +95,13 @@ enum Op {
     ApiTerm,
     /// A deletion through a node's API, the node killed (after answering, or before).
     ApiRm,
+    /// `codexfs protect` of a stored dataset: its data file hard-linked, parity written.
+    Protect,
+    /// `codexfs check --deep`: every stored block re-hashed.
+    Scrub,
 }
 
-const OPS: [(Op, u32); 13] = [
+const OPS: [(Op, u32); 15] = [
     (Op::UploadSmall, 3),
     (Op::UploadLarge, 2),
     (Op::UploadManyLeaves, 2),
@@ -108,6 +115,8 @@ const OPS: [(Op, u32); 13] = [
     (Op::ApiKill, 2),
     (Op::ApiTerm, 1),
     (Op::ApiRm, 2),
+    (Op::Protect, 1),
+    (Op::Scrub, 1),
 ];
 
 /// A `codexfs node` (network and API) on a data dir, killed when dropped.
@@ -246,6 +255,8 @@ struct Harness {
     /// How long each op takes when left alone (calibrated), to spread kills over it.
     took: HashMap<Op, Duration>,
     seeder: Option<Seeder>,
+    /// Protected dataset made of each dataset protected so far.
+    protections: HashMap<String, String>,
     crash: Crash,
     counter: usize,
     kills: u64,
@@ -283,6 +294,7 @@ impl Harness {
             large,
             took: HashMap::new(),
             seeder: None,
+            protections: HashMap::new(),
             crash,
             counter: 0,
             kills: 0,
@@ -428,7 +440,43 @@ impl Harness {
                 if let Some(out) = self.run_killable(cmd, delay) {
                     assert!(out.status.success(), "{op:?}: {}", text(&out));
                     let cid = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                    self.stored(cid, path, false, short_lived);
+                    self.stored(cid.clone(), path, false, short_lived);
+                    if op == Op::UploadEc {
+                        self.protected(&cid);
+                    }
+                }
+            }
+            Op::Protect => {
+                let candidates: Vec<(String, Entry)> = self
+                    .ledger
+                    .stored
+                    .iter()
+                    .filter(|(_, e)| !e.dir && !e.ec)
+                    .map(|(c, e)| (c.clone(), e.clone()))
+                    .collect();
+                if candidates.is_empty() {
+                    return self.step(Op::UploadSmall, calibrate);
+                }
+                let (cid, entry) = candidates[self.rng.random_range(0..candidates.len())].clone();
+                // Killed or not, it may make a protected dataset made (and deleted) before.
+                if let Some(before) = self.protections.get(&cid) {
+                    self.ledger.deleted.remove(before);
+                }
+                let mut cmd = Command::new(bin());
+                cmd.args(["protect", &cid, "--ec", "2,1"]);
+                if let Some(out) = self.run_killable(cmd, delay) {
+                    assert!(out.status.success(), "{op:?} {cid}: {}", text(&out));
+                    let protected = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                    self.stored(protected.clone(), entry.source, false, false);
+                    self.protected(&protected);
+                    self.protections.insert(cid, protected);
+                }
+            }
+            Op::Scrub => {
+                let mut cmd = Command::new(bin());
+                cmd.args(["check", "--deep"]);
+                if let Some(out) = self.run_killable(cmd, delay) {
+                    assert!(out.status.success(), "{op:?}: {}", text(&out));
                 }
             }
             Op::UploadShared => {
@@ -482,6 +530,9 @@ impl Harness {
                 let i = self.rng.random_range(0..seeder.datasets.len());
                 let (cid, source) = seeder.datasets[i].clone();
                 let addr = seeder.addr.clone();
+                // Killed or not, it may adopt the dataset again: a deletion of it from
+                // before is undone.
+                self.ledger.deleted.remove(&cid);
                 // A fetch that is not adopted leaves orphaned leaves, which a sweep
                 // takes once their hour is up.
                 let mut cmd = Command::new(bin());
@@ -614,8 +665,15 @@ impl Harness {
                 source,
                 dir,
                 short_lived,
+                ec: false,
             },
         );
+    }
+
+    fn protected(&mut self, cid: &str) {
+        if let Some(e) = self.ledger.stored.get_mut(cid) {
+            e.ec = true;
+        }
     }
 
     /// The crash itself (the op's processes are dead by now), then the check.
@@ -844,7 +902,7 @@ fn a_failed_fsync_stops_the_repo_taking_writes() {
     let first = http.post(&url).body(bytes(100_000)).send().unwrap();
     assert!(first.status().is_success());
     let first = first.text().unwrap();
-    // The next fsync of any file fails (a pack file's, as the store is today): the
+    // The next fsync of any file fails (the upload's flat file's, in today's store): the
     // upload whose commit needed it fails...
     n.fs.fail_fsyncs("", 1);
     let failed = http.post(&url).body(bytes(8 << 20)).send().unwrap();
@@ -869,4 +927,358 @@ fn a_failed_fsync_stops_the_repo_taking_writes() {
     std::fs::write(&file, bytes(100_000)).unwrap();
     let out = codexfs(&data, &["upload", file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+// ---- flat files: conversion, fetch, sweep, protect, scrub ----
+
+#[path = "common/old_data_dir.rs"]
+mod old_data_dir;
+
+/// `codexfs`, to be given its arguments.
+fn cli() -> Command {
+    Command::new(bin())
+}
+
+/// `codexfs check` of `data`, which must pass; returns what it printed.
+fn check(data: &Path) -> String {
+    let out = codexfs(data, &["check"]);
+    assert!(
+        out.status.success(),
+        "repo inconsistent after kill -9:\n{}",
+        text(&out)
+    );
+    text(&out)
+}
+
+/// Runs `cmd` and SIGKILLs it after a random share (0–1) of `full`, if it still runs;
+/// returns whether it was killed and its output.
+fn run_and_maybe_kill(
+    mut cmd: Command,
+    full: Duration,
+    rng: &mut rand::rngs::StdRng,
+) -> (bool, std::process::Output) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(full.mul_f64(rng.random_range(0.0..1.0)));
+    let killed = child.try_wait().unwrap().is_none();
+    if killed {
+        child.kill().unwrap(); // SIGKILL
+    }
+    (killed, child.wait_with_output().unwrap())
+}
+
+fn seed_rng() -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(
+        std::env::var("CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(42),
+    )
+}
+
+/// kill -9 during the conversion of a data dir written before flat files: the next open
+/// converts what is left, and every dataset reads back.
+#[test]
+fn kill_9_during_the_conversion_of_an_old_data_dir_leaves_it_convertible() {
+    let mut rng = seed_rng();
+    let tmp = tempfile::tempdir().unwrap();
+    // How long a whole conversion (and the check after it) takes here.
+    let mut full = Duration::MAX;
+    for _ in 0..2 {
+        let dir = tempfile::tempdir_in(tmp.path()).unwrap();
+        let (data, _) = old_data_dir::old_data_dir(dir.path());
+        let t = Instant::now();
+        let mut cmd = cli();
+        cmd.args(["check", "--data-dir"]).arg(&data);
+        assert!(cmd.output().unwrap().status.success());
+        full = full.min(t.elapsed());
+    }
+    let iterations: usize = std::env::var("CRASH_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(12, |n: usize| n.div_ceil(3));
+    let mut kills = 0;
+    for _ in 0..iterations {
+        let dir = tempfile::tempdir_in(tmp.path()).unwrap();
+        let (data, cids) = old_data_dir::old_data_dir(dir.path());
+        // Killed once, maybe twice, part way.
+        for _ in 0..2 {
+            let mut cmd = cli();
+            cmd.args(["ls", "--data-dir"]).arg(&data);
+            let (killed, _) = run_and_maybe_kill(cmd, full, &mut rng);
+            kills += killed as usize;
+        }
+        let text = check(&data);
+        assert!(text.contains("datasets 7 "), "{text}");
+        assert!(!data.join("packs").exists());
+        old_data_dir::assert_all_read_back(&data, &cids, dir.path());
+    }
+    // (A loaded machine stretches the runs unevenly: most are killed, not all.)
+    assert!(
+        kills >= iterations / 4,
+        "only {kills} conversions were killed part way"
+    );
+    println!("{kills} kills during conversions");
+}
+
+/// fsyncs every file and directory under `dir` (what tar wrote onto the power-cut file
+/// system is not durable until then).
+fn sync_tree(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            sync_tree(&path);
+        } else {
+            std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        }
+    }
+    std::fs::File::open(dir).unwrap().sync_all().unwrap();
+}
+
+/// Power cuts (kill -9, then everything not fsynced dropped) during the conversion of a
+/// data dir written before flat files: whatever a cut leaves, the next open converts what
+/// is left, and every dataset reads back.
+#[test]
+fn power_cuts_during_the_conversion_of_an_old_data_dir_lose_nothing() {
+    let mut rng = seed_rng();
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut fs = powercut::PowerCut::mount(&mnt).unwrap();
+    let unpack = |name: &str| {
+        let dir = mnt.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let (data, cids) = old_data_dir::old_data_dir(&dir);
+        sync_tree(&mnt);
+        (data, cids)
+    };
+    // How long a whole conversion takes on this file system.
+    let (data, _) = unpack("calibrate");
+    let t = Instant::now();
+    check(&data);
+    let full = t.elapsed();
+    let iterations: usize = std::env::var("CRASH_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(6, |n: usize| n.div_ceil(6));
+    let mut cuts = 0;
+    for i in 0..iterations {
+        let (data, cids) = unpack(&format!("old-{i}"));
+        // Cut once, maybe twice, part way.
+        for _ in 0..2 {
+            let mut cmd = cli();
+            cmd.args(["ls", "--data-dir"]).arg(&data);
+            let (killed, _) = run_and_maybe_kill(cmd, full, &mut rng);
+            fs.cut().unwrap();
+            cuts += killed as usize;
+        }
+        let text = check(&data);
+        assert!(text.contains("datasets 7 "), "{text}");
+        assert!(!data.join("packs").exists());
+        old_data_dir::assert_all_read_back(&data, &cids, tmp.path());
+        // Converted, through one more cut.
+        fs.cut().unwrap();
+        assert!(check(&data).contains("datasets 7 "));
+    }
+    assert!(
+        cuts >= iterations / 4,
+        "only {cuts} conversions were cut part way"
+    );
+    println!("{cuts} power cuts during conversions: {:?}", fs.stats());
+}
+
+/// kill -9 at random points of the operations on flat files other than uploads and `rm`
+/// (which the test above covers): fetching a dataset from a peer into a sparse file,
+/// protecting a dataset (its data file linked, its parity written), the scrub, the sweep
+/// of expired datasets and trees. After each, `codexfs check` finds the repo consistent;
+/// at the end, what was reported stored reads back.
+#[test]
+fn kill_9_during_fetch_protect_scrub_and_sweep_leaves_a_consistent_repo() {
+    let mut rng = seed_rng();
+    let tmp = tempfile::tempdir().unwrap();
+    let iterations: usize = std::env::var("CRASH_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+
+    // A seeder with a dataset several leaf batches long.
+    let size = 24 << 20;
+    let mut buf = vec![0u8; size];
+    rng.fill_bytes(&mut buf);
+    let src = tmp.path().join("seeded.bin");
+    std::fs::write(&src, &buf).unwrap();
+    let seeder_data = tmp.path().join("seeder");
+    let out = cli()
+        .arg("upload")
+        .arg(&src)
+        .arg("--data-dir")
+        .arg(&seeder_data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let seeded = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    // The seeder is started afresh for each fetch: downloaders killed part way (with the
+    // same peer id each time, from the data dir's key) leave answers queued to them on
+    // the seeder that its exchange does not give up on, and this test is about the
+    // store of the one fetching.
+    let start_seeder = || common::Peer::start(&seeder_data, None, None, &[], &[]);
+    let mut seeder = start_seeder();
+
+    let data = tmp.path().join("data");
+    let fetch = |addr: &str| {
+        let mut c = cli();
+        c.args(["download", &seeded, "-o", "/dev/null", "--data-dir"])
+            .arg(&data)
+            .args([
+                "--bootstrap",
+                addr,
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+            ]);
+        c
+    };
+    // Local datasets to protect, scrub and sweep.
+    let mut local: Vec<(String, Vec<u8>)> = Vec::new();
+    let upload = |bytes: &[u8], name: &str, ttl: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let out = cli()
+            .arg("upload")
+            .arg(&p)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--block-ttl", ttl])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    for i in 0..2 {
+        let mut b = vec![0u8; 12 << 20];
+        rng.fill_bytes(&mut b);
+        local.push((upload(&b, &format!("keep-{i}"), "30d"), b));
+    }
+    // Timings of a whole run of each.
+    let time = |mut c: Command| {
+        let t = Instant::now();
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        t.elapsed()
+    };
+    let full_fetch = time(fetch(&seeder.addr()));
+    let out = cli()
+        .args(["rm", &seeded, "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let protect = |cid: &str| {
+        let mut c = cli();
+        c.args(["protect", cid, "--ec", "4,2", "--data-dir"])
+            .arg(&data);
+        c
+    };
+    let full_protect = time(protect(&local[0].0));
+    let scrub = || {
+        let mut c = cli();
+        c.args(["check", "--deep", "--data-dir"]).arg(&data);
+        c
+    };
+    let full_scrub = time(scrub());
+
+    let mut kills = 0;
+    let mut fetched_whole = false;
+    for i in 0..iterations {
+        let (cmd, full) = match i % 5 {
+            0 | 1 => {
+                drop(seeder);
+                seeder = start_seeder();
+                (fetch(&seeder.addr()), full_fetch)
+            }
+            2 => (protect(&local[i % 2].0), full_protect),
+            3 => (scrub(), full_scrub),
+            _ => {
+                // Expired datasets (a second's lifetime) swept by a node, killed part way.
+                let mut b = vec![0u8; 6 << 20];
+                rng.fill_bytes(&mut b);
+                upload(&b, &format!("expiring-{i}"), "1s");
+                std::thread::sleep(Duration::from_millis(1100)); // its lifetime: wall clock
+                let mut c = cli();
+                c.args(["node", "--data-dir"])
+                    .arg(&data)
+                    .args([
+                        "--sweep-interval",
+                        "200ms",
+                        "--block-ttl",
+                        "1s",
+                        "--no-mdns",
+                    ])
+                    .args([
+                        "--listen",
+                        "/ip4/127.0.0.1/tcp/0",
+                        "--api-addr",
+                        "127.0.0.1:0",
+                    ]);
+                (c, Duration::from_millis(600))
+            }
+        };
+        let (killed, out) = run_and_maybe_kill(cmd, full, &mut rng);
+        kills += killed as usize;
+        check(&data);
+        // What finished is deleted, so the next run does the work again (and the deletion
+        // of fetched and protected trees is exercised too).
+        if !killed && out.status.success() && i % 5 < 3 {
+            let cid = match i % 5 {
+                2 => String::from_utf8(out.stdout).unwrap().trim().to_string(),
+                _ => seeded.clone(),
+            };
+            fetched_whole |= i % 5 < 2;
+            let out = cli()
+                .args(["rm", &cid, "--data-dir"])
+                .arg(&data)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            check(&data);
+        }
+    }
+    // (Runs vary in length; most are killed, some finish, which is part of the test.)
+    assert!(
+        kills >= iterations / 8,
+        "only {kills} of {iterations} runs were killed"
+    );
+    // What was stored reads back whole: the local datasets, and the fetched one (fetched
+    // once more to the end if no run finished it).
+    for (cid, bytes) in &local {
+        let out = cli()
+            .args(["download", cid, "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cid}: {out:?}");
+        assert!(out.stdout == *bytes, "{cid} differs");
+    }
+    println!("a fetch ran to its end and was deleted: {fetched_whole}");
+    drop(seeder);
+    let seeder = start_seeder();
+    let out = cli()
+        .args(["download", &seeded, "--data-dir"])
+        .arg(&data)
+        .args([
+            "--bootstrap",
+            &seeder.addr(),
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout == buf, "the fetched dataset differs");
+    check(&data);
+    println!("{kills} kills");
 }

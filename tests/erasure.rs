@@ -479,3 +479,56 @@ fn an_ec_upload_leaves_a_plain_upload_of_the_same_bytes_alone() {
     assert!(report.problems.is_empty(), "{:#?}", report.problems);
     assert_eq!(node.repo().space().quota_used_bytes, 0);
 }
+
+/// Protecting writes only parity: the protected dataset's data file is the stored
+/// dataset's flat file, hard-linked, so the data is on disk once. An upload with `?ec`
+/// (protected before it is a dataset) ends with one data file, nothing left in uploads/.
+#[test]
+fn protecting_links_the_data_file_and_writes_only_parity() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), 65536);
+    let ec = EcParams::new(4, 2).unwrap();
+    let size = 8 << 20;
+    let tree_file = |cid: &cid::Cid| {
+        let tree = node.repo().manifest(cid).unwrap().unwrap().tree_cid;
+        dir.path().join("trees").join(cid_string(&tree))
+    };
+    let on_disk = || node.repo().block_bytes_on_disk().unwrap();
+
+    // A stored dataset, protected: one inode under both trees' names.
+    let bytes = random_bytes(size, 41);
+    let plain = node.store(&bytes[..], None, None).unwrap();
+    let before = on_disk();
+    let protected = node.protect(&plain, ec).unwrap();
+    let (a, b) = (
+        std::fs::metadata(tree_file(&plain)).unwrap(),
+        std::fs::metadata(tree_file(&protected)).unwrap(),
+    );
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+    // Parity only: M/K of the data (and a little file system slack).
+    let parity = (size as u64) / 2;
+    assert!(on_disk() - before <= parity + (1 << 20), "{}", on_disk());
+    assert!(read_all(&node, &protected).unwrap() == bytes);
+
+    // An upload with `?ec`: the staged upload's file becomes the protected dataset's (by
+    // a link too); no upload file is left, and the data is on disk once.
+    let bytes = random_bytes(size, 42);
+    let before = on_disk();
+    let protected = node.store_ec(&bytes[..], None, None, Some(ec)).unwrap();
+    let md = std::fs::metadata(tree_file(&protected)).unwrap();
+    assert_eq!((md.len(), md.nlink()), (size as u64, 1));
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let grown = on_disk() - before;
+    assert!(
+        grown <= size as u64 + parity + (1 << 20),
+        "{grown} bytes for {size} of data"
+    );
+    assert!(read_all(&node, &protected).unwrap() == bytes);
+    assert!(problems(&node).is_empty(), "{:#?}", problems(&node));
+}

@@ -80,6 +80,8 @@ fn a_flash_crowd_on_a_slow_seeder_completes_every_download() {
     );
     procs.0.push(seeder);
     seeder_log.wait_for("node running");
+    // The listen address is printed when the swarm reports it, maybe after the above.
+    seeder_log.wait_for("listening on ");
     let addr = seeder_log.after("listening on ");
     assert!(addr.starts_with(&listen), "{addr}");
 
@@ -146,8 +148,9 @@ fn a_flash_crowd_on_a_slow_seeder_completes_every_download() {
             "reader {i} got other bytes"
         );
     }
-    // The link was the limit: together the readers took at least what it carries.
-    let least = Duration::from_secs_f64((READERS * DATASET) as f64 * 8.0 / 30e6 * 0.8);
+    // The link was the limit: every block left the seeder at least once through it
+    // (readers also serve each other what they have, so not READERS times).
+    let least = Duration::from_secs_f64(DATASET as f64 * 8.0 / 30e6 * 0.8);
     assert!(took >= least, "{took:?}: was the link limited?");
     eprintln!(
         "{READERS} readers of {} MiB each through 30 Mbit/s: {took:?}",

@@ -383,10 +383,13 @@ fn a_published_handle_still_open_does_not_speak_for_the_file() {
     assert_eq!(f.core.getattr(attr.ino).unwrap().size, 2);
 }
 
-/// Sequential reads of whole blocks in pack files go a request at a time; a block changed
-/// on disk among them is still an error, not data, and the blocks before it read.
+/// Sequential reads of a complete dataset go straight to its flat file, whole requests at
+/// a time and unchecked (the kernel's passthrough reads skip the daemon anyway); a byte
+/// changed on disk is found by the scrub, which drops its block: the dataset is then
+/// incomplete, and a read of that block (no peer to fetch it from) is EIO, the blocks
+/// before it still read.
 #[test]
-fn a_changed_block_among_whole_block_reads_is_eio() {
+fn a_changed_block_is_dropped_by_the_scrub_and_then_reads_as_eio() {
     use std::os::unix::fs::FileExt;
     let f = fixture(u64::MAX, None, Duration::from_secs(5));
     let data = random(8 << 20, 11);
@@ -394,53 +397,40 @@ fn a_changed_block_among_whole_block_reads_is_eio() {
     let repo = f.node.repo();
     let tree = repo.manifest(&cid).unwrap().unwrap().tree_cid;
 
-    // From `start` on every leaf's bytes are in a pack file; one of them is damaged.
-    let packed = |i: u64| {
-        let block = repo.leaf_block(&tree, i).unwrap().unwrap();
-        repo.block_meta(&block).unwrap().unwrap().location.is_some()
-    };
-    let start = (0..128u64)
-        .rev()
-        .take_while(|&i| packed(i))
-        .last()
-        .unwrap_or(128);
-    assert!(
-        start < 120,
-        "8 MiB of blocks put most of them in pack files"
-    );
     let mut read = Vec::new();
     let n = repo
-        .append_whole_leaves(&tree, start, 128 - start, 65536, &mut read)
+        .append_whole_leaves(&tree, 3, 125, 65536, &mut read)
         .unwrap();
-    assert_eq!(n, 128 - start, "every packed leaf is read in one go");
-    assert_eq!(read, data[(start as usize) << 16..]);
-    let bad = start + 5;
-    let block = repo.leaf_block(&tree, bad).unwrap().unwrap();
-    let loc = repo.block_meta(&block).unwrap().unwrap().location.unwrap();
-    let pack = f
-        ._dir
-        .path()
-        .join("packs")
-        .join(format!("{:08}.pack", loc.pack));
+    assert_eq!(n, 125, "every leaf of a complete tree is read in one go");
+    assert_eq!(read, data[3 << 16..]);
+
+    // The flat file holds exactly the dataset's bytes; change one of them.
+    let bad = 37u64;
+    let path = f._dir.path().join("trees").join(cid_string(&tree));
+    assert_eq!(std::fs::read(&path).unwrap(), data);
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(pack)
+        .open(&path)
         .unwrap();
+    let at = (bad << 16) + 100;
     let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, loc.offset + 100).unwrap();
-    file.write_all_at(&[byte[0] ^ 1], loc.offset + 100).unwrap();
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 1], at).unwrap();
     drop(file);
 
-    let mut again = Vec::new();
-    let n = repo
-        .append_whole_leaves(&tree, start, 128 - start, 65536, &mut again)
-        .unwrap();
-    assert_eq!(n, 5, "stops at the changed block");
-    assert_eq!(
-        again,
-        data[(start as usize) << 16..((start + 5) as usize) << 16]
+    let report = repo.scrub(&|_| {}).unwrap();
+    assert_eq!(report.dropped, 1, "{report:?}");
+    assert!(
+        report.bad.iter().any(|b| b.contains("leaf 37")),
+        "{report:?}"
     );
+    let problems = repo.check_consistency().unwrap().problems;
+    assert!(
+        problems.iter().any(|p| p.contains("incomplete")),
+        "{problems:?}"
+    );
+    assert!(repo.leaf_block(&tree, bad).unwrap().is_none());
 
     let attr = f
         .core
@@ -452,7 +442,7 @@ fn a_changed_block_among_whole_block_reads_is_eio() {
         match f.core.read(o.fh, off, 1 << 20) {
             Ok(chunk) => {
                 assert_eq!(chunk, data[off as usize..][..chunk.len()]);
-                assert!(!chunk.is_empty(), "read past the changed block");
+                assert!(!chunk.is_empty(), "read past the dropped block");
                 off += chunk.len() as u64;
             }
             Err(e) => break e,

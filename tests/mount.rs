@@ -181,9 +181,20 @@ fn files_copied_in_read_back_by_name_and_by_cid() {
     assert!(xattrs.contains("user.codex.cid"), "{xattrs}");
 }
 
+/// Both read paths: complete datasets by FUSE passthrough (the kernel reads the flat file;
+/// no read reaches the daemon) and, with `--no-passthrough`, served by the daemon.
 #[test]
 fn concurrent_random_reads_match_the_source() {
-    let node = MountedNode::start(&[]);
+    concurrent_random_reads(false);
+    concurrent_random_reads(true);
+}
+
+fn concurrent_random_reads(daemon_served: bool) {
+    let node = MountedNode::start(if daemon_served {
+        &["--no-passthrough"]
+    } else {
+        &[]
+    });
     let src = tempfile::tempdir().unwrap();
     let local = src.path().join("big.bin");
     let bytes = random_file(&local, 24 << 20, 5);
@@ -213,14 +224,21 @@ fn concurrent_random_reads_match_the_source() {
         .unwrap()
         .text()
         .unwrap();
-    let count = |series: &str| -> f64 {
+    let counted = |series: &str| -> Option<f64> {
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(series))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in metrics"))
     };
-    assert!(count("codexfs_fuse_operation_seconds_count{op=\"read\"}") >= 16.0);
+    let count = |series: &str| -> f64 {
+        counted(series).unwrap_or_else(|| panic!("no {series} in metrics"))
+    };
+    let reads = counted("codexfs_fuse_operation_seconds_count{op=\"read\"}");
+    if daemon_served {
+        assert!(reads.unwrap_or(0.0) >= 16.0, "{reads:?}");
+    } else {
+        assert_eq!(reads, None, "passthrough reads never reach the daemon");
+    }
     assert!(count("codexfs_fuse_operation_seconds_count{op=\"lookup\"}") >= 1.0);
     assert!(count("codexfs_fuse_operation_seconds_count{op=\"write\"}") >= 1.0);
     assert_eq!(count("codexfs_uploads_total"), 1.0);
@@ -386,11 +404,16 @@ fn names_survive_a_restart_and_unmount_with_an_open_file_is_clean() {
     let (status, err) = node.stop();
     assert!(status.success(), "{err}");
     assert!(!is_mounted(&node.mnt));
+    // The open file fails, reads nothing — or, opened by passthrough, reads on from the
+    // dataset's flat file as a file on a lazily unmounted file system would: never other
+    // bytes, never a hang.
     let mut buf = Vec::new();
     assert!(
         open.seek(SeekFrom::Start(0)).is_err()
             || open.read_to_end(&mut buf).is_err()
             || buf.is_empty()
+            || buf == b"still here",
+        "{buf:?}"
     );
     drop(open);
     node.spawn(&[]);
@@ -463,6 +486,262 @@ fn kill_9_during_cp_leaves_a_consistent_store_and_a_mount_that_comes_back() {
         !node.path("big").exists(),
         "a file interrupted mid-copy is not published"
     );
+}
+
+/// The FUSE read counter of a node's /metrics (0 when none was counted).
+fn fuse_reads(api: &str) -> f64 {
+    fuse_ops(api, "read")
+}
+
+/// How many FUSE operations of kind `op` a node's /metrics counted (0 when none).
+fn fuse_ops(api: &str, op: &str) -> f64 {
+    let base = api.trim_end_matches("/api/codex/v1");
+    let metrics = reqwest::blocking::get(format!("{base}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    let prefix = format!("codexfs_fuse_operation_seconds_count{{op=\"{op}\"}}");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until the node has handled `n` FUSE RELEASEs: the kernel sends a RELEASE after
+/// `close` returned, and an inode still held by a writer's handle is daemon-served.
+fn wait_for_releases(api: &str, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fuse_ops(api, "release") < n {
+        assert!(Instant::now() < deadline, "no RELEASE in 30 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A dataset being fetched from a peer is read through the daemon (which fetches what is
+/// missing); once complete here, the next open reads it by passthrough — unless a handle
+/// opened through the daemon is still open (the kernel wants one kind per inode): then
+/// the daemon serves it again, and no open fails. Small files, one block and an empty
+/// file read right through passthrough too (their flat files hold exactly their bytes).
+#[test]
+fn incomplete_datasets_are_daemon_served_and_switch_to_passthrough_once_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src.bin");
+    let bytes = random_file(&src, (6 << 20) + 4321, 21);
+    let seeder_data = tmp.path().join("seeder");
+    let up = Command::new(bin())
+        .arg("upload")
+        .arg(&src)
+        .arg("--data-dir")
+        .arg(&seeder_data)
+        .output()
+        .unwrap();
+    assert!(up.status.success());
+    let cid = String::from_utf8(up.stdout).unwrap().trim().to_string();
+    let seeder = common::Peer::start(&seeder_data, None, None, &[], &[]);
+    let mnt = tmp.path().join("mnt");
+    let reader = common::Peer::start(
+        &tmp.path().join("reader"),
+        Some(&mnt),
+        Some(&seeder.addr()),
+        &["--read-timeout", "20s"],
+        &[],
+    );
+    let api = reader.api();
+    let path = mnt.join(&cid);
+
+    // Not here yet: read through the daemon, which fetches it.
+    let mut first = std::fs::File::open(&path).unwrap();
+    let mut got = Vec::new();
+    first.read_to_end(&mut got).unwrap();
+    assert!(got == bytes);
+    let after_first = fuse_reads(&api);
+    assert!(after_first > 0.0);
+    // Complete now, but an open through the daemon holds the inode: served by it again.
+    let mut second = std::fs::File::open(&path).unwrap();
+    let mut again = Vec::new();
+    second.read_to_end(&mut again).unwrap();
+    assert!(again == bytes);
+    drop((first, second));
+    // Closed: the next open is passthrough, and reads never reach the daemon.
+    let before = fuse_reads(&api);
+    let third = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for off in [0u64, 65536 * 7 + 5, bytes.len() as u64 - 4096] {
+        third.read_exact_at(&mut buf, off).unwrap();
+        assert!(buf == bytes[off as usize..][..4096]);
+    }
+    let mut whole = Vec::new();
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_to_end(&mut whole)
+        .unwrap();
+    assert!(whole == bytes);
+    assert_eq!(
+        fuse_reads(&api),
+        before,
+        "passthrough reads reach the daemon"
+    );
+    drop(third);
+
+    // Small datasets, stored on the reader: a partial block, one whole block, nothing.
+    for (name, size) in [
+        ("one-byte", 1usize),
+        ("block", 65536),
+        ("empty", 0),
+        ("odd", 100_003),
+    ] {
+        let data = common::random_bytes(size, size as u64);
+        std::fs::write(mnt.join(name), &data).unwrap();
+        let c = xattr(&mnt.join(name), "user.codex.cid")
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", reader.log.text()));
+        let before = fuse_reads(&api);
+        assert!(std::fs::read(mnt.join(&c)).unwrap() == data, "{name}");
+        assert_eq!(std::fs::metadata(mnt.join(&c)).unwrap().len(), size as u64);
+        assert_eq!(fuse_reads(&api), before, "{name} was read by the daemon");
+    }
+}
+
+/// A byte changed on disk in a dataset's flat file is found by `check --deep`, which drops
+/// the block and marks the dataset incomplete; the next read through the mount fetches
+/// the block from a peer, and the dataset is complete (and read by passthrough) again.
+#[test]
+fn a_block_the_scrub_drops_is_fetched_again_by_the_next_read() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src.bin");
+    let bytes = random_file(&src, (3 << 20) + 999, 22);
+    let (seeder_data, reader_data) = (tmp.path().join("seeder"), tmp.path().join("reader"));
+    let upload = |data: &Path| {
+        let out = Command::new(bin())
+            .arg("upload")
+            .arg(&src)
+            .arg("--data-dir")
+            .arg(data)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let cid = upload(&seeder_data);
+    assert_eq!(upload(&reader_data), cid);
+    let flat = std::fs::read_dir(reader_data.join("trees"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&flat)
+        .unwrap();
+    let at = 5 * 65536 + 77;
+    f.write_all_at(&[bytes[at] ^ 0x55], at as u64).unwrap();
+    drop(f);
+    let deep = Command::new(bin())
+        .args(["check", "--deep", "--data-dir"])
+        .arg(&reader_data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&deep.stdout);
+    assert!(!deep.status.success(), "{text}");
+    assert!(
+        text.contains("1 dropped") && text.contains("leaf 5"),
+        "{text}"
+    );
+
+    let seeder = common::Peer::start(&seeder_data, None, None, &[], &[]);
+    let mnt = tmp.path().join("mnt");
+    let reader = common::Peer::start(
+        &reader_data,
+        Some(&mnt),
+        Some(&seeder.addr()),
+        &["--read-timeout", "20s"],
+        &[],
+    );
+    // Connected to the seeder (its records reached a peer) before the read that needs it.
+    reader.wait_for("advertised all");
+    let api = reader.api();
+    assert!(std::fs::read(mnt.join(&cid)).unwrap() == bytes);
+    assert!(
+        fuse_reads(&api) > 0.0,
+        "incomplete: read through the daemon"
+    );
+    let before = fuse_reads(&api);
+    assert!(std::fs::read(mnt.join(&cid)).unwrap() == bytes);
+    assert_eq!(
+        fuse_reads(&api),
+        before,
+        "complete again: read by passthrough"
+    );
+    drop(reader);
+    let check = Command::new(bin())
+        .args(["check", "--deep", "--data-dir"])
+        .arg(&reader_data)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+}
+
+/// Names are read by passthrough too. A name open for reading (by passthrough, on one
+/// version's flat file) can still be opened for writing, or read once a newer version is
+/// published: the name moves to a new inode (the open is retried by the kernel through
+/// ESTALE); handles open before read on the version they opened.
+#[test]
+fn names_read_by_passthrough_and_written_while_open() {
+    use std::io::Write;
+    let node = MountedNode::start(&[]);
+    let api = node.log.after("API at ");
+    let path = node.path("n.bin");
+    let v1 = common::random_bytes(1 << 20, 31);
+    let released = fuse_ops(&api, "release");
+    std::fs::write(&path, &v1).unwrap();
+    wait_for_releases(&api, released + 1.0);
+    let before = fuse_reads(&api);
+    assert!(std::fs::read(&path).unwrap() == v1);
+    assert_eq!(
+        fuse_reads(&api),
+        before,
+        "a published name reads by passthrough"
+    );
+
+    // A reader holds v1; a writer truncates and writes v2 meanwhile.
+    let old_reader = std::fs::File::open(&path).unwrap();
+    let v2 = common::random_bytes(300_000, 32);
+    {
+        let mut w = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        w.write_all(&v2).unwrap();
+    }
+    let mut got = vec![0u8; v1.len()];
+    old_reader.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == v1, "the reader reads on the version it opened");
+    assert!(
+        std::fs::read(&path).unwrap() == v2,
+        "a new open reads the new version"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), v2.len() as u64);
+
+    // A read-write open beside a reader (as rsync --inplace does): patch in place.
+    let reader = std::fs::File::open(&path).unwrap();
+    let rw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    rw.write_all_at(b"patched", 1000).unwrap();
+    drop(rw);
+    let mut v3 = v2.clone();
+    v3[1000..1007].copy_from_slice(b"patched");
+    let mut got = vec![0u8; v2.len()];
+    reader.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == v2);
+    assert!(std::fs::read(&path).unwrap() == v3);
+    drop((old_reader, reader));
 }
 
 /// The datasets stored in a data dir no process has open, as CIDs.

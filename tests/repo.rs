@@ -21,6 +21,7 @@ fn node(dir: &std::path::Path, quota: u64, ttl: Duration) -> Node {
         repo: RepoConfig {
             quota_max: quota,
             block_ttl: ttl,
+            ..RepoConfig::default()
         },
         ..NodeConfig::default()
     };
@@ -194,6 +195,7 @@ fn background_sweeper_runs_on_its_interval() {
         repo: RepoConfig {
             quota_max: BIG,
             block_ttl: Duration::ZERO,
+            ..RepoConfig::default()
         },
         sweep_interval: Duration::from_millis(300),
         ..NodeConfig::default()
@@ -202,14 +204,17 @@ fn background_sweeper_runs_on_its_interval() {
     let cid = node.store(&random_bytes(1000, 9)[..], None, None).unwrap();
     let _sweeper = node.spawn_sweeper();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while node.repo().has_dataset(&cid).unwrap() {
+    // The dataset record goes first, then (released after it) the tree's blocks.
+    while node.repo().has_dataset(&cid).unwrap() || node.repo().space().total_blocks > 0 {
         assert!(
             std::time::Instant::now() < deadline,
-            "sweeper never removed the expired dataset"
+            "sweeper never removed the expired dataset: {:?}",
+            node.repo().space()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(node.repo().space().total_blocks, 0);
+    assert_eq!(node.repo().space().quota_used_bytes, 0);
+    assert_consistent(&node);
 }
 
 #[test]
@@ -312,6 +317,7 @@ fn fetched_leaves_of_an_incomplete_dataset_are_swept_once_expired() {
                 (m.tree_cid, i, rec, data)
             })
             .collect();
+        dst.repo().ensure_tree(&m).unwrap();
         dst.repo().put_fetched_leaves(&leaves).unwrap();
         m
     };
@@ -357,19 +363,20 @@ fn fetched_leaves_of_an_adopted_dataset_stay_until_it_expires() {
             (m.tree_cid, i, rec, data)
         })
         .collect();
+    dst.repo().ensure_tree(&m).unwrap();
     dst.repo().put_fetched_leaves(&leaves).unwrap();
     dst.repo().adopt_dataset(&m).unwrap();
     // Its blocks' own lifetime has ended, but the dataset (just adopted) lives on.
-    let report = dst.repo().sweep_orphan_leaves(unix_now() + 61).unwrap();
+    let report = dst.repo().sweep_trees(unix_now() + 61).unwrap();
     assert_eq!(report, 0);
     assert!(dst.repo().leaf(&m.tree_cid, 0).unwrap().is_some());
     assert_consistent(&dst);
 }
 
-/// Past its first 4 MiB an upload's blocks go to pack files: a quota failure there leaves
-/// no counted bytes and no pack bytes behind (the check counts both).
+/// A quota failure part way through a large upload leaves no counted bytes and no file
+/// bytes behind (the check counts both).
 #[test]
-fn exceeding_the_quota_in_pack_files_leaves_nothing_behind() {
+fn exceeding_the_quota_part_way_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path(), 12 << 20, DAY);
     let first = random_bytes(8 << 20, 30);
@@ -391,26 +398,23 @@ fn exceeding_the_quota_in_pack_files_leaves_nothing_behind() {
     assert_consistent(&node);
 }
 
-/// A block whose bytes changed on disk is an error when read, never served, and the
-/// consistency check names it.
+/// A block whose bytes changed on disk is found by the scrub and dropped: the dataset is
+/// then incomplete (the check says so) and the block is never served from here again.
 #[test]
-fn a_changed_byte_in_a_pack_file_is_an_error_not_data() {
+fn a_changed_byte_in_a_flat_file_is_found_by_the_scrub_and_not_served() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let data = random_bytes(8 << 20, 32);
-    let cid = {
+    let (cid, tree) = {
         let node = node(dir.path(), BIG, DAY);
-        node.store(&data[..], None, None).unwrap()
+        let cid = node.store(&data[..], None, None).unwrap();
+        (cid, node.repo().manifest(&cid).unwrap().unwrap().tree_cid)
     };
-    let pack = std::fs::read_dir(dir.path().join("packs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "pack"))
-        .expect("a pack file");
+    let flat = dir.path().join("trees").join(cid_string(&tree));
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&pack)
+        .open(&flat)
         .unwrap();
     let mut byte = [0u8; 1];
     f.read_exact_at(&mut byte, 1000).unwrap();
@@ -418,27 +422,77 @@ fn a_changed_byte_in_a_pack_file_is_an_error_not_data() {
     drop(f);
 
     let node = node(dir.path(), BIG, DAY);
+    let report = node.repo().scrub(&|_| {}).unwrap();
+    assert_eq!(report.dropped, 1, "{report:?}");
     let mut out = Vec::new();
     let err = node
         .retrieve(&cid)
         .unwrap()
         .read_to_end(&mut out)
-        .expect_err("a corrupt block must not read");
-    assert!(err.to_string().contains("checksum"), "{err}");
-    assert_ne!(out, data);
+        .expect_err("a dropped block must not read");
+    assert!(err.to_string().contains("not stored"), "{err}");
+    assert!(out.is_empty(), "block 0 was the changed one");
     let r = node.repo().check_consistency().unwrap();
     assert!(
-        r.problems.iter().any(|p| p.contains("checksum")),
+        r.problems.iter().any(|p| p.contains("incomplete")),
         "{:#?}",
         r.problems
     );
+    // Only the dropped block is missing: the rest still read.
+    let mut rest = node.retrieve(&cid).unwrap();
+    rest.seek(SeekFrom::Start(65536)).unwrap();
+    let mut tail = Vec::new();
+    rest.read_to_end(&mut tail).unwrap();
+    assert!(tail == data[65536..]);
 }
 
-/// However large an upload's first batch, it goes into RocksDB's write batch only while
-/// the upload stays within its inline budget (4 MiB); past it, to pack files (issue 15,
-/// item 2).
+/// A failed fsync is fatal: Linux drops the pages it could not write, so the store never
+/// retries one; it refuses every write until reopened, and the reopened repo is consistent
+/// with nothing of the failed upload in it.
 #[test]
-fn a_batch_bigger_than_the_inline_budget_goes_to_pack_files() {
+fn a_failed_fsync_stops_the_stores_writes_until_it_is_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (random_bytes(3 << 20, 40), random_bytes(3 << 20, 41));
+    {
+        let node = node(dir.path(), BIG, DAY);
+        node.repo().debug_fail_fsync_after(0);
+        let first = node.store(&a[..], None, None).unwrap_err();
+        assert!(first.to_string().contains("os error 5"), "{first}");
+        let second = node.store(&b[..], None, None).unwrap_err();
+        assert!(second.to_string().contains("earlier fsync"), "{second}");
+        assert!(node.delete(&block_cid(b"x")).is_ok());
+    }
+    let cid = {
+        let node = node(dir.path(), BIG, DAY);
+        assert_consistent(&node);
+        assert_eq!(node.repo().space().total_blocks, 0);
+        let cid = node.store(&b[..], None, None).unwrap();
+        assert_eq!(read_all(&node, &cid), b);
+        assert_consistent(&node);
+        // The sync of a synced RocksDB write (the deletion's first batch) is one like any
+        // other: failed, the store stops just the same.
+        node.repo().debug_fail_fsync_after(0);
+        let failed = node.delete(&cid).unwrap_err();
+        assert!(failed.to_string().contains("os error 5"), "{failed}");
+        assert!(node.repo().is_stopped());
+        let later = node.store(&a[..], None, None).unwrap_err();
+        assert!(later.to_string().contains("earlier fsync"), "{later}");
+        assert_eq!(read_all(&node, &cid), b, "reads go on");
+        cid
+    };
+    let node = node(dir.path(), BIG, DAY);
+    assert_consistent(&node);
+    assert_eq!(read_all(&node, &cid), b);
+    assert!(node.delete(&cid).unwrap());
+    assert_consistent(&node);
+    assert_eq!(node.repo().space().total_blocks, 0);
+}
+
+/// However large an upload's batch, its block bytes never go into a RocksDB write batch
+/// (issue 15, item 2): they are written into the upload's own file, and only records go
+/// to RocksDB.
+#[test]
+fn an_uploads_block_bytes_go_to_its_file_never_into_rocksdb() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path(), BIG, DAY);
     let repo = node.repo();
@@ -453,22 +507,29 @@ fn a_batch_bigger_than_the_inline_budget_goes_to_pack_files() {
     upload.put_blocks(0, &batch).unwrap();
     for c in &cids {
         let meta = repo.block_meta(c).unwrap().unwrap();
-        assert!(
-            meta.location.is_some(),
-            "{} went into RocksDB",
-            cid_string(c)
-        );
+        assert!(!meta.inline, "{} went into RocksDB", cid_string(c));
     }
+    let files: Vec<u64> = std::fs::read_dir(dir.path().join("uploads"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    assert_eq!(files, vec![100 * 65536]);
     drop(upload);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
     assert_eq!(repo.space().quota_used_bytes, 0);
     assert_consistent(&node);
 }
 
 /// Adopting a dataset fetched from peers is one transaction: a quota that refuses its
-/// manifest leaves no tree record behind, so its leaves are swept like any orphan's
-/// (issue 15, item 7).
+/// manifest leaves the fetched tree as it was (no dataset counted on it), so it is swept
+/// like any tree fetched and never adopted (issue 15, item 7).
 #[test]
-fn a_refused_adoption_leaves_no_tree_record() {
+fn a_refused_adoption_leaves_the_fetched_tree_to_the_sweep() {
     let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let src = node(src_dir.path(), BIG, DAY);
     let cid = src
@@ -484,14 +545,18 @@ fn a_refused_adoption_leaves_no_tree_record() {
         .collect();
     // Room for the leaves, not for the manifest.
     let dst = node(dst_dir.path(), 4 * 65536, Duration::from_secs(60));
+    dst.repo().ensure_tree(&m).unwrap();
     dst.repo().put_fetched_leaves(&leaves).unwrap();
     let err = dst.repo().adopt_dataset(&m).unwrap_err();
     assert!(err.is_out_of_space(), "{err}");
     assert!(!dst.repo().has_dataset(&cid).unwrap());
+    let tree = dst.repo().tree(&m.tree_cid).unwrap().unwrap();
+    assert_eq!((tree.datasets, tree.present), (0, 4));
     assert_consistent(&dst);
     // Nothing holds the leaves: they go once expired, and all space with them.
-    let dropped = dst.repo().sweep_orphan_leaves(unix_now() + 61).unwrap();
+    let dropped = dst.repo().sweep_trees(unix_now() + 61).unwrap();
     assert_eq!(dropped, 4);
+    assert!(dst.repo().tree(&m.tree_cid).unwrap().is_none());
     assert_eq!(dst.repo().space().quota_used_bytes, 0);
     assert_consistent(&dst);
 }

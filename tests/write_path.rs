@@ -611,3 +611,37 @@ fn the_repo_deletes_only_versions_the_mount_made_and_nothing_refers_to() {
     assert!(repo.has_dataset(&both).unwrap() && repo.has_dataset(&theirs).unwrap());
     f.consistent();
 }
+
+/// A file or a tree in the mount is the user's until they delete it: its lifetime is
+/// the name's, not the blocks' TTL. The sweep takes expired datasets nobody names (an
+/// upload, here) and never what a name points at, even once its record has expired.
+#[test]
+fn the_sweep_never_takes_what_the_mount_names() {
+    let mut f = Fixture::new(1 << 40, None, Duration::ZERO);
+    write_file(f.core(), ROOT_INO, "kept.txt", b"a file in the mount");
+    let d = f.core().mkdir(ROOT_INO, os("tree")).unwrap().ino;
+    write_file(f.core(), d, "inner.txt", b"a file in a tree");
+    f.core().publish_due();
+    let file = f.node().repo().name("kept.txt").unwrap().unwrap().cid;
+    let tree = f.node().repo().name("tree").unwrap().unwrap().cid;
+    let upload = f
+        .node()
+        .store(&b"an upload nobody names"[..], None, None)
+        .unwrap();
+
+    let years_later = codexfs::repo::unix_now() + 100 * 365 * 24 * 3600;
+    let report = f.node().repo().sweep_expired(years_later).unwrap();
+    assert!(report.datasets >= 1, "{report:?}");
+    assert!(!f.node().repo().has_dataset(&upload).unwrap());
+    assert!(f.node().repo().has_dataset(&file).unwrap());
+    assert!(f.node().repo().has_directory(&tree).unwrap());
+
+    f.crash_and_reopen();
+    assert_eq!(
+        read_name(f.core(), ROOT_INO, "kept.txt").unwrap(),
+        b"a file in the mount"
+    );
+    let d = f.core().lookup(ROOT_INO, os("tree")).unwrap().ino;
+    assert_eq!(read_name(f.core(), d, "inner.txt").unwrap(), b"a file in a tree");
+    f.consistent();
+}

@@ -49,16 +49,34 @@ pub fn protect_as(repo: &RepoStore, cid: &Cid, ec: EcParams, origin: Origin) -> 
             cid_string(cid)
         )));
     }
-    let block_of = |index| repo.leaf_block(&manifest.tree_cid, index);
-    protect_blocks(repo, &manifest, ec, &block_of, origin)
+    let tree = manifest.tree_cid;
+    let block_of = |index| -> Result<Option<(Cid, Bytes)>> {
+        let Some(block) = repo.leaf_block(&tree, index)? else {
+            return Ok(None);
+        };
+        let bytes = repo.leaf_bytes(&tree, index)?.ok_or_else(|| {
+            Error::NotFound(format!("block {} is not stored", cid_string(&block)))
+        })?;
+        Ok(Some((block, bytes)))
+    };
+    let upload = repo.begin_upload_as(origin)?;
+    // The data blocks keep their places: the original's flat file is the protected
+    // dataset's data file too (a hard link), so only parity is written — unless that file
+    // is not complete here, when the data blocks are written too.
+    let linked = upload.link_data_file(&manifest.tree_cid, manifest.dataset_size)?;
+    protect_blocks(upload, &manifest, ec, &block_of, linked)
 }
 
-/// Protects a dataset whose blocks an unfinished upload holds (`tree` and `manifest`
-/// describe them; no dataset record names them): an upload with `?ec` never records the
-/// unprotected dataset. Returns the protected manifest's CID, recorded on behalf of
-/// `origin`.
+/// Protects a dataset whose blocks unfinished upload `staged` holds (`tree` and
+/// `manifest` describe them; no dataset record names them): an upload with `?ec` never
+/// records the unprotected dataset, so a plain upload of the same bytes meanwhile keeps
+/// its CID. The staged upload's data file becomes the protected dataset's (a hard link:
+/// only parity is written). Returns the protected manifest's CID; `staged` is left to the
+/// caller to drop, which gives its holds back once the protected dataset has its own.
+/// The protected dataset is recorded on behalf of `origin`.
 pub fn protect_staged(
     repo: &RepoStore,
+    staged: &Upload<'_>,
     tree: &MerkleTree,
     manifest: &Manifest,
     ec: EcParams,
@@ -66,29 +84,36 @@ pub fn protect_staged(
 ) -> Result<Cid> {
     let ec = EcParams::new(ec.k, ec.m)?;
     let leaves = tree.leaves();
-    let block_of = |index: u64| {
-        Ok(leaves
-            .get(index as usize)
-            .map(|d| crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, d)))
+    let bs = manifest.block_size;
+    let block_of = |index: u64| -> Result<Option<(Cid, Bytes)>> {
+        let Some(digest) = leaves.get(index as usize) else {
+            return Ok(None);
+        };
+        let block = crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, digest);
+        Ok(Some((block, staged.read_data_block(index, bs)?)))
     };
-    protect_blocks(repo, manifest, ec, &block_of, origin)
+    let upload = repo.begin_upload_as(origin)?;
+    upload.link_data_of(staged)?;
+    protect_blocks(upload, manifest, ec, &block_of, true)
 }
 
-/// Which block is leaf `index` of the dataset being protected.
-type BlockOf<'a> = dyn Fn(u64) -> Result<Option<Cid>> + Sync + 'a;
+/// Leaf `index` of the dataset being protected: its block CID and bytes, if stored.
+type BlockOf<'a> = dyn Fn(u64) -> Result<Option<(Cid, Bytes)>> + Sync + 'a;
 
+/// Protects the dataset `manifest` describes into `upload`, whose data file holds its
+/// data blocks already if `linked`.
 fn protect_blocks(
-    repo: &RepoStore,
+    upload: Upload<'_>,
     manifest: &Manifest,
     ec: EcParams,
     block_of: &BlockOf<'_>,
-    origin: Origin,
+    linked: bool,
 ) -> Result<Cid> {
     check_block_size(manifest.block_size)?;
     let layout = Layout::new(manifest.block_count(), ec.k as u64, ec.m as u64);
-    let upload = repo.begin_upload_as(origin)?;
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
-    let digests = encode_all(repo, manifest, &layout, &upload, block_of)?;
+    upload.set_data_blocks(layout.rounded);
+    let digests = encode_all(manifest, &layout, &upload, block_of, linked)?;
     let tree = MerkleTree::new(digests)?;
     let mut protected = Manifest::new(
         tree.root_cid(),
@@ -108,13 +133,14 @@ fn protect_blocks(
 }
 
 /// Puts every block of the protected dataset through `upload` (data blocks take one more
-/// reference, padding and parity are stored) and returns the leaf digests in order.
+/// reference, and are written unless the data file is `linked`; padding blocks are held,
+/// their zeros implied; parity is written) and returns the leaf digests in order.
 fn encode_all(
-    repo: &RepoStore,
     manifest: &Manifest,
     layout: &Layout,
     upload: &Upload<'_>,
     block_of: &BlockOf<'_>,
+    linked: bool,
 ) -> Result<Vec<Digest>> {
     let bs = manifest.block_size as usize;
     let zero = Bytes::from(vec![0u8; bs]);
@@ -152,11 +178,8 @@ fn encode_all(
                         data.push(zero.clone());
                         continue;
                     }
-                    let block = block_of(index)?.ok_or_else(|| {
+                    let (block, bytes) = block_of(index)?.ok_or_else(|| {
                         Error::NotFound(format!("leaf {index} of the dataset is not stored"))
-                    })?;
-                    let bytes = repo.get_block(&block)?.ok_or_else(|| {
-                        Error::NotFound(format!("block {} is not stored", cid_string(&block)))
                     })?;
                     if bytes.len() != bs {
                         return Err(Error::Corrupt(format!(
@@ -174,13 +197,25 @@ fn encode_all(
                     blocks.push((index, cid, Bytes::from(p)));
                 }
             }
-            let batch: Vec<(u64, Cid, &[u8])> =
-                blocks.iter().map(|(i, c, b)| (*i, *c, &b[..])).collect();
-            // A run is at least one column: stored in parts of at most PASS_BYTES, so no
-            // single write batch grows with K + M.
-            for part in batch.chunks(blocks_per_put) {
+            // Bytes to write: parity, and data unless the data file is linked. The rest
+            // (padding, linked data) is only held.
+            let written = |i: u64| i >= layout.rounded || (!linked && !layout.is_padding(i));
+            let put: Vec<(u64, Cid, &[u8])> = blocks
+                .iter()
+                .filter(|(i, _, _)| written(*i))
+                .map(|(i, c, b)| (*i, *c, &b[..]))
+                .collect();
+            let held: Vec<(u64, Cid, u64)> = blocks
+                .iter()
+                .filter(|(i, _, _)| !written(*i))
+                .map(|(i, c, b)| (*i, *c, b.len() as u64))
+                .collect();
+            // A run is at least one column: written in parts of at most PASS_BYTES, so no
+            // single write grows with K + M.
+            for part in put.chunks(blocks_per_put) {
                 upload.put_indexed_blocks(part)?;
             }
+            upload.hold_blocks(&held)?;
             let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
             for (i, c, _) in &blocks {
                 all[*i as usize] = digest_of(c)

@@ -122,12 +122,9 @@ impl<'a> Ctx<'a> {
         &self.manifest.tree_cid
     }
 
-    /// Whether the leaf's record and bytes are stored here.
+    /// Whether the leaf is stored here (a leaf record means its bytes are).
     fn is_stored(&self, index: u64) -> Result<bool> {
-        match self.repo.leaf_block(self.tree(), index)? {
-            Some(b) => self.repo.has_block(&b),
-            None => Ok(false),
-        }
+        Ok(self.repo.leaf_block(self.tree(), index)?.is_some())
     }
 
     /// Fetches the column's blocks (all but `skip`, known lost, and padding, known zero)
@@ -281,7 +278,11 @@ impl<'a> Ctx<'a> {
             }
         }
         // The read goes on even if storing fails (a full quota, say): the bytes are verified.
-        if let Err(e) = self.repo.put_fetched_leaves(&records) {
+        let stored = self
+            .repo
+            .ensure_tree(self.manifest)
+            .and_then(|_| self.repo.put_fetched_leaves(&records));
+        if let Err(e) = stored {
             tracing::warn!("storing rebuilt blocks: {e}");
             return Ok(0);
         }
@@ -380,11 +381,9 @@ pub fn recover_block(
     let lock = column_lock(ctx.tree(), step);
     let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
     // Another reader may have rebuilt it meanwhile.
-    if let Some(b) = repo.leaf_block(ctx.tree(), index)? {
-        if let Some(data) = repo.get_block(&b)? {
-            if data.len() as u64 == ctx.manifest.block_size {
-                return Ok(data);
-            }
+    if let Some(data) = repo.leaf_bytes(ctx.tree(), index)? {
+        if data.len() as u64 == ctx.manifest.block_size {
+            return Ok(data);
         }
     }
     let col = ctx.decode(step, &[index])?;
@@ -396,11 +395,8 @@ pub fn recover_block(
         Err(Error::NotFound(why)) => {
             tracing::info!("{why}; repairing the whole dataset instead");
             repair(fetch, repo, dataset)?;
-            let b = repo
-                .leaf_block(ctx.tree(), index)?
-                .ok_or_else(|| Error::NotFound(format!("block {index} was not repaired")))?;
             return repo
-                .get_block(&b)?
+                .leaf_bytes(ctx.tree(), index)?
                 .ok_or_else(|| Error::NotFound(format!("block {index} was not repaired")));
         }
         Err(e) => return Err(e),
@@ -435,10 +431,7 @@ pub fn repair(fetch: &dyn Fetch, repo: &RepoStore, dataset: &Dataset) -> Result<
     let mut digests: Vec<Option<Digest>> = Vec::with_capacity(l.total as usize);
     let mut missing: Vec<(u64, Vec<u64>)> = Vec::new();
     for i in 0..l.total {
-        digests.push(match repo.leaf_block(ctx.tree(), i)? {
-            Some(b) if repo.has_block(&b)? => digest_of(&b),
-            _ => None,
-        });
+        digests.push(repo.leaf_block(ctx.tree(), i)?.and_then(|b| digest_of(&b)));
     }
     for step in 0..l.steps {
         let lost: Vec<u64> = l
@@ -482,6 +475,7 @@ pub fn repair(fetch: &dyn Fetch, repo: &RepoStore, dataset: &Dataset) -> Result<
     }
     check_original_tree_of(ctx.manifest, &tree.leaves()[..l.blocks as usize])?;
     // Pass 2: store them, one batch per column.
+    repo.ensure_tree(ctx.manifest)?;
     for (step, lost) in &missing {
         let mut shards: Vec<(u64, Bytes)> = lost
             .iter()

@@ -372,7 +372,9 @@ impl FsCore {
         let published = self.record(name)?;
         let in_flight = lock(&self.inodes).find_name(name);
         if published.is_some() || in_flight.is_some() {
-            // Counted before anything else: a FORGET meanwhile must not take the inode.
+            // The lookup is counted at once: a FORGET handled meanwhile (the kernel sends
+            // one for the inode a revalidation found changed) must not drop the inode
+            // between this lookup's finding it and its answer.
             let ino = lock(&self.inodes).named(name, true);
             return self
                 .named_attr(ino, Some(name))
@@ -690,6 +692,57 @@ impl FsCore {
                 }
             }
         }
+    }
+
+    /// The flat file holding exactly the bytes that read-only handle `fh` of inode `ino`
+    /// reads, and the dataset's CID, when the dataset is complete here: the FUSE layer
+    /// hands it to the kernel (passthrough), and reads through that handle then never come
+    /// to us. `None` for anything else: a dataset not complete here is read through us,
+    /// fetching what is missing; so is a name with a handle open for writing, or a file of
+    /// a tree being written into the mount.
+    pub fn backing_file(&self, ino: u64, fh: u64) -> Option<(std::fs::File, Cid)> {
+        match lock(&self.inodes).get(ino) {
+            Some(Entry::Cid(_)) | Some(Entry::Child { .. }) => {}
+            Some(Entry::Named(Some(_))) => {
+                let writing = lock(&self.handles)
+                    .values()
+                    .any(|h| matches!(h, Handle::Write { ino: i, .. } if *i == ino));
+                if writing {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+        let dataset = match lock(&self.handles).get(&fh) {
+            Some(Handle::Read(p)) => p.dataset().clone(),
+            _ => return None,
+        };
+        match self.node.flat_file(&dataset) {
+            Ok(f) => f.map(|f| (f, *dataset.cid())),
+            Err(e) => {
+                tracing::warn!("the flat file of {}: {e}", cid_string(dataset.cid()));
+                None
+            }
+        }
+    }
+
+    /// The CID name inode `ino` reads now (its published version); `None` if `ino` is not a
+    /// name, or one not published yet.
+    pub fn name_version(&self, ino: u64) -> Option<Cid> {
+        let name = match lock(&self.inodes).get(ino) {
+            Some(Entry::Named(Some(name))) => name.clone(),
+            _ => return None,
+        };
+        self.node.repo().name(&name).ok().flatten().map(|r| r.cid)
+    }
+
+    /// Gives the name of inode `ino` a new inode, made at its next lookup, and leaves `ino`
+    /// to the handles open on it as the immutable dataset `version` (what they read).
+    /// For the FUSE layer: an inode whose reads go by passthrough to a version's flat file
+    /// cannot be opened otherwise, so a writer of its name (or a reader of a newer version)
+    /// is sent to a new inode. False if `ino` is not a name.
+    pub fn detach_name(&self, ino: u64, version: Cid) -> bool {
+        lock(&self.inodes).detach(ino, version)
     }
 
     /// A read-only open of a file whose first version is still being written: reads go

@@ -1,13 +1,15 @@
 //! The FUSE glue: translates kernel requests to [`FsCore`] calls and back. No logic of
 //! its own beyond that.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
     Request, TimeOrNow, WriteFlags,
 };
@@ -16,11 +18,152 @@ use super::core::{Attr, FsCore, Kind, BLKSIZE};
 
 pub struct CodexFuse {
     core: Arc<FsCore>,
+    passthrough: Passthrough,
 }
 
 impl CodexFuse {
-    pub fn new(core: Arc<FsCore>) -> Self {
-        Self { core }
+    /// `passthrough`: hand complete datasets' flat files to the kernel when it can take
+    /// them (see [`Passthrough`]).
+    pub fn new(core: Arc<FsCore>, passthrough: bool) -> Self {
+        Self {
+            core,
+            passthrough: Passthrough::new(passthrough),
+        }
+    }
+}
+
+/// FUSE passthrough: on `open` of a dataset complete here, the kernel is handed its flat
+/// file, and reads go to that file's page cache without coming to us.
+///
+/// For a name (mutable: it may be written while it is read), the inode with passthrough
+/// handles is one version: a writer of the name, or a reader once a newer version is
+/// published, is sent to a new inode for the name (see `open`); handles open on the old
+/// one read on what they opened.
+///
+/// The kernel's rules, kept here: every open of an inode that has a backing file must be
+/// a passthrough open with that same backing (anything else fails with EIO), so the
+/// backing id of an inode is kept, and reused by every open of it, until its last
+/// passthrough handle is released — for the immutable entries this is used on, any
+/// complete flat file of the dataset holds the same bytes, even one deleted since; an
+/// inode open through us in cached mode cannot be opened with passthrough (ETXTBSY), so
+/// it is served by us until those handles are closed; `FOPEN_KEEP_CACHE` is never
+/// combined with it. Passthrough needs CAP_SYS_ADMIN: when the kernel or the privileges
+/// refuse it, every open is served by us.
+struct Passthrough {
+    enabled: AtomicBool,
+    state: Mutex<PassthroughState>,
+}
+
+#[derive(Default)]
+struct PassthroughState {
+    inodes: HashMap<u64, InodeOpens>,
+    /// What each open handle holds: its inode, its backing id, whether it is in cached mode.
+    handles: HashMap<u64, (u64, Option<Arc<BackingId>>, bool)>,
+}
+
+#[derive(Default)]
+struct InodeOpens {
+    /// The inode's backing id while passthrough handles hold it, and the dataset it reads.
+    backing: Weak<BackingId>,
+    version: Option<cid::Cid>,
+    /// Handles open through us in cached mode (not direct I/O).
+    cached: u64,
+}
+
+impl Passthrough {
+    fn new(enabled: bool) -> Self {
+        Self {
+            enabled: AtomicBool::new(enabled),
+            state: Mutex::new(PassthroughState::default()),
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    fn disable(&self, why: &str) {
+        if self.enabled.swap(false, Ordering::Relaxed) {
+            tracing::warn!("passthrough reads are off: {why}; every read is served by codexfs");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PassthroughState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The backing id to open `ino` with: the one its passthrough handles share, or a new
+    /// one for the file `file` gives (`None`: not a complete immutable dataset); `None` if
+    /// the inode has handles served by us in cached mode, or the kernel refuses.
+    fn backing_for(
+        &self,
+        ino: u64,
+        file: impl FnOnce() -> Option<(std::fs::File, cid::Cid)>,
+        reply: &ReplyOpen,
+    ) -> Option<Arc<BackingId>> {
+        let mut st = self.lock();
+        let opens = st.inodes.entry(ino).or_default();
+        if let Some(id) = opens.backing.upgrade() {
+            return Some(id);
+        }
+        if opens.cached > 0 {
+            return None;
+        }
+        let (file, version) = file()?;
+        match reply.open_backing(file) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                opens.backing = Arc::downgrade(&id);
+                opens.version = Some(version);
+                Some(id)
+            }
+            Err(e) => {
+                drop(st);
+                self.disable(&format!("the kernel refused a backing file ({e})"));
+                None
+            }
+        }
+    }
+
+    /// The dataset inode `ino`'s passthrough handles read, while there are any.
+    fn backing_version(&self, ino: u64) -> Option<cid::Cid> {
+        let st = self.lock();
+        let opens = st.inodes.get(&ino)?;
+        (opens.backing.strong_count() > 0)
+            .then_some(opens.version)
+            .flatten()
+    }
+
+    /// Records handle `fh` of `ino`, opened through us with `flags`.
+    fn served_by_us(&self, ino: u64, fh: u64, flags: FopenFlags) -> FopenFlags {
+        let mut st = self.lock();
+        let cached = !flags.contains(FopenFlags::FOPEN_DIRECT_IO);
+        if cached {
+            st.inodes.entry(ino).or_default().cached += 1;
+        }
+        st.handles.insert(fh, (ino, None, cached));
+        flags
+    }
+
+    fn passed_through(&self, ino: u64, fh: u64, id: Arc<BackingId>) {
+        self.lock().handles.insert(fh, (ino, Some(id), false));
+    }
+
+    /// Forgets handle `fh`; the inode's backing id goes with its last handle.
+    fn released(&self, fh: u64) {
+        let mut st = self.lock();
+        let Some((ino, id, cached)) = st.handles.remove(&fh) else {
+            return;
+        };
+        drop(id);
+        if let Some(opens) = st.inodes.get_mut(&ino) {
+            if cached {
+                opens.cached = opens.cached.saturating_sub(1);
+            }
+            if opens.cached == 0 && opens.backing.strong_count() == 0 {
+                st.inodes.remove(&ino);
+            }
+        }
     }
 }
 
@@ -88,6 +231,16 @@ impl Filesystem for CodexFuse {
         // The kernel caps writes at 1 MiB; ask for that much.
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        if self.passthrough.enabled() {
+            let refused = config
+                .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+                .is_err()
+                || config.set_max_stack_depth(1).is_err();
+            if refused {
+                self.passthrough
+                    .disable("the kernel does not offer FUSE passthrough");
+            }
+        }
         Ok(())
     }
 
@@ -195,17 +348,39 @@ impl Filesystem for CodexFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match traced("open", || self.core.open(ino.0, flags.0)) {
-            Ok(o) => {
-                let f = if o.keep_cache {
-                    FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(o.fh), f | write_only(flags.0))
+        // A name whose reads go by passthrough to one version's flat file cannot be opened
+        // for writing, nor for reading a newer version, on the same inode: the name moves
+        // to a new inode, and ESTALE has the kernel look the path up again and open that.
+        if let Some(version) = self.passthrough.backing_version(ino.0) {
+            if let Some(current) = self.core.name_version(ino.0) {
+                let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+                if (writing || current != version) && self.core.detach_name(ino.0, version) {
+                    return reply.error(Errno::ESTALE);
+                }
             }
-            Err(e) => reply.error(errno(e)),
         }
+        let o = match traced("open", || self.core.open(ino.0, flags.0)) {
+            Ok(o) => o,
+            Err(e) => return reply.error(errno(e)),
+        };
+        if self.passthrough.enabled() {
+            let backing =
+                self.passthrough
+                    .backing_for(ino.0, || self.core.backing_file(ino.0, o.fh), &reply);
+            if let Some(id) = backing {
+                self.passthrough.passed_through(ino.0, o.fh, id.clone());
+                return reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id);
+            }
+        }
+        let f = if o.keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        let f = self
+            .passthrough
+            .served_by_us(ino.0, o.fh, f | write_only(flags.0));
+        reply.opened(FileHandle(o.fh), f)
     }
 
     fn create(
@@ -226,7 +401,8 @@ impl Filesystem for CodexFuse {
                 &file_attr(&a),
                 Generation(0),
                 FileHandle(o.fh),
-                write_only(flags),
+                self.passthrough
+                    .served_by_us(a.ino, o.fh, write_only(flags)),
             ),
             Err(e) => reply.error(errno(e)),
         }
@@ -304,7 +480,9 @@ impl Filesystem for CodexFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, traced("release", || self.core.release(fh.0)));
+        let result = traced("release", || self.core.release(fh.0));
+        self.passthrough.released(fh.0);
+        reply_empty(reply, result);
     }
 
     fn fsync(

@@ -228,6 +228,23 @@ impl InodeTable {
         Some(ino)
     }
 
+    /// Gives the name of inode `ino` to a new inode at its next lookup; `ino` lives on as
+    /// the immutable version `version` for the handles open on it. False if `ino` is not a
+    /// name.
+    pub fn detach(&mut self, ino: u64, version: Cid) -> bool {
+        let name = match self.by_ino.get(&ino).map(|i| &i.entry) {
+            Some(Entry::Named(Some(name))) => name.clone(),
+            _ => return false,
+        };
+        if self.by_name.get(&name) == Some(&ino) {
+            self.by_name.remove(&name);
+        }
+        if let Some(i) = self.by_ino.get_mut(&ino) {
+            i.entry = Entry::Cid(version);
+        }
+        true
+    }
+
     /// Moves inode of `from` to `to`; the inode that `to` had, if any, is unlinked.
     pub fn rename(&mut self, from: &str, to: &str) {
         self.unlink(to);
@@ -251,12 +268,18 @@ impl InodeTable {
         // Tree nodes keep their inode while the tree has them (see `drop_tree_if_unused`).
         if inode.unused() && inode.entry != Entry::Tree {
             let inode = self.by_ino.remove(&ino).expect("present");
+            // (A detached name's inode is an unregistered CID entry: only this inode's own
+            // registrations go.)
             match inode.entry {
                 Entry::Named(Some(name)) => {
-                    self.by_name.remove(&name);
+                    if self.by_name.get(&name) == Some(&ino) {
+                        self.by_name.remove(&name);
+                    }
                 }
                 Entry::Cid(cid) => {
-                    self.by_cid.remove(&cid);
+                    if self.by_cid.get(&cid) == Some(&ino) {
+                        self.by_cid.remove(&cid);
+                    }
                 }
                 Entry::Child { parent, item, .. } => {
                     self.by_child.remove(&(parent, item.name));

@@ -17,6 +17,9 @@ pub struct MountConfig {
     pub mountpoint: PathBuf,
     /// FUSE worker threads (requests are served concurrently).
     pub threads: usize,
+    /// Reads of complete datasets by FUSE passthrough (when the kernel and the privileges
+    /// allow it); otherwise every read is served by the daemon.
+    pub passthrough: bool,
 }
 
 /// A live mount; [`Mounted::unmount`] ends it.
@@ -132,7 +135,7 @@ pub fn mount(core: Arc<FsCore>, config: &MountConfig) -> Result<Mounted> {
     // Directory trees written into the mount publish themselves once quiet.
     let publisher = core.spawn_publisher();
     let session = fuser::spawn_mount(
-        CodexFuse::new(core.clone()),
+        CodexFuse::new(core.clone(), config.passthrough),
         &config.mountpoint,
         &fuse_config,
     )?;

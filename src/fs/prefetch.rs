@@ -110,6 +110,11 @@ impl Prefetcher {
         }
     }
 
+    /// The dataset this reads.
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
     /// Starts fetching block `index` (known not to be at hand): as a task when the source
     /// can wait without a thread (the network), else on the blocking pool.
     fn spawn_fetch(&self, index: u64) -> Arc<Slot> {

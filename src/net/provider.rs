@@ -38,10 +38,8 @@ impl LocalBlocks for RepoStore {
     fn has(&self, address: &BlockAddress) -> Result<bool> {
         match address {
             BlockAddress::Cid(cid) => self.has_block(cid),
-            BlockAddress::Leaf { tree, index } => match self.leaf_block(tree, *index)? {
-                Some(b) => self.has_block(&b),
-                None => Ok(false),
-            },
+            // A leaf record exists only while the leaf's bytes are stored.
+            BlockAddress::Leaf { tree, index } => Ok(self.leaf_block(tree, *index)?.is_some()),
         }
     }
 }
@@ -58,7 +56,8 @@ pub fn find(repo: &RepoStore, address: &BlockAddress) -> Result<Option<Found>> {
             let Some(leaf) = repo.leaf(tree, *index)? else {
                 return Ok(None);
             };
-            Ok(repo.get_block(&leaf.block)?.map(|data| Found {
+            // Read from the tree's flat file by place (a leaf record says its bytes are there).
+            Ok(repo.leaf_bytes(tree, *index)?.map(|data| Found {
                 cid: leaf.block,
                 data,
                 proof: Some(Bytes::from(leaf.proof.encode())),

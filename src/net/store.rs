@@ -59,36 +59,36 @@ impl NetworkStore {
     }
 
     /// Block `index`, local or from peers, without erasure decoding. A local copy that
-    /// fails its check is fetched again and replaced.
+    /// cannot be used is fetched from peers. (The store drops leaves that fail their hash
+    /// — read after a crash, or found by `check --deep` — and the fetch puts them back.)
     fn get(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
         match self.node.local_block(dataset, index) {
+            Err(Error::NotFound(_)) if self.is_stored_here(dataset) => {
+                // A dataset of this store missing a block (dropped by the scrub, or after
+                // a crash) is whole again when the read that fetched the block returns:
+                // readers otherwise get blocks before they are stored.
+                let (fetch, ex) = (self.fetch_remote(dataset, index), self.exchange.clone());
+                Box::pin(async move {
+                    let data = fetch.await?;
+                    ex.stored().await;
+                    Ok(data)
+                })
+            }
             Err(Error::NotFound(_)) => self.fetch_remote(dataset, index),
             Err(Error::Corrupt(e)) => {
                 tracing::warn!(
                     "block {index} of {}: {e}; fetching it again",
                     cid_string(dataset.cid())
                 );
-                let (fetch, repo) = (self.fetch_remote(dataset, index), self.node.repo().clone());
-                Box::pin(async move {
-                    let data = fetch.await?;
-                    let good = data.clone();
-                    let healed = tokio::task::spawn_blocking(move || {
-                        repo.replace_block(&crate::cids::block_cid(&good), &good)
-                    })
-                    .await;
-                    match healed {
-                        Ok(Ok(true)) => {
-                            tracing::info!("replaced a corrupt local copy of block {index}")
-                        }
-                        Ok(Ok(false)) => {}
-                        Ok(Err(e)) => tracing::warn!("could not replace block {index}: {e}"),
-                        Err(e) => tracing::warn!("could not replace block {index}: {e}"),
-                    }
-                    Ok(data)
-                })
+                self.fetch_remote(dataset, index)
             }
             local => Box::pin(futures::future::ready(local)),
         }
+    }
+
+    fn is_stored_here(&self, dataset: &Dataset) -> bool {
+        matches!(dataset, Dataset::Manifest(cid, _)
+            if self.node.repo().has_dataset(cid).unwrap_or(false))
     }
 
     /// `fetch`, and for an erasure-coded dataset, if it fails, the block decoded from the
@@ -133,17 +133,28 @@ impl NetworkStore {
             .unwrap_or_default()
     }
 
-    /// A future for block `index` of `dataset` from the peers that have it.
+    /// A future for block `index` of `dataset` from the peers that have it. The dataset's
+    /// tree gets a record here first, so that what arrives is kept in its flat file.
     fn fetch_remote(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
         self.fetch_remote_within(dataset, index, self.timeout)
     }
 
+    /// Candidates are the dataset's providers on record; the core also asks the connected
+    /// peers (a dataset found here but incomplete has no providers on record).
     fn fetch_remote_within(
         &self,
         dataset: &Dataset,
         index: u64,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<Bytes>> {
+        if let Dataset::Manifest(_, m) = dataset {
+            if let Err(e) = self.node.repo().ensure_tree(m) {
+                tracing::debug!(
+                    "blocks of {} will not be kept: {e}",
+                    cid_string(dataset.cid())
+                );
+            }
+        }
         remote_block(
             self.exchange.clone(),
             dataset,

@@ -58,6 +58,7 @@ enum Command {
     Disconnect(PeerId),
     Ban(PeerId, Duration),
     Peers(oneshot::Sender<Vec<PeerId>>),
+    StillConnected(PeerId, oneshot::Sender<bool>),
     Connect(PeerId, Vec<Multiaddr>, oneshot::Sender<Result<(), String>>),
     Addresses(oneshot::Sender<Addresses>),
 }
@@ -157,6 +158,16 @@ impl NetHandle {
         rx.await.unwrap_or_default()
     }
 
+    /// Whether a connection to `peer` is up and not being closed by us (a limit, a ban, a
+    /// disconnect): a stream it dropped may then be opened again without dialling it.
+    pub async fn still_connected(&self, peer: PeerId) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::StillConnected(peer, tx)).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
     pub async fn connected_peers(&self) -> Vec<PeerId> {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Peers(tx)).is_err() {
@@ -176,9 +187,17 @@ pub fn load_or_create_key(path: &Path) -> Result<Keypair> {
             let bytes = key
                 .to_protobuf_encoding()
                 .map_err(|e| Error::Corrupt(format!("node key: {e}")))?;
+            // Durably: the data dir's fsyncs (the store makes some) can keep the name of a
+            // file whose bytes a power cut took, and an empty key file is a node that
+            // cannot start (found by the power-cut crash test).
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)?;
+            let mut file = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, &bytes)?;
+            file.sync_all()?;
             std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
             Ok(key)
         }
         Err(e) => Err(e.into()),
@@ -337,6 +356,9 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
         let announce = config.announce.clone();
         // Connections closed by the limits: their closing is not news to the exchange.
         let mut refused: HashSet<libp2p::swarm::ConnectionId> = HashSet::new();
+        // Peers whose connections we are closing (evicted, banned, disconnected), until
+        // the last one is closed or a new one is accepted.
+        let mut closing: HashSet<PeerId> = HashSet::new();
         let mut reprovide = tokio::time::interval(Duration::from_secs(3600));
         let mut provided: HashSet<RecordKey> = HashSet::new();
         // Keys whose provider record reached at least one peer.
@@ -367,15 +389,22 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
                             }
                         }
                         Command::Disconnect(peer) => {
-                            let _ = swarm.disconnect_peer_id(peer);
+                            if swarm.disconnect_peer_id(peer).is_ok() {
+                                closing.insert(peer);
+                            }
                         }
                         Command::Ban(peer, for_) => {
                             banned.retain(|_, until| *until > Instant::now());
                             banned.insert(peer, Instant::now() + for_);
-                            let _ = swarm.disconnect_peer_id(peer);
+                            if swarm.disconnect_peer_id(peer).is_ok() {
+                                closing.insert(peer);
+                            }
                         }
                         Command::Peers(reply) => {
                             let _ = reply.send(swarm.connected_peers().copied().collect());
+                        }
+                        Command::StillConnected(peer, reply) => {
+                            let _ = reply.send(swarm.is_connected(&peer) && !closing.contains(&peer));
                         }
                         Command::Connect(peer, addrs, reply) => {
                             if swarm.is_connected(&peer) {
@@ -456,10 +485,13 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
                             }
                             Admit::Evict(victim) => {
                                 tracing::info!(%victim, "closing the idlest inbound peer for a new one");
-                                let _ = swarm.disconnect_peer_id(victim);
+                                if swarm.disconnect_peer_id(victim).is_ok() {
+                                    closing.insert(victim);
+                                }
                             }
                             Admit::Accept => {}
                         }
+                        closing.remove(&peer_id);
                         let remote = endpoint.get_remote_address().clone();
                         conns.insert(connection_id, (peer_id, dialer, ip_of(&remote)));
                         if dialer {
@@ -480,6 +512,7 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
                             continue;
                         }
                         if num_established == 0 {
+                            closing.remove(&peer_id);
                             board.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer_id);
                             let _ = events_tx.send(PeerEvent::Disconnected(peer_id));
                         }

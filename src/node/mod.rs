@@ -67,6 +67,12 @@ impl Node {
     pub fn open(data_dir: &Path, config: NodeConfig) -> Result<Self> {
         check_block_size(config.block_size)?;
         let repo = RepoStore::open(data_dir, config.repo.clone())?;
+        if let Some(n) = std::env::var("CODEXFS_DEBUG_FAIL_FSYNC_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            repo.debug_fail_fsync_after(n);
+        }
         Ok(Self {
             repo,
             cache: Arc::new(BlockCache::new(config.cache_bytes)),
@@ -117,33 +123,46 @@ impl Node {
         mimetype: Option<String>,
         ec: Option<EcParams>,
     ) -> Result<Cid> {
+        let ec = ec.map(|ec| EcParams::new(ec.k, ec.m)).transpose()?;
         let bs = self.config.block_size;
-        let cid = match ec {
-            None => upload::store(&self.repo, bs, reader, filename, mimetype, Origin::Explicit)?.0,
-            Some(ec) => {
-                let ec = EcParams::new(ec.k, ec.m)?;
-                let staged =
-                    upload::stage(&self.repo, bs, reader, filename, mimetype, Origin::Explicit)?;
-                self.protect_staged(staged, ec, Origin::Explicit)?
-            }
-        };
-        crate::metrics::metrics().uploads.inc();
-        Ok(cid)
+        let staged = upload::stage(&self.repo, bs, reader, filename, mimetype, Origin::Explicit)?;
+        self.finish_staged(staged, ec, Origin::Explicit)
+    }
+
+    /// Stores the file at `path` — which must be in the data dir's file system, and which
+    /// the store takes over (it is moved, not copied) — as one dataset, erasure-coded with
+    /// `ec` when given (as [`Self::store_ec`]): hashed where it is on every core, it becomes
+    /// the dataset's flat file by rename. Returns the CID and the size. The hand-off from a
+    /// file written into the mount (a spool the kernel wrote by passthrough) to the store.
+    pub fn store_file_in_place(
+        &self,
+        path: &Path,
+        filename: Option<String>,
+        mimetype: Option<String>,
+        ec: Option<EcParams>,
+    ) -> Result<(Cid, u64)> {
+        let ec = ec.map(|ec| EcParams::new(ec.k, ec.m)).transpose()?;
+        let size = std::fs::metadata(path)?.len();
+        let bs = self.config.block_size;
+        let staged = upload::stage_file_in_place(&self.repo, bs, path, filename, mimetype)?;
+        Ok((self.finish_staged(staged, ec, Origin::Explicit)?, size))
     }
 
     /// The mount's [`Self::store_ec`]: a version of a file, which the mount deletes again
     /// once nothing refers to it (see [`Origin`]), erasure-coded with `publish_ec`.
     pub fn publish(&self, reader: impl Read + Send, filename: Option<String>) -> Result<Cid> {
         let bs = self.config.block_size;
-        let cid = match self.config.publish_ec {
-            None => upload::store(&self.repo, bs, reader, filename, None, Origin::Mount)?.0,
+        match self.config.publish_ec {
+            None => {
+                let cid = upload::store(&self.repo, bs, reader, filename, None, Origin::Mount)?.0;
+                crate::metrics::metrics().uploads.inc();
+                Ok(cid)
+            }
             Some(ec) => {
                 let staged = upload::stage(&self.repo, bs, reader, filename, None, Origin::Mount)?;
-                self.protect_staged(staged, ec, Origin::Mount)?
+                self.finish_staged(staged, Some(ec), Origin::Mount)
             }
-        };
-        crate::metrics::metrics().uploads.inc();
-        Ok(cid)
+        }
     }
 
     /// The mount's sequential writes: buffers handed over whole stored as one dataset, not
@@ -185,12 +204,13 @@ impl Node {
         protected
     }
 
-    /// Protects a staged upload on behalf of `origin`; the staged blocks are given back
-    /// once the protected dataset holds its own references to them.
-    fn protect_staged(
+    /// Makes a staged upload a dataset: as it is, or protected with `ec` (the staged
+    /// blocks are given back once the protected dataset holds its own references to them;
+    /// its data file is the staged one, linked). Counts the upload. Recorded on behalf of `origin`.
+    fn finish_staged(
         &self,
         staged: upload::Staged<'_>,
-        ec: EcParams,
+        ec: Option<EcParams>,
         origin: Origin,
     ) -> Result<Cid> {
         let upload::Staged {
@@ -198,9 +218,17 @@ impl Node {
             tree,
             manifest,
         } = staged;
-        let cid =
-            crate::erasure::protect::protect_staged(&self.repo, &tree, &manifest, ec, origin)?;
-        drop(upload);
+        let cid = match ec {
+            None => upload.commit(&tree, &manifest)?.0,
+            Some(ec) => {
+                let cid = crate::erasure::protect::protect_staged(
+                    &self.repo, &upload, &tree, &manifest, ec, origin,
+                )?;
+                drop(upload);
+                cid
+            }
+        };
+        crate::metrics::metrics().uploads.inc();
         Ok(cid)
     }
 

@@ -111,32 +111,36 @@ fn short_block(cid: &Cid) -> Error {
 impl super::Node {
     /// Block `index` as stored here, without erasure decoding: `NotFound` if it is not.
     pub fn local_block(&self, dataset: &Dataset, index: u64) -> Result<Bytes> {
-        let cid = self.block_cid(dataset, index)?;
-        if let Some(b) = self.cache().get(&cid) {
-            return Ok(b);
-        }
-        let data = self.repo().get_block(&cid)?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "block {} (index {index}) is not stored here",
-                cid_string(&cid)
-            ))
-        })?;
-        self.cache().insert(cid, data.clone());
-        Ok(data)
+        let found = match dataset {
+            Dataset::Manifest(_, m) => self.repo().leaf_bytes(&m.tree_cid, index)?,
+            Dataset::Block(cid, _) => self.repo().get_block(cid)?,
+        };
+        found.ok_or_else(|| not_here(dataset, index))
     }
 
-    /// The CID of block `index` of a dataset stored here.
-    fn block_cid(&self, dataset: &Dataset, index: u64) -> Result<Cid> {
-        match dataset {
-            Dataset::Manifest(_, m) => {
-                self.repo().leaf_block(&m.tree_cid, index)?.ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "leaf {index} of tree {} is not stored here",
-                        cid_string(&m.tree_cid)
-                    ))
-                })
-            }
-            Dataset::Block(cid, _) => Ok(*cid),
+    /// The flat file holding exactly dataset's bytes, when it is complete here: what the
+    /// mount hands the kernel so that reads need not come to us (FUSE passthrough).
+    /// `None` for a dataset not complete here, a single block, or one whose file holds
+    /// another length (a tree shared with a manifest of another size).
+    pub fn flat_file(&self, dataset: &Dataset) -> Result<Option<std::fs::File>> {
+        let Dataset::Manifest(_, m) = dataset else {
+            return Ok(None);
+        };
+        Ok(self
+            .repo()
+            .complete_data_file(&m.tree_cid, m.block_size)?
+            .and_then(|(file, len)| (len == m.content_size()).then_some(file)))
+    }
+}
+
+fn not_here(dataset: &Dataset, index: u64) -> Error {
+    match dataset {
+        Dataset::Manifest(_, m) => Error::NotFound(format!(
+            "leaf {index} of tree {} is not stored here",
+            cid_string(&m.tree_cid)
+        )),
+        Dataset::Block(cid, _) => {
+            Error::NotFound(format!("block {} is not stored here", cid_string(cid)))
         }
     }
 }
@@ -165,9 +169,8 @@ impl BlockSource for super::Node {
         }
     }
 
-    /// Everything a node without a network has is local. Reads straight into `out` (a
-    /// block in a pack) or copies from RocksDB's pinned value: one copy, and a sequential
-    /// scan does not churn the cache.
+    /// Everything a node without a network has is local. Reads straight into `out` from
+    /// the flat file: one copy.
     fn read_now(
         &self,
         dataset: &Dataset,
@@ -183,7 +186,7 @@ impl BlockSource for super::Node {
         }
     }
 
-    /// Whole blocks of a dataset stored here, straight from the pack files.
+    /// Whole blocks of a dataset stored here, straight from its flat file.
     fn read_now_whole(
         &self,
         dataset: &Dataset,
@@ -220,17 +223,22 @@ impl super::Node {
         range: Range<usize>,
         out: &mut Vec<u8>,
     ) -> Result<bool> {
-        let cid = self.block_cid(dataset, index)?;
-        if let Some(b) = self.cache().get(&cid) {
-            out.extend_from_slice(b.get(range).ok_or_else(|| short_block(&cid))?);
+        let found = match dataset {
+            Dataset::Manifest(_, m) => {
+                self.repo()
+                    .append_leaf_range(&m.tree_cid, m.block_size, index, range, out)?
+            }
+            Dataset::Block(cid, _) => match self.repo().get_block(cid)? {
+                Some(b) => {
+                    out.extend_from_slice(b.get(range).ok_or_else(|| short_block(cid))?);
+                    true
+                }
+                None => false,
+            },
+        };
+        if found {
             return Ok(true);
         }
-        if self.repo().append_block_range(&cid, range, out)? {
-            return Ok(true);
-        }
-        Err(Error::NotFound(format!(
-            "block {} (index {index}) is not stored here",
-            cid_string(&cid)
-        )))
+        Err(not_here(dataset, index))
     }
 }

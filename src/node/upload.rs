@@ -268,3 +268,82 @@ pub(super) fn stage<'a, R: Read + Send>(
     let mut chunker = Chunker::new(reader, block_size, BATCH_BYTES);
     stage_batches(repo, block_size, &mut chunker, filename, mimetype, origin)
 }
+
+/// Stages the file at `path` (in the data dir's file system) without copying it: the file
+/// is moved into the upload, hashed where it is on every core; committed, it becomes the
+/// dataset's flat file by rename (see [`Staged`]).
+pub(super) fn stage_file_in_place<'a>(
+    repo: &'a RepoStore,
+    block_size: usize,
+    path: &std::path::Path,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<Staged<'a>> {
+    let upload = repo.begin_upload()?;
+    // On any error `upload` is dropped uncommitted: its blocks and the file go.
+    let (file, len) = upload.adopt_file(path)?;
+    let blocks = crate::chunker::block_count(len, block_size as u64);
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let digests: Mutex<Vec<Digest>> = Mutex::new(vec![[0; 32]; blocks as usize]);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let per_batch = (BATCH_BYTES / block_size).max(1) as u64;
+    let work = || -> Result<()> {
+        let mut buf = Vec::with_capacity(per_batch as usize * block_size);
+        loop {
+            let first = next.fetch_add(per_batch, Ordering::Relaxed);
+            if first >= blocks || failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                return Ok(());
+            }
+            let n = per_batch.min(blocks - first);
+            buf.clear();
+            crate::repo::files::read_zero_filled(
+                &file,
+                first * block_size as u64,
+                n as usize * block_size,
+                &mut buf,
+            )?;
+            let hashed: Vec<Digest> = buf.chunks(block_size).map(sha256).collect();
+            let held: Vec<(u64, Cid, u64)> = hashed
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    (
+                        first + i as u64,
+                        cid_from_digest(BLOCK_CODEC, d),
+                        block_size as u64,
+                    )
+                })
+                .collect();
+            upload.hold_blocks(&held)?;
+            let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
+            all[first as usize..(first + n) as usize].copy_from_slice(&hashed);
+        }
+    };
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(blocks as usize)
+        .max(1);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                if let Err(e) = work() {
+                    failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let digests = digests.into_inner().unwrap_or_else(|p| p.into_inner());
+    let (tree, manifest) = build_manifest(digests, len, block_size, filename, mimetype)?;
+    Ok(Staged {
+        upload,
+        tree,
+        manifest,
+    })
+}

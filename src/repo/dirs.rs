@@ -194,7 +194,7 @@ impl RepoStore {
     /// nothing else uses, and its holds. With `recursive`, entries left unheld are deleted
     /// too (datasets and directories). `Ok(false)` if it was not stored here.
     /// With `expired_at`, only a directory still expired then is deleted (see
-    /// `delete_dataset_if`).
+    /// `delete_dataset_locked`).
     pub(super) fn delete_directory(
         &self,
         cid: &Cid,
@@ -210,6 +210,8 @@ impl RepoStore {
                     Some(record) if super::lifecycle::still_alive(&record, now) => {
                         return Ok(false)
                     }
+                    // A top-level directory of the mount lives as long as its name.
+                    Some(_) if self.is_named(cid)? => return Ok(false),
                     Some(_) => {}
                 }
             }

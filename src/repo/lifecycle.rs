@@ -1,48 +1,39 @@
-//! Deleting datasets, sweeping expired data, and giving deleted blocks' space back.
+//! Deleting datasets and trees, and sweeping expired data.
 
 use super::*;
 
 impl RepoStore {
     // ---- deletion and expiry ----
 
-    /// Deletes a dataset and every block no other dataset uses. `Ok(false)` if it was not
-    /// stored here. A directory CID deletes the directory and the entries no other stored
-    /// directory names; a dataset or directory that a stored directory names is `InUse`.
+    /// Deletes a dataset, its tree's files if no other dataset uses them, and every block
+    /// no other dataset uses. `Ok(false)` if it was not stored here. A directory CID
+    /// deletes the directory and the entries no other stored directory names; a dataset or
+    /// directory that a stored directory names is `InUse`.
     pub fn delete_dataset(&self, cid: &Cid) -> Result<bool> {
         if cid.codec() == crate::cids::DIR_CODEC {
             return self.delete_directory(cid, true, None);
         }
-        self.delete_dataset_if(cid, None)
+        let _guard = lock(&self.datasets_lock);
+        self.delete_dataset_locked(cid, None)
     }
 
-    /// Deletes a dataset, only if it is still expired at `now` when given: the sweep's
-    /// list is a scan, and an upload of the same bytes may have refreshed the dataset
-    /// since (it must not lose the CID it was just given).
-    fn delete_dataset_if(&self, cid: &Cid, expired_at: Option<u64>) -> Result<bool> {
-        let _guard = lock(&self.datasets_lock);
-        if let Some(now) = expired_at {
-            match self.db.get_pinned_cf(self.cf(CF_DATASETS), cid.to_bytes())? {
-                None => return Ok(false),
-                Some(record) if still_alive(&record, now) => return Ok(false),
-                Some(_) => {}
+    /// [`Self::delete_dataset`] with the datasets lock held; with `expired_by`, only if the
+    /// dataset's lifetime ended by then (checked under the lock: one refreshed meanwhile
+    /// stays).
+    pub(super) fn delete_dataset_locked(&self, cid: &Cid, expired_by: Option<u64>) -> Result<bool> {
+        let key = cid.to_bytes();
+        let Some(record) = self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)? else {
+            return Ok(false);
+        };
+        if let Some(now) = expired_by {
+            // A name in the mount keeps what it points at whatever its TTL: a file there
+            // is the user's until they delete it. Checked under the lock, as a name
+            // bound since the sweep's scan counts too.
+            if still_alive(&record, now) || self.is_named(cid)? {
+                return Ok(false);
             }
         }
-        if self.holds(cid)? > 0 && self.has_dataset(cid)? {
-            return Err(Error::InUse(format!(
-                "dataset {} is named by a stored directory; delete the directory",
-                crate::cids::cid_string(cid)
-            )));
-        }
-        self.delete_dataset_locked(cid)
-    }
-
-    /// [`Self::delete_dataset`] of a dataset no stored directory names, for a caller that
-    /// holds the datasets lock.
-    pub(super) fn delete_dataset_locked(&self, cid: &Cid) -> Result<bool> {
-        let key = cid.to_bytes();
-        if self.db.get_pinned_cf(self.cf(CF_DATASETS), &key)?.is_none() {
-            return Ok(false);
-        }
+        drop(record);
         if self.holds(cid)? > 0 {
             return Err(Error::InUse(format!(
                 "dataset {} is named by a stored directory; delete the directory",
@@ -60,115 +51,97 @@ impl RepoStore {
             t.batch.delete_cf(self.cf(CF_DATASETS), &key);
             t.batch.delete_cf(self.cf(CF_MOUNT), names::owned_key(&key));
             let mut released = false;
-            if let Some(b) = self.db.get_pinned_cf(self.cf(CF_TREES), &tree_key)? {
-                let mut tree = TreeRecord::decode(&b)?;
+            if let Some(mut tree) = self.tree_raw(&tree_key)? {
                 tree.datasets = tree.datasets.saturating_sub(1);
                 if tree.datasets == 0 {
-                    t.batch.delete_cf(self.cf(CF_TREES), &tree_key);
+                    tree.state = TreeState::Releasing;
                     let jk = JournalKey::ReleaseTree {
                         tree: tree_key.clone(),
                     }
                     .encode();
                     t.batch.put_cf(self.cf(CF_JOURNAL), jk, []);
                     released = true;
-                } else {
-                    t.batch.put_cf(self.cf(CF_TREES), &tree_key, tree.encode());
                 }
+                t.batch.put_cf(self.cf(CF_TREES), &tree_key, tree.encode());
             }
-            // Synced: a deletion the caller was told of stays done after a power loss.
+            // Synced: a deletion the caller was told of stays done after a power loss, and
+            // no record that survives one names the files about to go.
             t.commit(&mut counters, true)?;
             released
         };
         if released {
-            self.release_tree(&manifest.tree_cid)?;
+            self.release_tree_locked(&manifest.tree_cid)?;
         }
         Ok(true)
     }
 
-    /// Leaves fetched from peers for a dataset that never completed here (no tree
-    /// record, no upload writing them) hold their blocks until the blocks' lifetime
-    /// ends; then they go, and the blocks no one else uses with them. Returns the leaves
-    /// dropped.
-    pub fn sweep_orphan_leaves(&self, now: u64) -> Result<u64> {
-        let mut uploading = std::collections::HashSet::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_JOURNAL), IteratorMode::Start)
+    /// Deletes a tree no dataset uses: marked Releasing (synced), its files unlinked, then
+    /// its leaves released with the references they hold, a batch at a time, and its
+    /// record last. A crash part way is finished by the next open (the journal entry). An
+    /// unlink that fails leaves the tree counted, to be tried again. The caller holds the
+    /// datasets lock.
+    pub(super) fn release_tree_locked(&self, tree: &Cid) -> Result<()> {
+        let key = tree.to_bytes();
+        let jk = JournalKey::ReleaseTree { tree: key.clone() }.encode();
         {
-            let (k, v) = item?;
-            if let JournalKey::UploadTree { .. } = JournalKey::decode(&k)? {
-                uploading.insert(v.to_vec());
-            }
-        }
-        let mut orphan_trees: std::collections::HashMap<Vec<u8>, bool> = Default::default();
-        let mut expired = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_LEAVES), IteratorMode::Start) {
-            let (k, v) = item?;
-            let Some(tree) = k.len().checked_sub(8).map(|n| &k[..n]) else {
-                continue;
-            };
-            let orphan = match orphan_trees.get(tree) {
-                Some(o) => *o,
-                None => {
-                    let o = !uploading.contains(tree)
-                        && self.db.get_pinned_cf(self.cf(CF_TREES), tree)?.is_none();
-                    orphan_trees.insert(tree.to_vec(), o);
-                    o
+            let mut counters = lock(&self.counters);
+            match self.tree_raw(&key)? {
+                Some(mut rec) if rec.state != TreeState::Releasing => {
+                    if rec.datasets > 0 {
+                        return Err(Error::InUse(format!(
+                            "tree {} has datasets",
+                            crate::cids::cid_string(tree)
+                        )));
+                    }
+                    rec.state = TreeState::Releasing;
+                    let mut t = Txn::new(self);
+                    t.batch.put_cf(self.cf(CF_TREES), &key, rec.encode());
+                    t.batch.put_cf(self.cf(CF_JOURNAL), &jk, []);
+                    t.commit(&mut counters, true)?;
                 }
-            };
-            if !orphan {
-                continue;
-            }
-            let block = LeafRecord::decode_block(&v)?.to_bytes();
-            if self
-                .block_meta_raw(&block)?
-                .is_some_and(|m| m.expiry <= now)
-            {
-                expired.push(k.to_vec());
+                _ => {}
             }
         }
-        let mut dropped = 0;
-        for chunk in expired.chunks(BATCH_RECORDS) {
-            // Under the datasets lock: a dataset adopted meanwhile keeps its leaves.
-            let _guard = lock(&self.datasets_lock);
+        {
+            let _stripe = self.files.stripe(&key);
+            self.files.remove(tree)?;
+            self.files.mark_clean(&key);
+        }
+        let (from, to) = (leaf_key(tree, 0), leaf_key_raw(&key, u64::MAX));
+        loop {
+            let records = self.scan(CF_LEAVES, &from, &to, BATCH_RECORDS)?;
             let mut counters = lock(&self.counters);
             let mut t = Txn::new(self);
-            for k in chunk {
-                let tree = &k[..k.len() - 8];
-                if self.db.get_pinned_cf(self.cf(CF_TREES), tree)?.is_some() {
-                    continue;
+            if records.is_empty() {
+                // Last, the record (if this release is the tree's: a tree re-created since
+                // by a fetch is another one's).
+                if self
+                    .tree_raw(&key)?
+                    .is_some_and(|r| r.state == TreeState::Releasing)
+                {
+                    t.batch.delete_cf(self.cf(CF_TREES), &key);
                 }
-                let Some(v) = self.db.get_pinned_cf(self.cf(CF_LEAVES), k)? else {
-                    continue;
-                };
-                t.unref(&LeafRecord::decode_block(&v)?.to_bytes())?;
-                t.batch.delete_cf(self.cf(CF_LEAVES), k);
-                dropped += 1;
+                t.batch.delete_cf(self.cf(CF_JOURNAL), &jk);
+                t.commit(&mut counters, false)?;
+                return Ok(());
+            }
+            let mut rec = self.tree_raw(&key)?;
+            for (k, v) in &records {
+                let (_, index) = split_leaf_key(k)?;
+                t.drop_leaf(&key, index, LeafRecord::block_key(v)?)?;
+            }
+            if let Some(r) = rec.as_mut() {
+                r.present = r.present.saturating_sub(records.len() as u64);
+                t.batch.put_cf(self.cf(CF_TREES), &key, r.encode());
             }
             t.commit(&mut counters, false)?;
         }
-        Ok(dropped)
-    }
-
-    /// Drops the leaves of a tree no dataset uses, with the block references they hold.
-    pub(super) fn release_tree(&self, tree: &Cid) -> Result<()> {
-        let (from, to) = (leaf_key(tree, 0), leaf_key(tree, u64::MAX));
-        self.release_records(CF_LEAVES, &from, &to, |leaf| {
-            Ok(LeafRecord::decode_block(leaf)?.to_bytes())
-        })?;
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(
-            self.cf(CF_JOURNAL),
-            JournalKey::ReleaseTree {
-                tree: tree.to_bytes(),
-            }
-            .encode(),
-        );
-        self.write(batch, false)
     }
 
     /// Deletes datasets and directories whose lifetime has ended (unless a stored
-    /// directory still names them) and unreferenced blocks past their expiry.
+    /// directory or a name in the mount still refers to them), trees no dataset uses whose
+    /// lifetime has ended (fetched for a reader, never made a dataset here), and
+    /// unreferenced blocks past their expiry.
     pub fn sweep_expired(&self, now: u64) -> Result<SweepReport> {
         let mut report = SweepReport::default();
         report.datasets += self.sweep_directories(now)?;
@@ -179,12 +152,13 @@ impl RepoStore {
         {
             let (k, v) = item?;
             if DatasetRecord::decode(&v)?.expiry <= now && self.hold_raw(&k)? == 0 {
+                // (Named ones are skipped again under the lock by the deletion.)
                 expired.push(cid_from_bytes(&k, "dataset key")?);
             }
         }
         report.datasets += self.delete_expired_datasets(&expired, now)?;
-        report.blocks += self.sweep_orphan_leaves(now)?;
-        // Unreferenced blocks (cached from the network, say): delete once expired.
+        report.blocks += self.sweep_trees(now)?;
+        // Unreferenced blocks: delete once expired.
         let mut candidates = Vec::new();
         for item in self
             .db
@@ -214,11 +188,14 @@ impl RepoStore {
     }
 
     /// Deletes those of `cids` still expired at `now` and named by no stored directory,
-    /// each checked again under the datasets lock. Returns how many went.
+    /// each checked again under the datasets lock: the sweep's list is a scan, and an
+    /// upload of the same bytes may have refreshed a dataset since (it must not lose the
+    /// CID it was just given). Returns how many went.
     fn delete_expired_datasets(&self, cids: &[Cid], now: u64) -> Result<u64> {
         let mut deleted = 0;
         for cid in cids {
-            match self.delete_dataset_if(cid, Some(now)) {
+            let _guard = lock(&self.datasets_lock);
+            match self.delete_dataset_locked(cid, Some(now)) {
                 Ok(true) => deleted += 1,
                 // Named by a directory stored since the scan: it stays.
                 Ok(false) | Err(Error::InUse(_)) => {}
@@ -226,6 +203,35 @@ impl RepoStore {
             }
         }
         Ok(deleted)
+    }
+
+    /// Releases trees no dataset uses whose lifetime has ended. Returns the leaves they
+    /// held.
+    pub fn sweep_trees(&self, now: u64) -> Result<u64> {
+        let mut expired = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_TREES), IteratorMode::Start) {
+            let (k, v) = item?;
+            let rec = TreeRecord::decode(&v)?;
+            // (A tree left releasing, its files not removable then, is tried again.)
+            if rec.datasets == 0 && (rec.expiry <= now || rec.state == TreeState::Releasing) {
+                expired.push(cid_from_bytes(&k, "tree key")?);
+            }
+        }
+        let mut dropped = 0;
+        for tree in expired {
+            let _guard = lock(&self.datasets_lock);
+            // Re-checked under the lock: adopted or fetched into meanwhile, it stays.
+            match self.tree(&tree)? {
+                Some(r)
+                    if r.datasets == 0 && (r.expiry <= now || r.state == TreeState::Releasing) =>
+                {
+                    dropped += r.present;
+                    self.release_tree_locked(&tree)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(dropped)
     }
 
     /// Runs [`Self::sweep_expired`] every `interval` on a thread of its own until the repo
@@ -259,9 +265,9 @@ impl RepoStore {
             .expect("spawn sweeper thread")
     }
 
-    /// Block bytes live in blob files, which RocksDB's blob garbage collection would
-    /// rewrite on every compaction; it is off, and deleted blocks' space comes back here
-    /// instead: one compaction of the blocks with garbage collection on.
+    /// Bytes of blocks kept in RocksDB live in blob files, which RocksDB's blob garbage
+    /// collection would rewrite on every compaction; it is off, and deleted blocks' space
+    /// comes back here instead: one compaction of the blocks with garbage collection on.
     pub fn reclaim_space(&self) -> Result<()> {
         let cf = self.cf(CF_BLOCKS);
         self.db.set_options_cf(
@@ -287,15 +293,6 @@ impl RepoStore {
         }
         Ok(false)
     }
-
-    /// Bytes that block data takes on disk: RocksDB's blob files and the pack files.
-    pub fn block_bytes_on_disk(&self) -> Result<u64> {
-        let blobs = self
-            .db
-            .property_int_value_cf(self.cf(CF_BLOCKS), "rocksdb.total-blob-file-size")?
-            .unwrap_or(0);
-        Ok(blobs + self.packs.bytes_on_disk()?)
-    }
 }
 
 /// Whether a dataset or directory record is not expired at `now`.
@@ -313,6 +310,7 @@ mod tests {
             repo: RepoConfig {
                 quota_max: 1 << 40,
                 block_ttl: ttl,
+                ..RepoConfig::default()
             },
             ..NodeConfig::default()
         };

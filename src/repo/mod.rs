@@ -1,22 +1,101 @@
-//! The repo store: blocks, their metadata, dataset trees and manifests in RocksDB, and the
-//! bytes of large blocks in pack files beside it ([`packs`]).
+//! The repo store: each dataset's bytes as one flat file, and everything else — manifests,
+//! directory blocks, leaf records with their proofs, reference counts, quota — in RocksDB.
 //!
-//! Every change that moves the quota or the block count is one WriteBatch together with
-//! the counters (see [`txn`]). Work that spans batches (an upload, the release of a deleted
-//! dataset's tree) is journalled so that [`RepoStore::open`] finishes or undoes it after a
-//! crash: after a kill -9 at any moment, quota used equals the bytes stored and no manifest
-//! names a missing block.
+//! # Design
+//!
+//! **One flat file per tree.** A dataset's content lives in `trees/<treeCid>` (see
+//! [`files`]): leaf i at offset i × blockSize and nothing else, so the file holds exactly
+//! the dataset's bytes and the mount can hand it to the kernel (FUSE passthrough) for
+//! reads that never reach the daemon. Datasets with the same treeCid (the same bytes
+//! under another filename or mimetype) share the file. The last block's zero padding is
+//! implied: the file ends at the dataset's size, and reads past its end within the last
+//! block are zeros. An erasure-coded tree keeps its data blocks in its data file — which
+//! then holds exactly the original bytes (the padding blocks are implied zeros too) and,
+//! for a dataset protected here, is a hard link to the original's file, not a copy — and
+//! its parity blocks in `trees/<treeCid>.parity`. The shape of both comes from the
+//! manifest ([`schema::TreeShape`]); if two manifests of one tree disagree on the size
+//! (a last block ending in zero bytes), the file holds the first one's and the other is
+//! read through the daemon, with the missing zeros implied.
+//!
+//! **Blocks shared between trees.** Accounting stays Codex's: a block is counted once, by
+//! CID, with a reference per leaf that names it (and per upload holding it, per manifest
+//! or directory block). Its bytes, though, are written once per tree that has it at its
+//! place in that tree's file (the price of one plain file per dataset; in practice the
+//! trees sharing blocks are one dataset and its erasure-coded version, which share the
+//! data file by hard link). Blocks with the same CID inside one tree (runs of zeros)
+//! count once and are written at each of their places. A block's bytes are found by CID
+//! through the `block_leaves` index (block → the leaves that name it); `get_block` reads
+//! the first of them.
+//!
+//! **Small blocks in RocksDB.** Manifests and directory roots and pages are not leaves of
+//! any tree: they stay in the `blocks` column family, written with the records that
+//! reference them, so storing a manifest is one synced batch.
+//!
+//! **States of a tree** ([`schema::TreeState`]). A tree record exists from the moment its
+//! file may: *Partial* while leaves arrive (each present leaf has a leaf record, written
+//! after its bytes: the sparse file plus the leaf records are the record of what is
+//! present), *Complete* once every leaf is present, verified and synced, *Releasing*
+//! while it is deleted. An upload writes into a file of its own (`uploads/<id>`), holding
+//! its blocks through journal entries; its commit renames the file to the tree's (over a
+//! partial one: the upload's bytes are complete and hashed), turns each hold into a leaf
+//! record (or, for a leaf fetched already, releases the hold — the leak of issue 15 #6),
+//! and marks the tree complete with the dataset record in one synced batch. A fetch
+//! writes verified blocks at their places in the tree's sparse file and records them;
+//! the one that brings the last leaf completes the tree (see *Verification*). A tree no
+//! dataset uses is swept once its lifetime (refreshed by each fetch) ends; a tree whose
+//! last dataset is deleted is released at once.
+//!
+//! **What is synced when.**
+//! - A tree is marked complete only after its files are fsynced (and the directory, for
+//!   the rename or creation): a synced record of a complete tree never names bytes a power
+//!   loss could take. The batch that completes an upload (the dataset record) is synced.
+//! - Leaf records of a partial tree are written unsynced, after their bytes (also
+//!   unsynced): a power loss can keep a record whose bytes it lost. So when the store was
+//!   not closed cleanly, every partial tree is marked *unverified* at the next open: each of
+//!   its blocks is hashed before it is read or served, and all of them again when it
+//!   completes; a block that fails is dropped and fetched again.
+//! - A deletion first marks the tree Releasing in a synced batch, then unlinks its files,
+//!   then releases its leaves: a record can never point at a file that is gone, and the
+//!   quota falls only once the space is back (an unlink that fails leaves the tree
+//!   Releasing and counted, and is retried at the next sweep or open).
+//! - A failed fsync — of a file, a directory, or a synced RocksDB write — is fatal
+//!   ([`durability`]): the store refuses writes from then on and does not mark itself
+//!   closed cleanly, so the next open distrusts what was being written. Names in `trees/`
+//!   are treeCids and upload files are discarded at open, so no record can point at space
+//!   reused by something else.
+//! - The data dir, `repo/`, `trees/` and `uploads/` are created with their parents
+//!   fsynced, so that their names survive a power loss.
+//!
+//! **Verification.** Passthrough reads skip the daemon, so nothing is checked per read.
+//! Bytes are checked when they arrive (an upload hashes what it stores; a fetched block
+//! is checked against its CID and its proof against the tree root before it is written),
+//! a tree is checked when it completes (its leaves' digests must make its root; an
+//! unverified tree's blocks are all hashed again), and `codexfs check --deep` re-hashes
+//! every stored block: one that fails is dropped, its tree becomes partial (its datasets
+//! incomplete) and the next read fetches it from peers.
+//!
+//! **Crash invariants** (checked by [`RepoStore::check_consistency`], restored by
+//! [`RepoStore::open`]): quota used and the block count equal the sum over stored blocks;
+//! every reference count equals the references found; a leaf record exists exactly when
+//! its `block_leaves` entry does and its tree has a record; a tree's `present` counts its
+//! leaf records and its `datasets` its dataset records; every file in `trees/` belongs to
+//! a tree record (others are removed at every open, not only after a crash); a complete
+//! tree's files exist; no journal entry outlives the open that replays it.
 
 mod checks;
+mod convert;
 mod dirs;
 mod durability;
 mod faults;
-mod heal;
+pub mod files;
 mod lifecycle;
 mod lock;
 mod names;
-pub mod packs;
+mod packs;
+mod reads;
 pub mod schema;
+mod scrub;
+mod trees;
 mod txn;
 mod uploads;
 
@@ -37,9 +116,12 @@ use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::merkle::MerkleTree;
 pub use checks::ConsistencyReport;
+pub use convert::ConvertProgress;
+use files::Files;
 pub use lock::DataDirLock;
 pub use names::Origin;
 use schema::*;
+pub use scrub::ScrubReport;
 use txn::Txn;
 pub use uploads::Upload;
 
@@ -50,10 +132,21 @@ pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(10 * 60);
 /// Records handled per batch when a journalled operation walks many keys.
 const BATCH_RECORDS: usize = 1024;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RepoConfig {
     pub quota_max: u64,
     pub block_ttl: Duration,
+    /// Told how a conversion of a data dir written before flat files goes (a progress bar).
+    pub convert_progress: Option<Arc<dyn ConvertProgress>>,
+}
+
+impl std::fmt::Debug for RepoConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepoConfig")
+            .field("quota_max", &self.quota_max)
+            .field("block_ttl", &self.block_ttl)
+            .finish()
+    }
 }
 
 impl Default for RepoConfig {
@@ -61,6 +154,7 @@ impl Default for RepoConfig {
         Self {
             quota_max: DEFAULT_QUOTA,
             block_ttl: DEFAULT_BLOCK_TTL,
+            convert_progress: None,
         }
     }
 }
@@ -97,11 +191,11 @@ pub struct RepoStore {
     datasets_lock: Mutex<()>,
     quota_max: u64,
     block_ttl: Duration,
-    /// Bytes of blocks deleted since blob files were last compacted (see `reclaim_space`).
+    /// Bytes of RocksDB-kept blocks deleted since blob files were last compacted.
     freed_since_reclaim: AtomicU64,
-    packs: packs::Packs,
-    /// Set when a synced write failed (see [`durability`]).
-    stopped: durability::Stopped,
+    files: Files,
+    /// Files the open found without a record and removed (left by a crash).
+    orphans_removed: AtomicU64,
     path: PathBuf,
     _lock: DataDirLock,
 }
@@ -120,17 +214,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl RepoStore {
-    /// Opens (creating if needed) the repo in `dir`, taking the data dir lock and replaying
-    /// the journal.
+    /// Opens (creating if needed) the repo in `dir`, taking the data dir lock, converting a
+    /// data dir written before flat files, replaying the journal and removing files that no
+    /// record names.
     pub fn open(dir: &Path, config: RepoConfig) -> Result<Arc<Self>> {
         let dir_lock = DataDirLock::acquire(dir)?;
         let path = dir.join("repo");
-        // Created here, before RocksDB and the packs create them, so that their names
-        // survive a power loss.
+        let fresh = !path.exists();
+        // Created here, before RocksDB creates it, so that its name survives a power loss.
         durability::create_dir_durably(&path)?;
-        durability::create_dir_durably(&dir.join("packs"))?;
         let db = open_db(&path)?;
-        let packs = packs::Packs::open(&dir.join("packs"))?;
+        let files = Files::open(dir)?;
         let counters = match db.get(COUNTERS_KEY)? {
             Some(b) => Counters::decode(&b)?,
             None => Counters::default(),
@@ -142,70 +236,58 @@ impl RepoStore {
             quota_max: config.quota_max,
             block_ttl: config.block_ttl,
             freed_since_reclaim: AtomicU64::new(0),
-            packs,
-            stopped: Default::default(),
+            files,
+            orphans_removed: AtomicU64::new(0),
             path,
             _lock: dir_lock,
         };
-        repo.recover()?;
-        if repo.packs.crashed() {
-            repo.punch_orphaned_pack_bytes()?;
+        match repo.db.get(FORMAT_KEY)?.as_deref() {
+            Some([FORMAT_FLAT_FILES]) => {}
+            Some(other) => {
+                return Err(Error::Corrupt(format!(
+                    "data dir format {other:?} is newer than this codexfs knows"
+                )))
+            }
+            None if fresh || repo.is_empty()? => {
+                let mut batch = WriteBatch::default();
+                batch.put(FORMAT_KEY, [FORMAT_FLAT_FILES]);
+                repo.write(batch, true)?;
+            }
+            None => repo.convert_from_packs(dir, config.convert_progress.as_deref())?,
         }
+        // A conversion killed after it wrote the format leaves its pack files behind.
+        match std::fs::remove_dir_all(dir.join("packs")) {
+            Ok(()) => tracing::info!("removed the pack files of a converted data dir"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        repo.recover()?;
+        repo.reconcile_files()?;
         Ok(Arc::new(repo))
+    }
+
+    /// Whether the database holds nothing yet (a data dir created but never written).
+    fn is_empty(&self) -> Result<bool> {
+        if self.db.get(COUNTERS_KEY)?.is_some() {
+            return Ok(false);
+        }
+        for cf in ALL_CFS {
+            if self
+                .db
+                .iterator_cf(self.cf(cf), IteratorMode::Start)
+                .next()
+                .is_some()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
         self.db
             .cf_handle(name)
             .expect("column families are created at open")
-    }
-
-    /// Writes to pack files the bytes of those `(cid, data)` blocks that are large and
-    /// not stored yet, outside every lock, for a [`Txn`] to record (see
-    /// [`Txn::use_prewritten`]). Each CID is written once.
-    fn prewrite<'d>(
-        &self,
-        blocks: impl IntoIterator<Item = (Vec<u8>, &'d [u8])>,
-    ) -> Result<std::collections::HashMap<Vec<u8>, (packs::PackLocation, u64)>> {
-        let mut new: Vec<(Vec<u8>, &[u8])> = Vec::new();
-        for (cid, data) in blocks {
-            if data.len() >= packs::PACK_MIN_BLOCK
-                && !new.iter().any(|(c, _)| *c == cid)
-                && self.block_meta_raw(&cid)?.is_none()
-            {
-                new.push((cid, data));
-            }
-        }
-        if new.is_empty() {
-            return Ok(Default::default());
-        }
-        let datas: Vec<&[u8]> = new.iter().map(|(_, d)| *d).collect();
-        let locations = self.packs.append_all(&datas)?;
-        Ok(new
-            .into_iter()
-            .zip(locations)
-            .map(|((cid, data), loc)| (cid, (loc, data.len() as u64)))
-            .collect())
-    }
-
-    /// After a crash: frees the pack bytes of blocks whose records never committed.
-    fn punch_orphaned_pack_bytes(&self) -> Result<()> {
-        let mut live: std::collections::BTreeMap<u32, Vec<(u64, u64)>> = Default::default();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_BLOCK_META), IteratorMode::Start)
-        {
-            let (_, v) = item?;
-            let m = BlockMeta::decode(&v)?;
-            if let Some(loc) = m.location {
-                live.entry(loc.pack).or_default().push((loc.offset, m.size));
-            }
-        }
-        let punched = self.packs.punch_gaps(&live)?;
-        if punched > 0 {
-            tracing::info!(bytes = punched, "freed pack bytes orphaned by a crash");
-        }
-        Ok(())
     }
 
     fn note_freed(&self, bytes: u64) {
@@ -217,6 +299,18 @@ impl RepoStore {
             .get_pinned_cf(self.cf(CF_BLOCK_META), cid)?
             .map(|b| BlockMeta::decode(&b))
             .transpose()
+    }
+
+    fn tree_raw(&self, key: &[u8]) -> Result<Option<TreeRecord>> {
+        self.db
+            .get_pinned_cf(self.cf(CF_TREES), key)?
+            .map(|b| TreeRecord::decode(&b))
+            .transpose()
+    }
+
+    /// The record of a tree with flat files here.
+    pub fn tree(&self, tree: &Cid) -> Result<Option<TreeRecord>> {
+        self.tree_raw(&tree.to_bytes())
     }
 
     fn expiry_from_now(&self) -> u64 {
@@ -231,6 +325,16 @@ impl RepoStore {
             quota_used_bytes: c.used_bytes,
             quota_reserved_bytes: 0,
         }
+    }
+
+    /// `(quota left, disk free)` when the quota promises more room than the data dir's
+    /// disk has: uploads then fail with a full disk before the quota is reached (the node
+    /// says so when it starts).
+    pub fn quota_beyond_disk(&self) -> Result<Option<(u64, u64)>> {
+        let used = lock(&self.counters).used_bytes;
+        let free = self.files.free_bytes()?;
+        let left = self.quota_max.saturating_sub(used);
+        Ok((left > free).then_some((left, free)))
     }
 
     /// Up to `limit` `(key, value)` pairs of `cf` with `from <= key < to`.
@@ -255,179 +359,37 @@ impl RepoStore {
         Ok(out)
     }
 
-    /// Deletes the records of `cf` in `[from, to)`, each dropping the block reference it
-    /// holds (`block_of` reads the block CID out of a record's value). Each batch deletes
-    /// the records it released, so after a crash part way the rest is released once.
-    fn release_records(
-        &self,
-        cf: &str,
-        from: &[u8],
-        to: &[u8],
-        block_of: impl Fn(&[u8]) -> Result<Vec<u8>>,
-    ) -> Result<()> {
-        loop {
-            let records = self.scan(cf, from, to, BATCH_RECORDS)?;
-            if records.is_empty() {
-                return Ok(());
-            }
-            let mut counters = lock(&self.counters);
-            let mut t = Txn::new(self);
-            for (k, v) in &records {
-                t.unref(&block_of(v)?)?;
-                t.batch.delete_cf(self.cf(cf), k);
-            }
-            t.commit(&mut counters, false)?;
-        }
-    }
-
-    // ---- reads ----
-
-    pub fn get_block(&self, cid: &Cid) -> Result<Option<Bytes>> {
-        let key = cid.to_bytes();
-        let Some(meta) = self.block_meta_raw(&key)? else {
-            return Ok(None);
-        };
-        let mut out = Vec::with_capacity(meta.size as usize);
-        Ok(self
-            .read_block_into(&key, meta, &mut out)?
-            .then(|| Bytes::from(out)))
-    }
-
-    /// Calls `f` with the stored bytes of a block whose metadata the caller has read,
-    /// without copying them again: RocksDB's pinned value, or a per-thread buffer read
-    /// from the pack. `None` if the block went meanwhile.
-    fn with_block_meta<T>(
-        &self,
-        key: &[u8],
-        meta: BlockMeta,
-        f: impl FnOnce(&[u8]) -> T,
-    ) -> Result<Option<T>> {
-        thread_local! {
-            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        if meta.location.is_none() {
-            return Ok(self
-                .db
-                .get_pinned_cf(self.cf(CF_BLOCKS), key)?
-                .map(|b| f(&b)));
-        }
-        let mut buf = BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        buf.clear();
-        let found = self.read_block_into(key, meta, &mut buf);
-        let out = found.map(|found| found.then(|| f(&buf)));
-        BUF.with(|b| *b.borrow_mut() = buf);
-        out
-    }
-
-    /// Appends bytes `range` of block `cid` to `out`: `Ok(false)` if the block is not
-    /// stored. A whole block in a pack is read straight into `out`.
-    pub fn append_block_range(
-        &self,
-        cid: &Cid,
-        range: std::ops::Range<usize>,
-        out: &mut Vec<u8>,
-    ) -> Result<bool> {
-        let key = cid.to_bytes();
-        let Some(meta) = self.block_meta_raw(&key)? else {
-            return Ok(false);
-        };
-        if range.start == 0 && range.end as u64 == meta.size {
-            return self.read_block_into(&key, meta, out);
-        }
-        let short = || Error::Corrupt(format!("block {cid} is shorter than {range:?}"));
-        let found = self.with_block_meta(&key, meta, |data| {
-            data.get(range.clone())
-                .map(|part| out.extend_from_slice(part))
-                .ok_or_else(short)
-        })?;
-        found.transpose().map(|f| f.is_some())
-    }
-
-    /// Appends leaves `first..first + count` of stored tree `tree`, whole, to `out` for as
-    /// many leading leaves as are stored `block_size`-byte blocks, and returns how many.
-    /// One leaf scan and one batched metadata lookup for them all: a sequential read of a
-    /// large file. A leaf it stops at (missing, failing its checksum) is left for
-    /// [`Self::append_block_range`].
-    pub fn append_whole_leaves(
-        &self,
-        tree: &Cid,
-        first: u64,
-        count: u64,
-        block_size: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<u64> {
-        let tree_key = tree.to_bytes();
-        let mut keys = Vec::with_capacity(count as usize);
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_LEAVES));
-        it.seek(leaf_key(tree, first));
-        for index in first..first + count {
-            match (it.key(), it.value()) {
-                (Some(k), Some(v))
-                    if k.strip_prefix(tree_key.as_slice()) == Some(&index.to_be_bytes()[..]) =>
-                {
-                    keys.push(LeafRecord::block_key(v)?.to_vec())
-                }
-                _ => break,
-            }
-            it.next();
-        }
-        it.status()?;
-        drop(it);
-
-        let metas = self
-            .db
-            .batched_multi_get_cf(self.cf(CF_BLOCK_META), &keys, false);
-        // Block by block, so that each is checked while it is still in the CPU's cache.
-        // One that cannot be read is left to the block-by-block path, which retries a
-        // block that moved and reports what is really wrong.
-        let mut done = 0;
-        for (key, meta) in keys.iter().zip(metas) {
-            let meta = match meta? {
-                Some(m) => BlockMeta::decode(&m)?,
-                None => break,
-            };
-            if meta.size != block_size as u64
-                || !matches!(self.read_block_into(key, meta, out), Ok(true))
-            {
-                break;
-            }
-            done += 1;
-        }
-        Ok(done as u64)
-    }
-
-    /// Appends the whole block that `meta` describes to `out`, checked: `Ok(false)` if it
-    /// is gone. A block deleted (its pack space punched) or moved while it was read reads
-    /// as gone or is read again from where it went, not reported corrupt.
-    fn read_block_into(&self, key: &[u8], mut meta: BlockMeta, out: &mut Vec<u8>) -> Result<bool> {
-        loop {
-            let Some(loc) = meta.location else {
-                let Some(b) = self.db.get_pinned_cf(self.cf(CF_BLOCKS), key)? else {
-                    return Ok(false);
-                };
-                out.extend_from_slice(&b);
-                return Ok(true);
-            };
-            match self.packs.read_append(&loc, meta.size as usize, out) {
-                Ok(()) => return Ok(true),
-                Err(e) => match self.block_meta_raw(key)? {
-                    None => return Ok(false),
-                    Some(now) if now.location != Some(loc) => meta = now,
-                    Some(_) => return Err(e),
-                },
-            }
-        }
-    }
+    // ---- reads of records ----
 
     pub fn has_block(&self, cid: &Cid) -> Result<bool> {
-        Ok(self.block_meta_raw(&cid.to_bytes())?.is_some())
+        let key = cid.to_bytes();
+        match self.block_meta_raw(&key)? {
+            Some(m) if m.inline => Ok(true),
+            Some(_) => self.first_leaf_of(&key).map(|l| l.is_some()),
+            None => Ok(false),
+        }
     }
 
     pub fn block_meta(&self, cid: &Cid) -> Result<Option<BlockMeta>> {
         self.block_meta_raw(&cid.to_bytes())
     }
 
-    /// The block CID of leaf `index` of a stored tree.
+    /// The first leaf (tree key, index) that names block `key`, if any.
+    fn first_leaf_of(&self, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>> {
+        let from = block_leaf_prefix(key);
+        let mut to = from.clone();
+        to.push(0xff);
+        to.extend_from_slice(&[0xff; 8]);
+        match self.scan(CF_BLOCK_LEAVES, &from, &to, 1)?.first() {
+            Some((k, _)) => {
+                let (tree, index) = split_block_leaf_key(k)?;
+                Ok(Some((tree.to_vec(), index)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The block CID of leaf `index` of a tree, if that leaf is present here.
     pub fn leaf_block(&self, tree: &Cid, index: u64) -> Result<Option<Cid>> {
         self.db
             .get_pinned_cf(self.cf(CF_LEAVES), leaf_key(tree, index))?
@@ -435,7 +397,7 @@ impl RepoStore {
             .transpose()
     }
 
-    /// Leaf `index` of a stored tree with its inclusion proof.
+    /// Leaf `index` of a tree with its inclusion proof, if present here.
     pub fn leaf(&self, tree: &Cid, index: u64) -> Result<Option<LeafRecord>> {
         self.db
             .get_pinned_cf(self.cf(CF_LEAVES), leaf_key(tree, index))?
@@ -448,9 +410,10 @@ impl RepoStore {
         if cid.codec() != crate::cids::MANIFEST_CODEC {
             return Ok(None);
         }
-        self.get_block(cid)?
-            .map(|b| Manifest::decode(&b))
-            .transpose()
+        match self.db.get_pinned_cf(self.cf(CF_BLOCKS), cid.to_bytes())? {
+            Some(b) => Manifest::decode(&b).map(Some),
+            None => Ok(None),
+        }
     }
 
     pub fn has_dataset(&self, cid: &Cid) -> Result<bool> {
@@ -482,6 +445,32 @@ impl RepoStore {
             out.push((cid, manifest));
         }
         Ok(out)
+    }
+
+    /// Testing aid, as a failing disk would: the store's sync number `n` from now (0: the
+    /// next; of a file, a directory or a synced RocksDB write) fails with EIO, which the
+    /// store treats as fatal (it refuses writes until reopened, see [`durability`]).
+    /// `codexfs` sets it from `CODEXFS_DEBUG_FAIL_FSYNC_AFTER`.
+    pub fn debug_fail_fsync_after(&self, n: u64) {
+        self.files.durability().fail_fsync_after(n);
+    }
+
+    /// Bytes that block data takes on disk: RocksDB's blob files and the flat files.
+    pub fn block_bytes_on_disk(&self) -> Result<u64> {
+        let blobs = self
+            .db
+            .property_int_value_cf(self.cf(CF_BLOCKS), "rocksdb.total-blob-file-size")?
+            .unwrap_or(0);
+        Ok(blobs + self.files.bytes_on_disk()?)
+    }
+}
+
+impl Drop for RepoStore {
+    fn drop(&mut self) {
+        // Everything written is in RocksDB's WAL (synced where it mattered) or in files
+        // that are complete and synced, or partial ones whose records say what they hold.
+        let _ = self.db.flush_wal(true);
+        self.files.close_cleanly();
     }
 }
 

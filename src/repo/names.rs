@@ -197,7 +197,7 @@ impl RepoStore {
             self.delete_directory_locked(cid)?
                 .map(|entries| entries.into_iter().map(|(_, c)| c).collect())
         } else {
-            self.delete_dataset_locked(cid)?.then(Vec::new)
+            self.delete_dataset_locked(cid, None)?.then(Vec::new)
         };
         if freed.is_none() {
             // Deleted meanwhile by other means (`rm`): the mark is all that is left.

@@ -1,11 +1,14 @@
-//! One atomic change to the repo: block writes and reference-count changes, with the
-//! counters they move, committed as a single RocksDB WriteBatch.
+//! One atomic change to the repo: reference-count changes, the bytes of blocks kept in
+//! RocksDB, leaf records, with the counters they move, committed as a single WriteBatch.
 
 use std::collections::HashMap;
 
 use rocksdb::WriteBatch;
 
-use super::schema::{BlockMeta, Counters, PackLocation, CF_BLOCKS, CF_BLOCK_META, COUNTERS_KEY};
+use super::schema::{
+    block_leaf_key, leaf_key_raw, BlockMeta, Counters, LeafRecord, CF_BLOCKS, CF_BLOCK_LEAVES,
+    CF_BLOCK_META, CF_LEAVES, COUNTERS_KEY,
+};
 use super::RepoStore;
 use crate::error::{Error, Result};
 
@@ -15,18 +18,12 @@ pub(super) struct Txn<'a> {
     repo: &'a RepoStore,
     pub batch: WriteBatch,
     metas: HashMap<Vec<u8>, Option<BlockMeta>>,
-    /// Bytes already written to pack files for blocks this change may add, by CID (see
-    /// [`RepoStore::prewrite`]); those left unused are punched after the commit.
-    prewritten: HashMap<Vec<u8>, (PackLocation, u64)>,
-    /// Pack blocks this change adds (punched if it fails) and deletes (punched once it
-    /// commits), with their sizes.
-    packed: Vec<(PackLocation, u64)>,
-    unpacked: Vec<(PackLocation, u64)>,
-    committed: bool,
     added_bytes: u64,
     freed_bytes: u64,
     added_blocks: u64,
     freed_blocks: u64,
+    /// Bytes of blocks kept in RocksDB deleted (their blob space comes back by compaction).
+    freed_inline: u64,
 }
 
 impl<'a> Txn<'a> {
@@ -35,28 +32,12 @@ impl<'a> Txn<'a> {
             repo,
             batch: WriteBatch::default(),
             metas: HashMap::new(),
-            prewritten: HashMap::new(),
-            packed: Vec::new(),
-            unpacked: Vec::new(),
-            committed: false,
             added_bytes: 0,
             freed_bytes: 0,
             added_blocks: 0,
             freed_blocks: 0,
+            freed_inline: 0,
         }
-    }
-
-    /// Room for about `bytes` in the batch, so that filling it does not copy it again as it
-    /// grows.
-    pub fn reserve(&mut self, bytes: usize) {
-        if self.batch.is_empty() {
-            self.batch = WriteBatch::with_capacity_bytes(bytes);
-        }
-    }
-
-    /// New blocks with bytes already in a pack file are recorded at these locations.
-    pub fn use_prewritten(&mut self, prewritten: HashMap<Vec<u8>, (PackLocation, u64)>) {
-        self.prewritten = prewritten;
     }
 
     fn meta(&mut self, cid: &[u8]) -> Result<Option<BlockMeta>> {
@@ -68,9 +49,38 @@ impl<'a> Txn<'a> {
         Ok(m)
     }
 
-    /// Adds one reference to a block, storing its bytes if it is new (in the batch, unless
-    /// they were prewritten to a pack). `data` is only read when the block is not stored.
+    /// Adds one reference to a block kept in RocksDB (a manifest, a directory block),
+    /// storing its bytes if they are not. `data` is only read then.
     pub fn add_ref(&mut self, cid: &[u8], data: &[u8], expiry: u64) -> Result<()> {
+        let meta = match self.meta(cid)? {
+            Some(mut m) => {
+                m.refs += 1;
+                m.expiry = m.expiry.max(expiry);
+                if !m.inline {
+                    self.batch.put_cf(self.repo.cf(CF_BLOCKS), cid, data);
+                    m.inline = true;
+                }
+                m
+            }
+            None => {
+                self.batch.put_cf(self.repo.cf(CF_BLOCKS), cid, data);
+                self.added_bytes += data.len() as u64;
+                self.added_blocks += 1;
+                BlockMeta {
+                    refs: 1,
+                    expiry,
+                    size: data.len() as u64,
+                    inline: true,
+                }
+            }
+        };
+        self.metas.insert(cid.to_vec(), Some(meta));
+        Ok(())
+    }
+
+    /// Adds one reference to a leaf block of `size` bytes, whose bytes are (or are being)
+    /// written to a tree's flat file: counted once, however many leaves name it.
+    pub fn add_leaf_ref(&mut self, cid: &[u8], size: u64, expiry: u64) -> Result<()> {
         let meta = match self.meta(cid)? {
             Some(mut m) => {
                 m.refs += 1;
@@ -78,19 +88,13 @@ impl<'a> Txn<'a> {
                 m
             }
             None => {
-                let size = data.len() as u64;
-                let location = self.prewritten.remove(cid).map(|(loc, _)| loc);
-                match location {
-                    Some(loc) => self.packed.push((loc, size)),
-                    None => self.batch.put_cf(self.repo.cf(CF_BLOCKS), cid, data),
-                }
                 self.added_bytes += size;
                 self.added_blocks += 1;
                 BlockMeta {
                     refs: 1,
                     expiry,
                     size,
-                    location,
+                    inline: false,
                 }
             }
         };
@@ -116,13 +120,40 @@ impl<'a> Txn<'a> {
 
     /// Deletes an unreferenced block whose metadata the caller has read.
     pub fn drop_block(&mut self, cid: &[u8], meta: BlockMeta) {
-        match meta.location {
-            Some(loc) => self.unpacked.push((loc, meta.size)),
-            None => self.batch.delete_cf(self.repo.cf(CF_BLOCKS), cid),
+        if meta.inline {
+            self.batch.delete_cf(self.repo.cf(CF_BLOCKS), cid);
+            self.freed_inline += meta.size;
         }
         self.freed_bytes += meta.size;
         self.freed_blocks += 1;
         self.metas.insert(cid.to_vec(), None);
+    }
+
+    /// Records leaf `index` of `tree` as present (its record and its reverse-index entry).
+    /// The reference it holds is the caller's to add or move.
+    pub fn put_leaf(&mut self, tree: &[u8], index: u64, record: &LeafRecord) {
+        let block = record.block.to_bytes();
+        self.batch.put_cf(
+            self.repo.cf(CF_LEAVES),
+            leaf_key_raw(tree, index),
+            record.encode(),
+        );
+        self.batch.put_cf(
+            self.repo.cf(CF_BLOCK_LEAVES),
+            block_leaf_key(&block, tree, index),
+            [],
+        );
+    }
+
+    /// Removes leaf `index` of `tree` (block `block`) and drops the reference it held.
+    pub fn drop_leaf(&mut self, tree: &[u8], index: u64, block: &[u8]) -> Result<()> {
+        self.batch
+            .delete_cf(self.repo.cf(CF_LEAVES), leaf_key_raw(tree, index));
+        self.batch.delete_cf(
+            self.repo.cf(CF_BLOCK_LEAVES),
+            block_leaf_key(block, tree, index),
+        );
+        self.unref(block)
     }
 
     /// Writes the batch with the new counters, or fails with `QuotaExceeded` and writes
@@ -133,7 +164,6 @@ impl<'a> Txn<'a> {
         next.total_blocks =
             (next.total_blocks + self.added_blocks).saturating_sub(self.freed_blocks);
         if self.added_bytes > self.freed_bytes && next.used_bytes > self.repo.quota_max {
-            // Nothing of it is recorded; dropping `self` gives its pack bytes back.
             return Err(Error::QuotaExceeded {
                 needed: self.added_bytes - self.freed_bytes,
                 available: self.repo.quota_max.saturating_sub(counters.used_bytes),
@@ -149,34 +179,12 @@ impl<'a> Txn<'a> {
             }
         }
         batch.put(COUNTERS_KEY, next.encode());
-        // A deletion that frees pack bytes is synced before they are punched, so that a
-        // power loss cannot bring back a record naming a hole.
-        let sync = sync || !self.unpacked.is_empty();
         self.repo.write(batch, sync)?;
-        self.committed = true;
-        // Prewritten bytes of blocks that turned out to be stored already, and the bytes of
-        // deleted blocks, are no longer named by any record.
-        let packs = &self.repo.packs;
-        for (loc, size) in self.prewritten.values().chain(&self.unpacked) {
-            packs.punch(loc, *size);
-        }
-        self.repo.note_freed(self.freed_bytes);
+        self.repo.note_freed(self.freed_inline);
         crate::metrics::metrics()
             .blocks_stored
             .inc_by(self.added_blocks);
         *counters = next;
         Ok(())
-    }
-}
-
-impl Drop for Txn<'_> {
-    /// A change dropped uncommitted (refused, failed, or abandoned on an error before its
-    /// commit) records nothing: the pack bytes written for it are given back.
-    fn drop(&mut self) {
-        if !self.committed {
-            for (loc, size) in self.prewritten.values().chain(&self.packed) {
-                self.repo.packs.punch(loc, *size);
-            }
-        }
     }
 }

@@ -1,6 +1,10 @@
-//! Uploads: blocks held through the journal until the dataset commits, and the
-//! datasets that arrive from peers (fetched leaves, adopted manifests).
+//! Uploads: blocks written into a file of the upload's own and held through the journal
+//! until the dataset commits, when the file becomes the tree's flat file by rename.
 
+use std::fs::{File, OpenOptions};
+use std::sync::atomic::AtomicBool;
+
+use super::files::{write_run_at, Part};
 use super::*;
 
 impl RepoStore {
@@ -14,6 +18,7 @@ impl RepoStore {
 
     /// [`Self::begin_upload`] on behalf of `origin` (see [`Origin`]).
     pub fn begin_upload_as(&self, origin: Origin) -> Result<Upload<'_>> {
+        self.files.check_writable()?;
         let id = {
             let mut c = lock(&self.counters);
             let mut next = *c;
@@ -30,140 +35,50 @@ impl RepoStore {
             id,
             origin,
             finished: false,
-            bytes_put: AtomicU64::new(0),
+            data_blocks: AtomicU64::new(u64::MAX),
+            block_size: AtomicU64::new(0),
+            files: Mutex::new([None, None]),
+            wrote: AtomicBool::new(false),
         })
     }
 
-    /// Gives back every block an unfinished upload holds, and the leaves it wrote of a
-    /// tree that no dataset uses. Idempotent: each batch removes the entries it handled.
+    /// Gives back every block an unfinished upload holds, its files, and — if it had begun
+    /// to commit a tree no dataset uses — that tree. Idempotent: each batch removes the
+    /// entries it handled. The caller holds the datasets lock.
     pub(super) fn release_upload(&self, id: u64) -> Result<()> {
-        let (from, to) = JournalKey::upload_blocks_range(id);
-        self.release_records(CF_JOURNAL, &from, &to, |cid| Ok(cid.to_vec()))?;
         let tree_key = JournalKey::UploadTree { upload: id }.encode();
         if let Some(tree) = self.db.get_cf(self.cf(CF_JOURNAL), &tree_key)? {
-            let mut batch = WriteBatch::default();
-            if self.db.get_pinned_cf(self.cf(CF_TREES), &tree)?.is_none() {
-                let tree_cid = cid_from_bytes(&tree, "journal")?;
-                let (lo, hi) = (leaf_key(&tree_cid, 0), leaf_key(&tree_cid, u64::MAX));
-                batch.delete_range_cf(self.cf(CF_LEAVES), &lo, &hi);
-                batch.delete_cf(self.cf(CF_LEAVES), &hi);
+            if let Some(rec) = self.tree_raw(&tree)? {
+                if rec.datasets == 0 {
+                    self.release_tree_locked(&cid_from_bytes(&tree, "journal")?)?;
+                }
             }
+            let mut batch = WriteBatch::default();
             batch.delete_cf(self.cf(CF_JOURNAL), &tree_key);
             self.write(batch, false)?;
         }
+        let (from, to) = JournalKey::upload_blocks_range(id);
+        loop {
+            let records = self.scan(CF_JOURNAL, &from, &to, BATCH_RECORDS)?;
+            if records.is_empty() {
+                break;
+            }
+            let mut counters = lock(&self.counters);
+            let mut t = Txn::new(self);
+            for (k, v) in &records {
+                t.unref(v)?;
+                t.batch.delete_cf(self.cf(CF_JOURNAL), k);
+            }
+            t.commit(&mut counters, false)?;
+        }
+        for part in [Part::Data, Part::Parity] {
+            match std::fs::remove_file(self.files.upload_path(id, part)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
-    }
-
-    /// Stores a manifest whose tree is already stored (the same bytes under another
-    /// filename, say): no block but the manifest is written. Returns its CID.
-    pub fn store_manifest_for_stored_tree(&self, manifest: &Manifest) -> Result<Cid> {
-        self.store_manifest_as(manifest, Origin::Explicit)
-    }
-
-    /// [`Self::store_manifest_for_stored_tree`] on behalf of `origin` (see [`Origin`]).
-    pub fn store_manifest_as(&self, manifest: &Manifest, origin: Origin) -> Result<Cid> {
-        let _guard = lock(&self.datasets_lock);
-        let tree = self.tree_record(&manifest.tree_cid)?.ok_or_else(|| {
-            Error::NotFound(format!("tree {} is not stored here", manifest.tree_cid))
-        })?;
-        self.record_dataset_on_tree(manifest, tree, origin)
-    }
-
-    fn tree_record(&self, tree: &Cid) -> Result<Option<TreeRecord>> {
-        self.db
-            .get_pinned_cf(self.cf(CF_TREES), tree.to_bytes())?
-            .map(|b| TreeRecord::decode(&b))
-            .transpose()
-    }
-
-    /// Records `manifest` as a dataset of `tree` (its record as stored, or a new one) on
-    /// behalf of `origin`: the manifest block, the tree's dataset count and the dataset
-    /// record, in one synced transaction (nothing of it when the quota refuses the
-    /// manifest). The caller holds the datasets lock.
-    fn record_dataset_on_tree(
-        &self,
-        manifest: &Manifest,
-        mut tree: TreeRecord,
-        origin: Origin,
-    ) -> Result<Cid> {
-        let encoded = manifest.encode();
-        let mcid = crate::manifest::manifest_cid(&encoded);
-        let mkey = mcid.to_bytes();
-        let record = DatasetRecord {
-            stored_at: unix_now(),
-            expiry: self.expiry_from_now(),
-        };
-        let mut counters = lock(&self.counters);
-        let mut t = Txn::new(self);
-        let new = self
-            .db
-            .get_pinned_cf(self.cf(CF_DATASETS), &mkey)?
-            .is_none();
-        if new {
-            t.add_ref(&mkey, &encoded, record.expiry)?;
-            tree.datasets += 1;
-            t.batch.put_cf(
-                self.cf(CF_TREES),
-                manifest.tree_cid.to_bytes(),
-                tree.encode(),
-            );
-        }
-        t.batch.put_cf(self.cf(CF_DATASETS), &mkey, record.encode());
-        self.mark_origin(&mut t.batch, &mkey, origin, new);
-        t.commit(&mut counters, true)?;
-        Ok(mcid)
-    }
-
-    /// Stores verified leaves fetched from peers: their bytes (if new) and leaf records
-    /// (block CID and proof), all in one batch. Each leaf record holds a reference.
-    pub fn put_fetched_leaves(&self, leaves: &[(Cid, u64, LeafRecord, Bytes)]) -> Result<()> {
-        let expiry = self.expiry_from_now();
-        let prewritten = self.prewrite(
-            leaves
-                .iter()
-                .map(|(_, _, record, data)| (record.block.to_bytes(), &data[..])),
-        )?;
-        let mut counters = lock(&self.counters);
-        let mut t = Txn::new(self);
-        t.use_prewritten(prewritten);
-        let mut seen = std::collections::HashSet::new();
-        for (tree, index, record, data) in leaves {
-            let key = leaf_key(tree, *index);
-            if !seen.insert(key.clone())
-                || self.db.get_pinned_cf(self.cf(CF_LEAVES), &key)?.is_some()
-            {
-                continue;
-            }
-            t.add_ref(&record.block.to_bytes(), data, expiry)?;
-            t.batch.put_cf(self.cf(CF_LEAVES), &key, record.encode());
-        }
-        t.commit(&mut counters, false)
-    }
-
-    /// Makes a dataset whose leaves are all stored (fetched from peers) a local dataset:
-    /// its tree and dataset records and its manifest block, in one transaction (a crash or
-    /// a full quota leaves none of them). Fails if a leaf is missing.
-    pub fn adopt_dataset(&self, manifest: &Manifest) -> Result<Cid> {
-        let _guard = lock(&self.datasets_lock);
-        let tree = match self.tree_record(&manifest.tree_cid)? {
-            Some(t) => t,
-            None => {
-                let n = manifest.block_count();
-                for i in 0..n {
-                    if self.leaf_block(&manifest.tree_cid, i)?.is_none() {
-                        return Err(Error::NotFound(format!(
-                            "leaf {i} of {} is not stored",
-                            manifest.tree_cid
-                        )));
-                    }
-                }
-                TreeRecord {
-                    datasets: 0,
-                    leaves: n,
-                }
-            }
-        };
-        self.record_dataset_on_tree(manifest, tree, Origin::Explicit)
     }
 }
 
@@ -174,25 +89,107 @@ pub struct Upload<'a> {
     id: u64,
     origin: Origin,
     finished: bool,
-    /// Block bytes put so far; past `INLINE_UPLOAD_BYTES` they go to pack files.
-    bytes_put: AtomicU64,
-}
-
-/// An upload's first bytes go into RocksDB with its records, so a small file commits with
-/// one synced write; beyond this, block bytes go to pack files (one copy instead of
-/// RocksDB's three), which the commit syncs.
-const INLINE_UPLOAD_BYTES: u64 = 4 << 20;
-
-/// Whether a batch of `size` block bytes goes to pack files: only while the upload's
-/// bytes so far, this batch included, stay within [`INLINE_UPLOAD_BYTES`] do they go into
-/// the write batch itself, so no single RocksDB batch holds more than that however large
-/// the batch is.
-fn goes_to_packs(bytes_put: &AtomicU64, size: u64) -> bool {
-    let before = bytes_put.fetch_add(size, Ordering::Relaxed);
-    before.saturating_add(size) > INLINE_UPLOAD_BYTES
+    /// Leaves before the parity (see [`TreeShape::data_blocks`]); all, unless told.
+    data_blocks: AtomicU64,
+    /// The size of the blocks put so far (0: none yet).
+    block_size: AtomicU64,
+    /// The data and parity files, opened on first use.
+    files: Mutex<[Option<Arc<File>>; 2]>,
+    /// Whether any bytes were written (or a data file linked).
+    wrote: AtomicBool,
 }
 
 impl Upload<'_> {
+    /// Blocks from `data_blocks` on are parity: they go to the parity file (an
+    /// erasure-coded dataset being made).
+    pub fn set_data_blocks(&self, data_blocks: u64) {
+        self.data_blocks.store(data_blocks, Ordering::Relaxed);
+    }
+
+    /// Takes stored complete tree `tree`'s data file as this upload's data file (a hard
+    /// link, not a copy): the data blocks of an erasure-coded version of a dataset stored
+    /// here are its blocks, at the same places. Its blocks are then held with
+    /// [`Self::hold_blocks`]. `Ok(false)` if that tree has no complete file here.
+    pub fn link_data_file(&self, tree: &Cid, data_len: u64) -> Result<bool> {
+        let key = tree.to_bytes();
+        let _stripe = self.repo.files.stripe(&key);
+        match self.repo.tree_raw(&key)? {
+            Some(r) if r.is_complete() && r.shape.data_len == data_len => {}
+            _ => return Ok(false),
+        }
+        let to = self.repo.files.upload_path(self.id, Part::Data);
+        std::fs::hard_link(self.repo.files.path(tree, Part::Data), &to)?;
+        let file = OpenOptions::new().read(true).write(true).open(&to)?;
+        lock(&self.files)[0] = Some(Arc::new(file));
+        self.wrote.store(true, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Takes unfinished upload `staged`'s data file as this upload's data file (a hard
+    /// link): an upload protected before it is ever a dataset (`?ec`) keeps its data blocks
+    /// where the staged upload wrote them. Its blocks are then held with
+    /// [`Self::hold_blocks`]; `staged` may then be dropped (its link goes, this one stays).
+    pub fn link_data_of(&self, staged: &Upload<'_>) -> Result<()> {
+        // (An upload of no bytes has not made its file yet.)
+        staged.file(Part::Data)?;
+        let to = self.repo.files.upload_path(self.id, Part::Data);
+        std::fs::hard_link(self.repo.files.upload_path(staged.id, Part::Data), &to)?;
+        let file = OpenOptions::new().read(true).write(true).open(&to)?;
+        lock(&self.files)[0] = Some(Arc::new(file));
+        self.wrote.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The bytes of data block `index` (of `block_size`-byte blocks) as this upload wrote
+    /// them into its data file (zeros past its end: the last block's padding).
+    pub fn read_data_block(&self, index: u64, block_size: u64) -> Result<Bytes> {
+        let file = self.file(Part::Data)?;
+        let mut out = Vec::with_capacity(block_size as usize);
+        super::files::read_zero_filled(&file, index * block_size, block_size as usize, &mut out)?;
+        Ok(Bytes::from(out))
+    }
+
+    /// Takes file `path` (in the data dir's file system) as this upload's data file, by
+    /// rename: no byte is copied. Its blocks are then held with [`Self::hold_blocks`] as they
+    /// are hashed, and the commit makes it the tree's flat file. Returns the handle and its
+    /// length; writeback of its bytes starts now, so the commit's sync finds little left.
+    pub fn adopt_file(&self, path: &std::path::Path) -> Result<(Arc<File>, u64)> {
+        let to = self.repo.files.upload_path(self.id, Part::Data);
+        std::fs::rename(path, &to)?;
+        let file = Arc::new(OpenOptions::new().read(true).write(true).open(&to)?);
+        let len = file.metadata()?.len();
+        // SAFETY: sync_file_range only reads its arguments; a failure only costs speed.
+        unsafe {
+            libc::sync_file_range(
+                std::os::fd::AsRawFd::as_raw_fd(&*file),
+                0,
+                0,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        lock(&self.files)[0] = Some(file.clone());
+        self.wrote.store(true, Ordering::Relaxed);
+        Ok((file, len))
+    }
+
+    fn file(&self, part: Part) -> Result<Arc<File>> {
+        let i = part as usize;
+        let mut files = lock(&self.files);
+        if let Some(f) = &files[i] {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(self.repo.files.upload_path(self.id, part))?,
+        );
+        files[i] = Some(f.clone());
+        Ok(f)
+    }
+
     /// Stores blocks `start, start+1, …` of the dataset, each with its CID, in one batch.
     /// Fails with `QuotaExceeded` (storing nothing of this batch) when they do not fit.
     pub fn put_blocks(&self, start: u64, blocks: &[(Cid, &[u8])]) -> Result<()> {
@@ -205,92 +202,164 @@ impl Upload<'_> {
     }
 
     /// Stores blocks at the given positions of the dataset (each position once per
-    /// upload), in one batch; as [`Self::put_blocks`] otherwise.
+    /// upload): their bytes into the upload's files, then the holds, in one batch.
     pub fn put_indexed_blocks(&self, blocks: &[(u64, Cid, &[u8])]) -> Result<()> {
-        let expiry = self.repo.expiry_from_now();
-        let mut keys = Vec::with_capacity(blocks.len());
-        for (index, cid, _) in blocks {
-            keys.push((
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let repo = self.repo;
+        repo.files.check_writable()?;
+        let size: u64 = blocks.iter().map(|(_, _, d)| d.len() as u64).sum();
+        repo.files.ensure_room(size)?;
+        let data_blocks = self.data_blocks.load(Ordering::Relaxed);
+        // Runs of consecutive blocks of one file are written in one call.
+        let mut run: Vec<&[u8]> = Vec::new();
+        let mut run_at: Option<(Part, u64, u64)> = None; // part, offset, next index
+        for (index, _, data) in blocks {
+            let bs = self.block_size(data.len() as u64)?;
+            let (part, offset) = if *index < data_blocks {
+                (Part::Data, index * bs)
+            } else {
+                (Part::Parity, (index - data_blocks) * bs)
+            };
+            match run_at {
+                Some((p, _, next)) if p == part && next == *index => {}
+                _ => {
+                    if let Some((p, at, _)) = run_at {
+                        write_run_at(&*self.file(p)?, &run, at)?;
+                    }
+                    run.clear();
+                    run_at = Some((part, offset, *index));
+                }
+            }
+            run.push(data);
+            if let Some(r) = run_at.as_mut() {
+                r.2 = index + 1;
+            }
+        }
+        if let Some((p, at, _)) = run_at {
+            write_run_at(&*self.file(p)?, &run, at)?;
+        }
+        self.wrote.store(true, Ordering::Relaxed);
+        let holds: Vec<(u64, Cid, u64)> = blocks
+            .iter()
+            .map(|(i, c, d)| (*i, *c, d.len() as u64))
+            .collect();
+        self.hold(&holds)
+    }
+
+    /// Holds blocks whose bytes are in the upload's files already (a linked data file, the
+    /// implied zero padding of an erasure-coded dataset): `(index, cid, size)`.
+    pub fn hold_blocks(&self, blocks: &[(u64, Cid, u64)]) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        for (_, _, size) in blocks {
+            self.block_size(*size)?;
+        }
+        self.hold(blocks)
+    }
+
+    fn block_size(&self, size: u64) -> Result<u64> {
+        match self
+            .block_size
+            .compare_exchange(0, size, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => Ok(size),
+            Err(bs) if bs == size => Ok(bs),
+            Err(bs) => Err(Error::InvalidArgument(format!(
+                "a block of {size} bytes in an upload of {bs}-byte blocks"
+            ))),
+        }
+    }
+
+    fn hold(&self, blocks: &[(u64, Cid, u64)]) -> Result<()> {
+        let repo = self.repo;
+        let expiry = repo.expiry_from_now();
+        let mut counters = lock(&repo.counters);
+        let mut t = Txn::new(repo);
+        for (index, cid, size) in blocks {
+            let key = cid.to_bytes();
+            t.add_leaf_ref(&key, *size, expiry)?;
+            t.batch.put_cf(
+                repo.cf(CF_JOURNAL),
                 JournalKey::UploadBlock {
                     upload: self.id,
                     index: *index,
                 }
                 .encode(),
-                cid.to_bytes(),
-            ));
-        }
-        let size: u64 = blocks.iter().map(|(_, _, d)| d.len() as u64).sum();
-        let packed = goes_to_packs(&self.bytes_put, size);
-        let prewritten = match packed {
-            true => self.repo.prewrite(
-                keys.iter()
-                    .zip(blocks)
-                    .map(|((_, cid), (_, _, data))| (cid.clone(), *data)),
-            )?,
-            false => Default::default(),
-        };
-        let mut counters = lock(&self.repo.counters);
-        let mut t = Txn::new(self.repo);
-        // Keys, journal entries and record headers: well under 256 bytes a block.
-        let inline = if packed { 0 } else { size as usize };
-        t.reserve(inline + blocks.len() * 256);
-        t.use_prewritten(prewritten);
-        for ((jk, cid), (_, _, data)) in keys.iter().zip(blocks) {
-            t.add_ref(cid, data, expiry)?;
-            t.batch.put_cf(self.repo.cf(CF_JOURNAL), jk, cid);
+                &key,
+            );
         }
         t.commit(&mut counters, false)
     }
 
-    /// Records the dataset: leaves with proofs, the manifest block, the dataset record. The
-    /// blocks of `tree` must all have been put. Returns the manifest CID, and whether this
-    /// commit made the dataset (false: it was stored already).
+    /// Records the dataset: the upload's files become the tree's (unless the tree is stored
+    /// complete already), the holds become leaf records with proofs, and the tree is marked
+    /// complete with the manifest and the dataset record. Every block of `tree` must have
+    /// been put (or held). Returns the manifest CID, and whether this commit made the
+    /// dataset (false: it was stored already).
     pub fn commit(mut self, tree: &MerkleTree, manifest: &Manifest) -> Result<(Cid, bool)> {
         let repo = self.repo;
+        let shape = TreeShape::of(manifest)?;
+        if shape.leaves != tree.leaf_count() || tree.root_cid() != manifest.tree_cid {
+            return Err(Error::InvalidArgument(
+                "the manifest is not of the tree uploaded".into(),
+            ));
+        }
+        let data_blocks = self.data_blocks.load(Ordering::Relaxed);
+        if data_blocks != u64::MAX && data_blocks != shape.data_blocks {
+            return Err(Error::InvalidArgument(
+                "the upload's parity does not start where the manifest says".into(),
+            ));
+        }
         let encoded = manifest.encode();
         let mcid = crate::manifest::manifest_cid(&encoded);
         let mkey = mcid.to_bytes();
-        let tree_cid = manifest.tree_cid;
-        let tree_key = tree_cid.to_bytes();
+        let key = manifest.tree_cid.to_bytes();
         let _guard = lock(&repo.datasets_lock);
 
-        let tree_known = repo
-            .db
-            .get_pinned_cf(repo.cf(CF_TREES), &tree_key)?
-            .is_some();
-        if !tree_known {
-            let mut batch = WriteBatch::default();
-            batch.put_cf(
-                repo.cf(CF_JOURNAL),
-                JournalKey::UploadTree { upload: self.id }.encode(),
-                &tree_key,
-            );
-            repo.write(batch, false)?;
-            let mut batch = WriteBatch::default();
-            for (i, digest) in tree.leaves().iter().enumerate() {
-                let record = LeafRecord {
-                    block: crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, digest),
-                    proof: tree.proof(i as u64)?,
-                };
-                batch.put_cf(
-                    repo.cf(CF_LEAVES),
-                    leaf_key(&tree_cid, i as u64),
-                    record.encode(),
-                );
-                if batch.len() >= BATCH_RECORDS {
-                    repo.write(std::mem::take(&mut batch), false)?;
-                }
+        // A tree being deleted is deleted first; one stored complete needs nothing of ours.
+        // (So is a partial one of another shape, made from a manifest that lied about it.)
+        let existing = match repo.tree_raw(&key)? {
+            Some(r)
+                if r.state == TreeState::Releasing
+                    || (r.shape != shape && r.datasets == 0 && !r.is_complete()) =>
+            {
+                repo.release_tree_locked(&manifest.tree_cid)?;
+                None
             }
-            repo.write(batch, false)?;
+            Some(r) if r.shape.leaves != shape.leaves || r.shape.block_size != shape.block_size => {
+                return Err(Error::InvalidArgument(format!(
+                    "a stored dataset says tree {} has another shape",
+                    crate::cids::cid_string(&manifest.tree_cid)
+                )))
+            }
+            other => other,
+        };
+        if !existing.is_some_and(|r| r.is_complete()) {
+            self.take_over_tree(tree, &shape, &key)?;
         }
 
-        let now = unix_now();
         let record = DatasetRecord {
-            stored_at: now,
+            stored_at: unix_now(),
             expiry: repo.expiry_from_now(),
         };
         let new_dataset = {
             let mut counters = lock(&repo.counters);
+            let mut rec = repo
+                .tree_raw(&key)?
+                .ok_or_else(|| Error::Corrupt("the uploaded tree's record went".into()))?;
+            if !rec.is_complete() {
+                if rec.present != shape.leaves {
+                    return Err(Error::Corrupt(format!(
+                        "{} of {} leaves recorded at commit",
+                        rec.present, shape.leaves
+                    )));
+                }
+                rec.state = TreeState::Complete;
+                rec.unverified = false;
+            }
             let mut t = Txn::new(repo);
             let new_dataset = repo
                 .db
@@ -298,42 +367,127 @@ impl Upload<'_> {
                 .is_none();
             if new_dataset {
                 t.add_ref(&mkey, &encoded, record.expiry)?;
-                let tree_rec = match repo.db.get_pinned_cf(repo.cf(CF_TREES), &tree_key)? {
-                    Some(b) => {
-                        let mut r = TreeRecord::decode(&b)?;
-                        r.datasets += 1;
-                        r
-                    }
-                    None => TreeRecord {
-                        datasets: 1,
-                        leaves: tree.leaf_count(),
-                    },
-                };
-                t.batch
-                    .put_cf(repo.cf(CF_TREES), &tree_key, tree_rec.encode());
+                rec.datasets += 1;
             }
+            t.batch.put_cf(repo.cf(CF_TREES), &key, rec.encode());
             t.batch.put_cf(repo.cf(CF_DATASETS), &mkey, record.encode());
             repo.mark_origin(&mut t.batch, &mkey, self.origin, new_dataset);
-            if !tree_known {
-                // The upload's block references become the new tree's leaf references.
-                let (from, to) = JournalKey::upload_blocks_range(self.id);
-                t.batch.delete_range_cf(repo.cf(CF_JOURNAL), &from, &to);
-                t.batch.delete_cf(
-                    repo.cf(CF_JOURNAL),
-                    JournalKey::UploadTree { upload: self.id }.encode(),
-                );
-            }
-            // Synced (and so are the packs first): once the caller has the CID, the dataset
-            // and every block it names, its own or another upload's, survive a power loss.
+            t.batch.delete_cf(
+                repo.cf(CF_JOURNAL),
+                JournalKey::UploadTree { upload: self.id }.encode(),
+            );
+            // Synced, and the files were before: once the caller has the CID, the dataset
+            // and every byte it names survive a power loss.
             t.commit(&mut counters, true)?;
             new_dataset
         };
-        // A tree already stored holds its own references: give the upload's back.
+        // Holds left are of a tree stored complete already (or of leaves fetched for it
+        // meanwhile): given back with the upload's files.
         self.finished = true;
-        if tree_known {
-            repo.release_upload(self.id)?;
-        }
+        repo.release_upload(self.id)?;
         Ok((mcid, new_dataset))
+    }
+
+    /// Makes the upload's files the tree's (replacing a partial tree's: ours are complete
+    /// and were hashed as they were stored) and turns each hold into the leaf's record —
+    /// or, for a leaf present already, gives the hold back.
+    fn take_over_tree(&self, tree: &MerkleTree, shape: &TreeShape, key: &[u8]) -> Result<()> {
+        let repo = self.repo;
+        let tree_cid = cid_from_bytes(key, "tree key")?;
+        {
+            let _counters = lock(&repo.counters);
+            let mut batch = WriteBatch::default();
+            if repo.tree_raw(key)?.is_none() {
+                batch.put_cf(
+                    repo.cf(CF_TREES),
+                    key,
+                    TreeRecord::new(*shape, repo.expiry_from_now()).encode(),
+                );
+            }
+            batch.put_cf(
+                repo.cf(CF_JOURNAL),
+                JournalKey::UploadTree { upload: self.id }.encode(),
+                key,
+            );
+            repo.write(batch, false)?;
+        }
+        // The files, trimmed to the dataset's bytes and synced, under the tree's names.
+        let data = self.file(Part::Data)?;
+        let len = data.metadata()?.len();
+        if len != shape.data_len {
+            data.set_len(shape.data_len)?;
+        }
+        repo.files.sync(&data)?;
+        if shape.has_parity() {
+            repo.files.sync(&*self.file(Part::Parity)?)?;
+        }
+        {
+            let _stripe = repo.files.stripe(key);
+            std::fs::rename(
+                repo.files.upload_path(self.id, Part::Data),
+                repo.files.path(&tree_cid, Part::Data),
+            )?;
+            if shape.has_parity() {
+                std::fs::rename(
+                    repo.files.upload_path(self.id, Part::Parity),
+                    repo.files.path(&tree_cid, Part::Parity),
+                )?;
+            }
+            repo.files.forget(key);
+            repo.files.mark_clean(key);
+        }
+        repo.files.sync_dir(&repo.files.trees_dir())?;
+
+        // Holds become leaf records, a batch at a time; each batch moves references from
+        // the journal to leaves (or drops those of leaves present already), so a crash
+        // between batches leaves every reference counted once.
+        let leaves = tree.leaves();
+        for chunk_start in (0..shape.leaves).step_by(BATCH_RECORDS) {
+            let chunk_end = (chunk_start + BATCH_RECORDS as u64).min(shape.leaves);
+            let mut counters = lock(&repo.counters);
+            let mut rec = repo
+                .tree_raw(key)?
+                .ok_or_else(|| Error::Corrupt("the uploaded tree's record went".into()))?;
+            let mut t = Txn::new(repo);
+            for i in chunk_start..chunk_end {
+                let jk = JournalKey::UploadBlock {
+                    upload: self.id,
+                    index: i,
+                }
+                .encode();
+                let held = repo.db.get_cf(repo.cf(CF_JOURNAL), &jk)?.ok_or_else(|| {
+                    Error::Corrupt(format!("block {i} of the upload was never put"))
+                })?;
+                let block =
+                    crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, &leaves[i as usize]);
+                if held != block.to_bytes() {
+                    return Err(Error::Corrupt(format!(
+                        "block {i} of the upload is not the tree's"
+                    )));
+                }
+                t.batch.delete_cf(repo.cf(CF_JOURNAL), &jk);
+                if repo
+                    .db
+                    .get_pinned_cf(repo.cf(CF_LEAVES), leaf_key_raw(key, i))?
+                    .is_some()
+                {
+                    t.unref(&held)?;
+                    continue;
+                }
+                t.put_leaf(
+                    key,
+                    i,
+                    &LeafRecord {
+                        block,
+                        proof: tree.proof(i)?,
+                    },
+                );
+                rec.present += 1;
+            }
+            t.batch.put_cf(repo.cf(CF_TREES), key, rec.encode());
+            t.commit(&mut counters, false)?;
+        }
+        Ok(())
     }
 }
 

@@ -16,10 +16,13 @@
 //!   pages are marked clean without reaching the disk, so the next `fsync` succeeds and
 //!   what was written before the failure is lost at the next cut while reads still see it.
 //!
-//! Nothing here knows codexfs: it hosts any data dir (the pack files of today's store, or a
-//! flat-file store tomorrow). Its state outlives the mount: a cut unmounts (the processes
-//! using it must have been killed first), drops what was not durable, and mounts again, so
-//! that no kernel cache keeps what the cut threw away.
+//! - a hard link is a name like any other (durable once its directory is fsynced); a file
+//!   lives while a name reaches it.
+//!
+//! Nothing here knows codexfs: it hosts any data dir (RocksDB and the flat files of the
+//! store, or pack files of old data dirs). Its state outlives the mount: a cut unmounts
+//! (the processes using it must have been killed first), drops what was not durable, and
+//! mounts again, so that no kernel cache keeps what the cut threw away.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -74,6 +77,8 @@ struct Node {
     mtime: SystemTime,
     /// The name it was last given (for choosing whose fsyncs fail).
     name: OsString,
+    /// Names (in live directories) that reach it.
+    links: u32,
 }
 
 /// Counts of what the file system saw, for tests to show their cuts were real.
@@ -214,6 +219,7 @@ impl State {
                 mode: 0o755,
                 mtime: SystemTime::now(),
                 name: "/".into(),
+                links: 1,
             },
         );
         Self {
@@ -226,7 +232,12 @@ impl State {
     fn attr(&self, ino: u64) -> Option<FileAttr> {
         let node = self.nodes.get(&ino)?;
         let (kind, size, blocks, nlink) = match &node.body {
-            Body::File(f) => (FileType::RegularFile, f.live.size, f.allocated() / 512, 1),
+            Body::File(f) => (
+                FileType::RegularFile,
+                f.live.size,
+                f.allocated() / 512,
+                node.links,
+            ),
             Body::Dir(_) => (FileType::Directory, 4096, 8, 2),
         };
         Some(FileAttr {
@@ -285,10 +296,34 @@ impl State {
                 mode,
                 mtime: SystemTime::now(),
                 name: name.to_owned(),
+                links: 1,
             },
         );
         self.dir(parent)?.live.insert(name.to_owned(), ino);
         Ok(ino)
+    }
+
+    /// A new name for file `ino`.
+    fn link(&mut self, ino: u64, newparent: u64, newname: &OsStr) -> Result<(), Errno> {
+        if let Err(e) = self.file(ino) {
+            return Err(if e == Errno::EISDIR { Errno::EPERM } else { e });
+        }
+        let d = self.dir(newparent)?;
+        if d.live.contains_key(newname) {
+            return Err(Errno::EEXIST);
+        }
+        d.live.insert(newname.to_owned(), ino);
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.links += 1;
+        }
+        Ok(())
+    }
+
+    /// One name fewer reaches `ino`.
+    fn unlinked(&mut self, ino: u64) {
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.links = n.links.saturating_sub(1);
+        }
     }
 
     fn fsync(&mut self, ino: u64) -> Result<(), Errno> {
@@ -353,6 +388,19 @@ impl State {
             }
         }
         self.nodes.retain(|ino, _| reachable.contains(ino));
+        let mut links: HashMap<u64, u32> = HashMap::new();
+        for node in self.nodes.values() {
+            if let Body::Dir(d) = &node.body {
+                for child in d.live.values() {
+                    *links.entry(*child).or_default() += 1;
+                }
+            }
+        }
+        for (ino, node) in self.nodes.iter_mut() {
+            if matches!(node.body, Body::File(_)) {
+                node.links = links.get(ino).copied().unwrap_or(0);
+            }
+        }
         self.stats.lost_bytes += lost;
     }
 }
@@ -471,7 +519,26 @@ impl Filesystem for Fs {
             return reply.error(Errno::EISDIR);
         }
         let _ = s.dir(parent.0).map(|d| d.live.remove(name));
+        s.unlinked(ino);
         reply.ok();
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let mut s = lock(&self.0);
+        if let Err(e) = s.link(ino.0, newparent.0, newname) {
+            return reply.error(e);
+        }
+        match s.attr(ino.0) {
+            Some(a) => reply.entry(&TTL, &a, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -518,12 +585,19 @@ impl Filesystem for Fs {
                 }
             }
         }
+        if target == Some(ino) {
+            // Two names of one file: POSIX says do nothing.
+            return reply.ok();
+        }
         let _ = s.dir(parent.0).map(|d| d.live.remove(name));
         match s.dir(newparent.0) {
             Ok(d) => {
                 d.live.insert(newname.to_owned(), ino);
             }
             Err(e) => return reply.error(e),
+        }
+        if let Some(t) = target {
+            s.unlinked(t);
         }
         if let Some(node) = s.nodes.get_mut(&ino) {
             node.name = newname.to_owned();
@@ -852,5 +926,19 @@ mod tests {
         assert!(s.fsync(a).is_ok());
         s.cut();
         assert_eq!(s.file(a).unwrap().live.read(0, 1), vec![1]);
+        // A hard link is a name like any other: durable with its directory's fsync.
+        s.link(a, dir, OsStr::new("b")).unwrap();
+        assert_eq!(s.attr(a).unwrap().nlink, 2);
+        s.cut();
+        assert!(s.lookup(dir, OsStr::new("b")).is_err());
+        assert_eq!(s.attr(a).unwrap().nlink, 1);
+        s.link(a, dir, OsStr::new("b")).unwrap();
+        s.fsync(dir).unwrap();
+        s.dir(dir).unwrap().live.remove(OsStr::new("a"));
+        s.unlinked(a);
+        s.cut();
+        assert_eq!(s.lookup(dir, OsStr::new("a")), Ok(a));
+        assert_eq!(s.lookup(dir, OsStr::new("b")), Ok(a));
+        assert_eq!(s.attr(a).unwrap().nlink, 2);
     }
 }

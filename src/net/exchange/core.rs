@@ -518,6 +518,9 @@ impl Core {
         } else {
             // Our stream opens now, so the first want or answer does not wait for it.
             self.ensure_stream(now, peer);
+            // A peer that connects may have what is wanted (a bootstrap peer whose
+            // connection came up after the read asked): it is asked too.
+            self.ask_new_peer(now, peer);
             // Wants that waited for this peer to be reachable again.
             self.req.unpark_all();
             self.after_event(now);

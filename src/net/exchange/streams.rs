@@ -209,7 +209,9 @@ pub(super) async fn write(
                     None => return, // closed by the core
                 },
                 _ = reader.read(&mut probe) => {
-                    if young(&replay) && reopened < MAX_REOPENS {
+                    // Not when the connection is going (we closed it for a limit or a
+                    // ban, or it closed): opening would dial the peer again.
+                    if young(&replay) && reopened < MAX_REOPENS && ex.net.still_connected(peer).await {
                         reopened += 1;
                         tracing::debug!(%peer, "stream dropped by the peer; opening another");
                         continue 'open;

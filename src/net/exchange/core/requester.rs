@@ -562,6 +562,22 @@ impl Core {
             .retain(|k| self.req.keys.contains_key(k));
     }
 
+    /// `peer` (just connected) becomes a candidate of every key known (those with wants
+    /// ask it at once; an idle key's next want too).
+    pub(super) fn ask_new_peer(&mut self, now: Time, peer: PeerId) {
+        let keys: Vec<Cid> = self.req.keys.keys().copied().collect();
+        for key in keys {
+            self.add_candidates(
+                now,
+                key,
+                std::iter::once(Candidate {
+                    peer,
+                    provider: false,
+                }),
+            );
+        }
+    }
+
     fn add_candidates(&mut self, now: Time, key: Cid, peers: impl Iterator<Item = Candidate>) {
         let me = self.me;
         let max = self.config.max_candidates;

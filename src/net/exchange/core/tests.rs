@@ -351,6 +351,30 @@ fn a_lookup_that_finds_a_provider_saves_the_want() {
 }
 
 #[test]
+fn a_peer_that_connects_while_a_want_waits_is_asked() {
+    // A node whose only peer (its bootstrap) connects after the read asked, and which
+    // does not advertise the block: the lookups find nobody, the peer has it.
+    let mut t = T::new();
+    let w = t.want(BlockAddress::Cid(tree(7)), &[], 30.0);
+    let out = t.actions();
+    assert_eq!(lookups(&out), vec![tree(7)]);
+    let a = peer(1);
+    t.connect(a);
+    let out = t.actions();
+    assert_eq!(want_haves(&out, a), vec![BlockAddress::Cid(tree(7))]);
+    t.core.lookup_done(t.now, tree(7));
+    assert!(fails(&t.actions()).is_empty(), "a candidate is asked");
+    let out = t.say(a, presence(BlockAddress::Cid(tree(7)), Presence::Have));
+    assert_eq!(want_blocks(&out, a), vec![BlockAddress::Cid(tree(7))]);
+    let out = deliver(&mut t, a, &[BlockAddress::Cid(tree(7))]);
+    assert_eq!(delivers(&out), vec![(vec![w], BlockAddress::Cid(tree(7)))]);
+    // Keys with nothing wanted are not asked about.
+    let b = peer(2);
+    t.connect(b);
+    assert!(sent(&t.actions(), b).is_empty());
+}
+
+#[test]
 fn lookups_beyond_the_limit_queue_and_do_not_fail() {
     let mut t = T::new();
     let limit = t.core.config().max_lookups;

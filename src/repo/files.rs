@@ -1,0 +1,430 @@
+//! The flat files of the store: where each tree's bytes live on disk, the open handles
+//! the read path uses, and the two things every writer must get right — syncing (through
+//! [`Durability`]: a failed fsync is fatal, since Linux drops the pages it could not write
+//! and a retry would report success over lost data) and room on the disk (checked before
+//! bytes are written, so a full disk is a clean error, not a file with holes).
+//!
+//! Layout in the data dir:
+//! - `trees/<treeCid>`: the data file — leaf i at i × blockSize, exactly the dataset's
+//!   bytes once complete (the last block's zero padding is implied, not stored);
+//! - `trees/<treeCid>.parity`: an erasure-coded tree's parity leaves, one after another;
+//! - `uploads/<id>` and `uploads/<id>.parity`: the files of an upload in progress, renamed
+//!   to their tree's names when it commits (every file there is garbage at open);
+//! - `store-open`: present while a process has the store open; found at open, it says the
+//!   last one did not close cleanly.
+
+use std::fs::{File, OpenOptions};
+use std::num::NonZeroUsize;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cid::Cid;
+
+use super::durability::{create_dir_durably, Durability};
+
+use crate::cids::{cid_from_bytes, cid_string};
+use crate::error::{Error, Result};
+
+const TREES: &str = "trees";
+const UPLOADS: &str = "uploads";
+const OPEN_MARKER: &str = "store-open";
+const PARITY_SUFFIX: &str = ".parity";
+/// Open file handles kept for reads and fetches.
+const HANDLES: usize = 256;
+/// Room left free on the disk beyond what a write needs: RocksDB's own writes, the
+/// file system's metadata.
+pub const DISK_RESERVE: u64 = 64 << 20;
+/// Locks that serialise changes to one tree's files (fetch writes, renames, unlinks).
+const STRIPES: usize = 64;
+/// Writeback is started every this many bytes of a file written in order.
+pub const WRITEBACK_BYTES: u64 = 8 << 20;
+
+/// Which of a tree's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    Data,
+    Parity,
+}
+
+/// Open handles by tree key and part.
+type Handles = lru::LruCache<(Vec<u8>, Part), Arc<File>>;
+
+pub struct Files {
+    dir: PathBuf,
+    handles: Mutex<Handles>,
+    stripes: Vec<Mutex<()>>,
+    /// Every sync of the store, and whether one failed (then nothing more is written).
+    durability: Durability,
+    /// Whether the last process left without closing the store.
+    crashed: bool,
+    /// Trees whose files were written since they were last synced (partial trees being
+    /// fetched): synced at a clean close, before the open marker goes.
+    dirty: Mutex<std::collections::HashSet<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for Files {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Files").field("dir", &self.dir).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Files {
+    /// Opens the file area of data dir `dir`, creating it. Leaves the open marker for
+    /// [`Self::crashed`] to report; it goes at a clean close.
+    pub fn open(dir: &Path) -> Result<Self> {
+        // Their names must survive a power cut like the files in them.
+        for sub in [TREES, UPLOADS] {
+            create_dir_durably(&dir.join(sub))?;
+        }
+        let marker = dir.join(OPEN_MARKER);
+        let crashed = marker.exists();
+        if !crashed {
+            File::create(&marker)?.sync_all()?;
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            handles: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(HANDLES).expect("non-zero"),
+            )),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            durability: Durability::default(),
+            crashed,
+            dirty: Mutex::new(Default::default()),
+        })
+    }
+
+    pub fn crashed(&self) -> bool {
+        self.crashed
+    }
+
+    pub fn trees_dir(&self) -> PathBuf {
+        self.dir.join(TREES)
+    }
+
+    pub fn uploads_dir(&self) -> PathBuf {
+        self.dir.join(UPLOADS)
+    }
+
+    pub fn path(&self, tree: &Cid, part: Part) -> PathBuf {
+        let mut name = cid_string(tree);
+        if part == Part::Parity {
+            name.push_str(PARITY_SUFFIX);
+        }
+        self.dir.join(TREES).join(name)
+    }
+
+    pub fn upload_path(&self, upload: u64, part: Part) -> PathBuf {
+        let name = match part {
+            Part::Data => format!("{upload}"),
+            Part::Parity => format!("{upload}{PARITY_SUFFIX}"),
+        };
+        self.dir.join(UPLOADS).join(name)
+    }
+
+    /// The tree a file in `trees/` belongs to, and which of its files it is; `None` for a
+    /// name that is no tree's.
+    pub fn parse_name(name: &str) -> Option<(Cid, Part)> {
+        let (cid, part) = match name.strip_suffix(PARITY_SUFFIX) {
+            Some(c) => (c, Part::Parity),
+            None => (name, Part::Data),
+        };
+        let cid = crate::cids::parse_cid(cid).ok()?;
+        Some((cid, part))
+    }
+
+    /// The lock for changes to `tree`'s files.
+    pub fn stripe(&self, tree: &[u8]) -> MutexGuard<'_, ()> {
+        let h = tree
+            .iter()
+            .rev()
+            .take(8)
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(*b as usize));
+        lock(&self.stripes[h % STRIPES])
+    }
+
+    /// An open handle of `tree`'s file, read-write; `None` if it does not exist (unless
+    /// `create`).
+    pub fn handle(&self, tree: &[u8], part: Part, create: bool) -> Result<Option<Arc<File>>> {
+        let key = (tree.to_vec(), part);
+        if let Some(f) = lock(&self.handles).get(&key) {
+            return Ok(Some(f.clone()));
+        }
+        let cid = cid_from_bytes(tree, "tree key")?;
+        let path = self.path(&cid, part);
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(&path)
+        {
+            Ok(f) => Arc::new(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        lock(&self.handles).put(key, file.clone());
+        Ok(Some(file))
+    }
+
+    /// Forgets the open handles of `tree` (its files were replaced or unlinked; readers
+    /// holding one keep reading what they opened).
+    pub fn forget(&self, tree: &[u8]) {
+        let mut h = lock(&self.handles);
+        for part in [Part::Data, Part::Parity] {
+            h.pop(&(tree.to_vec(), part));
+        }
+    }
+
+    /// Unlinks `tree`'s files; a file already gone is fine.
+    pub fn remove(&self, tree: &Cid) -> Result<()> {
+        self.forget(&tree.to_bytes());
+        for part in [Part::Data, Part::Parity] {
+            match std::fs::remove_file(self.path(tree, part)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The store's syncs and whether it still takes writes.
+    pub fn durability(&self) -> &Durability {
+        &self.durability
+    }
+
+    /// Fails if an earlier sync failed: nothing more may be written.
+    pub fn check_writable(&self) -> Result<()> {
+        self.durability.check_writable()
+    }
+
+    /// `fdatasync`, a failure being fatal for this process (see [`Durability`]).
+    pub fn sync(&self, file: &File) -> Result<()> {
+        self.durability.sync_file(file)
+    }
+
+    /// fsync of a directory (after a file in it was created, renamed or removed).
+    pub fn sync_dir(&self, dir: &Path) -> Result<()> {
+        self.durability.sync_dir(dir)
+    }
+
+    /// Fails with a full-disk error unless the data dir's file system has `bytes` free
+    /// beyond a reserve (1 % of the disk, at most [`DISK_RESERVE`]) for RocksDB's own
+    /// writes and the file system's metadata.
+    pub fn ensure_room(&self, bytes: u64) -> Result<()> {
+        let (free, total) = self.disk_space()?;
+        let reserve = (total / 100).min(DISK_RESERVE);
+        if free < bytes.saturating_add(reserve) {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "No space left on device: the disk of {} has {} KiB free, {} KiB needed",
+                    self.dir.display(),
+                    free >> 10,
+                    (bytes + reserve) >> 10
+                ),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes free for us on the data dir's file system.
+    pub fn free_bytes(&self) -> Result<u64> {
+        Ok(self.disk_space()?.0)
+    }
+
+    /// `(free, total)` bytes of the data dir's file system.
+    fn disk_space(&self) -> Result<(u64, u64)> {
+        let c = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::InvalidArgument("data dir path has a NUL byte".into()))?;
+        // SAFETY: a valid C string and a zeroed statvfs for the kernel to fill.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let unit = st.f_frsize as u64;
+        Ok((
+            (st.f_bavail as u64).saturating_mul(unit),
+            (st.f_blocks as u64).saturating_mul(unit),
+        ))
+    }
+
+    /// Bytes the tree files take on disk (holes excluded; a file under two names — the
+    /// data file of a dataset and of its protected version — counted once).
+    pub fn bytes_on_disk(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let mut total = 0;
+        let mut seen = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(self.trees_dir())? {
+            let md = entry?.metadata()?;
+            if md.nlink() < 2 || seen.insert(md.ino()) {
+                total += md.blocks() * 512;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Notes that `tree`'s files were written and not synced.
+    pub fn mark_dirty(&self, tree: &[u8]) {
+        let mut d = lock(&self.dirty);
+        if !d.contains(tree) {
+            d.insert(tree.to_vec());
+        }
+    }
+
+    /// Notes that `tree`'s files were synced (or removed).
+    pub fn mark_clean(&self, tree: &[u8]) {
+        lock(&self.dirty).remove(tree);
+    }
+
+    /// Marks a clean close once every file written is synced: the next open need not
+    /// distrust bytes written without a sync.
+    pub fn close_cleanly(&self) {
+        if self.durability.is_stopped() {
+            return;
+        }
+        let dirty: Vec<Vec<u8>> = lock(&self.dirty).drain().collect();
+        for tree in dirty {
+            for part in [Part::Data, Part::Parity] {
+                if let Ok(Some(f)) = self.handle(&tree, part, false) {
+                    if self.sync(&f).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if self.sync_dir(&self.trees_dir()).is_ok() {
+            let _ = std::fs::remove_file(self.dir.join(OPEN_MARKER));
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` of `file` and appends them to `out`; bytes past the end
+/// of the file read as zeros (the implied padding of a tree's last block, the implied
+/// zero blocks of an erasure-coded tree). On failure `out` is as it was.
+pub fn read_zero_filled(file: &File, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<()> {
+    let start = out.len();
+    out.reserve(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    let mut done = 0;
+    while done < len {
+        // SAFETY: pread writes at most `len - done` bytes into the spare capacity reserved
+        // above; only the bytes it reports written are counted.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare[done..].as_mut_ptr().cast(),
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
+    }
+    for b in &mut spare[done..] {
+        b.write(0);
+    }
+    // SAFETY: pread initialised the first `done` bytes, the loop above the rest.
+    unsafe { out.set_len(start + len) };
+    Ok(())
+}
+
+/// Makes a tree's data file `data_len` long: the padding past it (the last block's, an
+/// erasure-coded tree's zero blocks) is implied, so it goes — unless it holds non-zero
+/// bytes (a manifest whose size cut into the last block's data): then they stay.
+pub fn trim_to(file: &File, data_len: u64) -> Result<()> {
+    let len = file.metadata()?.len();
+    if len > data_len {
+        let mut tail = Vec::new();
+        read_zero_filled(file, data_len, (len - data_len) as usize, &mut tail)?;
+        if tail.iter().all(|&b| b == 0) {
+            file.set_len(data_len)?;
+        }
+    } else if len < data_len {
+        file.set_len(data_len)?;
+    }
+    Ok(())
+}
+
+/// Writes `data` at `offset`, starting writeback of each whole [`WRITEBACK_BYTES`] span it
+/// completes (so the sync that ends an upload finds little left to write).
+pub fn write_at(file: &File, data: &[u8], offset: u64) -> Result<()> {
+    write_run_at(file, &[data], offset)
+}
+
+/// Writes `parts` one after another from `offset` in one call (`pwritev`): a run of
+/// blocks written at once goes into the page cache as large folios, which read back
+/// faster than the small ones block-sized writes leave. Starts writeback as [`write_at`].
+pub fn write_run_at(file: &File, parts: &[&[u8]], offset: u64) -> Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        // The parts from `done` on, the first one cut where the last call stopped.
+        let mut skip = done;
+        let mut iov = Vec::with_capacity(parts.len());
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            let rest = &p[skip..];
+            skip = 0;
+            iov.push(libc::iovec {
+                iov_base: rest.as_ptr() as *mut libc::c_void,
+                iov_len: rest.len(),
+            });
+        }
+        let count = iov.len().min(1024);
+        // SAFETY: every iovec points into a slice borrowed for this call; pwritev only
+        // reads them.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                count as libc::c_int,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        }
+        done += n as usize;
+    }
+    let data_len = total;
+    let end = offset + data_len as u64;
+    let (from, to) = (offset / WRITEBACK_BYTES, end / WRITEBACK_BYTES);
+    if to > from {
+        // SAFETY: sync_file_range only reads its arguments; a failure only costs speed.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                (from * WRITEBACK_BYTES) as libc::off64_t,
+                ((to - from) * WRITEBACK_BYTES) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    Ok(())
+}
