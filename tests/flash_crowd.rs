@@ -80,6 +80,8 @@ fn a_flash_crowd_on_a_slow_seeder_completes_every_download() {
     );
     procs.0.push(seeder);
     seeder_log.wait_for("node running");
+    // The listen address is printed when the swarm reports it, maybe after the above.
+    seeder_log.wait_for("listening on ");
     let addr = seeder_log.after("listening on ");
     assert!(addr.starts_with(&listen), "{addr}");
 

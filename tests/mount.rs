@@ -490,16 +490,32 @@ fn kill_9_during_cp_leaves_a_consistent_store_and_a_mount_that_comes_back() {
 
 /// The FUSE read counter of a node's /metrics (0 when none was counted).
 fn fuse_reads(api: &str) -> f64 {
+    fuse_ops(api, "read")
+}
+
+/// How many FUSE operations of kind `op` a node's /metrics counted (0 when none).
+fn fuse_ops(api: &str, op: &str) -> f64 {
     let base = api.trim_end_matches("/api/codex/v1");
     let metrics = reqwest::blocking::get(format!("{base}/metrics"))
         .unwrap()
         .text()
         .unwrap();
+    let prefix = format!("codexfs_fuse_operation_seconds_count{{op=\"{op}\"}}");
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("codexfs_fuse_operation_seconds_count{op=\"read\"}"))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Waits until the node has handled `n` FUSE RELEASEs: the kernel sends a RELEASE after
+/// `close` returned, and an inode still held by a writer's handle is daemon-served.
+fn wait_for_releases(api: &str, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fuse_ops(api, "release") < n {
+        assert!(Instant::now() < deadline, "no RELEASE in 30 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A dataset being fetched from a peer is read through the daemon (which fetches what is
@@ -679,7 +695,9 @@ fn names_read_by_passthrough_and_written_while_open() {
     let api = node.log.after("API at ");
     let path = node.path("n.bin");
     let v1 = common::random_bytes(1 << 20, 31);
+    let released = fuse_ops(&api, "release");
     std::fs::write(&path, &v1).unwrap();
+    wait_for_releases(&api, released + 1.0);
     let before = fuse_reads(&api);
     assert!(std::fs::read(&path).unwrap() == v1);
     assert_eq!(

@@ -86,6 +86,38 @@ fn a_node_that_knows_only_a_bootstrap_peer_finds_the_seeder_and_reads() {
 }
 
 #[test]
+fn random_reads_through_the_mount_of_a_peers_dataset_give_its_bytes() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("f.bin");
+    let size = 3 * 1024 * 1024 + 11;
+    let bytes = random_file(&file, size, 7);
+    let a_data = tmp.path().join("a");
+    let cid = upload(&a_data, &file);
+    let a = peer(&a_data, None, None, &[]);
+    let mnt = tmp.path().join("mnt");
+    let c = peer(&tmp.path().join("c"), Some(&mnt), Some(&a.addr()), &[]);
+    let f = std::fs::File::open(mnt.join(&cid))
+        .unwrap_or_else(|e| panic!("open: {e}\n{}", c.log.text()));
+    // Backwards, so every read is a seek: the reader's thread waits for its blocks itself.
+    let block = 64 * 1024;
+    let reads = [
+        (size - 5, 5),
+        (2 * block - 100, 300), // across a block boundary
+        (40 * block + 4096, 128 * 1024),
+        (17 * block + 1, 4096),
+        (3, 4096),
+    ];
+    for (offset, len) in reads {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset as u64)
+            .unwrap_or_else(|e| panic!("read {len} at {offset}: {e}\n{}", c.log.text()));
+        assert!(buf == bytes[offset..offset + len], "read {len} at {offset} differs");
+    }
+    drop((a, c));
+}
+
+#[test]
 fn three_seeders_share_the_load_and_one_may_die() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("f.bin");

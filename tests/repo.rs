@@ -620,3 +620,60 @@ fn a_group_commit_that_never_synced_is_hashed_again_at_open() {
     );
     assert_consistent(&node);
 }
+
+/// The mount's uploads write their blocks past the page cache (O_DIRECT, the file
+/// preallocated ahead) where the blocks are page-aligned, and the ordinary way where they
+/// are not: either way every byte is stored, the flat file ends at the dataset's size (no
+/// preallocated tail), the CID is the one computed, and the repo is consistent.
+#[test]
+fn the_mounts_direct_writes_store_every_byte_and_no_more() {
+    use codexfs::chunker::{Buffer, BufferPool};
+    for block_size in [65536usize, 1000] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = NodeConfig {
+            block_size,
+            ..NodeConfig::default()
+        };
+        let node = Node::open(dir.path(), config).unwrap();
+        for (seed, size) in [(1u64, 1usize), (2, 3 * 65536 + 5), (3, (70 << 20) + 4097)] {
+            let data = random_bytes(size, seed);
+            let pool = BufferPool::with_capacity(4);
+            // Page-aligned buffers as the mount makes them, and some that are not.
+            let buffers: Vec<std::io::Result<Buffer>> = data
+                .chunks(1 << 20)
+                .enumerate()
+                .map(|(i, c)| {
+                    Ok(if i % 3 == 2 {
+                        Buffer::from(c.to_vec())
+                    } else {
+                        pool.copy_aligned(c, 4096)
+                    })
+                })
+                .collect();
+            let (cid, new) = node
+                .publish_buffers(buffers.into_iter(), pool.clone(), Some("f".into()), true)
+                .unwrap();
+            assert!(new);
+            let (want, _) = compute_cid(&data[..], block_size, Some("f".into()), None).unwrap();
+            assert_eq!(cid, want, "block size {block_size}, size {size}");
+            let m = node.repo().manifest(&cid).unwrap().unwrap();
+            let flat = dir.path().join("trees").join(cid_string(&m.tree_cid));
+            assert_eq!(
+                std::fs::metadata(&flat).unwrap().len(),
+                size as u64,
+                "block size {block_size}, size {size}: the flat file is the dataset's bytes"
+            );
+            assert!(
+                read_all(&node, &cid) == data,
+                "block size {block_size}, size {size}"
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("uploads"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert_consistent(&node);
+    }
+}

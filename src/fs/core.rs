@@ -875,6 +875,20 @@ impl FsCore {
         data: &[u8],
         owner: Option<u64>,
     ) -> Result<u32, Errno> {
+        self.write_acking(fh, offset, data, owner, &mut |_| {})
+    }
+
+    /// [`Self::write_as`], calling `ack` with the count once the write is accepted, which
+    /// may be before its bytes are copied (see [`FileWriter::write_acking`]): an `Err`
+    /// after `ack` is a failure the writer learns at its next write or close.
+    pub fn write_acking(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        owner: Option<u64>,
+        ack: &mut dyn FnMut(u32),
+    ) -> Result<u32, Errno> {
         let w = lock(&self.handles)
             .get(&fh)
             .and_then(Self::write_handle)
@@ -884,8 +898,9 @@ impl FsCore {
         }
         // (A stream that turned into a spool leaves a copy to delete: the close, or the
         // publisher's next round, deletes it, not the write path.)
-        lock(&w.writer).write(offset, data)?;
-        Ok(data.len() as u32)
+        let n = data.len() as u32;
+        lock(&w.writer).write_acking(offset, data, &mut || ack(n))?;
+        Ok(n)
     }
 
     /// Publishes what the handle wrote (close(2) sees its errors).

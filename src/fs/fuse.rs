@@ -454,9 +454,22 @@ impl Filesystem for CodexFuse {
         // The lock owner (direct I/O writes carry it) says which process wrote: its close
         // publishes, a close by a process that only inherited the file does not.
         let owner = lock_owner.map(|o| o.0);
-        match traced("write", || self.core.write_as(fh.0, offset, data, owner)) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(e)),
+        // Acknowledged as soon as accepted: the writer's next write then reaches another
+        // worker while this one copies the bytes (see `FsCore::write_acking`).
+        let mut reply = Some(reply);
+        let r = traced("write", || {
+            self.core.write_acking(fh.0, offset, data, owner, &mut |n| {
+                if let Some(r) = reply.take() {
+                    r.written(n)
+                }
+            })
+        });
+        match (r, reply.take()) {
+            (Ok(n), Some(reply)) => reply.written(n),
+            (Err(e), Some(reply)) => reply.error(errno(e)),
+            // Acknowledged already: a failure of the stream, reported at the next write
+            // or the close.
+            (_, None) => {}
         }
     }
 

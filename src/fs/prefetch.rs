@@ -168,8 +168,14 @@ impl Prefetcher {
         // Each block of the request: already being fetched, or read now on this thread.
         enum Part {
             Waiting(u64, Arc<Slot>),
+            /// A random read's block, waited for on this thread (see below).
+            Direct(u64, futures::future::BoxFuture<'static, crate::Result<Bytes>>),
             Done,
         }
+        // A reader that is not sequential, on a thread outside the runtime (a FUSE
+        // thread), waits for its own blocks itself: the block then wakes this thread
+        // directly instead of a task that wakes it (one thread hop less per random read).
+        let outside_runtime = tokio::runtime::Handle::try_current().is_err();
         out.reserve((end - offset) as usize);
         let range_in = |index: u64| {
             let block_start = index * bs;
@@ -230,6 +236,16 @@ impl Prefetcher {
                         .map_err(|e| read_errno(&e))?;
                 if now {
                     parts.push(Part::Done);
+                } else if !sequential && outside_runtime {
+                    waited = true;
+                    match self.source.block_async(&self.dataset, i) {
+                        Some(fetch) => parts.push(Part::Direct(i, fetch)),
+                        None => {
+                            let s = self.spawn_fetch(i);
+                            st.slots.insert(i, s.clone());
+                            parts.push(Part::Waiting(i, s));
+                        }
+                    }
                 } else {
                     waited = true;
                     let s = self.spawn_fetch(i);
@@ -259,17 +275,30 @@ impl Prefetcher {
 
         let deadline = Instant::now() + self.config.timeout;
         for part in parts {
-            if let Part::Waiting(index, slot) = part {
-                let block = match slot.wait(deadline) {
-                    Ok(b) => b,
+            let (index, block) = match part {
+                Part::Done => continue,
+                Part::Waiting(index, slot) => match slot.wait(deadline) {
+                    Ok(b) => (index, b),
                     Err(e) => {
                         self.forget_failed(index, &slot);
                         return Err(e);
                     }
-                };
-                let r = range_in(index);
-                out.extend_from_slice(block.get(r).ok_or(libc::EIO)?);
-            }
+                },
+                Part::Direct(index, fetch) => {
+                    // The timer is made inside the runtime's context.
+                    let wait = async { tokio::time::timeout_at(deadline.into(), fetch).await };
+                    match self.runtime.block_on(wait) {
+                        Ok(Ok(b)) => (index, b),
+                        Ok(Err(e)) => {
+                            tracing::debug!("block {index}: {e}");
+                            return Err(read_errno(&e));
+                        }
+                        Err(_) => return Err(libc::EIO),
+                    }
+                }
+            };
+            let r = range_in(index);
+            out.extend_from_slice(block.get(r).ok_or(libc::EIO)?);
         }
         Ok(())
     }

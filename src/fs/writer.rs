@@ -26,7 +26,7 @@ use cid::Cid;
 
 use super::prefetch::Errno;
 use super::versions::Versions;
-use crate::chunker::BufferPool;
+use crate::chunker::{Buffer, BufferPool, WRITE_ALIGN};
 use crate::node::Node;
 
 /// Write buffers queued between the FUSE writer and the upload pipeline.
@@ -37,7 +37,7 @@ const STREAM_QUEUE: usize = 8;
 pub const SMALL_FILE: usize = 1 << 20;
 
 enum Msg {
-    Data(Vec<u8>),
+    Data(Buffer),
     /// The writer publishes: what was sent is the whole file.
     End,
 }
@@ -78,7 +78,7 @@ impl Drop for Stream {
 
 /// The upload's input: the writer's buffers until `End`; a writer that went away without
 /// `End` fails the upload.
-fn stream_input(rx: Receiver<Msg>) -> impl Iterator<Item = io::Result<Vec<u8>>> {
+fn stream_input(rx: Receiver<Msg>) -> impl Iterator<Item = io::Result<Buffer>> {
     let mut ended = false;
     std::iter::from_fn(move || {
         if ended {
@@ -264,12 +264,31 @@ impl FileWriter {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        let r = self.write_inner(offset, data);
+        self.write_acking(offset, data, &mut || {})
+    }
+
+    /// [`Self::write`], calling `ack` as soon as the write is accepted: a write that
+    /// continues a live stream is acknowledged before its bytes are copied out of `data`,
+    /// so the writer's next write travels to us while we copy (the caller holds this
+    /// writer's lock, which keeps writes in order). An `Err` after `ack` is the stream's
+    /// failure, which the writer learns at its next write or close.
+    pub fn write_acking(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        ack: &mut dyn FnMut(),
+    ) -> Result<(), Errno> {
+        let r = self.write_inner(offset, data, ack);
         self.sync_status();
         r
     }
 
-    fn write_inner(&mut self, offset: u64, data: &[u8]) -> Result<(), Errno> {
+    fn write_inner(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        ack: &mut dyn FnMut(),
+    ) -> Result<(), Errno> {
         if let State::Failed(e) = self.state {
             return Err(e);
         }
@@ -289,7 +308,7 @@ impl FileWriter {
                 if let State::Streaming(s) = &mut self.state {
                     let sent =
                         s.tx.as_ref()
-                            .is_some_and(|tx| tx.send(Msg::Data(held)).is_ok());
+                            .is_some_and(|tx| tx.send(Msg::Data(held.into())).is_ok());
                     if !sent {
                         return Err(self.fail_stream());
                     }
@@ -298,9 +317,27 @@ impl FileWriter {
             }
         }
         if let State::Streaming(s) = &mut self.state {
+            let live = s.tx.is_some() && s.upload.as_ref().is_some_and(|u| !u.is_finished());
+            if offset == s.written && live {
+                // The size first: a stat right after the write sees it.
+                s.written += data.len() as u64;
+                self.dirty = true;
+                self.status.size.store(s.written, Ordering::Release);
+                self.status.dirty.store(true, Ordering::Release);
+                ack();
+                let buf = s.pool.copy_aligned(data, WRITE_ALIGN);
+                if s.tx
+                    .as_ref()
+                    .is_some_and(|tx| tx.send(Msg::Data(buf)).is_ok())
+                {
+                    return Ok(());
+                }
+                return Err(self.fail_stream());
+            }
             if offset == s.written {
-                let mut buf = s.pool.take_empty();
-                buf.extend_from_slice(data);
+                // Page-aligned, so the store writes it to disk as it is (see
+                // `RepoStore`'s direct writes).
+                let buf = s.pool.copy_aligned(data, WRITE_ALIGN);
                 if s.tx
                     .as_ref()
                     .is_some_and(|tx| tx.send(Msg::Data(buf)).is_ok())

@@ -1,7 +1,8 @@
 //! The network: the block exchange protocol ([`protocol`]), answering peers from the local
 //! store ([`provider`]), checking what peers deliver ([`verify`]), the libp2p swarm
-//! ([`swarm`]), the exchange — a sans-IO core and the shell that drives it over the swarm
-//! ([`exchange`]) — and the store that reads through it ([`store`]).
+//! ([`swarm`]) and its transport ([`transport`]), the exchange — a sans-IO core and the shell
+//! that drives it over the swarm ([`exchange`]) — and the store that reads through it
+//! ([`store`]).
 
 pub mod exchange;
 pub mod protocol;
@@ -9,6 +10,7 @@ pub mod provider;
 pub mod service;
 pub mod store;
 pub mod swarm;
+pub mod transport;
 pub mod verify;
 
 pub use protocol::{BlockAddress, Message};

@@ -378,6 +378,12 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Frames up to this size (answers are built in messages of at most 1 MiB) get room for
+/// all their bytes once [`RESERVE_AFTER_BYTES`] of them have arrived; larger ones grow
+/// with what arrives.
+const RESERVE_FRAME_BYTES: usize = 2 << 20;
+const RESERVE_AFTER_BYTES: usize = 64 << 10;
+
 /// Splits a byte stream into messages, whatever pieces it arrives in. A whole frame is
 /// split off the buffer without copying, and deliveries' data point into it.
 #[derive(Debug, Default)]
@@ -391,6 +397,20 @@ impl FrameDecoder {
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
+        // Once a frame of answer size has shown it is really coming (a first read's worth
+        // of it arrived), room for all of it is made at once: growing the buffer read by
+        // read copied the frame again at every doubling (the frames before it still hold
+        // the old allocation, so it cannot grow in place).
+        if let Some((len, n)) = get_varint(&self.buf) {
+            let frame = n + len as usize;
+            let want = frame.saturating_sub(self.buf.len());
+            if len as usize <= RESERVE_FRAME_BYTES
+                && self.buf.len() >= RESERVE_AFTER_BYTES.min(frame)
+                && want > bytes.len()
+            {
+                self.buf.reserve(want);
+            }
+        }
         self.buf.extend_from_slice(bytes);
     }
 
@@ -525,6 +545,42 @@ mod tests {
             encode_frame(&m).is_ok(),
             "a block of the largest size is sendable"
         );
+    }
+
+    #[test]
+    fn room_for_a_whole_answer_frame_is_made_once_it_is_really_coming() {
+        let data = Bytes::from(vec![3u8; 1 << 20]);
+        let frame = encode_frame(&Message {
+            deliveries: vec![BlockDelivery {
+                cid: crate::cids::block_cid(&data),
+                data,
+                address: BlockAddress::Cid(crate::cids::block_cid(b"x")),
+                proof: None,
+            }],
+            ..Message::default()
+        })
+        .unwrap();
+        let mut d = FrameDecoder::new();
+        d.push(&frame[..100]);
+        assert!(d.buf.capacity() < 64 << 10, "a header alone reserves nothing");
+        d.push(&frame[100..RESERVE_AFTER_BYTES]);
+        d.push(&frame[RESERVE_AFTER_BYTES..RESERVE_AFTER_BYTES + 1000]);
+        assert!(d.buf.capacity() >= frame.len(), "{}", d.buf.capacity());
+        let at = d.buf.as_ptr();
+        for piece in frame[RESERVE_AFTER_BYTES + 1000..].chunks(64 << 10) {
+            d.push(piece);
+            assert_eq!(d.buf.as_ptr(), at, "the frame's bytes were not moved");
+        }
+        assert!(d.next_message().unwrap().is_some());
+
+        // A frame over the reservation size grows with what arrives.
+        let mut d = FrameDecoder::new();
+        let mut head = Vec::new();
+        put_varint(&mut head, (RESERVE_FRAME_BYTES + 1) as u64);
+        d.push(&head);
+        d.push(&vec![0x0a; RESERVE_AFTER_BYTES]);
+        d.push(&[0x0a; 10]);
+        assert!(d.buf.capacity() < RESERVE_FRAME_BYTES, "{}", d.buf.capacity());
     }
 
     #[test]

@@ -67,6 +67,17 @@ impl NetworkStore {
     /// — read after a crash, or found by `check --deep` — and the fetch puts them back.)
     fn get(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
         match self.node.local_block(dataset, index) {
+            Err(Error::NotFound(_)) if self.is_stored_here(dataset) => {
+                // A dataset of this store missing a block (dropped by the scrub, or after
+                // a crash) is whole again when the read that fetched the block returns:
+                // readers otherwise get blocks before they are stored.
+                let (fetch, ex) = (self.fetch_remote(dataset, index), self.exchange.clone());
+                Box::pin(async move {
+                    let data = fetch.await?;
+                    ex.stored().await;
+                    Ok(data)
+                })
+            }
             Err(Error::NotFound(_)) => self.fetch_remote(dataset, index),
             Err(Error::Corrupt(e)) => {
                 tracing::warn!(
@@ -77,6 +88,11 @@ impl NetworkStore {
             }
             local => Box::pin(futures::future::ready(local)),
         }
+    }
+
+    fn is_stored_here(&self, dataset: &Dataset) -> bool {
+        matches!(dataset, Dataset::Manifest(cid, _)
+            if self.node.repo().has_dataset(cid).unwrap_or(false))
     }
 
     /// `fetch`, and for an erasure-coded dataset, if it fails, the block decoded from the

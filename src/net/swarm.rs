@@ -1,6 +1,6 @@
-//! The node's libp2p swarm: TCP + noise + yamux, identify, ping, Kademlia in server mode,
-//! optional mDNS, and the stream behaviour that carries the block exchange. A task owns
-//! the swarm; the rest of the node talks to it through [`NetHandle`].
+//! The node's libp2p swarm: the transport of [`super::transport`], identify, ping,
+//! Kademlia in server mode, optional mDNS, and the stream behaviour that carries the block
+//! exchange. A task owns the swarm; the rest of the node talks to it through [`NetHandle`].
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -14,7 +14,7 @@ use libp2p::kad::{self, store::MemoryStore, GetProvidersOk, QueryId, QueryResult
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+use libp2p::{identify, mdns, ping, Multiaddr, PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -281,13 +281,14 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
     let peer_id = key.public().to_peer_id();
     let mdns_on = config.mdns;
     let max_peers = config.max_peers.max(1);
+    super::transport::keep_freed_memory();
+    let transport =
+        super::transport::TransportConfig::from_env().map_err(Error::InvalidArgument)?;
+    let transport = super::transport::build(&key, &transport)
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|_| transport)
         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
         .with_behaviour(|key| {
             let id = key.public().to_peer_id();

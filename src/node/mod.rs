@@ -184,7 +184,7 @@ impl Node {
     /// and whether the dataset is new.
     pub fn publish_buffers(
         &self,
-        buffers: impl Iterator<Item = std::io::Result<Vec<u8>>>,
+        buffers: impl Iterator<Item = std::io::Result<crate::chunker::Buffer>>,
         pool: BufferPool,
         filename: Option<String>,
         sync: bool,
@@ -199,6 +199,7 @@ impl Node {
             filename,
             Origin::Mount,
             sync,
+            true,
         )?;
         crate::metrics::metrics().uploads.inc();
         Ok(stored)
@@ -213,11 +214,13 @@ impl Node {
         let (cid, _) = upload::store_buffers(
             &self.repo,
             self.config.block_size,
-            std::iter::once(Ok(bytes.to_vec())),
+            std::iter::once(Ok::<_, std::io::Error>(bytes.to_vec().into())),
             BufferPool::with_capacity(0),
             filename,
             Origin::Mount,
             sync,
+            // A small file: one buffered write, no direct I/O for a few KiB.
+            false,
         )?;
         crate::metrics::metrics().uploads.inc();
         Ok(cid)

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use cid::Cid;
 
-use crate::chunker::{BatchSource, BufferBatcher, BufferPool, ChunkBatch, Chunker};
+use crate::chunker::{BatchSource, Buffer, BufferBatcher, BufferPool, ChunkBatch, Chunker};
 use crate::cids::{cid_from_digest, sha256, Digest, BLOCK_CODEC};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
@@ -216,14 +216,23 @@ pub(super) fn store<R: Read + Send>(
 pub(super) fn store_buffers(
     repo: &RepoStore,
     block_size: usize,
-    buffers: impl Iterator<Item = std::io::Result<Vec<u8>>>,
+    buffers: impl Iterator<Item = std::io::Result<Buffer>>,
     pool: BufferPool,
     filename: Option<String>,
     origin: Origin,
     sync: bool,
+    direct: bool,
 ) -> Result<(Cid, bool)> {
     let mut batcher = BufferBatcher::new(buffers, block_size, BATCH_BYTES).with_pool(pool);
-    store_batches(repo, block_size, &mut batcher, filename, None, origin, sync)
+    let upload = repo.begin_upload_as(origin)?;
+    if direct {
+        // The writer keeps its copy of what it wrote: ours need not stay in the page cache.
+        upload.write_directly();
+    }
+    let staged = stage_into(upload, block_size, &mut batcher, filename, None)?;
+    staged
+        .upload
+        .commit_with(&staged.tree, &staged.manifest, sync)
 }
 
 /// Stores the batches of `source`; committed synced, or with its group when `sync` is
@@ -260,7 +269,23 @@ fn stage_batches<'a>(
     mimetype: Option<String>,
     origin: Origin,
 ) -> Result<Staged<'a>> {
-    let upload = repo.begin_upload_as(origin)?;
+    stage_into(
+        repo.begin_upload_as(origin)?,
+        block_size,
+        source,
+        filename,
+        mimetype,
+    )
+}
+
+/// Stores what `source` yields through `upload`, as a [`Staged`] upload.
+fn stage_into<'a>(
+    upload: Upload<'a>,
+    block_size: usize,
+    source: &mut dyn BatchSource,
+    filename: Option<String>,
+    mimetype: Option<String>,
+) -> Result<Staged<'a>> {
     // On any error `upload` is dropped uncommitted, which gives its blocks back.
     let (digests, size) = chunk_and_hash(source, block_size, &upload)?;
     let (tree, manifest) = build_manifest(digests, size, block_size, filename, mimetype)?;

@@ -84,6 +84,7 @@
 
 mod checks;
 mod convert;
+mod direct;
 mod dirs;
 mod durability;
 mod faults;

@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::sync::atomic::AtomicBool;
 
+use super::direct::DirectFile;
 use super::files::{write_run_at, Part};
 use super::*;
 
@@ -39,6 +40,8 @@ impl RepoStore {
             block_size: AtomicU64::new(0),
             files: Mutex::new([None, None]),
             wrote: AtomicBool::new(false),
+            direct: AtomicBool::new(false),
+            direct_file: Mutex::new(None),
         })
     }
 
@@ -97,9 +100,55 @@ pub struct Upload<'a> {
     files: Mutex<[Option<Arc<File>>; 2]>,
     /// Whether any bytes were written (or a data file linked).
     wrote: AtomicBool,
+    /// Whether data blocks are written past the page cache (see [`Self::write_directly`]).
+    direct: AtomicBool,
+    /// The data file's direct handle, opened on first use (`None` inside: refused).
+    direct_file: Mutex<Option<Option<Arc<DirectFile>>>>,
 }
 
 impl Upload<'_> {
+    /// Data blocks put from now on are written past the page cache where the file system
+    /// allows (see [`super::direct`]): for bytes nobody will read back soon, whose first
+    /// touch of page cache would cost more than the disk write.
+    pub fn write_directly(&self) {
+        self.direct.store(true, Ordering::Relaxed);
+    }
+
+    /// The data file's direct handle, if direct writes are on and the file system has them.
+    fn direct_file(&self) -> Result<Option<Arc<DirectFile>>> {
+        if !self.direct.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let mut direct = lock(&self.direct_file);
+        if let Some(d) = &*direct {
+            return Ok(d.clone());
+        }
+        self.file(Part::Data)?; // (creates it)
+        let d = DirectFile::open(&self.repo.files.upload_path(self.id, Part::Data)).map(Arc::new);
+        *direct = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Writes a run of blocks at `at` of file `part`: past the page cache where it can.
+    fn write_run(&self, part: Part, run: &[&[u8]], at: u64) -> Result<()> {
+        let file = self.file(part)?;
+        if part == Part::Data {
+            if let Some(direct) = self.direct_file()? {
+                // Space preallocated ahead must not eat the disk's reserve.
+                let size = run.iter().map(|r| r.len() as u64).sum::<u64>();
+                let ahead = self
+                    .repo
+                    .files
+                    .ensure_room(size + super::direct::PREALLOCATE)
+                    .is_ok();
+                if direct.write_run(run, at, &file, ahead)? {
+                    return Ok(());
+                }
+            }
+        }
+        write_run_at(&file, run, at)
+    }
+
     /// Blocks from `data_blocks` on are parity: they go to the parity file (an
     /// erasure-coded dataset being made).
     pub fn set_data_blocks(&self, data_blocks: u64) {
@@ -226,7 +275,7 @@ impl Upload<'_> {
                 Some((p, _, next)) if p == part && next == *index => {}
                 _ => {
                     if let Some((p, at, _)) = run_at {
-                        write_run_at(&*self.file(p)?, &run, at)?;
+                        self.write_run(p, &run, at)?;
                     }
                     run.clear();
                     run_at = Some((part, offset, *index));
@@ -238,7 +287,7 @@ impl Upload<'_> {
             }
         }
         if let Some((p, at, _)) = run_at {
-            write_run_at(&*self.file(p)?, &run, at)?;
+            self.write_run(p, &run, at)?;
         }
         self.wrote.store(true, Ordering::Relaxed);
         let holds: Vec<(u64, Cid, u64)> = blocks
