@@ -314,8 +314,16 @@ fn remote_block(
         ),
         Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
     };
+    // The peers that had the manifest are asked first; a provider lookup starts only if
+    // they cannot deliver (a lookup in flight beside the first want delays it: its
+    // Kademlia request shares the connection, and the reader waits for its first byte).
+    let discover = if peers.is_empty() {
+        Discover::Now
+    } else {
+        Discover::WhenStuck
+    };
     // The want is made here, now: blocks asked in order are wanted in order.
-    let fetch = ex.fetch(address, leaves, &peers, timeout, Discover::Now);
+    let fetch = ex.fetch(address, leaves, &peers, timeout, discover);
     Box::pin(async move { fetch.await.map(|f| f.data) })
 }
 
@@ -332,14 +340,16 @@ impl BlockSource for NetworkStore {
         {
             return Ok(Some(d.clone()));
         }
-        // The connected peers are asked at once while a lookup looks for providers.
+        // The connected peers are asked at once; a lookup looks for providers when none
+        // is connected or once they all said DontHave (a Kademlia query beside the want
+        // delays the answer of a connected peer that has it: the reader's first byte).
         let c = *cid;
         let found = self.runtime.block_on(self.exchange.fetch(
             BlockAddress::Cid(c),
             0,
             &[],
             self.timeout,
-            Discover::Now,
+            Discover::WhenStuck,
         ));
         let fetched = match found {
             Ok(f) => f,

@@ -1174,6 +1174,10 @@ impl Core {
         let mut best: Option<(Duration, PeerId)> = None;
         let mut retry: Option<(Duration, PeerId)> = None;
         let (mut later, mut pending) = (false, false);
+        // The key's only candidate is as good as a provider: a want-block asks it as much
+        // as a want-have would (it answers DontHave if it has not the block), and saves
+        // the round trip of the presence a reader's first byte would wait for.
+        let sole = ks.peers.len() == 1;
         for (peer, c) in &ks.peers {
             if !self.reachable(peer, now) {
                 continue;
@@ -1190,8 +1194,9 @@ impl Core {
             let p = self.peers.get(peer);
             let window = match c.presence {
                 Known::Have => self.window_cap(p),
-                // A provider that has not answered yet: one block at a time.
-                Known::Unknown | Known::Asked { .. } if c.provider => 1,
+                // A provider (or the only candidate) that has not answered yet: one
+                // block at a time.
+                Known::Unknown | Known::Asked { .. } if c.provider || sole => 1,
                 Known::Unknown | Known::Asked { .. } => {
                     pending = true;
                     continue;

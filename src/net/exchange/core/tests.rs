@@ -362,10 +362,13 @@ fn a_peer_that_connects_while_a_want_waits_is_asked() {
     t.connect(a);
     let out = t.actions();
     assert_eq!(want_haves(&out, a), vec![BlockAddress::Cid(tree(7))]);
+    // The only candidate: asked for the block with the want-have (no presence round trip).
+    let mut blocks = want_blocks(&out, a);
     t.core.lookup_done(t.now, tree(7));
     assert!(fails(&t.actions()).is_empty(), "a candidate is asked");
     let out = t.say(a, presence(BlockAddress::Cid(tree(7)), Presence::Have));
-    assert_eq!(want_blocks(&out, a), vec![BlockAddress::Cid(tree(7))]);
+    blocks.extend(want_blocks(&out, a));
+    assert_eq!(blocks, vec![BlockAddress::Cid(tree(7))], "asked once");
     let out = deliver(&mut t, a, &[BlockAddress::Cid(tree(7))]);
     assert_eq!(delivers(&out), vec![(vec![w], BlockAddress::Cid(tree(7)))]);
     // Keys with nothing wanted are not asked about.
@@ -816,6 +819,27 @@ fn only_providers_and_have_peers_get_want_blocks() {
     let out = t.say(b, presence(leaf(1, 0), Presence::Have));
     assert!(!want_blocks(&out, b).is_empty());
     assert!(want_blocks(&t.log, a).is_empty());
+}
+
+#[test]
+fn the_only_candidate_gets_the_want_block_with_the_want_have() {
+    // A reader's first byte from the one connected peer: one round trip, not two.
+    let mut t = T::new();
+    let a = peer(1);
+    t.connect(a);
+    t.actions();
+    t.want(BlockAddress::Cid(tree(7)), &[], 30.0);
+    let out = t.actions();
+    assert_eq!(want_haves(&out, a), vec![BlockAddress::Cid(tree(7))]);
+    assert_eq!(want_blocks(&out, a), vec![BlockAddress::Cid(tree(7))]);
+    // With a second candidate, want-blocks wait for a Have again.
+    let b = peer(2);
+    t.connect(b);
+    t.actions();
+    t.want(BlockAddress::Cid(tree(8)), &[], 30.0);
+    let out = t.actions();
+    assert!(want_blocks(&out, a).is_empty() && want_blocks(&out, b).is_empty());
+    assert_eq!(want_haves(&out, a).len() + want_haves(&out, b).len(), 2);
 }
 
 #[test]
