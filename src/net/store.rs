@@ -314,16 +314,9 @@ fn remote_block(
         ),
         Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
     };
-    // The peers that had the manifest are asked first; a provider lookup starts only if
-    // they cannot deliver (a lookup in flight beside the first want delays it: its
-    // Kademlia request shares the connection, and the reader waits for its first byte).
-    let discover = if peers.is_empty() {
-        Discover::Now
-    } else {
-        Discover::WhenStuck
-    };
-    // The want is made here, now: blocks asked in order are wanted in order.
-    let fetch = ex.fetch(address, leaves, &peers, timeout, discover);
+    // The want is made here, now: blocks asked in order are wanted in order. (The lookup
+    // for other seeders waits for the first block when a connected peer can answer.)
+    let fetch = ex.fetch(address, leaves, &peers, timeout, Discover::Now);
     Box::pin(async move { fetch.await.map(|f| f.data) })
 }
 

@@ -90,6 +90,10 @@ pub(super) struct KeyState {
     parked: Vec<WantKey>,
     peers: BTreeMap<PeerId, Cand>,
     lookup: Lookup,
+    /// A lookup was asked for while the key's only candidate is connected: it starts once
+    /// the key's first block arrives (or when the candidate cannot deliver), so its
+    /// Kademlia query does not delay the reader's first byte on the same connection.
+    lookup_deferred: bool,
     /// Providers the running lookup found, and lookups in a row that found none.
     found: usize,
     empty_lookups: u32,
@@ -436,7 +440,19 @@ impl Core {
             Lookup::Done(at) => now >= at + self.config.lookup_every * 5,
             Lookup::Queued | Lookup::Running => false,
         };
-        if stale && (look_up || ks.peers.is_empty()) {
+        // The key's only candidate is connected (the peer that had the manifest): it gets
+        // the want-block at once (see `pick`), and the lookup for other seeders waits for
+        // the first block, so its Kademlia query does not delay that block.
+        let sole_connected = ks.peers.len() == 1
+            && ks
+                .peers
+                .keys()
+                .all(|p| self.peers.get(p).is_some_and(|p| p.conn.is_some()));
+        if stale && look_up && sole_connected {
+            if let Some(ks) = self.req.keys.get_mut(&key) {
+                ks.lookup_deferred = true;
+            }
+        } else if stale && (look_up || ks.peers.is_empty()) {
             self.start_lookup(key);
         }
         waiter
@@ -509,7 +525,19 @@ impl Core {
         match result {
             Ok(data) => {
                 if let (Some(k), true) = (k, checking) {
+                    let key = self.req.want(k).map(|w| w.key);
                     self.complete(now, k, peer, data);
+                    // The first block is in: a lookup put off for it starts now.
+                    if let Some(key) = key {
+                        if self
+                            .req
+                            .keys
+                            .get(&key)
+                            .is_some_and(|ks| ks.lookup_deferred)
+                        {
+                            self.start_lookup(key);
+                        }
+                    }
                 }
             }
             Err(_) => {
@@ -546,6 +574,7 @@ impl Core {
                 parked: Vec::new(),
                 peers: BTreeMap::new(),
                 lookup: Lookup::Never,
+                lookup_deferred: false,
                 found: 0,
                 empty_lookups: 0,
                 idle_since: now,
@@ -647,6 +676,7 @@ impl Core {
         let Some(ks) = self.req.keys.get_mut(&key) else {
             return;
         };
+        ks.lookup_deferred = false;
         if matches!(ks.lookup, Lookup::Running | Lookup::Queued) {
             return;
         }

@@ -843,6 +843,27 @@ fn the_only_candidate_gets_the_want_block_with_the_want_have() {
 }
 
 #[test]
+fn the_lookup_beside_the_only_connected_candidate_waits_for_its_first_block() {
+    let mut t = T::new();
+    let a = peer(1);
+    t.connect(a);
+    t.actions();
+    t.want(leaf(1, 0), &[provider(a)], 30.0);
+    t.want(leaf(1, 1), &[provider(a)], 30.0);
+    let out = t.actions();
+    assert!(lookups(&out).is_empty(), "no Kademlia query beside the first want");
+    assert_eq!(want_blocks(&out, a), vec![leaf(1, 0)]);
+    let out = deliver(&mut t, a, &[leaf(1, 0)]);
+    assert_eq!(lookups(&out), vec![tree(1)], "other seeders are looked for now");
+    // The only candidate says DontHave: the lookup starts at once, nothing fails.
+    t.want(leaf(2, 0), &[provider(a)], 30.0);
+    t.actions();
+    let out = t.say(a, presence(leaf(2, 0), Presence::DontHave));
+    assert_eq!(lookups(&out), vec![tree(2)]);
+    assert!(fails(&out).is_empty());
+}
+
+#[test]
 fn a_late_seeder_steals_a_fair_share_of_the_work() {
     let mut config = Config::default();
     config.initial_window = 64;
