@@ -112,7 +112,10 @@ fn random_reads_through_the_mount_of_a_peers_dataset_give_its_bytes() {
         let mut buf = vec![0u8; len];
         f.read_exact_at(&mut buf, offset as u64)
             .unwrap_or_else(|e| panic!("read {len} at {offset}: {e}\n{}", c.log.text()));
-        assert!(buf == bytes[offset..offset + len], "read {len} at {offset} differs");
+        assert!(
+            buf == bytes[offset..offset + len],
+            "read {len} at {offset} differs"
+        );
     }
     drop((a, c));
 }

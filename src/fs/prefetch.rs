@@ -169,7 +169,10 @@ impl Prefetcher {
         enum Part {
             Waiting(u64, Arc<Slot>),
             /// A random read's block, waited for on this thread (see below).
-            Direct(u64, futures::future::BoxFuture<'static, crate::Result<Bytes>>),
+            Direct(
+                u64,
+                futures::future::BoxFuture<'static, crate::Result<Bytes>>,
+            ),
             Done,
         }
         // A reader that is not sequential, on a thread outside the runtime (a FUSE

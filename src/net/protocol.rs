@@ -562,7 +562,10 @@ mod tests {
         .unwrap();
         let mut d = FrameDecoder::new();
         d.push(&frame[..100]);
-        assert!(d.buf.capacity() < 64 << 10, "a header alone reserves nothing");
+        assert!(
+            d.buf.capacity() < 64 << 10,
+            "a header alone reserves nothing"
+        );
         d.push(&frame[100..RESERVE_AFTER_BYTES]);
         d.push(&frame[RESERVE_AFTER_BYTES..RESERVE_AFTER_BYTES + 1000]);
         assert!(d.buf.capacity() >= frame.len(), "{}", d.buf.capacity());
@@ -580,7 +583,11 @@ mod tests {
         d.push(&head);
         d.push(&vec![0x0a; RESERVE_AFTER_BYTES]);
         d.push(&[0x0a; 10]);
-        assert!(d.buf.capacity() < RESERVE_FRAME_BYTES, "{}", d.buf.capacity());
+        assert!(
+            d.buf.capacity() < RESERVE_FRAME_BYTES,
+            "{}",
+            d.buf.capacity()
+        );
     }
 
     #[test]

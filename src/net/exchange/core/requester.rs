@@ -529,12 +529,7 @@ impl Core {
                     self.complete(now, k, peer, data);
                     // The first block is in: a lookup put off for it starts now.
                     if let Some(key) = key {
-                        if self
-                            .req
-                            .keys
-                            .get(&key)
-                            .is_some_and(|ks| ks.lookup_deferred)
-                        {
+                        if self.req.keys.get(&key).is_some_and(|ks| ks.lookup_deferred) {
                             self.start_lookup(key);
                         }
                     }

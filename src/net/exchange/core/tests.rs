@@ -851,10 +851,17 @@ fn the_lookup_beside_the_only_connected_candidate_waits_for_its_first_block() {
     t.want(leaf(1, 0), &[provider(a)], 30.0);
     t.want(leaf(1, 1), &[provider(a)], 30.0);
     let out = t.actions();
-    assert!(lookups(&out).is_empty(), "no Kademlia query beside the first want");
+    assert!(
+        lookups(&out).is_empty(),
+        "no Kademlia query beside the first want"
+    );
     assert_eq!(want_blocks(&out, a), vec![leaf(1, 0)]);
     let out = deliver(&mut t, a, &[leaf(1, 0)]);
-    assert_eq!(lookups(&out), vec![tree(1)], "other seeders are looked for now");
+    assert_eq!(
+        lookups(&out),
+        vec![tree(1)],
+        "other seeders are looked for now"
+    );
     // The only candidate says DontHave: the lookup starts at once, nothing fails.
     t.want(leaf(2, 0), &[provider(a)], 30.0);
     t.actions();
