@@ -14,6 +14,8 @@
 
 mod common;
 
+use common::{open_node, runtime};
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::path::PathBuf;
@@ -322,30 +324,6 @@ struct CoreFs {
     handles: HashMap<H, (u64, u64)>, // (fh, ino)
     next: H,
     lookups: HashMap<u64, u64>,
-}
-
-/// Opens the data dir again after a simulated crash. A child another test of this
-/// binary forks at that moment holds a copy of the lock's descriptor until it execs: wait
-/// for the lock, not for the data.
-fn open_node(dir: &std::path::Path, config: NodeConfig) -> Node {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match Node::open(dir, config.clone()) {
-            Ok(node) => return node,
-            Err(codexfs::Error::DataDirLocked { .. }) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => panic!("opening the data dir again: {e}"),
-        }
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 const WRITER: u64 = 1;

@@ -37,20 +37,7 @@ fn peer(data: &Path, mount: Option<&Path>, bootstrap: Option<&str>, env: &[(&str
 }
 
 fn download(data: &Path, cid: &str, out: &Path, bootstrap: &str) -> std::process::Output {
-    Command::new(bin())
-        .args(["download", cid, "-o"])
-        .arg(out)
-        .arg("--data-dir")
-        .arg(data)
-        .args([
-            "--bootstrap",
-            bootstrap,
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--timeout",
-            "10s",
-        ])
+    common::download_command(data, cid, out, bootstrap, "10s")
         .output()
         .unwrap()
 }

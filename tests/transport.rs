@@ -6,10 +6,9 @@
 //! no security protocol in common do not connect.
 
 mod common;
-use common::{bin, random_file, Peer};
+use common::{random_file, Peer};
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use codexfs::net::transport::{self, Security, TransportConfig};
@@ -27,19 +26,7 @@ fn upload(data: &Path, file: &Path) -> String {
 
 /// `codexfs download` of `cid` from `bootstrap`'s network with `env`; returns its stderr.
 fn download(data: &Path, cid: &str, out: &Path, bootstrap: &str, env: &[(&str, &str)]) -> String {
-    let run = Command::new(bin())
-        .args(["download", cid, "-o"])
-        .arg(out)
-        .arg("--data-dir")
-        .arg(data)
-        .args([
-            "--bootstrap",
-            bootstrap,
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-        ])
-        .args(["--timeout", "20s"])
+    let run = common::download_command(data, cid, out, bootstrap, "20s")
         .envs(env.iter().copied())
         .output()
         .unwrap();

@@ -2,6 +2,8 @@
 //! version per publish and none left behind, names bound to the newest version, fsync and
 //! renames that survive a crash, and no operation that waits for another file's publish.
 
+mod common;
+
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use codexfs::fs::inodes::ROOT_INO;
 use codexfs::fs::{FsConfig, FsCore};
 use codexfs::node::{compute_cid, Node, NodeConfig};
 use codexfs::repo::RepoConfig;
+use common::{open_node, runtime};
 use rand::{RngCore, SeedableRng};
 
 struct Fixture {
@@ -106,30 +109,6 @@ impl Fixture {
         let report = self.node().repo().check_consistency().unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
     }
-}
-
-/// Opens the data dir again after a simulated crash. A child another test of this
-/// binary forks at that moment holds a copy of the lock's descriptor until it execs: wait
-/// for the lock, not for the data.
-fn open_node(dir: &std::path::Path, config: NodeConfig) -> Node {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match Node::open(dir, config.clone()) {
-            Ok(node) => return node,
-            Err(codexfs::Error::DataDirLocked { .. }) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => panic!("opening the data dir again: {e}"),
-        }
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn os(s: &str) -> &OsStr {

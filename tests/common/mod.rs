@@ -247,3 +247,47 @@ pub fn xattr(path: &Path, name: &str) -> std::io::Result<String> {
     buf.truncate(len as usize);
     Ok(String::from_utf8(buf).unwrap())
 }
+
+/// Opens the data dir again after a simulated crash. A child another test of this
+/// binary forks at that moment holds a copy of the lock's descriptor until it execs: wait
+/// for the lock, not for the data.
+pub fn open_node(dir: &Path, config: codexfs::node::NodeConfig) -> codexfs::node::Node {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match codexfs::node::Node::open(dir, config.clone()) {
+            Ok(node) => return node,
+            Err(codexfs::Error::DataDirLocked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => panic!("opening the data dir again: {e}"),
+        }
+    }
+}
+
+/// A two-worker tokio runtime, as the node runs.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `codexfs download CID -o OUT` in its own data dir, joined through `bootstrap` only
+/// (no mDNS), listening on loopback, giving up after `timeout`.
+pub fn download_command(
+    data: &Path,
+    cid: &str,
+    out: &Path,
+    bootstrap: &str,
+    timeout: &str,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["download", cid, "-o"])
+        .arg(out)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--bootstrap", bootstrap, "--no-mdns"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--timeout", timeout]);
+    cmd
+}
