@@ -1455,14 +1455,17 @@ impl Core {
                 };
                 let t = self.peers.get(&peer);
                 let (vload, tload) = (v.asked.len(), t.map_or(0, |t| t.asked.len()));
-                // Expected wait for the victim's newest want there and here.
+                // Expected wait for the victim's newest want there and here. A stolen
+                // block is often on the wire already (the cancel comes too late) and then
+                // arrives twice: only a victim clearly slower than the thief (a queue
+                // twice as long in time) is worth it, not the jitter of equal peers.
                 let vservice = v.service.max(MIN_SERVICE);
                 let tservice = match t {
                     Some(t) if t.measured > 0 => t.service.max(MIN_SERVICE),
                     _ => vservice,
                 };
                 if vservice.saturating_mul(vload as u32)
-                    <= tservice.saturating_mul(tload as u32 + 2)
+                    <= tservice.saturating_mul(2 * (tload as u32 + 2))
                 {
                     break;
                 }

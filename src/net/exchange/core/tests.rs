@@ -915,6 +915,55 @@ fn a_late_seeder_steals_a_fair_share_of_the_work() {
     assert!(delivers(&out).is_empty());
 }
 
+/// Two seeders as fast as each other: one that delivers a burst and so holds a few wants
+/// fewer than the other steals nothing (a stolen block is often on the wire already and
+/// arrives twice, issue 13's swarm lost ~9 % of its bandwidth to that).
+#[test]
+fn equal_seeders_do_not_steal_from_each_other_over_a_burst() {
+    let mut config = Config::default();
+    config.initial_window = 64;
+    let mut t = T::with(config);
+    let (a, b) = (peer(1), peer(2));
+    t.connect(a);
+    t.connect(b);
+    // Each proves itself on blocks of a dataset only it has (same time per block).
+    for (p, n) in [(a, 2), (b, 3)] {
+        for i in 0..4 {
+            t.want(leaf(n, i), &[connected(a), connected(b)], 120.0);
+        }
+        t.actions();
+        t.say(p, presence(leaf(n, 0), Presence::Have));
+        let asked = want_blocks(&t.log, p);
+        assert_eq!(asked.len(), 4);
+        deliver(&mut t, p, &asked);
+        t.log.clear();
+    }
+    assert_eq!(t.core.pending_wants(), 0);
+    // Both say Have for the dataset (asked about its first block, which a delivers).
+    t.want(leaf(1, 0), &[connected(a), connected(b)], 120.0);
+    t.actions();
+    t.say(a, presence(leaf(1, 0), Presence::Have));
+    t.say(b, presence(leaf(1, 0), Presence::Have));
+    let first = want_blocks(&t.log, a);
+    deliver(&mut t, a, &first);
+    assert_eq!(t.core.pending_wants(), 0);
+    // 40 more: shared evenly.
+    let before = t.log.len();
+    for i in 8..48 {
+        t.want(leaf(1, i), &[connected(a), connected(b)], 120.0);
+    }
+    t.actions();
+    let (to_a, to_b) = (want_blocks(&t.log[before..], a), want_blocks(&t.log[before..], b));
+    assert_eq!((to_a.len(), to_b.len()), (20, 20));
+    // b delivers a burst of 4: it holds 16 against a's 20, which is no reason to steal.
+    let out = deliver(&mut t, b, &to_b[..4]);
+    assert!(cancels(&out, a).is_empty(), "b stole {:?}", want_blocks(&out, b));
+    // With nothing of a's delivered for long, b does take part of a's queue.
+    let out = deliver(&mut t, b, &to_b[4..]);
+    assert!(!want_blocks(&out, b).is_empty(), "b, idle, takes some of a's 20");
+    assert_eq!(cancels(&out, a).len(), want_blocks(&out, b).len());
+}
+
 // ---- bounded state ----
 
 #[test]
