@@ -1234,7 +1234,9 @@ impl Core {
                 }
             };
             let load = p.map_or(0, |p| p.asked.len());
-            if load >= window {
+            // A window filled up is refilled once half of it has come back (a batch).
+            let refill = p.is_some_and(|p| p.full) && window > 1 && load > window / 2;
+            if load >= window || refill {
                 later = true;
                 continue;
             }
@@ -1274,12 +1276,14 @@ impl Core {
 
     fn ask(&mut self, now: Time, k: WantKey, peer: PeerId) {
         let initial = self.config.initial_service;
+        let cap = self.window_cap(self.peers.get(&peer));
         let p = self.peer_mut(peer);
         if p.delivered == 0 && p.first_asked.is_none() {
             p.first_asked = Some(now);
         }
         let pos = p.asked.len() as u32;
         p.asked.push_back(k, ());
+        p.full = p.asked.len() >= cap;
         let service = if p.measured == 0 { initial } else { p.service };
         let Some(w) = self.req.want_mut(k) else {
             return;

@@ -1293,3 +1293,72 @@ fn many_wants_made_at_once_go_out_in_one_message() {
         "no lookup per key: the provider is asked"
     );
 }
+
+/// After a big wantlist, a peer's window is refilled in batches as it empties (once half of
+/// it has come back), not one want-block per message as each delivery comes (issue 18:
+/// ~400 messages of a single want-block followed a prefetch).
+#[test]
+fn a_full_window_is_refilled_in_batches_not_one_want_per_delivery() {
+    let mut t = T::new();
+    let p = peer(1);
+    t.connect(p);
+    t.actions();
+    let addresses: Vec<BlockAddress> = (0..200u8).map(|n| leaf(n, 0)).collect();
+    t.core.want_many(
+        t.now,
+        addresses.iter().map(|a| (a.clone(), 1)).collect(),
+        &[provider(p)],
+        t.now + secs(60.0),
+        false,
+    );
+    t.actions();
+    // The peer answers every want-have at once and delivers each block in a message of its
+    // own (each checked on its own, as the shell does).
+    let (mut answered, mut delivered) = (0, 0);
+    let mut messages_with_blocks = 0;
+    for _ in 0..1000 {
+        if t.core.pending_wants() == 0 {
+            break;
+        }
+        let haves = want_haves(&t.log, p);
+        if haves.len() > answered {
+            let m = Message {
+                presences: haves[answered..]
+                    .iter()
+                    .map(|a| BlockPresence {
+                        address: a.clone(),
+                        presence: Presence::Have,
+                        price: Bytes::new(),
+                    })
+                    .collect(),
+                ..Message::default()
+            };
+            answered = haves.len();
+            t.say(p, m);
+        }
+        let asked = want_blocks(&t.log, p);
+        let Some(next) = asked.get(delivered).cloned() else {
+            continue;
+        };
+        delivered += 1;
+        deliver(&mut t, p, &[next]);
+    }
+    assert_eq!(t.core.pending_wants(), 0, "all delivered");
+    for a in &t.log {
+        if let Action::Send { peer, message, .. } = a {
+            let blocks = message
+                .wantlist
+                .entries
+                .iter()
+                .any(|e| e.want == WantType::Block && !e.cancel);
+            if *peer == p && blocks {
+                messages_with_blocks += 1;
+            }
+        }
+    }
+    // (One a delivery before this change: 94 messages.)
+    assert!(
+        messages_with_blocks <= 20,
+        "200 wants went out in {messages_with_blocks} messages"
+    );
+}
