@@ -43,7 +43,9 @@
 //! ```
 //!
 //! Rules: only peers that said Have get want-blocks — and a provider whose presence is
-//! not known yet gets one block at a time (optimistic); a peer's *window* (wants in flight)
+//! not known yet gets one block at a time (optimistic), or its whole window once it has
+//! delivered to us (a file of a tree it serves goes without a presence round trip); a
+//! peer's *window* (wants in flight)
 //! grows by one per block it delivers, halves on a timeout, and is capped so it holds no
 //! more than about [`Config::queue_time`] of work at its measured rate, so every seeder
 //! gets work; a window once filled is refilled when half of it has come back (wants go

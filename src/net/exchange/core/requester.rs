@@ -1220,8 +1220,14 @@ impl Core {
             let window = match c.presence {
                 Known::Have => self.window_cap(p),
                 // A provider (or the only candidate) that has not answered yet: one
-                // block at a time.
-                Known::Unknown | Known::Asked { .. } if c.provider || sole => 1,
+                // block at a time, unless it has delivered to us already (a file of a
+                // tree it serves): then its window, and no presence round trip first.
+                Known::Unknown | Known::Asked { .. } if c.provider || sole => {
+                    match p.filter(|p| p.delivered > 0 && p.conn.is_some()) {
+                        Some(p) => self.window_cap(Some(p)),
+                        None => 1,
+                    }
+                }
                 Known::Unknown | Known::Asked { .. } => {
                     pending = true;
                     continue;

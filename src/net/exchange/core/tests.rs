@@ -1362,3 +1362,33 @@ fn a_full_window_is_refilled_in_batches_not_one_want_per_delivery() {
         "200 wants went out in {messages_with_blocks} messages"
     );
 }
+
+/// A provider that has delivered to us already is asked for a block of another dataset
+/// (a file a reader opens) at once, even with other wants in flight, not after a
+/// want-have round trip (issue 18: every file read cost a presence round trip).
+#[test]
+fn a_proven_provider_gets_a_block_of_a_new_dataset_while_busy() {
+    let mut t = T::new();
+    let p = peer(1);
+    t.connect(p);
+    for i in 0..8 {
+        t.want(leaf(1, i), &[provider(p)], 60.0);
+    }
+    t.actions();
+    t.say(p, presence(leaf(1, 0), Presence::Have));
+    let asked = want_blocks(&t.log, p);
+    assert!(asked.len() >= 2, "asked {asked:?}");
+    deliver(&mut t, p, &asked[..1]);
+    assert!(t.core.pending_wants() > 0, "p still has wants in flight");
+    // A reader opens another file p provides: its block goes to p now.
+    t.want(leaf(2, 0), &[provider(p)], 60.0);
+    let out = t.actions();
+    assert_eq!(want_blocks(&out, p), vec![leaf(2, 0)]);
+    // A peer that has delivered nothing is still asked one block at a time.
+    let q = peer(2);
+    t.connect(q);
+    t.want(leaf(3, 0), &[provider(q)], 60.0);
+    t.want(leaf(3, 1), &[provider(q)], 60.0);
+    let out = t.actions();
+    assert_eq!(want_blocks(&out, q).len(), 1);
+}
