@@ -43,11 +43,16 @@
 //! ```
 //!
 //! Rules: only peers that said Have get want-blocks — and a provider whose presence is
-//! not known yet gets one block at a time (optimistic); a peer's *window* (wants in flight)
+//! not known yet gets one block at a time (optimistic), or its whole window once it has
+//! delivered to us (a file of a tree it serves goes without a presence round trip); a
+//! peer's *window* (wants in flight)
 //! grows by one per block it delivers, halves on a timeout, and is capped so it holds no
 //! more than about [`Config::queue_time`] of work at its measured rate, so every seeder
-//! gets work; a peer with room and nothing left to ask *steals* the newest wants another
-//! peer holds (the other gets a cancel); a want's due time follows the peer's measured
+//! gets work; a window once filled is refilled when half of it has come back (wants go
+//! out in batches, not one message per delivery); a peer with room and nothing left to
+//! ask *steals* the newest wants of a peer whose queue would take twice as long as its
+//! own (the other gets a cancel; a stolen block may be on the wire already and come
+//! twice, so equal peers do not steal from each other); a want's due time follows the peer's measured
 //! time per block and its place in the peer's queue, re-checked when it falls due, so a
 //! slow peer gets more time and is not a reason to fail; a want fails before its deadline
 //! only when every candidate said DontHave, sent bad data or cannot be reached (backed
@@ -324,6 +329,9 @@ struct Peer {
     /// Wants asked of this peer, oldest first.
     asked: IndexedQueue<requester::WantKey, ()>,
     window: usize,
+    /// Its window was filled: it gets more wants only once half of it has come back, so
+    /// wants go out in batches, not one message per delivery.
+    full: bool,
     /// Measured time per delivered block (moving average).
     service: Duration,
     /// Deliveries measured for `service`, and all blocks it delivered.
@@ -345,6 +353,7 @@ impl Peer {
             inbound: None,
             asked: IndexedQueue::new(),
             window: config.initial_window,
+            full: false,
             service: config.initial_service,
             measured: 0,
             delivered: 0,

@@ -1220,8 +1220,14 @@ impl Core {
             let window = match c.presence {
                 Known::Have => self.window_cap(p),
                 // A provider (or the only candidate) that has not answered yet: one
-                // block at a time.
-                Known::Unknown | Known::Asked { .. } if c.provider || sole => 1,
+                // block at a time, unless it has delivered to us already (a file of a
+                // tree it serves): then its window, and no presence round trip first.
+                Known::Unknown | Known::Asked { .. } if c.provider || sole => {
+                    match p.filter(|p| p.delivered > 0 && p.conn.is_some()) {
+                        Some(p) => self.window_cap(Some(p)),
+                        None => 1,
+                    }
+                }
                 Known::Unknown | Known::Asked { .. } => {
                     pending = true;
                     continue;
@@ -1234,7 +1240,9 @@ impl Core {
                 }
             };
             let load = p.map_or(0, |p| p.asked.len());
-            if load >= window {
+            // A window filled up is refilled once half of it has come back (a batch).
+            let refill = p.is_some_and(|p| p.full) && window > 1 && load > window / 2;
+            if load >= window || refill {
                 later = true;
                 continue;
             }
@@ -1274,12 +1282,14 @@ impl Core {
 
     fn ask(&mut self, now: Time, k: WantKey, peer: PeerId) {
         let initial = self.config.initial_service;
+        let cap = self.window_cap(self.peers.get(&peer));
         let p = self.peer_mut(peer);
         if p.delivered == 0 && p.first_asked.is_none() {
             p.first_asked = Some(now);
         }
         let pos = p.asked.len() as u32;
         p.asked.push_back(k, ());
+        p.full = p.asked.len() >= cap;
         let service = if p.measured == 0 { initial } else { p.service };
         let Some(w) = self.req.want_mut(k) else {
             return;
@@ -1455,14 +1465,17 @@ impl Core {
                 };
                 let t = self.peers.get(&peer);
                 let (vload, tload) = (v.asked.len(), t.map_or(0, |t| t.asked.len()));
-                // Expected wait for the victim's newest want there and here.
+                // Expected wait for the victim's newest want there and here. A stolen
+                // block is often on the wire already (the cancel comes too late) and then
+                // arrives twice: only a victim clearly slower than the thief (a queue
+                // twice as long in time) is worth it, not the jitter of equal peers.
                 let vservice = v.service.max(MIN_SERVICE);
                 let tservice = match t {
                     Some(t) if t.measured > 0 => t.service.max(MIN_SERVICE),
                     _ => vservice,
                 };
                 if vservice.saturating_mul(vload as u32)
-                    <= tservice.saturating_mul(tload as u32 + 2)
+                    <= tservice.saturating_mul(2 * (tload as u32 + 2))
                 {
                     break;
                 }

@@ -915,6 +915,55 @@ fn a_late_seeder_steals_a_fair_share_of_the_work() {
     assert!(delivers(&out).is_empty());
 }
 
+/// Two seeders as fast as each other: one that delivers a burst and so holds a few wants
+/// fewer than the other steals nothing (a stolen block is often on the wire already and
+/// arrives twice, issue 13's swarm lost ~9 % of its bandwidth to that).
+#[test]
+fn equal_seeders_do_not_steal_from_each_other_over_a_burst() {
+    let mut config = Config::default();
+    config.initial_window = 64;
+    let mut t = T::with(config);
+    let (a, b) = (peer(1), peer(2));
+    t.connect(a);
+    t.connect(b);
+    // Each proves itself on blocks of a dataset only it has (same time per block).
+    for (p, n) in [(a, 2), (b, 3)] {
+        for i in 0..4 {
+            t.want(leaf(n, i), &[connected(a), connected(b)], 120.0);
+        }
+        t.actions();
+        t.say(p, presence(leaf(n, 0), Presence::Have));
+        let asked = want_blocks(&t.log, p);
+        assert_eq!(asked.len(), 4);
+        deliver(&mut t, p, &asked);
+        t.log.clear();
+    }
+    assert_eq!(t.core.pending_wants(), 0);
+    // Both say Have for the dataset (asked about its first block, which a delivers).
+    t.want(leaf(1, 0), &[connected(a), connected(b)], 120.0);
+    t.actions();
+    t.say(a, presence(leaf(1, 0), Presence::Have));
+    t.say(b, presence(leaf(1, 0), Presence::Have));
+    let first = want_blocks(&t.log, a);
+    deliver(&mut t, a, &first);
+    assert_eq!(t.core.pending_wants(), 0);
+    // 40 more: shared evenly.
+    let before = t.log.len();
+    for i in 8..48 {
+        t.want(leaf(1, i), &[connected(a), connected(b)], 120.0);
+    }
+    t.actions();
+    let (to_a, to_b) = (want_blocks(&t.log[before..], a), want_blocks(&t.log[before..], b));
+    assert_eq!((to_a.len(), to_b.len()), (20, 20));
+    // b delivers a burst of 4: it holds 16 against a's 20, which is no reason to steal.
+    let out = deliver(&mut t, b, &to_b[..4]);
+    assert!(cancels(&out, a).is_empty(), "b stole {:?}", want_blocks(&out, b));
+    // With nothing of a's delivered for long, b does take part of a's queue.
+    let out = deliver(&mut t, b, &to_b[4..]);
+    assert!(!want_blocks(&out, b).is_empty(), "b, idle, takes some of a's 20");
+    assert_eq!(cancels(&out, a).len(), want_blocks(&out, b).len());
+}
+
 // ---- bounded state ----
 
 #[test]
@@ -1243,4 +1292,103 @@ fn many_wants_made_at_once_go_out_in_one_message() {
         lookups(&actions).is_empty(),
         "no lookup per key: the provider is asked"
     );
+}
+
+/// After a big wantlist, a peer's window is refilled in batches as it empties (once half of
+/// it has come back), not one want-block per message as each delivery comes (issue 18:
+/// ~400 messages of a single want-block followed a prefetch).
+#[test]
+fn a_full_window_is_refilled_in_batches_not_one_want_per_delivery() {
+    let mut t = T::new();
+    let p = peer(1);
+    t.connect(p);
+    t.actions();
+    let addresses: Vec<BlockAddress> = (0..200u8).map(|n| leaf(n, 0)).collect();
+    t.core.want_many(
+        t.now,
+        addresses.iter().map(|a| (a.clone(), 1)).collect(),
+        &[provider(p)],
+        t.now + secs(60.0),
+        false,
+    );
+    t.actions();
+    // The peer answers every want-have at once and delivers each block in a message of its
+    // own (each checked on its own, as the shell does).
+    let (mut answered, mut delivered) = (0, 0);
+    let mut messages_with_blocks = 0;
+    for _ in 0..1000 {
+        if t.core.pending_wants() == 0 {
+            break;
+        }
+        let haves = want_haves(&t.log, p);
+        if haves.len() > answered {
+            let m = Message {
+                presences: haves[answered..]
+                    .iter()
+                    .map(|a| BlockPresence {
+                        address: a.clone(),
+                        presence: Presence::Have,
+                        price: Bytes::new(),
+                    })
+                    .collect(),
+                ..Message::default()
+            };
+            answered = haves.len();
+            t.say(p, m);
+        }
+        let asked = want_blocks(&t.log, p);
+        let Some(next) = asked.get(delivered).cloned() else {
+            continue;
+        };
+        delivered += 1;
+        deliver(&mut t, p, &[next]);
+    }
+    assert_eq!(t.core.pending_wants(), 0, "all delivered");
+    for a in &t.log {
+        if let Action::Send { peer, message, .. } = a {
+            let blocks = message
+                .wantlist
+                .entries
+                .iter()
+                .any(|e| e.want == WantType::Block && !e.cancel);
+            if *peer == p && blocks {
+                messages_with_blocks += 1;
+            }
+        }
+    }
+    // (One a delivery before this change: 94 messages.)
+    assert!(
+        messages_with_blocks <= 20,
+        "200 wants went out in {messages_with_blocks} messages"
+    );
+}
+
+/// A provider that has delivered to us already is asked for a block of another dataset
+/// (a file a reader opens) at once, even with other wants in flight, not after a
+/// want-have round trip (issue 18: every file read cost a presence round trip).
+#[test]
+fn a_proven_provider_gets_a_block_of_a_new_dataset_while_busy() {
+    let mut t = T::new();
+    let p = peer(1);
+    t.connect(p);
+    for i in 0..8 {
+        t.want(leaf(1, i), &[provider(p)], 60.0);
+    }
+    t.actions();
+    t.say(p, presence(leaf(1, 0), Presence::Have));
+    let asked = want_blocks(&t.log, p);
+    assert!(asked.len() >= 2, "asked {asked:?}");
+    deliver(&mut t, p, &asked[..1]);
+    assert!(t.core.pending_wants() > 0, "p still has wants in flight");
+    // A reader opens another file p provides: its block goes to p now.
+    t.want(leaf(2, 0), &[provider(p)], 60.0);
+    let out = t.actions();
+    assert_eq!(want_blocks(&out, p), vec![leaf(2, 0)]);
+    // A peer that has delivered nothing is still asked one block at a time.
+    let q = peer(2);
+    t.connect(q);
+    t.want(leaf(3, 0), &[provider(q)], 60.0);
+    t.want(leaf(3, 1), &[provider(q)], 60.0);
+    let out = t.actions();
+    assert_eq!(want_blocks(&out, q).len(), 1);
 }
