@@ -160,6 +160,10 @@ impl FsCore {
     pub(super) fn pub_lookup(&self, parent: u64, d: &PubDir, name: &OsStr) -> Result<Attr, Errno> {
         let name = name.to_str().ok_or(libc::ENOENT)?;
         let root = self.pub_root(d)?;
+        // A walk may look entries up without listing the directory (`cat dir/file`, a
+        // second `diff -r` whose listings the kernel kept): the first lookup starts the
+        // directory's prefetch as an opendir does.
+        self.prefetch_walk(&root, &d.top);
         let Some(p) = root.page_of_name(name) else {
             return Err(libc::ENOENT);
         };
@@ -187,7 +191,7 @@ impl FsCore {
     /// next is asked for at once, in the background — its first pages in one go, then the
     /// roots of its subdirectories, its files' manifests and first blocks (the source's
     /// prefetch, bounded by a byte budget, cancelled when the walk has moved on). Once
-    /// per directory (while remembered).
+    /// per directory (while remembered), at its opendir or its first lookup.
     fn prefetch_walk(&self, root: &Arc<DirRoot>, top: &Cid) {
         if !self.source.prefetches() || lock(&self.prefetched).put(root.cid, ()).is_some() {
             return;
