@@ -381,11 +381,9 @@ impl Filesystem for CodexFuse {
         } else {
             FopenFlags::empty()
         };
-        let f = self.passthrough.served_by_us(
-            ino.0,
-            o.fh,
-            f | write_only(flags.0) | no_flush(flags.0),
-        );
+        let f =
+            self.passthrough
+                .served_by_us(ino.0, o.fh, f | write_only(flags.0) | no_flush(flags.0));
         reply.opened(FileHandle(o.fh), f)
     }
 
