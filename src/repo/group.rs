@@ -44,6 +44,11 @@ impl Group {
         self.wal_dirty.store(true, Ordering::Release);
     }
 
+    /// How many trees wait for the group's sync.
+    pub(super) fn pending_len(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
     /// Notes records written unsynced (no files of their own).
     pub(super) fn wrote_unsynced(&self) {
         self.wal_dirty.store(true, Ordering::Release);
