@@ -69,9 +69,13 @@ impl FsCore {
             return Ok(r.clone());
         }
         let (blocks, cid, top) = (self.dir_blocks.clone(), d.cid, d.top);
-        let root = self.bounded_dir(d.expect.is_none(), move || {
-            dir::load_root(&*blocks, &cid, &top)
-        })?;
+        // A root here already (a walk's prefetch fetched it) is read on this thread.
+        let root = match dir::load_root(&self.node, &cid, &top) {
+            Ok(root) => root,
+            Err(_) => self.bounded_dir(d.expect.is_none(), move || {
+                dir::load_root(&*blocks, &cid, &top)
+            })?,
+        };
         if let Some(n) = d.expect {
             if root.count != n {
                 tracing::info!(
@@ -96,7 +100,10 @@ impl FsCore {
             return Ok(p.clone());
         }
         let (blocks, r, t) = (self.dir_blocks.clone(), root.clone(), *top);
-        let page = self.bounded_dir(false, move || dir::page(&*blocks, &r, i, &t))?;
+        let page = match dir::page(&self.node, root, i, top) {
+            Ok(page) => page,
+            Err(_) => self.bounded_dir(false, move || dir::page(&*blocks, &r, i, &t))?,
+        };
         lock(&self.dir_pages).put(key, page.clone());
         Ok(page)
     }
