@@ -70,7 +70,8 @@ impl FsCore {
         }
         let (blocks, cid, top) = (self.dir_blocks.clone(), d.cid, d.top);
         // A root here already (a walk's prefetch fetched it) is read on this thread.
-        let root = match dir::load_root(&self.node, &cid, &top) {
+        let here = dir::HereOnly(blocks.clone());
+        let root = match dir::load_root(&here, &cid, &top) {
             Ok(root) => root,
             Err(_) => self.bounded_dir(d.expect.is_none(), move || {
                 dir::load_root(&*blocks, &cid, &top)
@@ -100,7 +101,8 @@ impl FsCore {
             return Ok(p.clone());
         }
         let (blocks, r, t) = (self.dir_blocks.clone(), root.clone(), *top);
-        let page = match dir::page(&self.node, root, i, top) {
+        let here = dir::HereOnly(blocks.clone());
+        let page = match dir::page(&here, root, i, top) {
             Ok(page) => page,
             Err(_) => self.bounded_dir(false, move || dir::page(&*blocks, &r, i, &t))?,
         };
