@@ -264,6 +264,7 @@ impl FsCore {
         }
         let (p, start) = root.page_of_index(index);
         let page = self.pub_page(root, p, top)?;
+        self.fetch_subdir_roots(&page[(index - start) as usize..], top);
         for (j, item) in page.iter().enumerate().skip((index - start) as usize) {
             out.push((
                 start + j as u64 + 3,
@@ -278,6 +279,33 @@ impl FsCore {
             ));
         }
         Ok(out)
+    }
+
+    /// The roots of the subdirectories among `items` that are not here, asked for in one
+    /// wantlist: a listing with attributes (`readdirplus`, or the `stat` of each entry that
+    /// follows a `readdir`) reads every subdirectory's root, else one round trip after
+    /// another. What fails is left to those lookups.
+    fn fetch_subdir_roots(&self, items: &[Item], top: &Cid) {
+        let missing: Vec<Cid> = {
+            let roots = lock(&self.dir_roots);
+            items
+                .iter()
+                .filter(|i| i.kind == ItemKind::Dir && !roots.contains(&i.cid))
+                .map(|i| i.cid)
+                .collect()
+        };
+        let missing: Vec<Cid> = missing
+            .into_iter()
+            .filter(|c| self.dir_blocks.dir_block_now(c).is_none())
+            .collect();
+        if missing.len() < 2 {
+            return;
+        }
+        let (blocks, top) = (self.dir_blocks.clone(), *top);
+        let _ = self.on_pool(move || {
+            blocks.fetch_dir_blocks(&missing, &top);
+            Ok(())
+        });
     }
 
     /// Opens a file of a published directory (read-only; the kernel may keep its cache).
