@@ -522,7 +522,10 @@ fn the_first_lookup_in_a_published_directory_starts_its_prefetch() {
             }
         })
         .collect();
-    let cid = node.repo().store_directory(&dir::encode(items).unwrap()).unwrap();
+    let cid = node
+        .repo()
+        .store_directory(&dir::encode(items).unwrap())
+        .unwrap();
     let source = Arc::new(Prefetching {
         node: node.clone(),
         asked: Mutex::new(Vec::new()),
@@ -535,7 +538,10 @@ fn the_first_lookup_in_a_published_directory_starts_its_prefetch() {
         FsConfig::new(dir.path().join("spool")),
     );
     let top = core.lookup(ROOT_INO, os(&cid_string(&cid))).unwrap();
-    assert!(source.asked.lock().unwrap().is_empty(), "nothing looked up in it yet");
+    assert!(
+        source.asked.lock().unwrap().is_empty(),
+        "nothing looked up in it yet"
+    );
     core.lookup(top.ino, os("f3")).unwrap();
     core.lookup(top.ino, os("f1")).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

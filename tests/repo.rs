@@ -709,7 +709,7 @@ fn fetched_small_datasets_complete_in_a_group_without_a_sync_each() {
         dst.repo().debug_fail_fsync_after(0);
         for (cid, m, bytes) in &fetched {
             dst.repo()
-                .put_fetched_leaves(&leaves_of(m))
+                .put_fetched_leaves_grouped(&leaves_of(m))
                 .expect("no sync of its own");
             let dataset = codexfs::node::Dataset::Manifest(*cid, m.clone());
             let mut flat = dst.flat_file(&dataset).unwrap().expect("complete at once");
@@ -718,6 +718,8 @@ fn fetched_small_datasets_complete_in_a_group_without_a_sync_each() {
             assert_eq!(&read, bytes);
         }
         assert!(!dst.repo().is_stopped(), "a sync ran");
+        // Waiting for the group is a consistent state (its journal entries are its own).
+        assert_consistent(&dst);
         dst.repo().debug_fail_fsync_after(u64::MAX); // disarmed
         assert_eq!(dst.repo().sync_deferred().unwrap(), fetched.len());
         assert_eq!(dst.repo().sync_deferred().unwrap(), 0);

@@ -46,10 +46,7 @@ pub struct HereOnly(pub Arc<dyn DirBlocks>);
 impl DirBlocks for HereOnly {
     fn dir_block(&self, cid: &Cid, _top: &Cid) -> Result<Bytes> {
         self.0.dir_block_now(cid).ok_or_else(|| {
-            Error::NotFound(format!(
-                "directory block {} is not here",
-                cid_string(cid)
-            ))
+            Error::NotFound(format!("directory block {} is not here", cid_string(cid)))
         })
     }
 }

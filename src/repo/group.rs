@@ -49,6 +49,11 @@ impl Group {
         lock(&self.pending).len()
     }
 
+    /// Whether tree `key` waits for the group's sync.
+    pub(super) fn is_pending(&self, key: &[u8]) -> bool {
+        lock(&self.pending).contains_key(key)
+    }
+
     /// Notes records written unsynced (no files of their own).
     pub(super) fn wrote_unsynced(&self) {
         self.wal_dirty.store(true, Ordering::Release);

@@ -43,6 +43,18 @@ impl RepoStore {
     /// complete one, or present already are skipped. The leaf that completes a tree
     /// completes it (verified and synced).
     pub fn put_fetched_leaves(&self, leaves: &[FetchedLeaf]) -> Result<()> {
+        self.put_fetched_leaves_with(leaves, true)
+    }
+
+    /// [`Self::put_fetched_leaves`] for leaves fetched by a reader (a walk's small files
+    /// complete one tree each): a tree they complete is completed in the group commit, with
+    /// no fsyncs of its own (see `group.rs`); the group is synced every
+    /// [`FETCHED_TREES_PER_SYNC`] such trees.
+    pub fn put_fetched_leaves_grouped(&self, leaves: &[FetchedLeaf]) -> Result<()> {
+        self.put_fetched_leaves_with(leaves, false)
+    }
+
+    fn put_fetched_leaves_with(&self, leaves: &[FetchedLeaf], sync: bool) -> Result<()> {
         let mut by_tree: BTreeMap<Vec<u8>, Vec<&FetchedLeaf>> = BTreeMap::new();
         for l in leaves {
             by_tree.entry(l.0.to_bytes()).or_default().push(l);
@@ -50,11 +62,9 @@ impl RepoStore {
         let mut completed = false;
         for (key, group) in by_tree {
             if self.put_tree_leaves(&key, &group)? {
-                // A tree fetched whole (a walk's small files complete one each) is
-                // completed in the group: no fsyncs of its own (see `group.rs`).
                 let _guard = lock(&self.datasets_lock);
                 let _stripe = self.files.stripe(&key);
-                completed |= self.complete_tree_with(&key, false)?;
+                completed |= self.complete_tree_with(&key, sync)? && !sync;
             }
         }
         if completed && self.group.pending_len() >= FETCHED_TREES_PER_SYNC {

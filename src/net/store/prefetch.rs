@@ -17,11 +17,11 @@ use cid::Cid;
 
 use super::NetworkStore;
 use crate::cids::MANIFEST_CODEC;
+use crate::dir::DirBlocks;
 use crate::error::Error;
 use crate::manifest::Manifest;
 use crate::net::exchange::Discover;
 use crate::net::protocol::BlockAddress;
-use crate::dir::DirBlocks;
 use crate::node::{BlockSource, Dataset};
 
 /// Bytes of files (their content, from the first file on) one directory's prefetch asks for.
