@@ -65,6 +65,8 @@ pub struct Metrics {
     pub fuse_ops: LatencyFamily,
     /// FUSE operations answered with an error.
     pub fuse_errors: Family<OpLabel, Counter>,
+    /// Waits of FUSE operations on the blocking pool (work that may go to the network).
+    pub fuse_pool_waits: Counter,
     registry: Registry,
 }
 
@@ -78,6 +80,7 @@ impl Metrics {
         let mut m = Metrics {
             uploads: Counter::default(),
             downloads: Counter::default(),
+            fuse_pool_waits: Counter::default(),
             blocks_stored: Counter::default(),
             blocks_served: Counter::default(),
             blocks_received: Counter::default(),
@@ -150,6 +153,11 @@ impl Metrics {
             "fuse_errors",
             "FUSE operations answered with an error",
             m.fuse_errors.clone(),
+        );
+        r.register(
+            "fuse_pool_waits",
+            "FUSE operations that waited on the blocking pool (work that may need the network)",
+            m.fuse_pool_waits.clone(),
         );
         m
     }

@@ -390,3 +390,91 @@ fn a_tree_in_an_erasure_coding_mount_publishes_and_reads_back() {
     ));
     diff_r(&project, &out);
 }
+
+/// The node's metrics (`name{labels}` → value) from its API.
+fn node_metrics(p: &Peer) -> BTreeMap<String, f64> {
+    let base = std::fs::read_to_string(p.data.join("api-url")).unwrap();
+    let text = reqwest::blocking::get(format!("{}/metrics", base.trim()))
+        .and_then(|r| r.text())
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+/// A tree of small files walked once from a peer is read again from what this node
+/// holds: the second `diff -r` asks the network for nothing, no FUSE request of it waits
+/// on the blocking pool, and a file's close costs no FLUSH. (Its opens still come to
+/// the daemon: the walk is counted, so the test cannot pass by not reading.)
+#[test]
+fn a_tree_walked_once_from_a_peer_is_read_again_without_the_network() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    let mut files = 0;
+    for d in ["src", "src/deep", "docs"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+        for i in 0..20u64 {
+            let size = 100 + (i as usize * 997) % 6000;
+            random_file(&tree.join(d).join(format!("f{i}.txt")), size, files + 1);
+            files += 1;
+        }
+    }
+    random_file(&tree.join("docs/big.bin"), 300_000, 99);
+    files += 1;
+    let a = peer(&tmp.path().join("a"), Some(&tmp.path().join("mnt-a")), None);
+    sh_ok(&format!(
+        "cp -r '{}' '{}/'",
+        tree.display(),
+        a.mnt().display()
+    ));
+    let cid = xattr_cid(&a.mnt().join("tree"));
+    let b = peer(
+        &tmp.path().join("b"),
+        Some(&tmp.path().join("mnt-b")),
+        Some(&a.addr()),
+    );
+    let remote = b.mnt().join(&cid);
+    diff_r(&tree, &remote);
+    // What the walk's prefetch still had on its way has arrived.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while node_metrics(&b)["codexfs_pending_blocks"] != 0.0 {
+        assert!(std::time::Instant::now() < deadline, "blocks still pending");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = node_metrics(&b);
+    diff_r(&tree, &remote);
+    let after = node_metrics(&b);
+    let delta =
+        |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
+    let op = |o: &str| {
+        delta(&format!(
+            "codexfs_fuse_operation_seconds_count{{op=\"{o}\"}}"
+        ))
+    };
+    assert!(
+        op("open") >= files as f64,
+        "the walk opened every file: {}",
+        op("open")
+    );
+    assert_eq!(
+        delta("codexfs_blocks_received_total"),
+        0.0,
+        "blocks fetched again"
+    );
+    assert_eq!(
+        delta("codexfs_network_block_bytes_total{direction=\"received\"}"),
+        0.0
+    );
+    assert_eq!(op("flush"), 0.0, "read-only closes sent FLUSH");
+    assert!(
+        after.contains_key("codexfs_fuse_pool_waits_total"),
+        "the mount counts its waits on the blocking pool"
+    );
+    assert_eq!(
+        delta("codexfs_fuse_pool_waits_total"),
+        0.0,
+        "FUSE requests waited on the pool"
+    );
+}

@@ -478,3 +478,80 @@ fn directories_from_a_peer_that_break_the_rules_are_eio() {
         libc::ENOENT
     );
 }
+
+/// A source that prefetches (as the network store does) and records what it is asked to.
+struct Prefetching {
+    node: Node,
+    asked: Mutex<Vec<(Cid, usize)>>,
+}
+
+impl codexfs::node::BlockSource for Prefetching {
+    fn resolve(&self, cid: &Cid) -> codexfs::Result<Option<codexfs::node::Dataset>> {
+        self.node.resolve(cid)
+    }
+    fn block(&self, dataset: &codexfs::node::Dataset, index: u64) -> codexfs::Result<Bytes> {
+        self.node.block(dataset, index)
+    }
+    fn prefetch(&self, top: &Cid, files: Vec<(Cid, u64)>, _dirs: Vec<Cid>) {
+        self.asked.lock().unwrap().push((*top, files.len()));
+    }
+    fn prefetches(&self) -> bool {
+        true
+    }
+}
+
+/// The first lookup in a published directory starts its prefetch, with no opendir
+/// (`cat dir/file`, or a walk whose listings the kernel kept), once per directory.
+#[test]
+fn the_first_lookup_in_a_published_directory_starts_its_prefetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
+    let items: Vec<Item> = (0..5)
+        .map(|i| {
+            let cid = node
+                .store(&random_bytes(1000 + i, i as u64)[..], None, None)
+                .unwrap();
+            Item {
+                name: format!("f{i}"),
+                kind: ItemKind::File,
+                cid,
+                size: 1000 + i as u64,
+                mode: 0o644,
+                mtime: 1_700_000_000,
+                mtime_nsec: 0,
+            }
+        })
+        .collect();
+    let cid = node
+        .repo()
+        .store_directory(&dir::encode(items).unwrap())
+        .unwrap();
+    let source = Arc::new(Prefetching {
+        node: node.clone(),
+        asked: Mutex::new(Vec::new()),
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let core = FsCore::new(
+        node.clone(),
+        source.clone(),
+        runtime.handle().clone(),
+        FsConfig::new(dir.path().join("spool")),
+    );
+    let top = core.lookup(ROOT_INO, os(&cid_string(&cid))).unwrap();
+    assert!(
+        source.asked.lock().unwrap().is_empty(),
+        "nothing looked up in it yet"
+    );
+    core.lookup(top.ino, os("f3")).unwrap();
+    core.lookup(top.ino, os("f1")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while source.asked.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no prefetch started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The opendir of the walk that follows starts no second one.
+    let fh = core.opendir(top.ino).unwrap();
+    core.release(fh).unwrap();
+    drop(runtime); // waits for the blocking tasks
+    assert_eq!(*source.asked.lock().unwrap(), [(cid, 5)]);
+}

@@ -677,3 +677,58 @@ fn the_mounts_direct_writes_store_every_byte_and_no_more() {
         assert_consistent(&node);
     }
 }
+
+/// Small datasets fetched whole (a walk of a tree on a peer) complete in the group commit:
+/// not one sync each (a sync armed to fail is not reached by 20 of them), complete — their
+/// flat files whole — at once, made durable by one group sync, consistent after a reopen.
+#[test]
+fn fetched_small_datasets_complete_in_a_group_without_a_sync_each() {
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let src = node(src_dir.path(), BIG, DAY);
+    let fetched: Vec<(cid::Cid, codexfs::manifest::Manifest, Vec<u8>)> = (0..20u64)
+        .map(|i| {
+            let bytes = random_bytes(1000 + i as usize * 37, 40 + i);
+            let cid = src.store(&bytes[..], None, None).unwrap();
+            (cid, src.repo().manifest(&cid).unwrap().unwrap(), bytes)
+        })
+        .collect();
+    let leaves_of = |m: &codexfs::manifest::Manifest| -> Vec<_> {
+        (0..m.block_count())
+            .map(|i| {
+                let rec = src.repo().leaf(&m.tree_cid, i).unwrap().unwrap();
+                let data = src.repo().get_block(&rec.block).unwrap().unwrap();
+                (m.tree_cid, i, rec, data)
+            })
+            .collect()
+    };
+    {
+        let dst = node(dst_dir.path(), BIG, DAY);
+        for (_, m, _) in &fetched {
+            dst.repo().ensure_tree(m).unwrap();
+        }
+        dst.repo().debug_fail_fsync_after(0);
+        for (cid, m, bytes) in &fetched {
+            dst.repo()
+                .put_fetched_leaves_grouped(&leaves_of(m))
+                .expect("no sync of its own");
+            let dataset = codexfs::node::Dataset::Manifest(*cid, m.clone());
+            let mut flat = dst.flat_file(&dataset).unwrap().expect("complete at once");
+            let mut read = Vec::new();
+            flat.read_to_end(&mut read).unwrap();
+            assert_eq!(&read, bytes);
+        }
+        assert!(!dst.repo().is_stopped(), "a sync ran");
+        // Waiting for the group is a consistent state (its journal entries are its own).
+        assert_consistent(&dst);
+        dst.repo().debug_fail_fsync_after(u64::MAX); // disarmed
+        assert_eq!(dst.repo().sync_deferred().unwrap(), fetched.len());
+        assert_eq!(dst.repo().sync_deferred().unwrap(), 0);
+        assert_consistent(&dst);
+    }
+    let dst = node(dst_dir.path(), BIG, DAY);
+    for (cid, m, bytes) in &fetched {
+        dst.repo().adopt_dataset(m).unwrap();
+        assert_eq!(&read_all(&dst, cid), bytes);
+    }
+    assert_consistent(&dst);
+}

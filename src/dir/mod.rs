@@ -31,9 +31,31 @@ pub trait DirBlocks: Send + Sync + 'static {
     /// so that the `dir_block` calls that follow find them here. Blocking; what fails is
     /// left to `dir_block`.
     fn fetch_dir_blocks(&self, _cids: &[Cid], _top: &Cid) {}
+
+    /// The bytes of directory block `cid` when they are here (no wait on the network);
+    /// `None`: ask [`Self::dir_block`]. The mount reads such blocks on its own thread.
+    fn dir_block_now(&self, _cid: &Cid) -> Option<Bytes> {
+        None
+    }
+}
+
+/// The blocks of `blocks` that are here, and `NotFound` for the rest: a walk step that
+/// needs no network.
+pub struct HereOnly(pub Arc<dyn DirBlocks>);
+
+impl DirBlocks for HereOnly {
+    fn dir_block(&self, cid: &Cid, _top: &Cid) -> Result<Bytes> {
+        self.0.dir_block_now(cid).ok_or_else(|| {
+            Error::NotFound(format!("directory block {} is not here", cid_string(cid)))
+        })
+    }
 }
 
 impl DirBlocks for Node {
+    fn dir_block_now(&self, cid: &Cid) -> Option<Bytes> {
+        self.dir_block(cid, cid).ok()
+    }
+
     fn dir_block(&self, cid: &Cid, _top: &Cid) -> Result<Bytes> {
         if let Some(b) = self.cache().get(cid) {
             return Ok(b);

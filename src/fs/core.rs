@@ -272,6 +272,7 @@ impl FsCore {
         &self,
         f: impl FnOnce() -> crate::Result<T> + Send + 'static,
     ) -> Result<crate::Result<T>, Errno> {
+        crate::metrics::metrics().fuse_pool_waits.inc();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.runtime.spawn_blocking(move || {
             let _ = tx.send(f());
@@ -280,7 +281,14 @@ impl FsCore {
             .map_err(|_| libc::EIO)
     }
 
+    /// The dataset `cid` names: on this thread when the source knows it without waiting
+    /// (a walk's files once their manifests are here), else on the pool, bounded.
     fn resolve(&self, cid: &Cid) -> Result<Dataset, Errno> {
+        match self.source.resolve_now(cid) {
+            Ok(Some(d)) => return Ok(d),
+            Ok(None) => {}
+            Err(e) => tracing::debug!("{}: {e}; asking the source", cid_string(cid)),
+        }
         let (source, c) = (self.source.clone(), *cid);
         self.bounded(move || source.resolve(&c))?
             .ok_or(libc::ENOENT)

@@ -373,7 +373,7 @@ impl Filesystem for CodexFuse {
                     .backing_for(ino.0, || self.core.backing_file(ino.0, o.fh), &reply);
             if let Some(id) = backing {
                 self.passthrough.passed_through(ino.0, o.fh, id.clone());
-                return reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id);
+                return reply.opened_passthrough(FileHandle(o.fh), no_flush(flags.0), &id);
             }
         }
         let f = if o.keep_cache {
@@ -381,9 +381,9 @@ impl Filesystem for CodexFuse {
         } else {
             FopenFlags::empty()
         };
-        let f = self
-            .passthrough
-            .served_by_us(ino.0, o.fh, f | write_only(flags.0));
+        let f =
+            self.passthrough
+                .served_by_us(ino.0, o.fh, f | write_only(flags.0) | no_flush(flags.0));
         reply.opened(FileHandle(o.fh), f)
     }
 
@@ -515,6 +515,10 @@ impl Filesystem for CodexFuse {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match traced("opendir", || self.core.opendir(ino.0)) {
+            // (No FOPEN_CACHE_DIR for published directories, immutable as they are: a
+            // listing the kernel kept refreshes no attributes, and every read of a file
+            // invalidates its atime, so a walk listing from that cache costs a GETATTR per
+            // file where READDIRPLUS costs one request per page.)
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
@@ -657,6 +661,17 @@ impl Filesystem for CodexFuse {
         reply: ReplyEmpty,
     ) {
         reply.error(Errno::ENOTSUP);
+    }
+}
+
+/// A close of a read-only handle has nothing to publish (a FLUSH publishes a writer's
+/// bytes; locks are the kernel's): the kernel is told not to send one, a round trip per
+/// file of a walk saved.
+fn no_flush(open_flags: i32) -> FopenFlags {
+    if open_flags & libc::O_ACCMODE == libc::O_RDONLY {
+        FopenFlags::FOPEN_NOFLUSH
+    } else {
+        FopenFlags::empty()
     }
 }
 

@@ -321,10 +321,8 @@ fn remote_block(
 }
 
 impl BlockSource for NetworkStore {
-    fn resolve(&self, cid: &Cid) -> Result<Option<Dataset>> {
-        if let Some(d) = self.node.resolve(cid)? {
-            return Ok(Some(d));
-        }
+    /// Resolved lately (in memory), else stored here.
+    fn resolve_now(&self, cid: &Cid) -> Result<Option<Dataset>> {
         if let Some(d) = self
             .resolved
             .lock()
@@ -332,6 +330,13 @@ impl BlockSource for NetworkStore {
             .get(cid)
         {
             return Ok(Some(d.clone()));
+        }
+        self.node.resolve(cid)
+    }
+
+    fn resolve(&self, cid: &Cid) -> Result<Option<Dataset>> {
+        if let Some(d) = self.resolve_now(cid)? {
+            return Ok(Some(d));
         }
         // The connected peers are asked at once; a lookup looks for providers when none
         // is connected or once they all said DontHave (a Kademlia query beside the want

@@ -62,6 +62,12 @@ impl Dataset {
 pub trait BlockSource: Send + Sync + 'static {
     /// What `cid` reads as, or `None` if it cannot be found.
     fn resolve(&self, cid: &Cid) -> Result<Option<Dataset>>;
+    /// What `cid` reads as when that is known without waiting on the network (stored
+    /// here, or resolved already); `Ok(None)` when [`Self::resolve`] has to be asked. The
+    /// mount answers an `open` or `stat` on its own thread when this knows.
+    fn resolve_now(&self, _cid: &Cid) -> Result<Option<Dataset>> {
+        Ok(None)
+    }
     /// Block `index` of a resolved dataset, verified; may wait (for the network).
     fn block(&self, dataset: &Dataset, index: u64) -> Result<Bytes>;
 
@@ -158,6 +164,11 @@ fn not_here(dataset: &Dataset, index: u64) -> Error {
 }
 
 impl BlockSource for super::Node {
+    /// Everything a node without a network has is local.
+    fn resolve_now(&self, cid: &Cid) -> Result<Option<Dataset>> {
+        self.resolve(cid)
+    }
+
     fn resolve(&self, cid: &Cid) -> Result<Option<Dataset>> {
         if cid.codec() == MANIFEST_CODEC {
             return Ok(self

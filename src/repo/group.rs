@@ -44,6 +44,16 @@ impl Group {
         self.wal_dirty.store(true, Ordering::Release);
     }
 
+    /// How many trees wait for the group's sync.
+    pub(super) fn pending_len(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
+    /// Whether tree `key` waits for the group's sync.
+    pub(super) fn is_pending(&self, key: &[u8]) -> bool {
+        lock(&self.pending).contains_key(key)
+    }
+
     /// Notes records written unsynced (no files of their own).
     pub(super) fn wrote_unsynced(&self) {
         self.wal_dirty.store(true, Ordering::Release);

@@ -8,6 +8,10 @@ use super::files::{read_zero_filled, write_run_at, Part};
 use super::*;
 use crate::cids::{digest_of, sha256, Digest};
 
+/// Trees completed from fetched leaves without a sync after which the group is synced
+/// (its fsyncs run in parallel: a few ms for all of them).
+const FETCHED_TREES_PER_SYNC: usize = 256;
+
 /// A leaf that arrived verified: tree, index, its record (block CID and proof), its bytes.
 pub type FetchedLeaf = (Cid, u64, LeafRecord, Bytes);
 
@@ -39,23 +43,44 @@ impl RepoStore {
     /// complete one, or present already are skipped. The leaf that completes a tree
     /// completes it (verified and synced).
     pub fn put_fetched_leaves(&self, leaves: &[FetchedLeaf]) -> Result<()> {
+        self.put_fetched_leaves_with(leaves, true)
+    }
+
+    /// [`Self::put_fetched_leaves`] for leaves fetched by a reader (a walk's small files
+    /// complete one tree each): a tree they complete is completed in the group commit, with
+    /// no fsyncs of its own (see `group.rs`); the group is synced every
+    /// [`FETCHED_TREES_PER_SYNC`] such trees.
+    pub fn put_fetched_leaves_grouped(&self, leaves: &[FetchedLeaf]) -> Result<()> {
+        self.put_fetched_leaves_with(leaves, false)
+    }
+
+    fn put_fetched_leaves_with(&self, leaves: &[FetchedLeaf], sync: bool) -> Result<()> {
         let mut by_tree: BTreeMap<Vec<u8>, Vec<&FetchedLeaf>> = BTreeMap::new();
         for l in leaves {
             by_tree.entry(l.0.to_bytes()).or_default().push(l);
         }
+        let mut completed = false;
         for (key, group) in by_tree {
-            self.put_tree_leaves(&key, &group)?;
+            if self.put_tree_leaves(&key, &group)? {
+                let _guard = lock(&self.datasets_lock);
+                let _stripe = self.files.stripe(&key);
+                completed |= self.complete_tree_with(&key, sync)? && !sync;
+            }
+        }
+        if completed && self.group.pending_len() >= FETCHED_TREES_PER_SYNC {
+            self.sync_deferred()?;
         }
         Ok(())
     }
 
-    fn put_tree_leaves(&self, key: &[u8], group: &[&FetchedLeaf]) -> Result<()> {
+    /// Returns whether every leaf of the tree is present now (to be completed).
+    fn put_tree_leaves(&self, key: &[u8], group: &[&FetchedLeaf]) -> Result<bool> {
         let _stripe = self.files.stripe(key);
         let Some(rec) = self.tree_raw(key)? else {
-            return Ok(());
+            return Ok(false);
         };
         if rec.state != TreeState::Partial {
-            return Ok(());
+            return Ok(false);
         }
         let shape = rec.shape;
         let mut seen = HashSet::new();
@@ -74,7 +99,7 @@ impl RepoStore {
             }
         }
         if todo.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         self.files.check_writable()?;
         self.files
@@ -106,10 +131,10 @@ impl RepoStore {
         let complete = {
             let mut counters = lock(&self.counters);
             let Some(mut rec) = self.tree_raw(key)? else {
-                return Ok(());
+                return Ok(false);
             };
             if rec.state != TreeState::Partial {
-                return Ok(());
+                return Ok(false);
             }
             let mut t = Txn::new(self);
             for (_, index, record, _) in &todo {
@@ -129,10 +154,7 @@ impl RepoStore {
             t.commit(&mut counters, false)?;
             rec.present == shape.leaves
         };
-        if complete {
-            self.complete_tree(key)?;
-        }
-        Ok(())
+        Ok(complete)
     }
 
     /// Marks a partial tree whose leaves are all present complete: its leaves' digests
@@ -141,6 +163,14 @@ impl RepoStore {
     /// files synced before the synced record says complete. The caller holds the tree's
     /// stripe lock. Returns whether the tree is complete.
     pub(super) fn complete_tree(&self, key: &[u8]) -> Result<bool> {
+        self.complete_tree_with(key, true)
+    }
+
+    /// [`Self::complete_tree`]; unless `sync`, with no sync of its own: the complete
+    /// record carries an `Unsynced` journal entry and the tree joins the group (the
+    /// caller then holds the datasets lock too), made durable by the next
+    /// [`Self::sync_deferred`] and hashed again at open if that never came.
+    pub(super) fn complete_tree_with(&self, key: &[u8], sync: bool) -> Result<bool> {
         let Some(rec) = self.tree_raw(key)? else {
             return Ok(false);
         };
@@ -177,13 +207,15 @@ impl RepoStore {
             .handle(key, Part::Data, true)?
             .expect("created if missing");
         super::files::trim_to(&data, shape.data_len)?;
-        self.files.sync(&data)?;
-        if shape.has_parity() {
-            if let Some(p) = self.files.handle(key, Part::Parity, false)? {
-                self.files.sync(&p)?;
+        if sync {
+            self.files.sync(&data)?;
+            if shape.has_parity() {
+                if let Some(p) = self.files.handle(key, Part::Parity, false)? {
+                    self.files.sync(&p)?;
+                }
             }
+            self.files.sync_dir(&self.files.trees_dir())?;
         }
-        self.files.sync_dir(&self.files.trees_dir())?;
         self.files.mark_clean(key);
         let mut counters = lock(&self.counters);
         let Some(mut rec) = self.tree_raw(key)? else {
@@ -196,7 +228,17 @@ impl RepoStore {
         rec.unverified = false;
         let mut t = Txn::new(self);
         t.batch.put_cf(self.cf(CF_TREES), key, rec.encode());
-        t.commit(&mut counters, true)?;
+        if !sync {
+            t.batch.put_cf(
+                self.cf(CF_JOURNAL),
+                JournalKey::Unsynced { tree: key.to_vec() }.encode(),
+                [],
+            );
+        }
+        t.commit(&mut counters, sync)?;
+        if !sync {
+            self.group.add(key);
+        }
         Ok(true)
     }
 

@@ -69,9 +69,14 @@ impl FsCore {
             return Ok(r.clone());
         }
         let (blocks, cid, top) = (self.dir_blocks.clone(), d.cid, d.top);
-        let root = self.bounded_dir(d.expect.is_none(), move || {
-            dir::load_root(&*blocks, &cid, &top)
-        })?;
+        // A root here already (a walk's prefetch fetched it) is read on this thread.
+        let here = dir::HereOnly(blocks.clone());
+        let root = match dir::load_root(&here, &cid, &top) {
+            Ok(root) => root,
+            Err(_) => self.bounded_dir(d.expect.is_none(), move || {
+                dir::load_root(&*blocks, &cid, &top)
+            })?,
+        };
         if let Some(n) = d.expect {
             if root.count != n {
                 tracing::info!(
@@ -96,7 +101,11 @@ impl FsCore {
             return Ok(p.clone());
         }
         let (blocks, r, t) = (self.dir_blocks.clone(), root.clone(), *top);
-        let page = self.bounded_dir(false, move || dir::page(&*blocks, &r, i, &t))?;
+        let here = dir::HereOnly(blocks.clone());
+        let page = match dir::page(&here, root, i, top) {
+            Ok(page) => page,
+            Err(_) => self.bounded_dir(false, move || dir::page(&*blocks, &r, i, &t))?,
+        };
         lock(&self.dir_pages).put(key, page.clone());
         Ok(page)
     }
@@ -160,6 +169,10 @@ impl FsCore {
     pub(super) fn pub_lookup(&self, parent: u64, d: &PubDir, name: &OsStr) -> Result<Attr, Errno> {
         let name = name.to_str().ok_or(libc::ENOENT)?;
         let root = self.pub_root(d)?;
+        // A walk may look entries up without listing the directory (`cat dir/file`, a
+        // second `diff -r` whose listings the kernel kept): the first lookup starts the
+        // directory's prefetch as an opendir does.
+        self.prefetch_walk(&root, &d.top);
         let Some(p) = root.page_of_name(name) else {
             return Err(libc::ENOENT);
         };
@@ -187,7 +200,7 @@ impl FsCore {
     /// next is asked for at once, in the background — its first pages in one go, then the
     /// roots of its subdirectories, its files' manifests and first blocks (the source's
     /// prefetch, bounded by a byte budget, cancelled when the walk has moved on). Once
-    /// per directory (while remembered).
+    /// per directory (while remembered), at its opendir or its first lookup.
     fn prefetch_walk(&self, root: &Arc<DirRoot>, top: &Cid) {
         if !self.source.prefetches() || lock(&self.prefetched).put(root.cid, ()).is_some() {
             return;
@@ -251,6 +264,7 @@ impl FsCore {
         }
         let (p, start) = root.page_of_index(index);
         let page = self.pub_page(root, p, top)?;
+        self.fetch_subdir_roots(&page[(index - start) as usize..], top);
         for (j, item) in page.iter().enumerate().skip((index - start) as usize) {
             out.push((
                 start + j as u64 + 3,
@@ -265,6 +279,33 @@ impl FsCore {
             ));
         }
         Ok(out)
+    }
+
+    /// The roots of the subdirectories among `items` that are not here, asked for in one
+    /// wantlist: a listing with attributes (`readdirplus`, or the `stat` of each entry that
+    /// follows a `readdir`) reads every subdirectory's root, else one round trip after
+    /// another. What fails is left to those lookups.
+    fn fetch_subdir_roots(&self, items: &[Item], top: &Cid) {
+        let missing: Vec<Cid> = {
+            let roots = lock(&self.dir_roots);
+            items
+                .iter()
+                .filter(|i| i.kind == ItemKind::Dir && !roots.contains(&i.cid))
+                .map(|i| i.cid)
+                .collect()
+        };
+        let missing: Vec<Cid> = missing
+            .into_iter()
+            .filter(|c| self.dir_blocks.dir_block_now(c).is_none())
+            .collect();
+        if missing.len() < 2 {
+            return;
+        }
+        let (blocks, top) = (self.dir_blocks.clone(), *top);
+        let _ = self.on_pool(move || {
+            blocks.fetch_dir_blocks(&missing, &top);
+            Ok(())
+        });
     }
 
     /// Opens a file of a published directory (read-only; the kernel may keep its cache).

@@ -483,7 +483,7 @@ impl Exchange {
         if storing {
             let ex = self.clone();
             self.runtime.spawn_blocking(move || {
-                if let Err(e) = ex.repo.put_fetched_leaves(&leaves) {
+                if let Err(e) = ex.repo.put_fetched_leaves_grouped(&leaves) {
                     tracing::warn!("storing fetched blocks: {e}");
                 }
                 if ex.storing.fetch_sub(1, Ordering::SeqCst) == 1 {

@@ -64,6 +64,10 @@ impl DirBlocks for NetworkStore {
         Ok(data)
     }
 
+    fn dir_block_now(&self, cid: &Cid) -> Option<Bytes> {
+        self.node.dir_block_now(cid)
+    }
+
     fn fetch_dir_blocks(&self, cids: &[Cid], top: &Cid) {
         self.fetch_dir_blocks_now(cids, top);
     }

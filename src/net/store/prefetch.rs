@@ -4,7 +4,9 @@
 //! of a remote tree, what its walk reads next is asked for at once, in large wantlists
 //! (one event of the exchange, so one message per peer as far as its window goes): the
 //! roots of its subdirectories and the manifests of its files, then the blocks of its
-//! files from the first, up to [`PREFETCH_BYTES`]. The peers the walk's top came from are
+//! files from the first, up to [`PREFETCH_BYTES`], and beside them the manifests of the
+//! files its subdirectories list (one level ahead, up to [`AHEAD_MANIFESTS`]: when the walk
+//! gets there, its opens find them and that directory's prefetch asks only for blocks). The peers the walk's top came from are
 //! asked (no lookup per file: presence for the tree is asked once, when its top was
 //! found). A prefetch is a task; the walk moving on to more directories than
 //! [`PREFETCH_DIRS`] cancels the oldest (its futures dropped: the exchange cancels their
@@ -15,6 +17,7 @@ use cid::Cid;
 
 use super::NetworkStore;
 use crate::cids::MANIFEST_CODEC;
+use crate::dir::DirBlocks;
 use crate::error::Error;
 use crate::manifest::Manifest;
 use crate::net::exchange::Discover;
@@ -23,6 +26,8 @@ use crate::node::{BlockSource, Dataset};
 
 /// Bytes of files (their content, from the first file on) one directory's prefetch asks for.
 pub const PREFETCH_BYTES: u64 = 8 << 20;
+/// Manifests of the files of its subdirectories a directory's prefetch asks for ahead.
+pub const AHEAD_MANIFESTS: usize = 2048;
 /// Directory prefetches running at once; a new one cancels the oldest.
 pub const PREFETCH_DIRS: usize = 32;
 
@@ -68,7 +73,7 @@ impl NetworkStore {
         };
         // 1. Subdirectory roots and manifests not here yet, in one wantlist.
         let mut wanted: Vec<Cid> = Vec::new();
-        for d in dirs {
+        for &d in &dirs {
             if self.node.cache().get(&d).is_none()
                 && self.node.repo().get_block(&d).ok().flatten().is_none()
             {
@@ -76,24 +81,7 @@ impl NetworkStore {
             }
         }
         let mut datasets: Vec<Dataset> = Vec::new();
-        for (f, _) in &files {
-            if f.codec() != MANIFEST_CODEC {
-                continue;
-            }
-            let known = self
-                .resolved
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(f)
-                .cloned();
-            match known {
-                Some(d) => datasets.push(d),
-                None => match self.node.resolve(f) {
-                    Ok(Some(d)) => datasets.push(d),
-                    _ => wanted.push(*f),
-                },
-            }
-        }
+        self.sort_manifests(&files, &mut datasets, &mut wanted);
         if !wanted.is_empty() {
             let addresses = wanted.iter().map(|c| (BlockAddress::Cid(*c), 0)).collect();
             let fetches = self
@@ -103,19 +91,9 @@ impl NetworkStore {
             for (cid, fetched) in wanted.iter().zip(got) {
                 let Ok(fetched) = fetched else { continue };
                 if cid.codec() == MANIFEST_CODEC {
-                    let Ok(m) = Manifest::decode(&fetched.data) else {
-                        continue;
-                    };
-                    let d = Dataset::Manifest(*cid, m);
-                    self.providers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(*cid, vec![fetched.from]);
-                    self.resolved
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .put(*cid, d.clone());
-                    datasets.push(d);
+                    if let Some(d) = self.remember_manifest(*cid, &fetched.data, fetched.from) {
+                        datasets.push(d);
+                    }
                 } else {
                     // (A copy: the delivered bytes are a slice of a whole frame.)
                     self.node
@@ -124,7 +102,47 @@ impl NetworkStore {
                 }
             }
         }
-        // 2. The files' blocks, from the first file on, within the budget.
+        // 1b. One level ahead: the manifests of the files listed in the subdirectories'
+        // roots just fetched, in one more wantlist, so that the walk's opens there find
+        // them (that directory's own prefetch then asks only for blocks).
+        // (Roots here already count: a listing's lookups may have fetched them first.)
+        let subdirs: Vec<(Cid, Bytes)> = dirs
+            .iter()
+            .filter_map(|d| Some((*d, self.node.dir_block(d, &top).ok()?)))
+            .collect();
+        let ahead = self.manifests_ahead(&subdirs);
+        if !ahead.is_empty() {
+            let mut unused = Vec::new();
+            let mut wanted = Vec::new();
+            self.sort_manifests(&ahead, &mut unused, &mut wanted);
+            let addresses = wanted.iter().map(|c| (BlockAddress::Cid(*c), 0)).collect();
+            let fetches = self
+                .exchange
+                .fetch_many(addresses, &peers, self.timeout, discover);
+            // Resolved as they come, beside this directory's blocks (and cancelled with
+            // them).
+            let me = self.clone();
+            let ahead = async move {
+                let got = futures::future::join_all(fetches).await;
+                for (cid, fetched) in wanted.iter().zip(got) {
+                    if let Ok(f) = fetched {
+                        me.remember_manifest(*cid, &f.data, f.from);
+                    }
+                }
+            };
+            futures::join!(ahead, self.prefetch_blocks(datasets, peers, discover));
+            return;
+        }
+        self.prefetch_blocks(datasets, peers, discover).await;
+    }
+
+    /// 2. The files' blocks, from the first file on, within the budget.
+    async fn prefetch_blocks(
+        &self,
+        datasets: Vec<Dataset>,
+        peers: Vec<libp2p::PeerId>,
+        discover: Discover,
+    ) {
         let mut budget = PREFETCH_BYTES;
         let mut blocks = Vec::new();
         let mut trees = Vec::new();
@@ -179,6 +197,72 @@ impl NetworkStore {
             .fetch_many(addresses, &peers, self.timeout, discover);
         // The exchange stores what arrives; the futures only keep the wants alive.
         let _ = futures::future::join_all(fetches).await;
+    }
+
+    /// Splits `files`' manifests into those known (resolved lately or stored here) and
+    /// those to fetch.
+    fn sort_manifests(
+        &self,
+        files: &[(Cid, u64)],
+        known: &mut Vec<Dataset>,
+        wanted: &mut Vec<Cid>,
+    ) {
+        for (f, _) in files {
+            if f.codec() != MANIFEST_CODEC {
+                continue;
+            }
+            let resolved = self
+                .resolved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(f)
+                .cloned();
+            match resolved {
+                Some(d) => known.push(d),
+                None => match self.node.resolve(f) {
+                    Ok(Some(d)) => known.push(d),
+                    _ => wanted.push(*f),
+                },
+            }
+        }
+    }
+
+    /// Keeps a manifest fetched from `from` as resolved (and `from` as its provider).
+    fn remember_manifest(&self, cid: Cid, data: &[u8], from: libp2p::PeerId) -> Option<Dataset> {
+        let m = Manifest::decode(data).ok()?;
+        let d = Dataset::Manifest(cid, m);
+        self.providers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cid, vec![from]);
+        self.resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(cid, d.clone());
+        Some(d)
+    }
+
+    /// The files (manifest CID, size) listed in the roots of `subdirs` (CID, fetched
+    /// bytes) that hold their entries inline, at most [`AHEAD_MANIFESTS`].
+    fn manifests_ahead(&self, subdirs: &[(Cid, Bytes)]) -> Vec<(Cid, u64)> {
+        let mut out = Vec::new();
+        for (cid, bytes) in subdirs {
+            let Ok(root) = crate::dir::format::decode_root(cid, bytes) else {
+                continue;
+            };
+            if root.is_paged() {
+                continue;
+            }
+            for item in root.inline.iter() {
+                if out.len() >= AHEAD_MANIFESTS {
+                    return out;
+                }
+                if item.kind == crate::dir::ItemKind::File {
+                    out.push((item.cid, item.size));
+                }
+            }
+        }
+        out
     }
 
     /// Fetches directory blocks in one wantlist into the block cache (blocking).
