@@ -197,7 +197,9 @@ impl NetworkStore {
         let Dataset::Manifest(_, m) = dataset else {
             return;
         };
-        let blocks = m.block_count().min(EARLY_BYTES.div_ceil(m.block_size.max(1)));
+        let blocks = m
+            .block_count()
+            .min(EARLY_BYTES.div_ceil(m.block_size.max(1)));
         if blocks == 0 || m.block_size > EARLY_MAX_BLOCK {
             return;
         }
@@ -205,7 +207,10 @@ impl NetworkStore {
             return;
         }
         if let Err(e) = self.node.repo().ensure_tree(m) {
-            tracing::debug!("blocks of {} will not be kept: {e}", cid_string(dataset.cid()));
+            tracing::debug!(
+                "blocks of {} will not be kept: {e}",
+                cid_string(dataset.cid())
+            );
         }
         let wants = (0..blocks)
             .map(|i| {
