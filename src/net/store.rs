@@ -206,6 +206,12 @@ impl NetworkStore {
         if !matches!(self.node.local_block(dataset, 0), Err(Error::NotFound(_))) {
             return;
         }
+        if let Err(e) = self.node.repo().ensure_tree(m) {
+            tracing::debug!(
+                "blocks of {} will not be kept: {e}",
+                cid_string(dataset.cid())
+            );
+        }
         let wants = (0..blocks)
             .map(|i| {
                 let address = BlockAddress::Leaf {
@@ -221,14 +227,6 @@ impl NetworkStore {
             self.timeout,
             Discover::Now,
         );
-        // The tree's record (which has what arrives kept) is written while the wants are
-        // on their way: it takes a store write, and the blocks a round trip.
-        if let Err(e) = self.node.repo().ensure_tree(m) {
-            tracing::debug!(
-                "blocks of {} will not be kept: {e}",
-                cid_string(dataset.cid())
-            );
-        }
         for (i, fetch) in fetches.into_iter().enumerate() {
             let block = fetch.map(|r| r.ok().map(|f| f.data)).boxed().shared();
             self.keep_early((m.tree_cid, i as u64), block);
