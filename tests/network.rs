@@ -107,6 +107,81 @@ fn random_reads_through_the_mount_of_a_peers_dataset_give_its_bytes() {
     drop((a, c));
 }
 
+/// Blocks a node has received from peers and verified, from its metrics.
+fn blocks_received(p: &Peer) -> u64 {
+    let base = p.api().trim_end_matches("/api/codex/v1").to_string();
+    let text = reqwest::blocking::get(format!("{base}/metrics"))
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("codexfs_blocks_received_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Waits until `p` has received at least `n` blocks; returns how many it has.
+fn wait_received(p: &Peer, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = blocks_received(p);
+        if got >= n || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_lookup_wants_a_datasets_first_blocks_and_random_reads_fetch_only_their_own() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("f.bin");
+    let block = 64 * 1024;
+    let size = 40 * block;
+    let bytes = random_file(&file, size, 11);
+    let a_data = tmp.path().join("a");
+    let cid = upload(&a_data, &file);
+    let a = peer(&a_data, None, None, &[]);
+    let mnt = tmp.path().join("mnt");
+    let c = peer(&tmp.path().join("c"), Some(&mnt), Some(&a.addr()), &[]);
+    // A lookup alone (no open, no read): the manifest, and the first 128 KiB are wanted
+    // at once (the read that usually follows finds them on their way).
+    let meta =
+        std::fs::metadata(mnt.join(&cid)).unwrap_or_else(|e| panic!("stat: {e}\n{}", c.log.text()));
+    assert_eq!(meta.len(), size as u64);
+    assert_eq!(
+        wait_received(&c, 3),
+        3,
+        "manifest and blocks 0 and 1 after a lookup\n{}",
+        c.log.text()
+    );
+    // Random reads (each a seek) fetch the block they touch and nothing ahead. The peer
+    // answers in order, so once the last read's block is here, any block fetched ahead
+    // for an earlier read would be too.
+    let f = std::fs::File::open(mnt.join(&cid)).unwrap();
+    let touched = [30usize, 7, 22, 13, 36, 2];
+    for (k, i) in touched.iter().enumerate() {
+        let offset = i * block + 4096 * (k % 16);
+        let mut buf = vec![0u8; 4096];
+        f.read_exact_at(&mut buf, offset as u64).unwrap();
+        assert!(
+            buf == bytes[offset..offset + 4096],
+            "read at {offset} differs"
+        );
+    }
+    // The first block was wanted early: its read takes it from there, not the network.
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 100).unwrap();
+    assert!(buf == bytes[100..4196], "read of block 0 differs");
+    assert_eq!(
+        blocks_received(&c),
+        3 + touched.len() as u64,
+        "random reads fetched blocks nobody asked for\n{}",
+        c.log.text()
+    );
+    drop((a, c));
+}
+
 #[test]
 fn three_seeders_share_the_load_and_one_may_die() {
     let tmp = tempfile::tempdir().unwrap();

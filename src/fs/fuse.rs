@@ -197,8 +197,10 @@ fn file_attr(a: &Attr) -> FileAttr {
 /// Logs slow or failed operations; FUSE workers should never sit long in one.
 fn traced<T>(op: &'static str, f: impl FnOnce() -> Result<T, i32>) -> Result<T, i32> {
     let started = Instant::now();
+    tracing::trace!(op, "fuse op");
     let r = f();
     let took = started.elapsed();
+    tracing::trace!(op, ?took, "fuse op done");
     crate::metrics::metrics().fuse_op(op, took, r.is_err());
     if took > Duration::from_secs(1) {
         tracing::info!(op, ?took, "slow filesystem operation");
@@ -427,6 +429,7 @@ impl Filesystem for CodexFuse {
             // Each FUSE worker reuses one reply buffer: it stays mapped and warm in cache.
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        tracing::trace!(offset, size, "read");
         BUF.with_borrow_mut(|buf| {
             match traced("read", || self.core.read_into(fh.0, offset, size, buf)) {
                 Ok(()) => reply.data(buf),

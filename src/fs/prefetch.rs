@@ -168,16 +168,18 @@ impl Prefetcher {
         // Each block of the request: already being fetched, or read now on this thread.
         enum Part {
             Waiting(u64, Arc<Slot>),
-            /// A random read's block, waited for on this thread (see below).
+            /// A block nobody is fetching yet, waited for on this thread (see below).
             Direct(
                 u64,
                 futures::future::BoxFuture<'static, crate::Result<Bytes>>,
             ),
             Done,
         }
-        // A reader that is not sequential, on a thread outside the runtime (a FUSE
-        // thread), waits for its own blocks itself: the block then wakes this thread
-        // directly instead of a task that wakes it (one thread hop less per random read).
+        // A reader on a thread outside the runtime (a FUSE thread) waits itself for the
+        // blocks of its request that nobody is fetching yet (a random read's, the first
+        // read's): the block then wakes this thread directly instead of a task that wakes
+        // it (one thread hop less, and no wait for a runtime thread busy with other work).
+        // Blocks fetched ahead go through slots, which later reads find.
         let outside_runtime = tokio::runtime::Handle::try_current().is_err();
         out.reserve((end - offset) as usize);
         let range_in = |index: u64| {
@@ -239,7 +241,7 @@ impl Prefetcher {
                         .map_err(|e| read_errno(&e))?;
                 if now {
                     parts.push(Part::Done);
-                } else if !sequential && outside_runtime {
+                } else if outside_runtime {
                     waited = true;
                     match self.source.block_async(&self.dataset, i) {
                         Some(fetch) => parts.push(Part::Direct(i, fetch)),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cid::Cid;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use libp2p::PeerId;
 
 use super::exchange::{Discover, Exchange};
@@ -35,6 +35,9 @@ pub struct NetworkStore {
     /// Datasets resolved from the network lately (a CID always names the same one): a
     /// lookup then an open of a file fetch its manifest once.
     resolved: Mutex<lru::LruCache<Cid, Dataset>>,
+    /// First blocks wanted as soon as their dataset's manifest came from the network,
+    /// by (tree, index): see [`NetworkStore::want_first_blocks`].
+    early: Mutex<lru::LruCache<(Cid, u64), EarlyBlock>>,
     /// Directory prefetches under way, oldest first (see `prefetch.rs`).
     prefetches: Mutex<std::collections::VecDeque<tokio::task::AbortHandle>>,
     /// Itself, for decodes that run on the blocking pool.
@@ -56,6 +59,9 @@ impl NetworkStore {
             providers: Mutex::new(HashMap::new()),
             resolved: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(RESOLVED_KEPT).expect("non-zero"),
+            )),
+            early: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(EARLY_KEPT).expect("non-zero"),
             )),
             prefetches: Mutex::new(Default::default()),
             me: me.clone(),
@@ -144,7 +150,9 @@ impl NetworkStore {
     }
 
     /// Candidates are the dataset's providers on record; the core also asks the connected
-    /// peers (a dataset found here but incomplete has no providers on record).
+    /// peers (a dataset found here but incomplete has no providers on record). A block
+    /// wanted early (see [`Self::want_first_blocks`]) is taken from there; should that
+    /// want have failed, the block is asked for again.
     fn fetch_remote_within(
         &self,
         dataset: &Dataset,
@@ -159,13 +167,80 @@ impl NetworkStore {
                 );
             }
         }
-        remote_block(
-            self.exchange.clone(),
-            dataset,
-            index,
-            self.providers_of(dataset),
-            timeout,
-        )
+        let early = self
+            .early
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop(&(tree_of(dataset), index));
+        let (ex, providers) = (self.exchange.clone(), self.providers_of(dataset));
+        match early {
+            None => remote_block(ex, dataset, index, providers, timeout),
+            Some(early) => {
+                let dataset = dataset.clone();
+                Box::pin(async move {
+                    match early.await {
+                        Some(block) => Ok(block),
+                        None => remote_block(ex, &dataset, index, providers, timeout).await,
+                    }
+                })
+            }
+        }
+    }
+
+    /// Wants the first blocks of a dataset whose manifest just came from the network (as
+    /// many as the kernel's first read of the file covers, [`EARLY_BYTES`]): a lookup of
+    /// a file is most often followed by an open and a read of its start, and the blocks
+    /// are then on their way a FUSE round trip (lookup reply, open, read) sooner. At most
+    /// [`EARLY_KEPT`] blocks are kept: a dataset looked up and never read costs its first
+    /// blocks (kept in the store as any fetched block).
+    fn want_first_blocks(&self, dataset: &Dataset) {
+        let Dataset::Manifest(_, m) = dataset else {
+            return;
+        };
+        let blocks = m
+            .block_count()
+            .min(EARLY_BYTES.div_ceil(m.block_size.max(1)));
+        if blocks == 0 || m.block_size > EARLY_MAX_BLOCK {
+            return;
+        }
+        if !matches!(self.node.local_block(dataset, 0), Err(Error::NotFound(_))) {
+            return;
+        }
+        if let Err(e) = self.node.repo().ensure_tree(m) {
+            tracing::debug!(
+                "blocks of {} will not be kept: {e}",
+                cid_string(dataset.cid())
+            );
+        }
+        let wants = (0..blocks)
+            .map(|i| {
+                let address = BlockAddress::Leaf {
+                    tree: m.tree_cid,
+                    index: i,
+                };
+                (address, m.block_count())
+            })
+            .collect();
+        let fetches = self.exchange.fetch_many(
+            wants,
+            &self.providers_of(dataset),
+            self.timeout,
+            Discover::Now,
+        );
+        for (i, fetch) in fetches.into_iter().enumerate() {
+            let block = fetch.map(|r| r.ok().map(|f| f.data)).boxed().shared();
+            self.keep_early((m.tree_cid, i as u64), block);
+        }
+    }
+
+    fn keep_early(&self, key: (Cid, u64), block: EarlyBlock) {
+        let evicted = self
+            .early
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(key, block);
+        // Dropped outside the lock: an evicted want is cancelled in the exchange.
+        drop(evicted);
     }
 
     /// Streams a dataset to `out` in order as its blocks arrive (local ones read here,
@@ -287,6 +362,24 @@ impl crate::erasure::Fetch for NetworkStore {
     }
 }
 
+/// A first block wanted early: its bytes, or `None` if that want failed.
+type EarlyBlock = Shared<BoxFuture<'static, Option<Bytes>>>;
+/// First blocks wanted early and not yet read, kept (each holds its want, then its bytes).
+const EARLY_KEPT: usize = 32;
+/// The start of a dataset wanted early: what the kernel's first read of a file asks
+/// (FUSE reads are at most 128 KiB).
+const EARLY_BYTES: u64 = 128 << 10;
+/// Only datasets of blocks up to this size get their first blocks wanted early.
+const EARLY_MAX_BLOCK: u64 = 256 << 10;
+
+/// The key blocks of `dataset` are wanted early under: its tree, or the block's CID.
+fn tree_of(dataset: &Dataset) -> Cid {
+    match dataset {
+        Dataset::Manifest(_, m) => m.tree_cid,
+        Dataset::Block(c, _) => *c,
+    }
+}
+
 /// Datasets resolved from the network kept in memory (a manifest is a few hundred
 /// bytes: a tree of small files walked again finds them all).
 const RESOLVED_KEPT: usize = 32768;
@@ -359,6 +452,11 @@ impl BlockSource for NetworkStore {
         let dataset = if c.codec() == MANIFEST_CODEC {
             Dataset::Manifest(c, Manifest::decode(&fetched.data)?)
         } else {
+            // A lone block is not stored: its read takes the bytes fetched here.
+            if fetched.data.len() as u64 <= EARLY_MAX_BLOCK {
+                let data = fetched.data.clone();
+                self.keep_early((c, 0), futures::future::ready(Some(data)).boxed().shared());
+            }
             Dataset::Block(c, fetched.data.len() as u64)
         };
         // The peer that had the manifest very likely has the blocks: it is asked first.
@@ -370,6 +468,7 @@ impl BlockSource for NetworkStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .put(c, dataset.clone());
+        self.want_first_blocks(&dataset);
         Ok(Some(dataset))
     }
 

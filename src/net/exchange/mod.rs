@@ -508,6 +508,10 @@ impl Exchange {
 
     /// Finds providers of `key` through Kademlia and hands them to the core as they come.
     async fn look_up(self: Arc<Self>, key: Cid) {
+        // A task spawned here runs next on this thread, before the task of a reader the
+        // same event handed a block (tokio runs the newest woken task first): the reader
+        // goes first, the lookup is not waited for.
+        tokio::task::yield_now().await;
         let started = Instant::now();
         let mut found = self.net.find_providers_stream(&key.to_bytes());
         let deadline = tokio::time::sleep(LOOKUP_TIMEOUT);
