@@ -209,7 +209,9 @@ impl RepoStore {
         {
             let (k, v) = item?;
             if let JournalKey::UploadBlock { .. } = JournalKey::decode(&k)? {
-                *refs.entry(v.to_vec()).or_default() += 1;
+                for cid in held_cids(&v)? {
+                    *refs.entry(cid.to_vec()).or_default() += 1;
+                }
             }
             problems.push(format!("journal entry {k:02x?} left after the open"));
         }
