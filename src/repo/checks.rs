@@ -209,7 +209,11 @@ impl RepoStore {
         {
             let (k, v) = item?;
             match JournalKey::decode(&k)? {
-                JournalKey::UploadBlock { .. } => *refs.entry(v.to_vec()).or_default() += 1,
+                JournalKey::UploadBlock { .. } => {
+                    for cid in held_cids(&v)? {
+                        *refs.entry(cid.to_vec()).or_default() += 1;
+                    }
+                }
                 // A tree waiting for its group's sync (this process committed it).
                 JournalKey::Unsynced { tree } if self.group.is_pending(&tree) => continue,
                 _ => {}

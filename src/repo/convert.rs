@@ -285,8 +285,10 @@ impl RepoStore {
             let mut t = Txn::new(self);
             for (k, v) in &records {
                 if let Ok(JournalKey::UploadBlock { .. }) = JournalKey::decode(k) {
-                    if self.block_meta_raw(v)?.is_some() {
-                        t.unref(v)?;
+                    for cid in held_cids(v)? {
+                        if self.block_meta_raw(cid)?.is_some() {
+                            t.unref(cid)?;
+                        }
                     }
                 }
                 t.batch.delete_cf(self.cf(CF_JOURNAL), k);

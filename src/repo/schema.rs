@@ -425,7 +425,9 @@ pub fn split_block_leaf_key(k: &[u8]) -> Result<(&[u8], u64)> {
 
 /// Keys of the journal: unfinished work, replayed by `RepoStore::open`.
 pub enum JournalKey {
-    /// A block held by unfinished upload `upload` at position `index`; value: block CID.
+    /// Blocks held by unfinished upload `upload` at positions `index, index+1, …`; value:
+    /// their CIDs, one after another (see [`held_cids`]; one CID in stores written
+    /// before runs were journalled whole).
     UploadBlock { upload: u64, index: u64 },
     /// Unfinished upload `upload` has started writing leaves of a tree; value: treeCid.
     UploadTree { upload: u64 },
@@ -506,6 +508,22 @@ impl JournalKey {
     }
 }
 
+/// The CIDs (as stored: the keys of their block records) of an `UploadBlock` entry's
+/// value, in order.
+pub fn held_cids(v: &[u8]) -> Result<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    let mut rest = v;
+    while !rest.is_empty() {
+        let mut cursor = std::io::Cursor::new(rest);
+        Cid::read_bytes(&mut cursor)
+            .map_err(|e| Error::Corrupt(format!("journal entry of an upload: {e}")))?;
+        let n = cursor.position() as usize;
+        out.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    Ok(out)
+}
+
 /// What a name in the mount points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NameRecord {
@@ -529,5 +547,28 @@ impl NameRecord {
             mtime: u64_at(b, 0),
             cid: cid_from_bytes(&b[8..], "name record")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upload_journal_entry_holds_one_cid_or_a_run_of_them() {
+        let cids: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| {
+                crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, &[i; 32]).to_bytes()
+            })
+            .collect();
+        // One CID: how entries were written before runs were journalled whole.
+        assert_eq!(held_cids(&cids[0]).unwrap(), vec![&cids[0][..]]);
+        let run = cids.concat();
+        assert_eq!(
+            held_cids(&run).unwrap(),
+            cids.iter().map(|c| &c[..]).collect::<Vec<_>>()
+        );
+        assert!(held_cids(&[]).unwrap().is_empty());
+        assert!(held_cids(&run[..run.len() - 1]).is_err());
     }
 }

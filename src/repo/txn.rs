@@ -145,6 +145,18 @@ impl<'a> Txn<'a> {
         );
     }
 
+    /// [`Self::put_leaf`] of a record encoded already ([`LeafRecord::encode`]), whose
+    /// block CID's bytes are `block`.
+    pub fn put_leaf_encoded(&mut self, tree: &[u8], index: u64, block: &[u8], record: &[u8]) {
+        self.batch
+            .put_cf(self.repo.cf(CF_LEAVES), leaf_key_raw(tree, index), record);
+        self.batch.put_cf(
+            self.repo.cf(CF_BLOCK_LEAVES),
+            block_leaf_key(block, tree, index),
+            [],
+        );
+    }
+
     /// Removes leaf `index` of `tree` (block `block`) and drops the reference it held.
     pub fn drop_leaf(&mut self, tree: &[u8], index: u64, block: &[u8]) -> Result<()> {
         self.batch

@@ -69,7 +69,9 @@ impl RepoStore {
             let mut counters = lock(&self.counters);
             let mut t = Txn::new(self);
             for (k, v) in &records {
-                t.unref(v)?;
+                for cid in held_cids(v)? {
+                    t.unref(cid)?;
+                }
                 t.batch.delete_cf(self.cf(CF_JOURNAL), k);
             }
             t.commit(&mut counters, false)?;
@@ -327,20 +329,42 @@ impl Upload<'_> {
         let expiry = repo.expiry_from_now();
         let mut counters = lock(&repo.counters);
         let mut t = Txn::new(repo);
+        // One journal entry per run of consecutive positions (a batch of the pipeline is
+        // one run): the commit reads them back, and few large entries cost RocksDB far
+        // less than one per block.
+        let mut run: Option<(u64, u64, Vec<u8>)> = None; // first index, next index, CIDs
         for (index, cid, size) in blocks {
             let key = cid.to_bytes();
             t.add_leaf_ref(&key, *size, expiry)?;
-            t.batch.put_cf(
-                repo.cf(CF_JOURNAL),
-                JournalKey::UploadBlock {
-                    upload: self.id,
-                    index: *index,
+            match &mut run {
+                Some((_, next, cids)) if *next == *index => {
+                    cids.extend_from_slice(&key);
+                    *next += 1;
                 }
-                .encode(),
-                &key,
-            );
+                _ => {
+                    if let Some((first, _, cids)) = run.take() {
+                        self.journal_run(&mut t.batch, first, &cids);
+                    }
+                    run = Some((*index, index + 1, key));
+                }
+            }
+        }
+        if let Some((first, _, cids)) = run {
+            self.journal_run(&mut t.batch, first, &cids);
         }
         t.commit(&mut counters, false)
+    }
+
+    fn journal_run(&self, batch: &mut WriteBatch, first: u64, cids: &[u8]) {
+        batch.put_cf(
+            self.repo.cf(CF_JOURNAL),
+            JournalKey::UploadBlock {
+                upload: self.id,
+                index: first,
+            }
+            .encode(),
+            cids,
+        );
     }
 
     /// Records the dataset: the upload's files become the tree's (unless the tree is stored
@@ -527,56 +551,155 @@ impl Upload<'_> {
             repo.files.sync_dir(&repo.files.trees_dir())?;
         }
 
-        // Holds become leaf records, a batch at a time; each batch moves references from
-        // the journal to leaves (or drops those of leaves present already), so a crash
-        // between batches leaves every reference counted once.
-        let leaves = tree.leaves();
-        for chunk_start in (0..shape.leaves).step_by(BATCH_RECORDS) {
-            let chunk_end = (chunk_start + BATCH_RECORDS as u64).min(shape.leaves);
-            let mut counters = lock(&repo.counters);
-            let mut rec = repo
-                .tree_raw(key)?
-                .ok_or_else(|| Error::Corrupt("the uploaded tree's record went".into()))?;
-            let mut t = Txn::new(repo);
-            for i in chunk_start..chunk_end {
-                let jk = JournalKey::UploadBlock {
-                    upload: self.id,
-                    index: i,
+        // Holds become leaf records, a batch of journal entries at a time; each batch moves
+        // references from the journal to leaves (or drops those of leaves present already),
+        // so a crash between batches leaves every reference counted once. The entries are
+        // read in key order, which is position order. The records (CID and proof) are
+        // encoded on a thread of their own meanwhile, in the same order: the commit waits
+        // for this, and on two cores encoding and writing take about the same time.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<EncodedLeaf>)>>(2);
+        let stop_flag = AtomicBool::new(false);
+        let stop = &stop_flag;
+        // (Owns the sender: the receiver learns when it is done.)
+        let encode = move || {
+            for first in (0..shape.leaves).step_by(BATCH_RECORDS) {
+                if stop.load(Ordering::Relaxed) {
+                    return;
                 }
-                .encode();
-                let held = repo.db.get_cf(repo.cf(CF_JOURNAL), &jk)?.ok_or_else(|| {
-                    Error::Corrupt(format!("block {i} of the upload was never put"))
-                })?;
-                let block =
-                    crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, &leaves[i as usize]);
-                if held != block.to_bytes() {
-                    return Err(Error::Corrupt(format!(
-                        "block {i} of the upload is not the tree's"
-                    )));
+                let end = (first + BATCH_RECORDS as u64).min(shape.leaves);
+                let chunk = (first..end)
+                    .map(|i| EncodedLeaf::of(tree, i))
+                    .collect::<Result<Vec<_>>>()
+                    .map(|c| (first, c));
+                if tx.send(chunk).is_err() {
+                    return;
                 }
-                t.batch.delete_cf(repo.cf(CF_JOURNAL), &jk);
-                if repo
-                    .db
-                    .get_pinned_cf(repo.cf(CF_LEAVES), leaf_key_raw(key, i))?
-                    .is_some()
-                {
-                    t.unref(&held)?;
-                    continue;
-                }
-                t.put_leaf(
-                    key,
-                    i,
-                    &LeafRecord {
-                        block,
-                        proof: tree.proof(i)?,
-                    },
-                );
-                rec.present += 1;
             }
-            t.batch.put_cf(repo.cf(CF_TREES), key, rec.encode());
-            t.commit(&mut counters, false)?;
+        };
+        if shape.leaves <= BATCH_RECORDS as u64 {
+            // One batch (a small file): no thread.
+            encode();
+            drop(encode);
+            return self.record_leaves(shape, key, rx);
+        }
+        std::thread::scope(|s| {
+            s.spawn(encode);
+            let r = self.record_leaves(shape, key, rx);
+            stop.store(true, Ordering::Relaxed);
+            r
+        })
+    }
+
+    /// Turns the upload's holds into leaf records of tree `key` (see `take_over_tree`),
+    /// with the records `encoded` yields in position order.
+    fn record_leaves(
+        &self,
+        shape: &TreeShape,
+        key: &[u8],
+        encoded: std::sync::mpsc::Receiver<Result<(u64, Vec<EncodedLeaf>)>>,
+    ) -> Result<()> {
+        let repo = self.repo;
+        let mut chunk: (u64, Vec<EncodedLeaf>) = (0, Vec::new());
+        let mut leaf = |i: u64| -> Result<EncodedLeaf> {
+            while !(chunk.0..chunk.0 + chunk.1.len() as u64).contains(&i) {
+                chunk = encoded.recv().map_err(|_| {
+                    Error::Corrupt(format!("block {i} of the upload is not the tree's"))
+                })??;
+            }
+            Ok(std::mem::take(&mut chunk.1[(i - chunk.0) as usize]))
+        };
+        let mut put = vec![false; shape.leaves as usize];
+        // Leaf records this commit wrote: while the tree holds no others, none of the
+        // positions still to come can be present (no lookup per leaf).
+        let mut ours = 0u64;
+        let (mut from, to) = JournalKey::upload_blocks_range(self.id);
+        loop {
+            let records = repo.scan(CF_JOURNAL, &from, &to, BATCH_RECORDS)?;
+            let Some((last, _)) = records.last() else {
+                break;
+            };
+            from = [&last[..], &[0]].concat();
+            let mut records = &records[..];
+            while !records.is_empty() {
+                // Whole entries, about BATCH_RECORDS leaves per batch.
+                let mut n = 0;
+                let mut held = 0;
+                while n < records.len() && (n == 0 || held < BATCH_RECORDS) {
+                    held += held_cids(&records[n].1)?.len();
+                    n += 1;
+                }
+                let (batch, rest) = records.split_at(n);
+                records = rest;
+                let mut counters = lock(&repo.counters);
+                let mut rec = repo
+                    .tree_raw(key)?
+                    .ok_or_else(|| Error::Corrupt("the uploaded tree's record went".into()))?;
+                let others = rec.present > ours;
+                let mut t = Txn::new(repo);
+                for (jk, v) in batch {
+                    let JournalKey::UploadBlock { index: first, .. } = JournalKey::decode(jk)?
+                    else {
+                        return Err(Error::Corrupt("an upload's journal entry".into()));
+                    };
+                    for (i, held) in (first..).zip(held_cids(v)?) {
+                        let fresh = put
+                            .get_mut(i as usize)
+                            .is_some_and(|p| !std::mem::replace(p, true));
+                        let encoded = if fresh { Some(leaf(i)?) } else { None };
+                        let Some(encoded) = encoded.filter(|e| e.block == held) else {
+                            return Err(Error::Corrupt(format!(
+                                "block {i} of the upload is not the tree's"
+                            )));
+                        };
+                        if others
+                            && repo
+                                .db
+                                .get_pinned_cf(repo.cf(CF_LEAVES), leaf_key_raw(key, i))?
+                                .is_some()
+                        {
+                            t.unref(held)?;
+                            continue;
+                        }
+                        t.put_leaf_encoded(key, i, &encoded.block, &encoded.record);
+                        rec.present += 1;
+                        ours += 1;
+                    }
+                    t.batch.delete_cf(repo.cf(CF_JOURNAL), jk);
+                }
+                t.batch.put_cf(repo.cf(CF_TREES), key, rec.encode());
+                t.commit(&mut counters, false)?;
+            }
+        }
+        if let Some(i) = put.iter().position(|p| !p) {
+            return Err(Error::Corrupt(format!(
+                "block {i} of the upload was never put"
+            )));
         }
         Ok(())
+    }
+}
+
+/// A leaf's record as [`Txn::put_leaf_encoded`] takes it: the block CID's bytes and the
+/// encoded [`LeafRecord`].
+#[derive(Default)]
+struct EncodedLeaf {
+    block: Vec<u8>,
+    record: Vec<u8>,
+}
+
+impl EncodedLeaf {
+    fn of(tree: &MerkleTree, i: u64) -> Result<Self> {
+        let block =
+            crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, &tree.leaves()[i as usize]);
+        let record = LeafRecord {
+            block,
+            proof: tree.proof(i)?,
+        }
+        .encode();
+        Ok(Self {
+            block: block.to_bytes(),
+            record,
+        })
     }
 }
 
