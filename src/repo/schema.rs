@@ -557,9 +557,7 @@ mod tests {
     #[test]
     fn an_upload_journal_entry_holds_one_cid_or_a_run_of_them() {
         let cids: Vec<Vec<u8>> = (0..3u8)
-            .map(|i| {
-                crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, &[i; 32]).to_bytes()
-            })
+            .map(|i| crate::cids::cid_from_digest(crate::cids::BLOCK_CODEC, &[i; 32]).to_bytes())
             .collect();
         // One CID: how entries were written before runs were journalled whole.
         assert_eq!(held_cids(&cids[0]).unwrap(), vec![&cids[0][..]]);

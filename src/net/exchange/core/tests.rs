@@ -953,14 +953,24 @@ fn equal_seeders_do_not_steal_from_each_other_over_a_burst() {
         t.want(leaf(1, i), &[connected(a), connected(b)], 120.0);
     }
     t.actions();
-    let (to_a, to_b) = (want_blocks(&t.log[before..], a), want_blocks(&t.log[before..], b));
+    let (to_a, to_b) = (
+        want_blocks(&t.log[before..], a),
+        want_blocks(&t.log[before..], b),
+    );
     assert_eq!((to_a.len(), to_b.len()), (20, 20));
     // b delivers a burst of 4: it holds 16 against a's 20, which is no reason to steal.
     let out = deliver(&mut t, b, &to_b[..4]);
-    assert!(cancels(&out, a).is_empty(), "b stole {:?}", want_blocks(&out, b));
+    assert!(
+        cancels(&out, a).is_empty(),
+        "b stole {:?}",
+        want_blocks(&out, b)
+    );
     // With nothing of a's delivered for long, b does take part of a's queue.
     let out = deliver(&mut t, b, &to_b[4..]);
-    assert!(!want_blocks(&out, b).is_empty(), "b, idle, takes some of a's 20");
+    assert!(
+        !want_blocks(&out, b).is_empty(),
+        "b, idle, takes some of a's 20"
+    );
     assert_eq!(cancels(&out, a).len(), want_blocks(&out, b).len());
 }
 
