@@ -36,8 +36,8 @@ pub struct NetworkStore {
     /// lookup then an open of a file fetch its manifest once.
     resolved: Mutex<lru::LruCache<Cid, Dataset>>,
     /// First blocks wanted as soon as their dataset's manifest came from the network,
-    /// by (tree, index): see [`NetworkStore::want_first_blocks`].
-    early: Mutex<lru::LruCache<(Cid, u64), EarlyBlock>>,
+    /// by address: see [`NetworkStore::want_first_blocks`].
+    early: Mutex<lru::LruCache<BlockAddress, EarlyBlock>>,
     /// Directory prefetches under way, oldest first (see `prefetch.rs`).
     prefetches: Mutex<std::collections::VecDeque<tokio::task::AbortHandle>>,
     /// Itself, for decodes that run on the blocking pool.
@@ -160,30 +160,30 @@ impl NetworkStore {
         timeout: Duration,
     ) -> BoxFuture<'static, Result<Bytes>> {
         if let Dataset::Manifest(_, m) = dataset {
-            if let Err(e) = self.node.repo().ensure_tree(m) {
-                tracing::debug!(
-                    "blocks of {} will not be kept: {e}",
-                    cid_string(dataset.cid())
-                );
-            }
+            self.keep_blocks_of(m);
         }
+        let (address, leaves) = block_want(dataset, index);
         let early = self
             .early
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .pop(&(tree_of(dataset), index));
+            .pop(&address);
         let (ex, providers) = (self.exchange.clone(), self.providers_of(dataset));
         match early {
-            None => remote_block(ex, dataset, index, providers, timeout),
-            Some(early) => {
-                let dataset = dataset.clone();
-                Box::pin(async move {
-                    match early.await {
-                        Some(block) => Ok(block),
-                        None => remote_block(ex, &dataset, index, providers, timeout).await,
-                    }
-                })
-            }
+            None => remote_block(ex, address, leaves, providers, timeout),
+            Some(early) => Box::pin(async move {
+                match early.await {
+                    Some(block) => Ok(block),
+                    None => remote_block(ex, address, leaves, providers, timeout).await,
+                }
+            }),
+        }
+    }
+
+    /// Makes sure the tree record of `m` exists, so that its fetched blocks are kept.
+    fn keep_blocks_of(&self, m: &Manifest) {
+        if let Err(e) = self.node.repo().ensure_tree(m) {
+            tracing::debug!("blocks of tree {} will not be kept: {e}", m.tree_cid);
         }
     }
 
@@ -206,34 +206,36 @@ impl NetworkStore {
         if !matches!(self.node.local_block(dataset, 0), Err(Error::NotFound(_))) {
             return;
         }
-        if let Err(e) = self.node.repo().ensure_tree(m) {
-            tracing::debug!(
-                "blocks of {} will not be kept: {e}",
-                cid_string(dataset.cid())
-            );
-        }
-        let wants = (0..blocks)
-            .map(|i| {
-                let address = BlockAddress::Leaf {
-                    tree: m.tree_cid,
-                    index: i,
-                };
-                (address, m.block_count())
-            })
-            .collect();
+        self.keep_blocks_of(m);
+        let wants: Vec<_> = (0..blocks).map(|i| block_want(dataset, i)).collect();
+        let addresses: Vec<_> = wants.iter().map(|(a, _)| a.clone()).collect();
         let fetches = self.exchange.fetch_many(
             wants,
             &self.providers_of(dataset),
             self.timeout,
             Discover::Now,
         );
-        for (i, fetch) in fetches.into_iter().enumerate() {
+        for (address, fetch) in addresses.into_iter().zip(fetches) {
             let block = fetch.map(|r| r.ok().map(|f| f.data)).boxed().shared();
-            self.keep_early((m.tree_cid, i as u64), block);
+            self.keep_early(address, block);
         }
     }
 
-    fn keep_early(&self, key: (Cid, u64), block: EarlyBlock) {
+    /// Keeps a dataset resolved from the network. The peer that had its manifest very
+    /// likely has the blocks: it is asked first.
+    fn remember(&self, dataset: &Dataset, from: PeerId) {
+        let cid = *dataset.cid();
+        self.providers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cid, vec![from]);
+        self.resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(cid, dataset.clone());
+    }
+
+    fn keep_early(&self, key: BlockAddress, block: EarlyBlock) {
         let evicted = self
             .early
             .lock()
@@ -372,11 +374,18 @@ const EARLY_BYTES: u64 = 128 << 10;
 /// Only datasets of blocks up to this size get their first blocks wanted early.
 const EARLY_MAX_BLOCK: u64 = 256 << 10;
 
-/// The key blocks of `dataset` are wanted early under: its tree, or the block's CID.
-fn tree_of(dataset: &Dataset) -> Cid {
+/// What the exchange is asked for block `index` of `dataset`: its address and the
+/// leaves of its tree (0 for a lone block, checked against its CID).
+pub(super) fn block_want(dataset: &Dataset, index: u64) -> (BlockAddress, u64) {
     match dataset {
-        Dataset::Manifest(_, m) => m.tree_cid,
-        Dataset::Block(c, _) => *c,
+        Dataset::Manifest(_, m) => (
+            BlockAddress::Leaf {
+                tree: m.tree_cid,
+                index,
+            },
+            m.block_count(),
+        ),
+        Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
     }
 }
 
@@ -392,21 +401,11 @@ const STREAM_AHEAD_TIMEOUTS: u32 = 32;
 /// A future for block `index` of `dataset` from `peers`, verified by the exchange.
 fn remote_block(
     ex: Arc<Exchange>,
-    dataset: &Dataset,
-    index: u64,
+    address: BlockAddress,
+    leaves: u64,
     peers: Vec<PeerId>,
     timeout: Duration,
 ) -> BoxFuture<'static, Result<Bytes>> {
-    let (address, leaves) = match dataset {
-        Dataset::Manifest(_, m) => (
-            BlockAddress::Leaf {
-                tree: m.tree_cid,
-                index,
-            },
-            m.block_count(),
-        ),
-        Dataset::Block(c, _) => (BlockAddress::Cid(*c), 0),
-    };
     // The want is made here, now: blocks asked in order are wanted in order. (The lookup
     // for other seeders waits for the first block when a connected peer can answer.)
     let fetch = ex.fetch(address, leaves, &peers, timeout, Discover::Now);
@@ -455,19 +454,12 @@ impl BlockSource for NetworkStore {
             // A lone block is not stored: its read takes the bytes fetched here.
             if fetched.data.len() as u64 <= EARLY_MAX_BLOCK {
                 let data = fetched.data.clone();
-                self.keep_early((c, 0), futures::future::ready(Some(data)).boxed().shared());
+                let ready = futures::future::ready(Some(data)).boxed().shared();
+                self.keep_early(BlockAddress::Cid(c), ready);
             }
             Dataset::Block(c, fetched.data.len() as u64)
         };
-        // The peer that had the manifest very likely has the blocks: it is asked first.
-        self.providers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(c, vec![fetched.from]);
-        self.resolved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(c, dataset.clone());
+        self.remember(&dataset, fetched.from);
         self.want_first_blocks(&dataset);
         Ok(Some(dataset))
     }

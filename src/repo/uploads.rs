@@ -619,13 +619,18 @@ impl Upload<'_> {
                 break;
             };
             from = [&last[..], &[0]].concat();
-            let mut records = &records[..];
+            // Each entry's CIDs, parsed once.
+            let entries = records
+                .iter()
+                .map(|(jk, v)| Ok((&jk[..], held_cids(v)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let mut records = &entries[..];
             while !records.is_empty() {
                 // Whole entries, about BATCH_RECORDS leaves per batch.
                 let mut n = 0;
                 let mut held = 0;
                 while n < records.len() && (n == 0 || held < BATCH_RECORDS) {
-                    held += held_cids(&records[n].1)?.len();
+                    held += records[n].1.len();
                     n += 1;
                 }
                 let (batch, rest) = records.split_at(n);
@@ -636,12 +641,12 @@ impl Upload<'_> {
                     .ok_or_else(|| Error::Corrupt("the uploaded tree's record went".into()))?;
                 let others = rec.present > ours;
                 let mut t = Txn::new(repo);
-                for (jk, v) in batch {
+                for (jk, cids) in batch {
                     let JournalKey::UploadBlock { index: first, .. } = JournalKey::decode(jk)?
                     else {
                         return Err(Error::Corrupt("an upload's journal entry".into()));
                     };
-                    for (i, held) in (first..).zip(held_cids(v)?) {
+                    for (i, &held) in (first..).zip(cids) {
                         let fresh = put
                             .get_mut(i as usize)
                             .is_some_and(|p| !std::mem::replace(p, true));

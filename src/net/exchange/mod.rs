@@ -545,13 +545,7 @@ impl Exchange {
         timeout: Duration,
         discover: Discover,
     ) -> impl std::future::Future<Output = Result<Fetched>> + Send + 'static {
-        let candidates: Vec<Candidate> = providers
-            .iter()
-            .map(|p| Candidate {
-                peer: *p,
-                provider: true,
-            })
-            .collect();
+        let candidates = as_providers(providers);
         let (tx, rx) = oneshot::channel();
         let waiter = self.with_core(|i, now| {
             let w = i.core.want(
@@ -578,16 +572,9 @@ impl Exchange {
         timeout: Duration,
         discover: Discover,
     ) -> Vec<impl std::future::Future<Output = Result<Fetched>> + Send + 'static> {
-        let candidates: Vec<Candidate> = providers
-            .iter()
-            .map(|p| Candidate {
-                peer: *p,
-                provider: true,
-            })
-            .collect();
+        let candidates = as_providers(providers);
         let addresses: Vec<BlockAddress> = wants.iter().map(|(a, _)| a.clone()).collect();
-        let channels: Vec<_> = wants.iter().map(|_| oneshot::channel()).collect();
-        let (txs, rxs): (Vec<_>, Vec<_>) = channels.into_iter().unzip();
+        let (txs, rxs): (Vec<_>, Vec<_>) = wants.iter().map(|_| oneshot::channel()).unzip();
         let waiters = self.with_core(|i, now| {
             let ws = i.core.want_many(
                 now,
@@ -692,4 +679,15 @@ fn summary(action: &Action) -> String {
         Action::Deliver { address, from, .. } => format!("deliver {address:?} from {from}"),
         other => format!("{other:?}"),
     }
+}
+
+/// Peers given as a dataset's providers, as candidates of the core.
+fn as_providers(peers: &[PeerId]) -> Vec<Candidate> {
+    peers
+        .iter()
+        .map(|p| Candidate {
+            peer: *p,
+            provider: true,
+        })
+        .collect()
 }

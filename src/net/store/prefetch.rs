@@ -15,7 +15,7 @@
 use bytes::Bytes;
 use cid::Cid;
 
-use super::NetworkStore;
+use super::{block_want, NetworkStore};
 use crate::cids::MANIFEST_CODEC;
 use crate::dir::DirBlocks;
 use crate::error::Error;
@@ -50,13 +50,22 @@ impl NetworkStore {
         }
     }
 
-    fn top_peers(&self, top: &Cid) -> Vec<libp2p::PeerId> {
-        self.providers
+    /// The peers the walk's top came from, and how to ask: a lookup only when stuck if
+    /// there are such peers (no DHT lookup per file), at once if there are none.
+    fn top_peers(&self, top: &Cid) -> (Vec<libp2p::PeerId>, Discover) {
+        let peers = self
+            .providers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(top)
             .cloned()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let discover = if peers.is_empty() {
+            Discover::Now
+        } else {
+            Discover::WhenStuck
+        };
+        (peers, discover)
     }
 
     async fn prefetch_task(
@@ -65,29 +74,14 @@ impl NetworkStore {
         files: Vec<(Cid, u64)>,
         dirs: Vec<Cid>,
     ) {
-        let peers = self.top_peers(&top);
-        let discover = if peers.is_empty() {
-            Discover::Now
-        } else {
-            Discover::WhenStuck
-        };
+        let (peers, discover) = self.top_peers(&top);
         // 1. Subdirectory roots and manifests not here yet, in one wantlist.
         let mut wanted: Vec<Cid> = Vec::new();
-        for &d in &dirs {
-            if self.node.cache().get(&d).is_none()
-                && self.node.repo().get_block(&d).ok().flatten().is_none()
-            {
-                wanted.push(d);
-            }
-        }
+        wanted.extend(dirs.iter().filter(|d| !self.dir_block_here(d)).copied());
         let mut datasets: Vec<Dataset> = Vec::new();
         self.sort_manifests(&files, &mut datasets, &mut wanted);
         if !wanted.is_empty() {
-            let addresses = wanted.iter().map(|c| (BlockAddress::Cid(*c), 0)).collect();
-            let fetches = self
-                .exchange
-                .fetch_many(addresses, &peers, self.timeout, discover);
-            let got = futures::future::join_all(fetches).await;
+            let got = futures::future::join_all(self.fetch_cids(&wanted, &peers, discover)).await;
             for (cid, fetched) in wanted.iter().zip(got) {
                 let Ok(fetched) = fetched else { continue };
                 if cid.codec() == MANIFEST_CODEC {
@@ -95,10 +89,7 @@ impl NetworkStore {
                         datasets.push(d);
                     }
                 } else {
-                    // (A copy: the delivered bytes are a slice of a whole frame.)
-                    self.node
-                        .cache()
-                        .insert(*cid, Bytes::copy_from_slice(&fetched.data));
+                    self.cache_dir_block(*cid, &fetched.data);
                 }
             }
         }
@@ -115,10 +106,7 @@ impl NetworkStore {
             let mut unused = Vec::new();
             let mut wanted = Vec::new();
             self.sort_manifests(&ahead, &mut unused, &mut wanted);
-            let addresses = wanted.iter().map(|c| (BlockAddress::Cid(*c), 0)).collect();
-            let fetches = self
-                .exchange
-                .fetch_many(addresses, &peers, self.timeout, discover);
+            let fetches = self.fetch_cids(&wanted, &peers, discover);
             // Resolved as they come, beside this directory's blocks (and cancelled with
             // them).
             let me = self.clone();
@@ -181,16 +169,8 @@ impl NetworkStore {
         }
         let addresses = needed
             .iter()
-            .filter_map(|(d, i)| match d {
-                Dataset::Manifest(_, m) => Some((
-                    BlockAddress::Leaf {
-                        tree: m.tree_cid,
-                        index: *i,
-                    },
-                    m.block_count(),
-                )),
-                Dataset::Block(..) => None,
-            })
+            .filter(|(d, _)| matches!(d, Dataset::Manifest(..)))
+            .map(|(d, i)| block_want(d, *i))
             .collect();
         let fetches = self
             .exchange
@@ -231,14 +211,7 @@ impl NetworkStore {
     fn remember_manifest(&self, cid: Cid, data: &[u8], from: libp2p::PeerId) -> Option<Dataset> {
         let m = Manifest::decode(data).ok()?;
         let d = Dataset::Manifest(cid, m);
-        self.providers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(cid, vec![from]);
-        self.resolved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(cid, d.clone());
+        self.remember(&d, from);
         Some(d)
     }
 
@@ -269,32 +242,42 @@ impl NetworkStore {
     pub(super) fn fetch_dir_blocks_now(&self, cids: &[Cid], top: &Cid) {
         let wanted: Vec<Cid> = cids
             .iter()
-            .filter(|c| {
-                self.node.cache().get(c).is_none()
-                    && self.node.repo().get_block(c).ok().flatten().is_none()
-            })
+            .filter(|c| !self.dir_block_here(c))
             .copied()
             .collect();
         if wanted.len() < 2 {
             return;
         }
-        let peers = self.top_peers(top);
-        let discover = if peers.is_empty() {
-            Discover::Now
-        } else {
-            Discover::WhenStuck
-        };
-        let addresses = wanted.iter().map(|c| (BlockAddress::Cid(*c), 0)).collect();
-        let fetches = self
-            .exchange
-            .fetch_many(addresses, &peers, self.timeout, discover);
+        let (peers, discover) = self.top_peers(top);
+        let fetches = self.fetch_cids(&wanted, &peers, discover);
         let got = self.runtime.block_on(futures::future::join_all(fetches));
         for (cid, fetched) in wanted.iter().zip(got) {
             if let Ok(f) = fetched {
-                self.node
-                    .cache()
-                    .insert(*cid, Bytes::copy_from_slice(&f.data));
+                self.cache_dir_block(*cid, &f.data);
             }
         }
+    }
+
+    /// Whether directory block `cid` is here already (block cache or store).
+    fn dir_block_here(&self, cid: &Cid) -> bool {
+        self.node.cache().get(cid).is_some()
+            || self.node.repo().get_block(cid).ok().flatten().is_some()
+    }
+
+    /// Blocks by CID (directory blocks, manifests) wanted in one wantlist.
+    fn fetch_cids(
+        &self,
+        cids: &[Cid],
+        peers: &[libp2p::PeerId],
+        discover: Discover,
+    ) -> Vec<impl std::future::Future<Output = crate::Result<crate::net::exchange::Fetched>>> {
+        let addresses = cids.iter().map(|c| (BlockAddress::Cid(*c), 0)).collect();
+        self.exchange
+            .fetch_many(addresses, peers, self.timeout, discover)
+    }
+
+    fn cache_dir_block(&self, cid: Cid, data: &[u8]) {
+        // (A copy: the delivered bytes are a slice of a whole frame.)
+        self.node.cache().insert(cid, Bytes::copy_from_slice(data));
     }
 }
