@@ -349,7 +349,11 @@ impl Filesystem for WriteFloor {
             Some(i) if parent.0 == 1 => {
                 let ino = i as u64 + 2;
                 let size = files[i].size.load(Ordering::Relaxed);
-                reply.entry(&Duration::from_secs(1), &floor_attr(ino, false, size), Generation(0))
+                reply.entry(
+                    &Duration::from_secs(1),
+                    &floor_attr(ino, false, size),
+                    Generation(0),
+                )
             }
             _ => reply.error(Errno::ENOENT),
         }
@@ -466,7 +470,8 @@ impl Filesystem for WriteFloor {
         if self.hash_inline {
             f.hash_chunks_of(offset, data);
         }
-        f.size.fetch_max(offset + data.len() as u64, Ordering::Relaxed);
+        f.size
+            .fetch_max(offset + data.len() as u64, Ordering::Relaxed);
         *lock(&f.pending) += 1;
         // Answered before the copy, as codexfs does: the writer's next write reaches
         // another FUSE thread meanwhile. A failure shows at the next write or the close.
@@ -726,7 +731,14 @@ impl Filesystem for TreeFloor {
     ) {
         for (child, cookie, name) in self.listing(ino.0, offset) {
             let attr = self.attr(child).unwrap();
-            if reply.add(INodeNo(child), cookie, &name, &TREE_TTL, &attr, Generation(0)) {
+            if reply.add(
+                INodeNo(child),
+                cookie,
+                &name,
+                &TREE_TTL,
+                &attr,
+                Generation(0),
+            ) {
                 break;
             }
         }
@@ -763,7 +775,9 @@ fn serve<FS: Filesystem + Send + Sync + 'static>(
     let session = fuser::spawn_mount(fs, mountpoint, &config).expect("mount");
     // The same kernel read-ahead codexfs sets on its mounts, so the two compare fairly.
     use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(mountpoint).expect("stat mountpoint").dev();
+    let dev = std::fs::metadata(mountpoint)
+        .expect("stat mountpoint")
+        .dev();
     codexfs::fs::mount::set_readahead(dev, codexfs::fs::mount::READAHEAD_KB);
     eprintln!("nullfs: mounted at {mountpoint}");
     let runtime = tokio::runtime::Builder::new_current_thread()

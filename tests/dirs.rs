@@ -510,9 +510,16 @@ fn small_files_of_a_tree_are_served_then_cached_and_large_ones_passed_through() 
     let before = reads();
     assert!(read_all("small.txt") == small);
     let first = reads();
-    assert!(first > before, "a small file of a tree is served by the daemon");
+    assert!(
+        first > before,
+        "a small file of a tree is served by the daemon"
+    );
     assert!(read_all("small.txt") == small);
     assert_eq!(reads(), first, "read again from the kernel's page cache");
     assert!(read_all("large.bin") == large);
-    assert_eq!(reads(), first, "a large file of a tree reads by passthrough");
+    assert_eq!(
+        reads(),
+        first,
+        "a large file of a tree reads by passthrough"
+    );
 }
