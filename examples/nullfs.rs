@@ -8,14 +8,14 @@
 //! Two more modes measure floors, the least any FUSE daemon doing the same job pays here
 //! (see docs/performance.md, "Floors"):
 //! - `--write DIR [HASH_THREADS]`: the mount root takes new files (`cp FILE MNT/`). Each
-//!   write is answered, then copied into a reused aligned buffer; HASH_THREADS (3, as
-//!   codexfs's upload) workers
-//!   SHA-256 its 64 KiB chunks and write it with O_DIRECT into a file of the same name in
-//!   DIR (on the data dir's file system), as codexfs stores flat files (0: the FUSE thread
-//!   hashes before it answers, one worker writes). The close waits for the workers and
-//!   fdatasyncs; `user.codex.cid` then answers (a hash of the chunk hashes). The
-//!   unavoidable work of a content-addressed upload through FUSE: no RocksDB, no Merkle
-//!   tree, no manifest, no journal.
+//!   write is answered, then copied into a reused aligned buffer (as codexfs's writer
+//!   does); HASH_THREADS (3, as codexfs's upload) workers SHA-256 its 64 KiB chunks and
+//!   write it with O_DIRECT into a file of the same name in DIR (on the data dir's file
+//!   system), as codexfs stores flat files (0: the FUSE thread hashes before it answers,
+//!   one worker writes). The close waits for the workers and fdatasyncs; `user.codex.cid`
+//!   then answers (a hash of the chunk hashes). The unavoidable work of a
+//!   content-addressed upload through FUSE: no RocksDB, no Merkle tree, no manifest, no
+//!   journal.
 //! - `--tree SRC [--no-open] [--cache-dir] [--ro]`: the directory tree SRC (regular files
 //!   and directories), mounted as codexfs mounts (read-write), with its attribute and entry
 //!   timeouts, open flags (`KEEP_CACHE`, `NOFLUSH`) and readdirplus; reads read the source
