@@ -478,3 +478,48 @@ fn a_tree_walked_once_from_a_peer_is_read_again_without_the_network() {
         "FUSE requests waited on the pool"
     );
 }
+
+/// A small file of a published tree (up to 1 MiB) is served by the daemon once and then
+/// by the kernel's page cache, not by passthrough: a passthrough open costs an open and a
+/// stat of its flat file and two backing ioctls every time, which a walk of many small
+/// files pays per file. A larger file of the tree still reads by passthrough.
+#[test]
+fn small_files_of_a_tree_are_served_then_cached_and_large_ones_passed_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    let small = random_file(&tree.join("small.txt"), 5000, 1);
+    let large = random_file(&tree.join("large.bin"), (2 << 20) + 17, 2);
+    let a = peer(&tmp.path().join("a"), Some(&tmp.path().join("mnt-a")), None);
+    sh_ok(&format!(
+        "cp -r '{}' '{}/'",
+        tree.display(),
+        a.mnt().display()
+    ));
+    let cid = xattr_cid(&a.mnt().join("tree"));
+    let root = a.mnt().join(&cid);
+    // (0 until the daemon served a read: the series appears with its first.)
+    let reads = || {
+        node_metrics(&a)
+            .get("codexfs_fuse_operation_seconds_count{op=\"read\"}")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let read_all = |name: &str| std::fs::read(root.join(name)).unwrap();
+
+    let before = reads();
+    assert!(read_all("small.txt") == small);
+    let first = reads();
+    assert!(
+        first > before,
+        "a small file of a tree is served by the daemon"
+    );
+    assert!(read_all("small.txt") == small);
+    assert_eq!(reads(), first, "read again from the kernel's page cache");
+    assert!(read_all("large.bin") == large);
+    assert_eq!(
+        reads(),
+        first,
+        "a large file of a tree reads by passthrough"
+    );
+}

@@ -705,6 +705,13 @@ impl FsCore {
         }
     }
 
+    /// A small file of a tree is read whole by one FUSE read and then from the kernel's
+    /// page cache (`FOPEN_KEEP_CACHE`): it is served by us, not by passthrough, whose
+    /// every open costs an open and a stat of its flat file and two backing ioctls (a warm
+    /// `diff -r` of /usr/include: 5 syscalls per file on the FUSE thread, 0.75 s against
+    /// 0.42 s; docs/performance.md, "Floors").
+    pub const TREE_FILE_SERVED_MAX: u64 = 1 << 20;
+
     /// The flat file holding exactly the bytes that read-only handle `fh` of inode `ino`
     /// reads, and the dataset's CID, when the dataset is complete here: the FUSE layer
     /// hands it to the kernel (passthrough), and reads through that handle then never come
@@ -712,8 +719,10 @@ impl FsCore {
     /// fetching what is missing; so is a name with a handle open for writing, or a file of
     /// a tree being written into the mount.
     pub fn backing_file(&self, ino: u64, fh: u64) -> Option<(std::fs::File, Cid)> {
+        let mut tree_file = false;
         match lock(&self.inodes).get(ino) {
-            Some(Entry::Cid(_)) | Some(Entry::Child { .. }) => {}
+            Some(Entry::Child { .. }) => tree_file = true,
+            Some(Entry::Cid(_)) => {}
             Some(Entry::Named(Some(_))) => {
                 let writing = lock(&self.handles)
                     .values()
@@ -728,6 +737,9 @@ impl FsCore {
             Some(Handle::Read(p)) => p.dataset().clone(),
             _ => return None,
         };
+        if tree_file && dataset.size() <= Self::TREE_FILE_SERVED_MAX {
+            return None;
+        }
         match self.node.flat_file(&dataset) {
             Ok(f) => f.map(|f| (f, *dataset.cid())),
             Err(e) => {
