@@ -78,6 +78,30 @@ impl DirectFile {
             return Ok(false);
         }
         self.preallocate(offset + total as u64, ahead)?;
+        self.write_aligned_or_bounced(parts, offset, fallback)
+    }
+
+    /// Writes `parts` at `offset` of a file filled in any order (a tree's leaves fetched
+    /// from peers): only the run's own range is allocated first, so the write overwrites
+    /// allocated space (ext4 then takes the inode lock shared and converts no hole at
+    /// completion) and a far offset reserves nothing before it. `Ok(false)` as
+    /// [`Self::write_run`].
+    pub fn write_run_in_place(&self, parts: &[&[u8]], offset: u64, fallback: &File) -> Result<bool> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total == 0
+            || !offset.is_multiple_of(ALIGN as u64)
+            || !total.is_multiple_of(ALIGN)
+            || self.refused.load(Ordering::Relaxed)
+        {
+            return Ok(false);
+        }
+        self.allocate(offset, total as u64)?;
+        self.write_aligned_or_bounced(parts, offset, fallback)
+    }
+
+    /// Writes aligned `parts` as they are, others through the bounce buffer.
+    fn write_aligned_or_bounced(&self, parts: &[&[u8]], offset: u64, fallback: &File) -> Result<bool> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
         let aligned = parts
             .iter()
             .all(|p| (p.as_ptr() as usize).is_multiple_of(ALIGN) && p.len().is_multiple_of(ALIGN));
@@ -143,6 +167,31 @@ impl DirectFile {
             done += n as usize;
         }
         Ok(true)
+    }
+
+    /// Allocates `[offset, offset + len)` (the file grows to its end if shorter).
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        loop {
+            // SAFETY: fallocate only reads its arguments.
+            let r = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    0,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                // Without it the write still works (into a hole).
+                Some(libc::EOPNOTSUPP) => return Ok(()),
+                _ => return Err(e.into()),
+            }
+        }
     }
 
     /// Makes sure `[0, end)` is allocated, reserving [`PREALLOCATE`] more at a time if
