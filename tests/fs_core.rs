@@ -322,6 +322,45 @@ fn sequential_reads_fetch_ahead_and_seeks_do_not() {
     );
 }
 
+/// The kernel sends a sequential reader's read-ahead requests concurrently and FUSE
+/// threads take them in any order: reads that come a little out of order are still the
+/// stream. Each block is fetched once (taking such a read for a seek dropped the blocks on
+/// their way and fetched them again: 164 fetches for 160 blocks).
+#[test]
+fn sequential_reads_taken_out_of_order_fetch_each_block_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
+    let data = random(160 * 65536, 8);
+    let cid = node.store(&data[..], None, None).unwrap();
+    let runtime = runtime();
+    let counting = Arc::new(Counting(node.clone(), AtomicU64::new(0)));
+    let core = FsCore::new(
+        node.clone(),
+        counting.clone(),
+        runtime.handle().clone(),
+        FsConfig::new(dir.path().join("spool")),
+    );
+    let attr = core
+        .lookup(ROOT_INO, OsStr::new(&cid_string(&cid)))
+        .unwrap();
+    let o = core.open(attr.ino, libc::O_RDONLY).unwrap();
+    let mib = 1u64 << 20;
+    for k in [0u64, 1, 3, 2, 5, 4, 7, 6, 9, 8] {
+        assert!(
+            core.read(o.fh, k * mib, mib as u32).unwrap()
+                == data[(k * mib) as usize..][..mib as usize],
+            "MiB {k}"
+        );
+    }
+    // Fetches run on the blocking pool: wait until they are all counted.
+    let t = std::time::Instant::now();
+    while counting.1.load(Ordering::SeqCst) < 160 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Every block a read needed was counted before the read returned.
+    assert_eq!(counting.1.load(Ordering::SeqCst), 160);
+}
+
 /// Resolves like the node, but has lost every block.
 struct Lost(Node);
 impl BlockSource for Lost {

@@ -732,3 +732,72 @@ fn fetched_small_datasets_complete_in_a_group_without_a_sync_each() {
     }
     assert_consistent(&dst);
 }
+
+/// Pages of `path` in the page cache, of those its first `len` bytes span.
+fn resident_pages(path: &std::path::Path, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let page = 4096usize;
+    let pages = len.div_ceil(page);
+    // SAFETY: a read-only shared mapping of an open file, unmapped before it is dropped;
+    // mincore only writes `pages` bytes into `vec`.
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(at, libc::MAP_FAILED);
+        let mut vec = vec![0u8; pages];
+        assert_eq!(libc::mincore(at, len, vec.as_mut_ptr()), 0);
+        libc::munmap(at, len);
+        vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+}
+
+/// Leaves fetched in long runs (a stream from a peer) go to the tree's file past the page
+/// cache, in whatever order they come, and the tree completes with every byte in place
+/// (the zero-padded last block trimmed); a lone leaf (a random read's) goes the ordinary
+/// way. Fails if long runs are written through the page cache: their pages are then
+/// resident.
+#[test]
+fn fetched_runs_are_written_past_the_page_cache_and_complete_the_tree() {
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let src = node(src_dir.path(), BIG, DAY);
+    let dst = node(dst_dir.path(), BIG, DAY);
+    let size = 40 * 65536 + 5;
+    let data = random_bytes(size, 31);
+    let cid = src.store(&data[..], None, None).unwrap();
+    let m = src.repo().manifest(&cid).unwrap().unwrap();
+    let leaf = |i: u64| {
+        let rec = src.repo().leaf(&m.tree_cid, i).unwrap().unwrap();
+        let block = src.repo().get_block(&rec.block).unwrap().unwrap();
+        (m.tree_cid, i, rec, block)
+    };
+    dst.repo().ensure_tree(&m).unwrap();
+    let flat = dst_dir.path().join("trees").join(cid_string(&m.tree_cid));
+    // A lone leaf, then a run out of order (past the end of what the file holds), then
+    // the run before it, which completes the tree.
+    dst.repo().put_fetched_leaves(&[leaf(3)]).unwrap();
+    let run: Vec<_> = (16..41).rev().map(leaf).collect();
+    dst.repo().put_fetched_leaves(&run).unwrap();
+    let first: Vec<_> = (0..16).filter(|&i| i != 3).map(leaf).collect();
+    let resident_before = resident_pages(&flat, 16 * 65536);
+    dst.repo().put_fetched_leaves(&first).unwrap();
+    assert!(
+        resident_before >= 16,
+        "the lone leaf's pages are cached ({resident_before})"
+    );
+    let run_pages = resident_pages(&flat, 40 * 65536) - resident_pages(&flat, 16 * 65536);
+    assert!(
+        run_pages <= 16,
+        "{run_pages} pages of the 25-block run are in the page cache"
+    );
+    assert_eq!(std::fs::metadata(&flat).unwrap().len(), size as u64);
+    dst.repo().adopt_dataset(&m).unwrap();
+    assert!(read_all(&dst, &cid) == data);
+    assert_consistent(&dst);
+}

@@ -55,6 +55,10 @@ impl Slot {
     }
 }
 
+/// How far from where a sequential reader goes on a read may land and still belong to
+/// it (the kernel's read-ahead window, 1 MiB, and the read it runs beside, twice over).
+const REORDER_BYTES: u64 = 4 << 20;
+
 #[derive(Debug, Clone, Copy)]
 pub struct PrefetchConfig {
     /// Blocks fetched ahead after the first sequential read.
@@ -190,15 +194,26 @@ impl Prefetcher {
         };
         let parts: Vec<Part> = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let sequential = offset == st.next_offset;
+            // The kernel's read-ahead sends a sequential reader's requests concurrently,
+            // and FUSE threads take them in any order: a read a little behind or ahead of
+            // where the stream goes on is still the stream, not a seek (taking it for
+            // one dropped the window and the blocks on their way for the other reads).
+            let reorder = (REORDER_BYTES / bs).max(1);
+            let sequential = offset == st.next_offset
+                || (st.window > 0 && offset.abs_diff(st.next_offset) <= REORDER_BYTES);
             if !sequential {
                 st.window = 0;
                 // A seek: what was fetched for elsewhere is dropped.
                 st.slots.retain(|&i, _| i >= first && i <= last);
             }
-            st.next_offset = end;
-            // Blocks behind the reader are done with.
-            st.slots.retain(|&i, _| i >= first);
+            st.next_offset = if sequential {
+                st.next_offset.max(end)
+            } else {
+                end
+            };
+            // Blocks behind the reader are done with (but for those a request taken out
+            // of order may still read).
+            st.slots.retain(|&i, _| i + reorder >= first);
             let mut parts = Vec::with_capacity((last - first + 1) as usize);
             let mut waited = false;
             // Whole blocks are read together until the source says it cannot.

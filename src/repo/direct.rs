@@ -10,13 +10,12 @@
 //!
 //! Direct writes need aligned offsets, lengths and memory. Runs that are not aligned
 //! (block sizes that are no multiple of [`ALIGN`]) go the ordinary way; memory is made
-//! aligned by a copy into a per-thread bounce buffer (a hot megabyte: far cheaper than a
+//! aligned by a copy into a bounce buffer (a hot megabyte: far cheaper than a
 //! page-cache copy into memory touched for the first time). The file is preallocated ahead
 //! of the writes: a direct write past the end of the file takes the inode's lock
 //! exclusively and waits for the disk, which would serialise the hash workers' writes.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -78,22 +77,63 @@ impl DirectFile {
             return Ok(false);
         }
         self.preallocate(offset + total as u64, ahead)?;
+        self.write_aligned_or_bounced(parts, offset, fallback)
+    }
+
+    /// Writes `parts` at `offset` of a file filled in any order (a tree's leaves fetched
+    /// from peers): only the run's own range is allocated first, so the write overwrites
+    /// allocated space (ext4 then takes the inode lock shared and converts no hole at
+    /// completion) and a far offset reserves nothing before it. `Ok(false)` as
+    /// [`Self::write_run`].
+    pub fn write_run_in_place(
+        &self,
+        parts: &[&[u8]],
+        offset: u64,
+        fallback: &File,
+    ) -> Result<bool> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total == 0
+            || !offset.is_multiple_of(ALIGN as u64)
+            || !total.is_multiple_of(ALIGN)
+            || self.refused.load(Ordering::Relaxed)
+        {
+            return Ok(false);
+        }
+        self.allocate(offset, total as u64)?;
+        self.write_aligned_or_bounced(parts, offset, fallback)
+    }
+
+    /// Writes aligned `parts` as they are, others through the bounce buffer.
+    fn write_aligned_or_bounced(
+        &self,
+        parts: &[&[u8]],
+        offset: u64,
+        fallback: &File,
+    ) -> Result<bool> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
         let aligned = parts
             .iter()
             .all(|p| (p.as_ptr() as usize).is_multiple_of(ALIGN) && p.len().is_multiple_of(ALIGN));
         if aligned {
             return self.write_parts(parts, offset, fallback);
         }
-        BOUNCE.with(|b| -> Result<bool> {
-            let mut bounce = b.borrow_mut();
-            let buf = bounce.get(total);
-            let mut at = 0;
-            for p in parts {
-                buf[at..at + p.len()].copy_from_slice(p);
-                at += p.len();
-            }
-            self.write_parts(&[&*buf], offset, fallback)
-        })
+        // A bounce buffer from the shared few: the threads that write (hash workers, the
+        // blocking pool's storing fetched blocks) are many more than write at once, and a
+        // buffer each would stay resident.
+        let mut bounce = lock(&BOUNCES).pop().unwrap_or_default();
+        let buf = bounce.get(total);
+        let mut at = 0;
+        for p in parts {
+            buf[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        let written = self.write_parts(&[&*buf], offset, fallback);
+        let mut pool = lock(&BOUNCES);
+        if pool.len() < KEPT_BOUNCES {
+            pool.push(bounce);
+        }
+        drop(pool);
+        written
     }
 
     /// Writes aligned `parts` at `offset` (see [`Self::write_run`]).
@@ -143,6 +183,31 @@ impl DirectFile {
             done += n as usize;
         }
         Ok(true)
+    }
+
+    /// Allocates `[offset, offset + len)` (the file grows to its end if shorter).
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        loop {
+            // SAFETY: fallocate only reads its arguments.
+            let r = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    0,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                // Without it the write still works (into a hole).
+                Some(libc::EOPNOTSUPP) => return Ok(()),
+                _ => return Err(e.into()),
+            }
+        }
     }
 
     /// Makes sure `[0, end)` is allocated, reserving [`PREALLOCATE`] more at a time if
@@ -199,15 +264,32 @@ fn parts_from<'a>(parts: &[&'a [u8]], mut skip: usize) -> Vec<&'a [u8]> {
     out
 }
 
-thread_local! {
-    static BOUNCE: RefCell<Bounce> = const { RefCell::new(Bounce { ptr: std::ptr::null_mut(), cap: 0 }) };
+/// Bounce buffers kept for the next direct writes (more are made while more are in use).
+static BOUNCES: Mutex<Vec<Bounce>> = Mutex::new(Vec::new());
+const KEPT_BOUNCES: usize = 4;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A page-aligned buffer, grown to the largest run written from this thread.
+/// A page-aligned buffer, grown to the largest run written through it.
 struct Bounce {
     ptr: *mut u8,
     cap: usize,
 }
+
+impl Default for Bounce {
+    fn default() -> Self {
+        Self {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+        }
+    }
+}
+
+// SAFETY: a Bounce owns its allocation outright (nothing else points into it), so it may
+// move between threads.
+unsafe impl Send for Bounce {}
 
 impl Bounce {
     fn get(&mut self, len: usize) -> &mut [u8] {

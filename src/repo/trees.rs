@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use super::direct::DirectFile;
 use super::files::{read_zero_filled, write_run_at, Part};
 use super::*;
 use crate::cids::{digest_of, sha256, Digest};
@@ -11,6 +12,9 @@ use crate::cids::{digest_of, sha256, Digest};
 /// Trees completed from fetched leaves without a sync after which the group is synced
 /// (its fsyncs run in parallel: a few ms for all of them).
 const FETCHED_TREES_PER_SYNC: usize = 256;
+
+/// Runs of fetched leaves at least this long are written past the page cache.
+const DIRECT_FETCHED_RUN_BYTES: usize = 256 << 10;
 
 /// A leaf that arrived verified: tree, index, its record (block CID and proof), its bytes.
 pub type FetchedLeaf = (Cid, u64, LeafRecord, Bytes);
@@ -124,7 +128,9 @@ impl RepoStore {
                 .expect("created if missing");
             self.files.mark_dirty(key);
             let run: Vec<&[u8]> = order[i..j].iter().map(|l| &l.3[..]).collect();
-            write_run_at(&file, &run, offset)?;
+            if !self.write_fetched_run_directly(key, part, &run, offset, &file)? {
+                write_run_at(&file, &run, offset)?;
+            }
             i = j;
         }
         let expiry = self.expiry_from_now();
@@ -155,6 +161,31 @@ impl RepoStore {
             rec.present == shape.leaves
         };
         Ok(complete)
+    }
+
+    /// Writes a long run of fetched leaves past the page cache (see [`super::direct`]):
+    /// on this kind of VM the page cache a stream of fetched blocks would fill is memory
+    /// touched for the first time, dearer than the disk write (a mount reading a dataset
+    /// fills the FUSE file's page cache with the same bytes anyway). Short runs (a random
+    /// read's block) go the ordinary way: a direct write of one block costs more than its
+    /// copy, and its bytes are likely read again soon. `Ok(false)`: not written.
+    fn write_fetched_run_directly(
+        &self,
+        key: &[u8],
+        part: Part,
+        run: &[&[u8]],
+        offset: u64,
+        file: &std::fs::File,
+    ) -> Result<bool> {
+        let bytes: usize = run.iter().map(|r| r.len()).sum();
+        if part != Part::Data || bytes < DIRECT_FETCHED_RUN_BYTES {
+            return Ok(false);
+        }
+        let path = self.files.path(&cid_from_bytes(key, "tree key")?, part);
+        match DirectFile::open(&path) {
+            Some(direct) => direct.write_run_in_place(run, offset, file),
+            None => Ok(false),
+        }
     }
 
     /// Marks a partial tree whose leaves are all present complete: its leaves' digests
