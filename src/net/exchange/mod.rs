@@ -25,7 +25,7 @@ use bytes::Bytes;
 use cid::Cid;
 use futures::StreamExt;
 use libp2p::PeerId;
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 
 use self::core::{Action, Conn, Core, StreamId, Time, WaiterId};
 use super::protocol::{BlockAddress, BlockDelivery};
@@ -97,7 +97,14 @@ struct VerifyJob {
 
 struct Writer {
     stream: StreamId,
-    tx: mpsc::UnboundedSender<streams::Out>,
+    outbox: Arc<streams::Outbox>,
+}
+
+impl Drop for Writer {
+    /// The core is done with the stream (or replaced it): its writer task ends.
+    fn drop(&mut self) {
+        self.outbox.close();
+    }
 }
 
 struct Inner {
@@ -277,10 +284,16 @@ impl Exchange {
             }
             match action {
                 Action::OpenStream { peer, stream } => {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    inner.writers.insert(peer, Writer { stream, tx });
+                    let outbox = streams::Outbox::new();
+                    inner.writers.insert(
+                        peer,
+                        Writer {
+                            stream,
+                            outbox: outbox.clone(),
+                        },
+                    );
                     self.runtime
-                        .spawn(streams::write(self.clone(), peer, stream, rx));
+                        .spawn(streams::write(self.clone(), peer, stream, outbox));
                 }
                 Action::Send {
                     peer,
@@ -288,7 +301,9 @@ impl Exchange {
                     message,
                 } => {
                     if let Some(w) = inner.writers.get(&peer).filter(|w| w.stream == stream) {
-                        let _ = w.tx.send(streams::Out::Message(message));
+                        // Written at once when the writer is idle (a reader's want goes
+                        // straight to the connection), else queued for it.
+                        w.outbox.send(streams::Out::Message(message));
                     }
                 }
                 Action::Serve {
@@ -416,13 +431,22 @@ impl Exchange {
             deferred,
             ..
         } = answers;
-        self.with_core(|i, now| {
+        let outbox = self.with_core(|i, now| {
             i.core
                 .answer_built(now, peer, batch, bytes, blocks, deferred);
-            if let Some(w) = i.writers.get(&peer).filter(|w| w.stream == stream) {
-                let _ = w.tx.send(streams::Out::Answer { batch, messages });
-            }
+            i.writers
+                .get(&peer)
+                .filter(|w| w.stream == stream)
+                .map(|w| w.outbox.clone())
         });
+        // Written by this thread when the peer's writer is idle (one task woken less
+        // before the block leaves), outside the core's lock; else the writer writes it.
+        if let Some(outbox) = outbox {
+            let answer = streams::Out::Answer { batch, messages };
+            if outbox.send(answer) == streams::Sent::Written {
+                self.with_core(|i, now| i.core.answer_written(now, peer, batch));
+            }
+        }
     }
 
     /// Checks deliveries, tells the core (which hands good blocks to their readers at
