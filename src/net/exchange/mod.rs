@@ -119,6 +119,9 @@ struct Inner {
     verify_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Small batches to answer once the lock is released.
     inline: Vec<ServeJob>,
+    /// Answers to readers, handed over once the lock is released: a reader woken while
+    /// the lock is held (on another core at once) would wait for it at its next want.
+    to_readers: Vec<(oneshot::Sender<Result<Fetched>>, Result<Fetched>)>,
     /// When the timer task wakes next.
     wake_at: Option<Time>,
 }
@@ -162,6 +165,7 @@ impl Exchange {
                 verify: Vec::new(),
                 verify_permit: None,
                 inline: Vec::new(),
+                to_readers: Vec::new(),
                 wake_at: None,
             }),
             timer: Arc::new(Notify::new()),
@@ -249,7 +253,11 @@ impl Exchange {
         let permit = inner.verify_permit.take();
         let inline = std::mem::take(&mut inner.inline);
         let jobs = std::mem::take(&mut inner.verify);
+        let to_readers = std::mem::take(&mut inner.to_readers);
         drop(inner);
+        for (tx, answer) in to_readers {
+            let _ = tx.send(answer);
+        }
         for job in inline {
             if SERVING_INLINE.with(|s| s.replace(true)) {
                 let ex = self.clone();
@@ -349,10 +357,11 @@ impl Exchange {
                 } => {
                     for w in waiters {
                         if let Some(tx) = inner.waiters.remove(&w) {
-                            let _ = tx.send(Ok(Fetched {
+                            let fetched = Fetched {
                                 data: data.clone(),
                                 from,
-                            }));
+                            };
+                            inner.to_readers.push((tx, Ok(fetched)));
                         }
                     }
                 }
@@ -362,7 +371,8 @@ impl Exchange {
                     reason,
                 } => {
                     if let Some(tx) = inner.waiters.remove(&waiter) {
-                        let _ = tx.send(Err(Error::NotFound(format!("{address:?}: {reason}"))));
+                        let e = Error::NotFound(format!("{address:?}: {reason}"));
+                        inner.to_readers.push((tx, Err(e)));
                     }
                 }
                 Action::CloseInbound { stream, .. } => {
