@@ -24,6 +24,10 @@ const OPEN_ATTEMPT: Duration = Duration::from_secs(1);
 const READ_BUF: usize = 128 * 1024;
 /// Queued messages written together, up to about this many bytes.
 const WRITE_CHUNK: usize = 1 << 20;
+/// Answers up to this many bytes of blocks (a random read's block or two) may be written
+/// by the thread that built them; bigger ones (a sequential reader's batches) go through
+/// the writer task, which writes them in as many steps as the stream takes.
+const DIRECT_BYTES: usize = 128 * 1024;
 /// A stream this young that the peer drops is opened again and its bytes written again
 /// (up to this many bytes, this many times): libp2p-stream drops inbound streams its
 /// accept loop is not ready for, and our writes to such a stream still succeed.
@@ -169,8 +173,8 @@ type WriteHalf = futures::io::WriteHalf<libp2p::Stream>;
 /// What goes to a peer on our stream: a queue for its writer task, and the stream's write
 /// half while that task is idle with nothing queued. A message sent then is written
 /// straight to the stream by the thread that sends it (a reader's want from its FUSE
-/// thread, an answer from the task that read the want): the connection's task is the
-/// only one woken, not the writer task first. Whatever cannot go at once (the stream has
+/// thread, an answer of a block or two from the task that read the want): the
+/// connection's task is the only one woken, not the writer task first. Whatever cannot go at once (the stream has
 /// no room, or another message is queued) goes through the writer task, in order.
 pub(super) struct Outbox {
     state: std::sync::Mutex<OutboxState>,
@@ -233,8 +237,19 @@ impl Outbox {
     /// else queues it for the task. Never blocks: a write the stream has no room for is
     /// finished by the task.
     pub(super) fn send(&self, out: Out) -> Sent {
+        let small = match &out {
+            Out::Message(_) => true,
+            Out::Answer { messages, .. } => {
+                let bytes = messages
+                    .iter()
+                    .flat_map(|m| m.deliveries.iter())
+                    .map(|d| d.data.len())
+                    .sum::<usize>();
+                bytes <= DIRECT_BYTES
+            }
+        };
         let mut st = self.lock();
-        if st.queue.is_empty() && st.leftover.is_none() && !st.closed {
+        if small && st.queue.is_empty() && st.leftover.is_none() && !st.closed {
             if let Some(mut half) = st.idle.take() {
                 let mut bytes = std::mem::take(&mut st.encoded);
                 bytes.clear();
