@@ -362,7 +362,10 @@ async fn ping_pong(
         let start = Instant::now();
         writer.write_all(&(i as u32).to_be_bytes()).await?;
         writer.flush().await?;
-        reader.read_exact(&mut buf).await.context("reading an answer")?;
+        reader
+            .read_exact(&mut buf)
+            .await
+            .context("reading an answer")?;
         let came = Instant::now();
         let digest = sha2::Sha256::digest(&buf);
         std::hint::black_box(digest);

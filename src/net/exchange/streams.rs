@@ -174,8 +174,9 @@ type WriteHalf = futures::io::WriteHalf<libp2p::Stream>;
 /// half while that task is idle with nothing queued. A message sent then is written
 /// straight to the stream by the thread that sends it (a reader's want from its FUSE
 /// thread, an answer of a block or two from the task that read the want): the
-/// connection's task is the only one woken, not the writer task first. Whatever cannot go at once (the stream has
-/// no room, or another message is queued) goes through the writer task, in order.
+/// connection's task is the only one woken, not the writer task first. Whatever cannot
+/// go at once (the stream has no room, or another message is queued) goes through the
+/// writer task, in order.
 pub(super) struct Outbox {
     state: std::sync::Mutex<OutboxState>,
     wake: tokio::sync::Notify,
