@@ -12,8 +12,15 @@
 //!                       [--cipher aes128gcm|chacha20] [--crypto ring|aws-lc]
 //!                       [--yamux-frame BYTES (0: libp2p's)]
 //!                       [--quic [--quic-mtu N] [--quic-window BYTES]]
+//!                       [--ping-pong N]
 //!
 //! The last line is for scripts: `ceiling stack=… mbps=… cpu_server=… cpu_client=…`.
+//!
+//! `--ping-pong N`: the latency floor of one block fetch instead. The dialer sends one
+//! small request and reads its 64 KiB answer, one at a time, N times, on the same stream
+//! (the server is the same), and hashes each answer with SHA-256 as a reader would check
+//! it. Printed: p50/p99 of the round trip, of the hash, and of both; the last line is
+//! `pingpong rtt_p50_us=… rtt_p99_us=… sha_p50_us=… sha_p99_us=…`.
 
 use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
@@ -66,6 +73,9 @@ struct Args {
     /// `transport::keep_freed_memory`).
     #[arg(long)]
     malloc_defaults: bool,
+    /// Measure N one-at-a-time request/answer round trips instead of throughput.
+    #[arg(long)]
+    ping_pong: Option<usize>,
     /// Run as the serving child.
     #[arg(long, hide = true)]
     serve: bool,
@@ -253,6 +263,13 @@ async fn fetch(args: &Args) -> Result<()> {
         .await
         .map_err(|e| anyhow!("opening the stream: {e}"))?;
     let (mut reader, mut writer) = stream.split();
+    if let Some(n) = args.ping_pong {
+        ping_pong(&mut reader, &mut writer, n).await?;
+        writer.close().await?;
+        let _ = child.kill();
+        let _ = child.wait();
+        return Ok(());
+    }
     let blocks = (args.mib << 20) / BLOCK as u64;
     let window = args.window.max(1) as u64;
     // Credits: one per block read, so at most `window` requests are ever in flight.
@@ -326,6 +343,53 @@ async fn fetch(args: &Args) -> Result<()> {
         name.replace(' ', ""),
         server_cpu / gib,
         cpu_client / gib
+    );
+    Ok(())
+}
+
+/// `n` round trips of one request and its 64 KiB answer, each answer hashed after it came;
+/// prints the percentiles.
+async fn ping_pong(
+    reader: &mut (impl futures::AsyncRead + Unpin),
+    writer: &mut (impl futures::AsyncWrite + Unpin),
+    n: usize,
+) -> Result<()> {
+    use sha2::Digest;
+    let mut buf = vec![0u8; BLOCK];
+    let (mut rtt, mut sha, mut both) = (Vec::new(), Vec::new(), Vec::new());
+    // The first few warm the connection up (windows, buffers, caches).
+    for i in 0..n + 50 {
+        let start = Instant::now();
+        writer.write_all(&(i as u32).to_be_bytes()).await?;
+        writer.flush().await?;
+        reader
+            .read_exact(&mut buf)
+            .await
+            .context("reading an answer")?;
+        let came = Instant::now();
+        let digest = sha2::Sha256::digest(&buf);
+        std::hint::black_box(digest);
+        let done = Instant::now();
+        if i >= 50 {
+            rtt.push(came - start);
+            sha.push(done - came);
+            both.push(done - start);
+        }
+    }
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6
+    };
+    let (r50, r99) = (pct(&mut rtt, 0.5), pct(&mut rtt, 0.99));
+    let (s50, s99) = (pct(&mut sha, 0.5), pct(&mut sha, 0.99));
+    let (b50, b99) = (pct(&mut both, 0.5), pct(&mut both, 0.99));
+    println!(
+        "ping-pong, {n} round trips of a 4-byte request and a 64 KiB answer: \
+         p50 {r50:.0} us, p99 {r99:.0} us; SHA-256 of the answer p50 {s50:.0} us, p99 {s99:.0} us; \
+         both p50 {b50:.0} us, p99 {b99:.0} us"
+    );
+    println!(
+        "pingpong rtt_p50_us={r50:.0} rtt_p99_us={r99:.0} sha_p50_us={s50:.0} sha_p99_us={s99:.0} both_p50_us={b50:.0} both_p99_us={b99:.0}"
     );
     Ok(())
 }

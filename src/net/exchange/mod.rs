@@ -25,7 +25,7 @@ use bytes::Bytes;
 use cid::Cid;
 use futures::StreamExt;
 use libp2p::PeerId;
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 
 use self::core::{Action, Conn, Core, StreamId, Time, WaiterId};
 use super::protocol::{BlockAddress, BlockDelivery};
@@ -97,7 +97,14 @@ struct VerifyJob {
 
 struct Writer {
     stream: StreamId,
-    tx: mpsc::UnboundedSender<streams::Out>,
+    outbox: Arc<streams::Outbox>,
+}
+
+impl Drop for Writer {
+    /// The core is done with the stream (or replaced it): its writer task ends.
+    fn drop(&mut self) {
+        self.outbox.close();
+    }
 }
 
 struct Inner {
@@ -112,6 +119,9 @@ struct Inner {
     verify_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Small batches to answer once the lock is released.
     inline: Vec<ServeJob>,
+    /// Answers to readers, handed over once the lock is released: a reader woken while
+    /// the lock is held (on another core at once) would wait for it at its next want.
+    to_readers: Vec<(oneshot::Sender<Result<Fetched>>, Result<Fetched>)>,
     /// When the timer task wakes next.
     wake_at: Option<Time>,
 }
@@ -155,6 +165,7 @@ impl Exchange {
                 verify: Vec::new(),
                 verify_permit: None,
                 inline: Vec::new(),
+                to_readers: Vec::new(),
                 wake_at: None,
             }),
             timer: Arc::new(Notify::new()),
@@ -242,7 +253,11 @@ impl Exchange {
         let permit = inner.verify_permit.take();
         let inline = std::mem::take(&mut inner.inline);
         let jobs = std::mem::take(&mut inner.verify);
+        let to_readers = std::mem::take(&mut inner.to_readers);
         drop(inner);
+        for (tx, answer) in to_readers {
+            let _ = tx.send(answer);
+        }
         for job in inline {
             if SERVING_INLINE.with(|s| s.replace(true)) {
                 let ex = self.clone();
@@ -277,10 +292,16 @@ impl Exchange {
             }
             match action {
                 Action::OpenStream { peer, stream } => {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    inner.writers.insert(peer, Writer { stream, tx });
+                    let outbox = streams::Outbox::new();
+                    inner.writers.insert(
+                        peer,
+                        Writer {
+                            stream,
+                            outbox: outbox.clone(),
+                        },
+                    );
                     self.runtime
-                        .spawn(streams::write(self.clone(), peer, stream, rx));
+                        .spawn(streams::write(self.clone(), peer, stream, outbox));
                 }
                 Action::Send {
                     peer,
@@ -288,7 +309,9 @@ impl Exchange {
                     message,
                 } => {
                     if let Some(w) = inner.writers.get(&peer).filter(|w| w.stream == stream) {
-                        let _ = w.tx.send(streams::Out::Message(message));
+                        // Written at once when the writer is idle (a reader's want goes
+                        // straight to the connection), else queued for it.
+                        w.outbox.send(streams::Out::Message(message));
                     }
                 }
                 Action::Serve {
@@ -334,10 +357,11 @@ impl Exchange {
                 } => {
                     for w in waiters {
                         if let Some(tx) = inner.waiters.remove(&w) {
-                            let _ = tx.send(Ok(Fetched {
+                            let fetched = Fetched {
                                 data: data.clone(),
                                 from,
-                            }));
+                            };
+                            inner.to_readers.push((tx, Ok(fetched)));
                         }
                     }
                 }
@@ -347,7 +371,8 @@ impl Exchange {
                     reason,
                 } => {
                     if let Some(tx) = inner.waiters.remove(&waiter) {
-                        let _ = tx.send(Err(Error::NotFound(format!("{address:?}: {reason}"))));
+                        let e = Error::NotFound(format!("{address:?}: {reason}"));
+                        inner.to_readers.push((tx, Err(e)));
                     }
                 }
                 Action::CloseInbound { stream, .. } => {
@@ -416,13 +441,22 @@ impl Exchange {
             deferred,
             ..
         } = answers;
-        self.with_core(|i, now| {
+        let outbox = self.with_core(|i, now| {
             i.core
                 .answer_built(now, peer, batch, bytes, blocks, deferred);
-            if let Some(w) = i.writers.get(&peer).filter(|w| w.stream == stream) {
-                let _ = w.tx.send(streams::Out::Answer { batch, messages });
-            }
+            i.writers
+                .get(&peer)
+                .filter(|w| w.stream == stream)
+                .map(|w| w.outbox.clone())
         });
+        // Written by this thread when the peer's writer is idle (one task woken less
+        // before the block leaves), outside the core's lock; else the writer writes it.
+        if let Some(outbox) = outbox {
+            let answer = streams::Out::Answer { batch, messages };
+            if outbox.send(answer) == streams::Sent::Written {
+                self.with_core(|i, now| i.core.answer_written(now, peer, batch));
+            }
+        }
     }
 
     /// Checks deliveries, tells the core (which hands good blocks to their readers at

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::PeerId;
-use tokio::sync::mpsc;
 
 use super::core::{BatchId, StreamId};
 use super::Exchange;
@@ -25,6 +24,10 @@ const OPEN_ATTEMPT: Duration = Duration::from_secs(1);
 const READ_BUF: usize = 128 * 1024;
 /// Queued messages written together, up to about this many bytes.
 const WRITE_CHUNK: usize = 1 << 20;
+/// Answers up to this many bytes of blocks (a random read's block or two) may be written
+/// by the thread that built them; bigger ones (a sequential reader's batches) go through
+/// the writer task, which writes them in as many steps as the stream takes.
+const DIRECT_BYTES: usize = 128 * 1024;
 /// A stream this young that the peer drops is opened again and its bytes written again
 /// (up to this many bytes, this many times): libp2p-stream drops inbound streams its
 /// accept loop is not ready for, and our writes to such a stream still succeed.
@@ -165,15 +168,163 @@ pub(super) async fn read(ex: Arc<Exchange>, peer: PeerId, id: StreamId, stream: 
     });
 }
 
-/// Opens our stream to `peer` and writes what the core sends it, until the core closes the
-/// queue or the stream fails.
-pub(super) async fn write(
-    ex: Arc<Exchange>,
-    peer: PeerId,
-    id: StreamId,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-) {
-    let mut replay: Vec<u8> = Vec::new();
+type WriteHalf = futures::io::WriteHalf<libp2p::Stream>;
+
+/// What goes to a peer on our stream: a queue for its writer task, and the stream's write
+/// half while that task is idle with nothing queued. A message sent then is written
+/// straight to the stream by the thread that sends it (a reader's want from its FUSE
+/// thread, an answer of a block or two from the task that read the want): the
+/// connection's task is the only one woken, not the writer task first. Whatever cannot
+/// go at once (the stream has no room, or another message is queued) goes through the
+/// writer task, in order.
+pub(super) struct Outbox {
+    state: std::sync::Mutex<OutboxState>,
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    queue: std::collections::VecDeque<Out>,
+    /// The write half, while the writer task waits for work.
+    idle: Option<WriteHalf>,
+    /// Bytes a direct write could not write or flush at once: the task writes them first.
+    leftover: Option<Vec<u8>>,
+    /// What was written to a young stream, to write again should the peer drop it.
+    replay: Vec<u8>,
+    opened: Option<Instant>,
+    /// The core closed the stream: the task writes what is queued and ends.
+    closed: bool,
+    /// Reused for encoding direct writes.
+    encoded: Vec<u8>,
+}
+
+impl OutboxState {
+    fn young(&self) -> bool {
+        self.opened.is_some_and(|t| t.elapsed() < YOUNG_STREAM)
+            && self.replay.len() <= MAX_REPLAY_BYTES
+    }
+
+    /// Keeps `bytes` for a replay while the stream is young; lets the replay go after.
+    fn record(&mut self, bytes: &[u8]) {
+        if self.young() {
+            self.replay.extend_from_slice(bytes);
+        } else if !self.replay.is_empty() {
+            self.replay = Vec::new();
+        }
+    }
+}
+
+/// Whether a message handed to [`Outbox::send`] was written at once (an answer's writer
+/// then tells the core), or left to the writer task (which tells it).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Sent {
+    Written,
+    Queued,
+}
+
+impl Outbox {
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: std::sync::Mutex::new(OutboxState::default()),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `out` to the stream now if its writer task is idle with nothing queued,
+    /// else queues it for the task. Never blocks: a write the stream has no room for is
+    /// finished by the task.
+    pub(super) fn send(&self, out: Out) -> Sent {
+        let small = match &out {
+            Out::Message(_) => true,
+            Out::Answer { messages, .. } => {
+                let bytes = messages
+                    .iter()
+                    .flat_map(|m| m.deliveries.iter())
+                    .map(|d| d.data.len())
+                    .sum::<usize>();
+                bytes <= DIRECT_BYTES
+            }
+        };
+        let mut st = self.lock();
+        if small && st.queue.is_empty() && st.leftover.is_none() && !st.closed {
+            if let Some(mut half) = st.idle.take() {
+                let mut bytes = std::mem::take(&mut st.encoded);
+                bytes.clear();
+                encode(&out, &mut bytes);
+                st.record(&bytes);
+                let written = write_now(&mut half, &bytes);
+                if written < usize::MAX {
+                    // The rest (perhaps nothing but a flush) goes with the task.
+                    st.leftover = Some(bytes[written..].to_vec());
+                }
+                st.idle = Some(half);
+                if bytes.capacity() <= WRITE_CHUNK {
+                    st.encoded = bytes;
+                }
+                let wake = st.leftover.is_some();
+                drop(st);
+                if wake {
+                    self.wake.notify_one();
+                }
+                return Sent::Written;
+            }
+        }
+        st.queue.push_back(out);
+        drop(st);
+        self.wake.notify_one();
+        Sent::Queued
+    }
+
+    /// The core is done with this stream: what is queued is still written.
+    pub(super) fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+}
+
+/// Encodes `out`'s messages as frames onto `bytes` (a message that cannot be is dropped).
+fn encode(out: &Out, bytes: &mut Vec<u8>) {
+    let messages: &[Message] = match out {
+        Out::Message(m) => std::slice::from_ref(m),
+        Out::Answer { messages, .. } => messages,
+    };
+    for m in messages {
+        let at = bytes.len();
+        if let Err(e) = m.encode_frame_into(bytes) {
+            bytes.truncate(at);
+            tracing::warn!("message not sent: {e}");
+        }
+    }
+}
+
+/// Writes as much of `bytes` to `half` as it takes without waiting, then flushes it:
+/// `usize::MAX` when all was written and flushed, else how many bytes were written.
+fn write_now(half: &mut WriteHalf, bytes: &[u8]) -> usize {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    let waker = futures::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let mut at = 0;
+    while at < bytes.len() {
+        match futures::AsyncWrite::poll_write(Pin::new(&mut *half), &mut cx, &bytes[at..]) {
+            Poll::Ready(Ok(n)) if n > 0 => at += n,
+            // No room, or an error the task meets again and handles.
+            _ => return at,
+        }
+    }
+    match futures::AsyncWrite::poll_flush(Pin::new(&mut *half), &mut cx) {
+        Poll::Ready(Ok(())) => usize::MAX,
+        _ => at,
+    }
+}
+
+/// Opens our stream to `peer` and writes what the core sends it through `outbox`, until
+/// the core closes it or the stream fails.
+pub(super) async fn write(ex: Arc<Exchange>, peer: PeerId, id: StreamId, outbox: Arc<Outbox>) {
     let mut reopened = 0;
     let mut first_open = true;
     let mut out = Vec::new();
@@ -191,71 +342,106 @@ pub(super) async fn write(
             first_open = false;
             ex.with_core(|i, now| i.core.stream_opened(now, peer, id));
         }
-        let opened = Instant::now();
-        let young =
-            |replay: &Vec<u8>| opened.elapsed() < YOUNG_STREAM && replay.len() <= MAX_REPLAY_BYTES;
-        let (mut reader, mut writer) = stream.split();
-        if !replay.is_empty() && write_within(&mut writer, &replay).await.is_err() {
-            ex.with_core(|i, now| i.core.stream_failed(now, peer, id, true));
-            return;
+        let (mut reader, writer) = stream.split();
+        let mut writer = Some(writer);
+        let replay = {
+            let mut st = outbox.lock();
+            // What a direct write left is in the replay (it was young): not written twice.
+            st.leftover = None;
+            st.opened = Some(Instant::now());
+            std::mem::take(&mut st.replay)
+        };
+        if !replay.is_empty() {
+            let w = writer.as_mut().expect("held");
+            if write_within(w, &replay).await.is_err() {
+                ex.with_core(|i, now| i.core.stream_failed(now, peer, id, true));
+                return;
+            }
+            outbox.lock().replay = replay;
         }
         let mut probe = [0u8; 64];
         loop {
-            // Nothing is ever sent back on this stream: its read half ending means the
-            // peer dropped it.
-            let first = tokio::select! {
-                item = rx.recv() => match item {
-                    Some(item) => item,
-                    None => return, // closed by the core
-                },
-                _ = reader.read(&mut probe) => {
-                    // Not when the connection is going (we closed it for a limit or a
-                    // ban, or it closed): opening would dial the peer again.
-                    if young(&replay) && reopened < MAX_REOPENS && ex.net.still_connected(peer).await {
-                        reopened += 1;
-                        tracing::debug!(%peer, "stream dropped by the peer; opening another");
-                        continue 'open;
+            // Nothing queued: the write half is left for direct writes while we wait.
+            {
+                let mut st = outbox.lock();
+                if st.queue.is_empty() && st.leftover.is_none() {
+                    if st.closed {
+                        return;
                     }
-                    ex.with_core(|i, now| i.core.stream_failed(now, peer, id, true));
-                    return;
-                }
-            };
-            // Whatever else is queued goes in the same write, our own messages first.
-            let mut queued = 0usize;
-            let mut next = Some(first);
-            while let Some(item) = next.take() {
-                match item {
-                    Out::Message(m) => controls.push(m),
-                    Out::Answer { batch, messages } => {
-                        queued += messages
-                            .iter()
-                            .map(|m| m.deliveries.iter().map(|d| d.data.len()).sum::<usize>())
-                            .sum::<usize>();
-                        answers.push((batch, messages));
-                    }
-                }
-                if queued < WRITE_CHUNK {
-                    next = rx.try_recv().ok();
+                    st.idle = writer.take();
                 }
             }
-            out.clear();
-            let answered = answers.iter().flat_map(|(_, ms)| ms.iter());
-            for m in controls.iter().chain(answered) {
-                let at = out.len();
-                if let Err(e) = m.encode_frame_into(&mut out) {
-                    out.truncate(at);
-                    tracing::warn!(%peer, "message not sent: {e}");
+            // Nothing is ever sent back on this stream: its read half ending means the
+            // peer dropped it. Checked while waiting for work, and before each write.
+            let dropped = if writer.is_none() {
+                let dropped = tokio::select! {
+                    _ = outbox.wake.notified() => false,
+                    _ = reader.read(&mut probe) => true,
+                };
+                writer = outbox.lock().idle.take();
+                dropped
+            } else {
+                futures::FutureExt::now_or_never(reader.read(&mut probe)).is_some()
+            };
+            if dropped {
+                // Not when the connection is going (we closed it for a limit or a ban, or
+                // it closed): opening would dial the peer again.
+                let young = outbox.lock().young();
+                if young && reopened < MAX_REOPENS && ex.net.still_connected(peer).await {
+                    reopened += 1;
+                    tracing::debug!(%peer, "stream dropped by the peer; opening another");
+                    continue 'open;
                 }
+                ex.with_core(|i, now| i.core.stream_failed(now, peer, id, true));
+                return;
+            }
+            let Some(w) = writer.as_mut() else {
+                // Only a direct write holds the half, and only under the lock.
+                tracing::error!(%peer, "stream writer lost its write half");
+                ex.with_core(|i, now| i.core.stream_failed(now, peer, id, true));
+                return;
+            };
+            // What a direct write left goes first; then whatever is queued goes in the
+            // same write, our own messages first.
+            out.clear();
+            {
+                let mut st = outbox.lock();
+                if let Some(left) = st.leftover.take() {
+                    out.extend_from_slice(&left);
+                }
+                let mut queued = 0usize;
+                while queued < WRITE_CHUNK {
+                    let Some(item) = st.queue.pop_front() else {
+                        break;
+                    };
+                    match item {
+                        Out::Message(m) => controls.push(m),
+                        Out::Answer { batch, messages } => {
+                            queued += messages
+                                .iter()
+                                .map(|m| m.deliveries.iter().map(|d| d.data.len()).sum::<usize>())
+                                .sum::<usize>();
+                            answers.push((batch, messages));
+                        }
+                    }
+                }
+                let left = out.len();
+                let answered = answers.iter().flat_map(|(_, ms)| ms.iter());
+                for m in controls.iter().chain(answered) {
+                    let at = out.len();
+                    if let Err(e) = m.encode_frame_into(&mut out) {
+                        out.truncate(at);
+                        tracing::warn!(%peer, "message not sent: {e}");
+                    }
+                }
+                // A leftover is in the replay already.
+                st.record(&out[left..]);
             }
             controls.clear();
-            if young(&replay) {
-                replay.extend_from_slice(&out);
-            } else if !replay.is_empty() {
-                replay = Vec::new();
-            }
             tracing::trace!(%peer, "writing {} bytes", out.len());
-            if write_within(&mut writer, &out).await.is_err() {
-                if young(&replay) && reopened < MAX_REOPENS {
+            if write_within(w, &out).await.is_err() {
+                let young = outbox.lock().young();
+                if young && reopened < MAX_REOPENS {
                     reopened += 1;
                     answers_written(&ex, peer, &mut answers);
                     continue 'open;
