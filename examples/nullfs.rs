@@ -52,25 +52,9 @@ impl NullFs {
     fn attr(&self, ino: u64) -> FileAttr {
         let dir = ino == 1;
         FileAttr {
-            ino: INodeNo(ino),
-            size: if dir { 0 } else { self.size },
             blocks: 0,
-            atime: UNIX_EPOCH,
-            mtime: UNIX_EPOCH,
-            ctime: UNIX_EPOCH,
-            crtime: UNIX_EPOCH,
-            kind: if dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            },
             perm: if dir { 0o755 } else { 0o444 },
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            blksize: 1 << 20,
-            flags: 0,
+            ..floor_attr(ino, dir, if dir { 0 } else { self.size })
         }
     }
 }

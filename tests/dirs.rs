@@ -115,12 +115,7 @@ fn cp_r_into_the_mount_and_diff_r_here_and_on_another_node() {
     let mut a = peer(&tmp.path().join("a"), Some(&tmp.path().join("mnt-a")), None);
 
     // cp -r: published once quiet (or when its CID is asked for).
-    sh_ok(&format!(
-        "cp -r '{}' '{}/'",
-        project.display(),
-        a.mnt().display()
-    ));
-    let cid = xattr_cid(&a.mnt().join("project"));
+    let cid = cp_r_and_cid(&project, a.mnt());
     assert!(cid.starts_with('z'), "{cid}");
     diff_r(&project, &a.mnt().join("project"));
     diff_r(&project, &a.mnt().join(&cid));
@@ -336,12 +331,7 @@ fn a_tree_in_an_erasure_coding_mount_publishes_and_reads_back() {
         None,
         &[("CODEXFS_MOUNT_EC", "2,1")],
     );
-    sh_ok(&format!(
-        "cp -r '{}' '{}/'",
-        project.display(),
-        a.mnt().display()
-    ));
-    let cid = xattr_cid(&a.mnt().join("project"));
+    let cid = cp_r_and_cid(&project, a.mnt());
     assert!(cid.starts_with('z'), "{cid}");
     diff_r(&project, &a.mnt().join(&cid));
     let file = std::fs::read_dir(&project)
@@ -424,12 +414,7 @@ fn a_tree_walked_once_from_a_peer_is_read_again_without_the_network() {
     random_file(&tree.join("docs/big.bin"), 300_000, 99);
     files += 1;
     let a = peer(&tmp.path().join("a"), Some(&tmp.path().join("mnt-a")), None);
-    sh_ok(&format!(
-        "cp -r '{}' '{}/'",
-        tree.display(),
-        a.mnt().display()
-    ));
-    let cid = xattr_cid(&a.mnt().join("tree"));
+    let cid = cp_r_and_cid(&tree, a.mnt());
     let b = peer(
         &tmp.path().join("b"),
         Some(&tmp.path().join("mnt-b")),
@@ -491,12 +476,7 @@ fn small_files_of_a_tree_are_served_then_cached_and_large_ones_passed_through() 
     let small = random_file(&tree.join("small.txt"), 5000, 1);
     let large = random_file(&tree.join("large.bin"), (2 << 20) + 17, 2);
     let a = peer(&tmp.path().join("a"), Some(&tmp.path().join("mnt-a")), None);
-    sh_ok(&format!(
-        "cp -r '{}' '{}/'",
-        tree.display(),
-        a.mnt().display()
-    ));
-    let cid = xattr_cid(&a.mnt().join("tree"));
+    let cid = cp_r_and_cid(&tree, a.mnt());
     let root = a.mnt().join(&cid);
     // (0 until the daemon served a read: the series appears with its first.)
     let reads = || {
@@ -522,4 +502,10 @@ fn small_files_of_a_tree_are_served_then_cached_and_large_ones_passed_through() 
         first,
         "a large file of a tree reads by passthrough"
     );
+}
+
+/// `cp -r SRC MNT/` and the CID of the copied tree, asked as a user asks it.
+fn cp_r_and_cid(src: &Path, mnt: &Path) -> String {
+    sh_ok(&format!("cp -r '{}' '{}/'", src.display(), mnt.display()));
+    xattr_cid(&mnt.join(src.file_name().expect("a named directory")))
 }

@@ -282,40 +282,66 @@ impl BlockSource for Counting {
     }
 }
 
+/// A core over a node holding one file of `blocks` random blocks, whose block fetches
+/// are counted.
+struct CountedFile {
+    core: FsCore,
+    counting: Arc<Counting>,
+    data: Vec<u8>,
+    ino: u64,
+    _runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl CountedFile {
+    fn new(blocks: usize, seed: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
+        let data = random(blocks * 65536, seed);
+        let cid = node.store(&data[..], None, None).unwrap();
+        let runtime = runtime();
+        let counting = Arc::new(Counting(node.clone(), AtomicU64::new(0)));
+        let core = FsCore::new(
+            node,
+            counting.clone(),
+            runtime.handle().clone(),
+            FsConfig::new(dir.path().join("spool")),
+        );
+        let ino = core
+            .lookup(ROOT_INO, OsStr::new(&cid_string(&cid)))
+            .unwrap()
+            .ino;
+        Self {
+            core,
+            counting,
+            data,
+            ino,
+            _runtime: runtime,
+            _dir: dir,
+        }
+    }
+}
+
 #[test]
 fn sequential_reads_fetch_ahead_and_seeks_do_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
-    let data = random(64 * 65536, 5);
-    let cid = node.store(&data[..], None, None).unwrap();
-    let runtime = runtime();
-    let counting = Arc::new(Counting(node.clone(), AtomicU64::new(0)));
-    let core = FsCore::new(
-        node.clone(),
-        counting.clone(),
-        runtime.handle().clone(),
-        FsConfig::new(dir.path().join("spool")),
-    );
-    let attr = core
-        .lookup(ROOT_INO, OsStr::new(&cid_string(&cid)))
-        .unwrap();
-    let o = core.open(attr.ino, libc::O_RDONLY).unwrap();
+    let f = CountedFile::new(64, 5);
+    let o = f.core.open(f.ino, libc::O_RDONLY).unwrap();
     // Random 4 KiB reads fetch only what they touch.
     for off in [40u64, 7, 33, 2] {
         assert_eq!(
-            core.read(o.fh, off * 65536, 4096).unwrap(),
-            data[(off * 65536) as usize..][..4096]
+            f.core.read(o.fh, off * 65536, 4096).unwrap(),
+            f.data[(off * 65536) as usize..][..4096]
         );
     }
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(counting.1.load(Ordering::SeqCst), 4);
+    assert_eq!(f.counting.1.load(Ordering::SeqCst), 4);
     // Sequential reads from the start get ahead of the reader.
-    let o = core.open(attr.ino, libc::O_RDONLY).unwrap();
+    let o = f.core.open(f.ino, libc::O_RDONLY).unwrap();
     for k in 0..4u64 {
-        core.read(o.fh, k * 131072, 131072).unwrap();
+        f.core.read(o.fh, k * 131072, 131072).unwrap();
     }
     std::thread::sleep(Duration::from_millis(200));
-    let fetched = counting.1.load(Ordering::SeqCst) - 4;
+    let fetched = f.counting.1.load(Ordering::SeqCst) - 4;
     assert!(
         fetched > 8,
         "read-ahead fetched only {fetched} blocks for 8 read"
@@ -328,37 +354,23 @@ fn sequential_reads_fetch_ahead_and_seeks_do_not() {
 /// their way and fetched them again: 164 fetches for 160 blocks).
 #[test]
 fn sequential_reads_taken_out_of_order_fetch_each_block_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
-    let data = random(160 * 65536, 8);
-    let cid = node.store(&data[..], None, None).unwrap();
-    let runtime = runtime();
-    let counting = Arc::new(Counting(node.clone(), AtomicU64::new(0)));
-    let core = FsCore::new(
-        node.clone(),
-        counting.clone(),
-        runtime.handle().clone(),
-        FsConfig::new(dir.path().join("spool")),
-    );
-    let attr = core
-        .lookup(ROOT_INO, OsStr::new(&cid_string(&cid)))
-        .unwrap();
-    let o = core.open(attr.ino, libc::O_RDONLY).unwrap();
+    let f = CountedFile::new(160, 8);
+    let o = f.core.open(f.ino, libc::O_RDONLY).unwrap();
     let mib = 1u64 << 20;
     for k in [0u64, 1, 3, 2, 5, 4, 7, 6, 9, 8] {
         assert!(
-            core.read(o.fh, k * mib, mib as u32).unwrap()
-                == data[(k * mib) as usize..][..mib as usize],
+            f.core.read(o.fh, k * mib, mib as u32).unwrap()
+                == f.data[(k * mib) as usize..][..mib as usize],
             "MiB {k}"
         );
     }
     // Fetches run on the blocking pool: wait until they are all counted.
     let t = std::time::Instant::now();
-    while counting.1.load(Ordering::SeqCst) < 160 && t.elapsed() < Duration::from_secs(10) {
+    while f.counting.1.load(Ordering::SeqCst) < 160 && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(5));
     }
     // Every block a read needed was counted before the read returned.
-    assert_eq!(counting.1.load(Ordering::SeqCst), 160);
+    assert_eq!(f.counting.1.load(Ordering::SeqCst), 160);
 }
 
 /// Resolves like the node, but has lost every block.

@@ -68,14 +68,9 @@ impl DirectFile {
         fallback: &File,
         ahead: bool,
     ) -> Result<bool> {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        if total == 0
-            || !offset.is_multiple_of(ALIGN as u64)
-            || !total.is_multiple_of(ALIGN)
-            || self.refused.load(Ordering::Relaxed)
-        {
+        let Some(total) = self.direct_len(parts, offset) else {
             return Ok(false);
-        }
+        };
         self.preallocate(offset + total as u64, ahead)?;
         self.write_aligned_or_bounced(parts, offset, fallback)
     }
@@ -91,16 +86,22 @@ impl DirectFile {
         offset: u64,
         fallback: &File,
     ) -> Result<bool> {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        if total == 0
-            || !offset.is_multiple_of(ALIGN as u64)
-            || !total.is_multiple_of(ALIGN)
-            || self.refused.load(Ordering::Relaxed)
-        {
+        let Some(total) = self.direct_len(parts, offset) else {
             return Ok(false);
-        }
+        };
         self.allocate(offset, total as u64)?;
         self.write_aligned_or_bounced(parts, offset, fallback)
+    }
+
+    /// The run's length if it can go direct: not empty, aligned, and the file system has
+    /// not refused direct writes.
+    fn direct_len(&self, parts: &[&[u8]], offset: u64) -> Option<usize> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        (total != 0
+            && offset.is_multiple_of(ALIGN as u64)
+            && total.is_multiple_of(ALIGN)
+            && !self.refused.load(Ordering::Relaxed))
+        .then_some(total)
     }
 
     /// Writes aligned `parts` as they are, others through the bounce buffer.
