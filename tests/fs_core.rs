@@ -506,3 +506,52 @@ fn a_changed_block_is_dropped_by_the_scrub_and_then_reads_as_eio() {
         "fails at the request holding it"
     );
 }
+
+/// A large file read from elsewhere (not complete here) is opened with direct I/O: the
+/// kernel copies each read straight into the reader's buffer and fills no page cache on
+/// the way (our read-ahead keeps the stream going). A small one, or the same file once it
+/// is complete here, keeps the page cache (and a complete one goes by passthrough when the
+/// kernel offers it).
+#[test]
+fn large_files_read_from_peers_bypass_the_page_cache_and_local_ones_keep_it() {
+    let far_dir = tempfile::tempdir().unwrap();
+    let far = Node::open(far_dir.path(), NodeConfig::default()).unwrap();
+    let big = random((1 << 20) + 65536 + 3, 21);
+    let small = random(70_000, 22);
+    let big_cid = cid_string(&far.store(&big[..], None, None).unwrap());
+    let small_cid = cid_string(&far.store(&small[..], None, None).unwrap());
+    let f = fixture(1 << 40, Some(Arc::new(far.clone())), Duration::from_secs(5));
+    let open = |cid: &str| {
+        let attr = f.core.lookup(ROOT_INO, OsStr::new(cid)).unwrap();
+        (
+            f.core.open(attr.ino, libc::O_RDONLY).unwrap(),
+            attr.size as usize,
+        )
+    };
+
+    let (o, size) = open(&big_cid);
+    assert!(
+        o.direct_io && !o.keep_cache,
+        "a large file from a peer: direct I/O"
+    );
+    assert_eq!(read_all(&f.core, o.fh, size), big);
+    f.core.release(o.fh).unwrap();
+    let (o, size) = open(&small_cid);
+    assert!(
+        !o.direct_io && o.keep_cache,
+        "a small file keeps the page cache"
+    );
+    assert_eq!(read_all(&f.core, o.fh, size), small);
+    f.core.release(o.fh).unwrap();
+
+    assert_eq!(
+        cid_string(&f.node.store(&big[..], None, None).unwrap()),
+        big_cid
+    );
+    let (o, size) = open(&big_cid);
+    assert!(
+        !o.direct_io && o.keep_cache,
+        "complete here: the page cache again"
+    );
+    assert_eq!(read_all(&f.core, o.fh, size), big);
+}

@@ -107,6 +107,47 @@ fn random_reads_through_the_mount_of_a_peers_dataset_give_its_bytes() {
     drop((a, c));
 }
 
+/// A large file from a peer is opened with direct I/O (no page cache on the way); a shared
+/// read-only mapping of it (what `git`, viewers and loaders do) still works and gives its
+/// bytes (without FUSE_DIRECT_IO_ALLOW_MMAP the kernel refuses it with ENODEV).
+#[test]
+fn a_peers_file_maps_shared_through_the_mount() {
+    use std::os::fd::AsRawFd;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("f.bin");
+    let size = 2 * 1024 * 1024 + 5;
+    let bytes = random_file(&file, size, 9);
+    let a_data = tmp.path().join("a");
+    let cid = upload(&a_data, &file);
+    let a = peer(&a_data, None, None, &[]);
+    let mnt = tmp.path().join("mnt");
+    let c = peer(&tmp.path().join("c"), Some(&mnt), Some(&a.addr()), &[]);
+    let f = std::fs::File::open(mnt.join(&cid))
+        .unwrap_or_else(|e| panic!("open: {e}\n{}", c.log.text()));
+    // SAFETY: a read-only shared mapping of an open file, read within its length and
+    // unmapped before the file is dropped.
+    let mapped = unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert!(
+            at != libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let copy = std::slice::from_raw_parts(at as *const u8, size).to_vec();
+        libc::munmap(at, size);
+        copy
+    };
+    assert!(mapped == bytes, "the mapping differs from the file");
+    drop((a, c));
+}
+
 /// Blocks a node has received from peers and verified, from its metrics.
 fn blocks_received(p: &Peer) -> u64 {
     let base = p.api().trim_end_matches("/api/codex/v1").to_string();

@@ -497,6 +497,7 @@ impl FsCore {
             Opened {
                 fh,
                 keep_cache: false,
+                direct_io: false,
             },
         ))
     }
@@ -517,6 +518,7 @@ impl FsCore {
             return Ok(Opened {
                 fh,
                 keep_cache: false,
+                direct_io: false,
             });
         }
         drop(t);
