@@ -107,9 +107,10 @@ fn random_reads_through_the_mount_of_a_peers_dataset_give_its_bytes() {
     drop((a, c));
 }
 
-/// A large file from a peer is opened with direct I/O (no page cache on the way); a shared
-/// read-only mapping of it (what `git`, viewers and loaders do) still works and gives its
-/// bytes (without FUSE_DIRECT_IO_ALLOW_MMAP the kernel refuses it with ENODEV).
+/// A shared read-only mapping (what `git`, viewers and loaders do) of a file only a peer
+/// holds gives its bytes: the kernel's page faults become reads that fetch the blocks.
+/// (Were such files opened with FOPEN_DIRECT_IO, the kernel would refuse the mapping with
+/// ENODEV unless FUSE_DIRECT_IO_ALLOW_MMAP was negotiated.)
 #[test]
 fn a_peers_file_maps_shared_through_the_mount() {
     use std::os::fd::AsRawFd;

@@ -122,8 +122,6 @@ enum Handle {
 pub struct Opened {
     pub fh: u64,
     pub keep_cache: bool,
-    /// Reads bypass the kernel's page cache (see [`FsCore::network_read`]).
-    pub direct_io: bool,
 }
 
 pub struct FsCore {
@@ -658,13 +656,11 @@ impl FsCore {
                 return Err(e);
             }
         };
-        let direct_io = self.network_read(&dataset);
         let fh = self.add_handle(Handle::Read(self.prefetcher(dataset)));
         lock(&self.read_holds).insert(fh, cid);
         Ok(Opened {
             fh,
             keep_cache: false,
-            direct_io,
         })
     }
 
@@ -682,11 +678,9 @@ impl FsCore {
                     return Err(libc::EROFS);
                 }
                 let dataset = self.resolve(&cid)?;
-                let direct_io = self.network_read(&dataset);
                 Ok(Opened {
                     fh: self.add_handle(Handle::Read(self.prefetcher(dataset))),
-                    keep_cache: !direct_io,
-                    direct_io,
+                    keep_cache: true,
                 })
             }
             Entry::Named(name) => {
@@ -700,7 +694,6 @@ impl FsCore {
                     return Ok(Opened {
                         fh: self.add_writer(ino, writer, false),
                         keep_cache: false,
-                        direct_io: false,
                     });
                 }
                 // A reader sees the version published when it opened.
@@ -708,27 +701,6 @@ impl FsCore {
                     Some((cid, _)) => self.add_version_reader(cid),
                     None => self.open_unpublished(ino),
                 }
-            }
-        }
-    }
-
-    /// Whether reads of `dataset` bypass the kernel's page cache (`FOPEN_DIRECT_IO`): a
-    /// file larger than [`Self::TREE_FILE_SERVED_MAX`] not complete here, whose reads fetch
-    /// from peers. Each read then goes by the kernel straight into the reader's buffer:
-    /// no page cache filled on the way (one copy and a page allocation per 4 KiB less,
-    /// which this VM charges dearly), and our read-ahead alone keeps the window full. Its
-    /// bytes stay cached in the store, and once the dataset is complete the next open is
-    /// passthrough. (An inode open in cached mode could not be opened with passthrough
-    /// until those handles close.)
-    fn network_read(&self, dataset: &Dataset) -> bool {
-        if dataset.size() <= Self::TREE_FILE_SERVED_MAX {
-            return false;
-        }
-        match self.node.complete_here(dataset) {
-            Ok(complete) => !complete,
-            Err(e) => {
-                tracing::warn!("whether {} is stored here: {e}", cid_string(dataset.cid()));
-                false
             }
         }
     }
@@ -809,7 +781,6 @@ impl FsCore {
                 writable: false,
             }),
             keep_cache: false,
-            direct_io: false,
         })
     }
 
@@ -872,7 +843,6 @@ impl FsCore {
             Opened {
                 fh,
                 keep_cache: false,
-                direct_io: false,
             },
         ))
     }

@@ -237,9 +237,6 @@ impl Filesystem for CodexFuse {
         // request per page of entries, not a lookup per entry.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
-        // Files read from peers are opened with FOPEN_DIRECT_IO; shared mmap of them (read
-        // only: what `git` or a viewer does) then needs this, or fails with ENODEV.
-        let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         if self.passthrough.enabled() {
             let refused = config
                 .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
@@ -381,9 +378,7 @@ impl Filesystem for CodexFuse {
                 return reply.opened_passthrough(FileHandle(o.fh), no_flush(flags.0), &id);
             }
         }
-        let f = if o.direct_io {
-            FopenFlags::FOPEN_DIRECT_IO
-        } else if o.keep_cache {
+        let f = if o.keep_cache {
             FopenFlags::FOPEN_KEEP_CACHE
         } else {
             FopenFlags::empty()

@@ -136,17 +136,6 @@ impl super::Node {
         found.ok_or_else(|| not_here(dataset, index))
     }
 
-    /// Whether every block of `dataset` is stored here (a single block: whether it is).
-    pub fn complete_here(&self, dataset: &Dataset) -> Result<bool> {
-        Ok(match dataset {
-            Dataset::Manifest(_, m) => self
-                .repo()
-                .tree(&m.tree_cid)?
-                .is_some_and(|rec| rec.is_complete()),
-            Dataset::Block(cid, _) => self.repo().get_block(cid)?.is_some(),
-        })
-    }
-
     /// The flat file holding exactly dataset's bytes, when it is complete here: what the
     /// mount hands the kernel so that reads need not come to us (FUSE passthrough).
     /// `None` for a dataset not complete here, a single block, or one whose file holds

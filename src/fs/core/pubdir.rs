@@ -326,11 +326,9 @@ impl FsCore {
             );
             return Err(libc::EIO);
         }
-        let direct_io = self.network_read(&dataset);
         Ok(Opened {
             fh: self.add_handle(Handle::Read(self.prefetcher(dataset))),
-            keep_cache: !direct_io,
-            direct_io,
+            keep_cache: true,
         })
     }
 }

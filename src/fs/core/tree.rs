@@ -497,7 +497,6 @@ impl FsCore {
             Opened {
                 fh,
                 keep_cache: false,
-                direct_io: false,
             },
         ))
     }
@@ -518,7 +517,6 @@ impl FsCore {
             return Ok(Opened {
                 fh,
                 keep_cache: false,
-                direct_io: false,
             });
         }
         drop(t);
