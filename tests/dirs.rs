@@ -504,6 +504,62 @@ fn small_files_of_a_tree_are_served_then_cached_and_large_ones_passed_through() 
     );
 }
 
+/// Listing the top of a tree on a peer starts the walk of the whole tree ahead of its
+/// reader: files three levels down (which the per-directory prefetch, one level ahead of
+/// the directories opened, does not reach) arrive on B before anything opened them, and
+/// read with A gone.
+#[test]
+fn listing_the_top_of_a_remote_tree_prefetches_the_whole_tree_for_its_walk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    let mut deep = Vec::new();
+    let mut seed = 1;
+    for d in 0..3 {
+        for e in 0..3 {
+            let dir = tree.join(format!("d{d}/e{e}/deep"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in 0..3 {
+                let path = dir.join(format!("f{f}.txt"));
+                let bytes = random_file(&path, 100 + (seed as usize * 613) % 5000, seed);
+                deep.push((path.strip_prefix(&tree).unwrap().to_path_buf(), bytes));
+                seed += 1;
+            }
+        }
+    }
+    let mut a = peer(&tmp.path().join("a"), Some(&tmp.path().join("mnt-a")), None);
+    let cid = cp_r_and_cid(&tree, a.mnt());
+    let b = peer(
+        &tmp.path().join("b"),
+        Some(&tmp.path().join("mnt-b")),
+        Some(&a.addr()),
+    );
+    let remote = b.mnt().join(&cid);
+    let top = sh_ok(&format!("ls '{}'", remote.display()));
+    assert_eq!(top, "d0\nd1\nd2");
+    // 21 directory roots under the top, and a manifest and a block per file (27).
+    let expected = (21 + 2 * deep.len()) as f64;
+    let metric = |m: &BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let m = node_metrics(&b);
+        let received = metric(&m, "codexfs_blocks_received_total");
+        if received >= expected && metric(&m, "codexfs_pending_blocks") == 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {received} of {expected} blocks came after listing the top"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    a.stop();
+    for (path, bytes) in &deep {
+        let got = std::fs::read(remote.join(path))
+            .unwrap_or_else(|e| panic!("{} with A gone: {e}", path.display()));
+        assert!(&got == bytes, "{}: other bytes", path.display());
+    }
+}
+
 /// `cp -r SRC MNT/` and the CID of the copied tree, asked as a user asks it.
 fn cp_r_and_cid(src: &Path, mnt: &Path) -> String {
     sh_ok(&format!("cp -r '{}' '{}/'", src.display(), mnt.display()));

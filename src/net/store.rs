@@ -23,6 +23,7 @@ use crate::node::{BlockSource, Dataset, Node};
 
 mod dirs;
 mod prefetch;
+mod walk;
 
 pub struct NetworkStore {
     node: Node,
@@ -40,6 +41,8 @@ pub struct NetworkStore {
     early: Mutex<lru::LruCache<BlockAddress, EarlyBlock>>,
     /// Directory prefetches under way, oldest first (see `prefetch.rs`).
     prefetches: Mutex<std::collections::VecDeque<tokio::task::AbortHandle>>,
+    /// Whole-tree walks started and running (see `walk.rs`).
+    walks: Mutex<walk::Walks>,
     /// Itself, for decodes that run on the blocking pool.
     me: Weak<NetworkStore>,
 }
@@ -64,6 +67,7 @@ impl NetworkStore {
                 std::num::NonZeroUsize::new(EARLY_KEPT).expect("non-zero"),
             )),
             prefetches: Mutex::new(Default::default()),
+            walks: Mutex::new(Default::default()),
             me: me.clone(),
         })
     }

@@ -35,6 +35,9 @@ impl NetworkStore {
     /// Starts the prefetch of a directory's subdirectory roots, manifests and first blocks
     /// (see the module doc).
     pub(super) fn start_prefetch(&self, top: &Cid, files: Vec<(Cid, u64)>, dirs: Vec<Cid>) {
+        // The first prefetch of a tree starts the walk of the whole tree (`walk.rs`);
+        // this directory's own prefetch covers what the walk has not reached yet.
+        self.start_walk(top);
         let Some(me) = self.me.upgrade() else { return };
         let top = *top;
         let task = self
@@ -52,7 +55,7 @@ impl NetworkStore {
 
     /// The peers the walk's top came from, and how to ask: a lookup only when stuck if
     /// there are such peers (no DHT lookup per file), at once if there are none.
-    fn top_peers(&self, top: &Cid) -> (Vec<libp2p::PeerId>, Discover) {
+    pub(super) fn top_peers(&self, top: &Cid) -> (Vec<libp2p::PeerId>, Discover) {
         let peers = self
             .providers
             .lock()
@@ -181,7 +184,7 @@ impl NetworkStore {
 
     /// Splits `files`' manifests into those known (resolved lately or stored here) and
     /// those to fetch.
-    fn sort_manifests(
+    pub(super) fn sort_manifests(
         &self,
         files: &[(Cid, u64)],
         known: &mut Vec<Dataset>,
@@ -208,7 +211,12 @@ impl NetworkStore {
     }
 
     /// Keeps a manifest fetched from `from` as resolved (and `from` as its provider).
-    fn remember_manifest(&self, cid: Cid, data: &[u8], from: libp2p::PeerId) -> Option<Dataset> {
+    pub(super) fn remember_manifest(
+        &self,
+        cid: Cid,
+        data: &[u8],
+        from: libp2p::PeerId,
+    ) -> Option<Dataset> {
         let m = Manifest::decode(data).ok()?;
         let d = Dataset::Manifest(cid, m);
         self.remember(&d, from);
@@ -259,13 +267,13 @@ impl NetworkStore {
     }
 
     /// Whether directory block `cid` is here already (block cache or store).
-    fn dir_block_here(&self, cid: &Cid) -> bool {
+    pub(super) fn dir_block_here(&self, cid: &Cid) -> bool {
         self.node.cache().get(cid).is_some()
             || self.node.repo().get_block(cid).ok().flatten().is_some()
     }
 
     /// Blocks by CID (directory blocks, manifests) wanted in one wantlist.
-    fn fetch_cids(
+    pub(super) fn fetch_cids(
         &self,
         cids: &[Cid],
         peers: &[libp2p::PeerId],
@@ -276,7 +284,7 @@ impl NetworkStore {
             .fetch_many(addresses, peers, self.timeout, discover)
     }
 
-    fn cache_dir_block(&self, cid: Cid, data: &[u8]) {
+    pub(super) fn cache_dir_block(&self, cid: Cid, data: &[u8]) {
         // (A copy: the delivered bytes are a slice of a whole frame.)
         self.node.cache().insert(cid, Bytes::copy_from_slice(data));
     }

@@ -184,6 +184,10 @@ pub(crate) struct Requester {
     waiters: HashMap<WaiterId, WantKey>,
     lookups_running: usize,
     lookup_queue: VecDeque<Cid>,
+    /// Wants asked, given up on or probed for (what a pump did), counted.
+    moves: u64,
+    /// Keys looked at by pumps, counted.
+    pumped: u64,
 }
 
 /// What presence and lookups are keyed by: the tree for a leaf, else the CID.
@@ -196,6 +200,8 @@ pub fn key_of(address: &BlockAddress) -> Cid {
 
 /// How many wants at most are looked at per key and event when the first cannot go.
 const SCAN: usize = 64;
+/// Keys in a row with nothing that can go after which a pump stops (see `pump`).
+const IDLE_KEYS: usize = 32;
 /// Time per block below which peers count as equally fast.
 const MIN_SERVICE: Duration = Duration::from_micros(10);
 /// Wants a peer that has delivered nothing yet may hold at once.
@@ -1097,14 +1103,38 @@ impl Core {
             .map(|w| w.address.clone())
     }
 
-    /// Asks whatever can be asked now, key by key.
+    /// Asks whatever can be asked now, key by key, in the order they became ready. After
+    /// [`IDLE_KEYS`] keys in a row with nothing that could go (their peers' windows full,
+    /// answers due), the rest wait for the next event, in their place: an event frees room
+    /// for a few wants, and looking at every waiting key at every event cost time
+    /// quadratic in the keys queued (thousands when a whole tree's manifests are wanted).
     pub(super) fn pump(&mut self, now: Time) {
         let ready = std::mem::take(&mut self.req.ready);
-        for key in ready {
+        let mut idle_in_a_row = 0;
+        let mut keys = ready.into_iter();
+        for key in keys.by_ref() {
             if let Some(ks) = self.req.keys.get_mut(&key) {
                 ks.ready = false;
             }
+            let before = self.req.moves;
             self.pump_key(now, key);
+            self.req.pumped += 1;
+            if self.req.moves == before {
+                idle_in_a_row += 1;
+                if idle_in_a_row >= IDLE_KEYS {
+                    break;
+                }
+            } else {
+                idle_in_a_row = 0;
+            }
+        }
+        // The keys not looked at stay ready, after those looked at (still waiting, back in
+        // `ready` already) and in their order.
+        // (Their `ready` is still set: nothing pushed them again meanwhile.)
+        for key in keys {
+            if self.req.keys.get(&key).is_some_and(|ks| ks.ready) {
+                self.req.ready.push(key);
+            }
         }
     }
 
@@ -1171,6 +1201,7 @@ impl Core {
             .map(|(p, _)| *p)
             .collect();
         for peer in to_ask {
+            self.req.moves += 1;
             let epoch = self.id() as u32;
             if let Some(c) = self
                 .req
@@ -1304,6 +1335,7 @@ impl Core {
         w.asked = Some(ask);
         w.place = Place::Out;
         let (address, key, epoch, seq) = (w.address.clone(), w.key, w.epoch, w.seq);
+        self.req.moves += 1;
         if let Some(ks) = self.req.keys.get_mut(&key) {
             ks.idle.remove(seq);
         }
@@ -1315,6 +1347,7 @@ impl Core {
     /// No candidate can ever take want `k` as things stand: look the key up (or wait for
     /// the lookup running), else fail it.
     fn stuck(&mut self, now: Time, k: WantKey) {
+        self.req.moves += 1;
         let Some(w) = self.req.want(k) else { return };
         let key = w.key;
         // A peer that said DontHave for another block of the key (a partial copy) is
@@ -1393,6 +1426,7 @@ impl Core {
             return false;
         }
         let address = w.address.clone();
+        self.req.moves += 1;
         let probe_for = self.config.presence_retry * 2;
         for peer in ask {
             if let Some(w) = self.req.want_mut(k) {
@@ -1598,6 +1632,11 @@ impl Core {
             return Err("waiter index out of step".into());
         }
         Ok(())
+    }
+
+    /// Keys looked at by pumps so far (for tests).
+    pub fn keys_pumped(&self) -> u64 {
+        self.req.pumped
     }
 
     /// Wants not ended (for tests and the simulation).

@@ -1402,3 +1402,50 @@ fn a_proven_provider_gets_a_block_of_a_new_dataset_while_busy() {
     let out = t.actions();
     assert_eq!(want_blocks(&out, q).len(), 1);
 }
+
+/// Thousands of keys waiting for one peer whose window is full (a whole tree's manifests
+/// wanted at once): an event looks at a few of them, not at all of them (that cost time
+/// quadratic in the keys queued), and once the peer delivers, the next keys in line go.
+#[test]
+fn a_pump_stops_after_a_run_of_keys_that_cannot_go() {
+    let mut t = T::new();
+    let p = peer(1);
+    t.connect(p);
+    t.actions();
+    let keys = 4000u32;
+    let addresses: Vec<BlockAddress> = (0..keys)
+        .map(|n| BlockAddress::Leaf {
+            tree: cid_from_digest(ROOT_CODEC, &sha256(&n.to_be_bytes())),
+            index: 0,
+        })
+        .collect();
+    t.core.want_many(
+        t.now,
+        addresses.iter().map(|a| (a.clone(), 1)).collect(),
+        &[provider(p)],
+        t.now + secs(600.0),
+        false,
+    );
+    let first = want_blocks(&t.actions(), p);
+    assert!(!first.is_empty() && first.len() < 100, "{}", first.len());
+    assert_eq!(first[..], addresses[..first.len()], "asked in order");
+    let events = 200;
+    let before = t.core.keys_pumped();
+    for _ in 0..events {
+        t.advance(secs(0.001));
+    }
+    let looked_at = t.core.keys_pumped() - before;
+    assert!(
+        looked_at <= events * 64,
+        "{looked_at} keys looked at in {events} events with {keys} keys waiting"
+    );
+    // Deliveries free room: the keys next in line are asked.
+    let actions = deliver(&mut t, p, &first);
+    let next = want_blocks(&actions, p);
+    assert!(!next.is_empty(), "the next keys were asked");
+    assert_eq!(
+        next[..],
+        addresses[first.len()..first.len() + next.len()],
+        "in their order"
+    );
+}
