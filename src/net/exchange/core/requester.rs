@@ -179,8 +179,12 @@ pub(crate) struct Requester {
     free: Vec<u32>,
     by_address: HashMap<BlockAddress, WantKey>,
     keys: BTreeMap<Cid, KeyState>,
-    /// Keys with idle wants (each once; `KeyState::ready`).
+    /// Keys made ready since the last pump. (A key whose `KeyState::ready` is set is in
+    /// this or in `carried`, once.)
     ready: Vec<Cid>,
+    /// Keys a pump left waiting (looked at and still unable to go, or not looked at): the
+    /// next pump looks at them after the keys made ready since (see `pump`).
+    carried: Vec<Cid>,
     waiters: HashMap<WaiterId, WantKey>,
     lookups_running: usize,
     lookup_queue: VecDeque<Cid>,
@@ -620,6 +624,7 @@ impl Core {
             }
         }
         self.req.ready.retain(|k| self.req.keys.contains_key(k));
+        self.req.carried.retain(|k| self.req.keys.contains_key(k));
         self.req
             .lookup_queue
             .retain(|k| self.req.keys.contains_key(k));
@@ -1103,39 +1108,54 @@ impl Core {
             .map(|w| w.address.clone())
     }
 
-    /// Asks whatever can be asked now, key by key, in the order they became ready. After
-    /// [`IDLE_KEYS`] keys in a row with nothing that could go (their peers' windows full,
-    /// answers due), the rest wait for the next event, in their place: an event frees room
-    /// for a few wants, and looking at every waiting key at every event cost time
-    /// quadratic in the keys queued (thousands when a whole tree's manifests are wanted).
+    /// Asks whatever can be asked now, key by key. Keys made ready since the last pump (a
+    /// new want, a delivery, a presence answer) are all looked at, first: a reader's want
+    /// goes out in the event that made it, whatever waits before it. Then the keys earlier
+    /// pumps left waiting, oldest first, until [`IDLE_KEYS`] in a row have nothing that
+    /// can go (their peers' windows full, answers due); the rest wait for the next event,
+    /// in their place: an event frees room for a few wants, and looking at every waiting
+    /// key at every event cost time quadratic in the keys queued (thousands when a whole
+    /// tree's manifests are wanted).
     pub(super) fn pump(&mut self, now: Time) {
-        let ready = std::mem::take(&mut self.req.ready);
+        let fresh = std::mem::take(&mut self.req.ready);
+        let carried = std::mem::take(&mut self.req.carried);
+        for key in fresh {
+            self.pump_one(now, key);
+        }
+        // (Keys that could not go are pushed back into `ready` as they are looked at.)
+        let fresh_waiting = std::mem::take(&mut self.req.ready);
         let mut idle_in_a_row = 0;
-        let mut keys = ready.into_iter();
+        let mut keys = carried.into_iter();
         for key in keys.by_ref() {
-            if let Some(ks) = self.req.keys.get_mut(&key) {
-                ks.ready = false;
+            if !self.req.keys.get(&key).is_some_and(|ks| ks.ready) {
+                continue; // (looked at among the fresh ones)
             }
-            let before = self.req.moves;
-            self.pump_key(now, key);
-            self.req.pumped += 1;
-            if self.req.moves == before {
+            if self.pump_one(now, key) {
+                idle_in_a_row = 0;
+            } else {
                 idle_in_a_row += 1;
                 if idle_in_a_row >= IDLE_KEYS {
                     break;
                 }
-            } else {
-                idle_in_a_row = 0;
             }
         }
-        // The keys not looked at stay ready, after those looked at (still waiting, back in
-        // `ready` already) and in their order.
-        // (Their `ready` is still set: nothing pushed them again meanwhile.)
-        for key in keys {
-            if self.req.keys.get(&key).is_some_and(|ks| ks.ready) {
-                self.req.ready.push(key);
-            }
+        // Waiting for the next pump, oldest first: the carried keys looked at, those not
+        // looked at (their `ready` still set), then the fresh ones.
+        let mut next = std::mem::take(&mut self.req.ready);
+        next.extend(keys.filter(|k| self.req.keys.get(k).is_some_and(|ks| ks.ready)));
+        next.extend(fresh_waiting);
+        self.req.carried = next;
+    }
+
+    /// Looks at one ready key; whether anything was done for it.
+    fn pump_one(&mut self, now: Time, key: Cid) -> bool {
+        if let Some(ks) = self.req.keys.get_mut(&key) {
+            ks.ready = false;
         }
+        let before = self.req.moves;
+        self.pump_key(now, key);
+        self.req.pumped += 1;
+        self.req.moves != before
     }
 
     fn pump_key(&mut self, now: Time, key: Cid) {

@@ -1449,3 +1449,42 @@ fn a_pump_stops_after_a_run_of_keys_that_cannot_go() {
         "in their order"
     );
 }
+
+/// A want made while thousands of keys wait on a full window (a tree walk's, on a slow
+/// peer) goes out in the event that made it, to a peer that has room: the pump's stop
+/// after a run of keys that cannot go does not hold back keys made ready since.
+#[test]
+fn a_new_want_is_not_held_behind_keys_that_cannot_go() {
+    let mut t = T::new();
+    let (slow, other) = (peer(1), peer(2));
+    t.connect(slow);
+    t.connect(other);
+    t.actions();
+    let walk: Vec<(BlockAddress, u64)> = (0..4000u32)
+        .map(|n| {
+            let tree = cid_from_digest(ROOT_CODEC, &sha256(&n.to_be_bytes()));
+            (BlockAddress::Leaf { tree, index: 0 }, 1)
+        })
+        .collect();
+    t.core
+        .want_many(t.now, walk, &[provider(slow)], t.now + secs(600.0), false);
+    assert!(!want_blocks(&t.actions(), slow).is_empty());
+    for _ in 0..5 {
+        t.advance(secs(0.001));
+    }
+    t.actions();
+    let read = BlockAddress::Leaf {
+        tree: cid_from_digest(ROOT_CODEC, &sha256(b"the reader's file")),
+        index: 7,
+    };
+    t.core.want(
+        t.now,
+        read.clone(),
+        1,
+        &[provider(other)],
+        t.now + secs(5.0),
+        false,
+    );
+    let asked = want_blocks(&t.actions(), other);
+    assert_eq!(asked, vec![read], "the reader's want went out at once");
+}
