@@ -1108,28 +1108,35 @@ impl Core {
             .map(|w| w.address.clone())
     }
 
-    /// Asks whatever can be asked now, key by key. Keys made ready since the last pump (a
-    /// new want, a delivery, a presence answer) are all looked at, first: a reader's want
-    /// goes out in the event that made it, whatever waits before it. Then the keys earlier
-    /// pumps left waiting, oldest first, until [`IDLE_KEYS`] in a row have nothing that
-    /// can go (their peers' windows full, answers due); the rest wait for the next event,
-    /// in their place: an event frees room for a few wants, and looking at every waiting
-    /// key at every event cost time quadratic in the keys queued (thousands when a whole
-    /// tree's manifests are wanted).
+    /// Asks whatever can be asked now, key by key, oldest first: the keys earlier pumps
+    /// left waiting, then those made ready since (a new want, a delivery, a presence
+    /// answer). Each of the two runs stops after [`IDLE_KEYS`] keys in a row with nothing
+    /// that can go (their peers' windows full, answers due); the rest wait for the next
+    /// event, in their place: an event frees room for a few wants, and looking at every
+    /// waiting key at every event cost time quadratic in the keys queued (thousands when a
+    /// whole tree's manifests are wanted). The second run is why a reader's want goes out
+    /// in the event that made it, however many keys wait on a full window before it.
     pub(super) fn pump(&mut self, now: Time) {
-        let fresh = std::mem::take(&mut self.req.ready);
         let carried = std::mem::take(&mut self.req.carried);
-        for key in fresh {
-            self.pump_one(now, key);
-        }
-        // (Keys that could not go are pushed back into `ready` as they are looked at.)
+        let fresh = std::mem::take(&mut self.req.ready);
+        // (Keys that cannot go are pushed back into `ready` as they are looked at.)
+        let carried_left = self.pump_run(now, carried);
+        let carried_waiting = std::mem::take(&mut self.req.ready);
+        let fresh_left = self.pump_run(now, fresh);
         let fresh_waiting = std::mem::take(&mut self.req.ready);
+        let mut next = carried_waiting;
+        next.extend(carried_left);
+        next.extend(fresh_waiting);
+        next.extend(fresh_left);
+        self.req.carried = next;
+    }
+
+    /// Looks at `keys` in order until [`IDLE_KEYS`] in a row had nothing that could go;
+    /// returns those not looked at (still ready).
+    fn pump_run(&mut self, now: Time, keys: Vec<Cid>) -> Vec<Cid> {
         let mut idle_in_a_row = 0;
-        let mut keys = carried.into_iter();
+        let mut keys = keys.into_iter();
         for key in keys.by_ref() {
-            if !self.req.keys.get(&key).is_some_and(|ks| ks.ready) {
-                continue; // (looked at among the fresh ones)
-            }
             if self.pump_one(now, key) {
                 idle_in_a_row = 0;
             } else {
@@ -1139,12 +1146,9 @@ impl Core {
                 }
             }
         }
-        // Waiting for the next pump, oldest first: the carried keys looked at, those not
-        // looked at (their `ready` still set), then the fresh ones.
-        let mut next = std::mem::take(&mut self.req.ready);
-        next.extend(keys.filter(|k| self.req.keys.get(k).is_some_and(|ks| ks.ready)));
-        next.extend(fresh_waiting);
-        self.req.carried = next;
+        // (Their `ready` is still set: nothing pushed them again meanwhile.)
+        keys.filter(|k| self.req.keys.get(k).is_some_and(|ks| ks.ready))
+            .collect()
     }
 
     /// Looks at one ready key; whether anything was done for it.
