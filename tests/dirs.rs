@@ -413,14 +413,7 @@ fn a_tree_walked_once_from_a_peer_is_read_again_without_the_network() {
     }
     random_file(&tree.join("docs/big.bin"), 300_000, 99);
     files += 1;
-    let a = peer(&tmp.path().join("a"), Some(&tmp.path().join("mnt-a")), None);
-    let cid = cp_r_and_cid(&tree, a.mnt());
-    let b = peer(
-        &tmp.path().join("b"),
-        Some(&tmp.path().join("mnt-b")),
-        Some(&a.addr()),
-    );
-    let remote = b.mnt().join(&cid);
+    let (_a, b, remote) = tree_on_a_mounted_by_b(tmp.path(), &tree);
     diff_r(&tree, &remote);
     // What the walk's prefetch still had on its way has arrived.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -526,14 +519,7 @@ fn listing_the_top_of_a_remote_tree_prefetches_the_whole_tree_for_its_walk() {
             }
         }
     }
-    let mut a = peer(&tmp.path().join("a"), Some(&tmp.path().join("mnt-a")), None);
-    let cid = cp_r_and_cid(&tree, a.mnt());
-    let b = peer(
-        &tmp.path().join("b"),
-        Some(&tmp.path().join("mnt-b")),
-        Some(&a.addr()),
-    );
-    let remote = b.mnt().join(&cid);
+    let (mut a, b, remote) = tree_on_a_mounted_by_b(tmp.path(), &tree);
     let top = sh_ok(&format!("ls '{}'", remote.display()));
     assert_eq!(top, "d0\nd1\nd2");
     // 21 directory roots under the top, and a manifest and a block per file (27).
@@ -558,6 +544,16 @@ fn listing_the_top_of_a_remote_tree_prefetches_the_whole_tree_for_its_walk() {
             .unwrap_or_else(|e| panic!("{} with A gone: {e}", path.display()));
         assert!(&got == bytes, "{}: other bytes", path.display());
     }
+}
+
+/// `tree` copied into node A's mount (at `tmp/mnt-a`), and node B mounting at
+/// `tmp/mnt-b` with A as its peer: A, B and the tree's path in B's mount.
+fn tree_on_a_mounted_by_b(tmp: &Path, tree: &Path) -> (Peer, Peer, PathBuf) {
+    let a = peer(&tmp.join("a"), Some(&tmp.join("mnt-a")), None);
+    let cid = cp_r_and_cid(tree, a.mnt());
+    let b = peer(&tmp.join("b"), Some(&tmp.join("mnt-b")), Some(&a.addr()));
+    let remote = b.mnt().join(&cid);
+    (a, b, remote)
 }
 
 /// `cp -r SRC MNT/` and the CID of the copied tree, asked as a user asks it.

@@ -42,6 +42,23 @@ fn download(data: &Path, cid: &str, out: &Path, bootstrap: &str) -> std::process
         .unwrap()
 }
 
+/// A file of `size` random bytes (from `seed`) that only node A holds, and node C
+/// mounting at `tmp/mnt` with A as its peer: the bytes, the CID, A, C and the mountpoint.
+fn a_peers_file(
+    tmp: &Path,
+    size: usize,
+    seed: u64,
+) -> (Vec<u8>, String, Peer, Peer, std::path::PathBuf) {
+    let file = tmp.join("f.bin");
+    let bytes = random_file(&file, size, seed);
+    let a_data = tmp.join("a");
+    let cid = upload(&a_data, &file);
+    let a = peer(&a_data, None, None, &[]);
+    let mnt = tmp.join("mnt");
+    let c = peer(&tmp.join("c"), Some(&mnt), Some(&a.addr()), &[]);
+    (bytes, cid, a, c, mnt)
+}
+
 #[test]
 fn a_node_that_knows_only_a_bootstrap_peer_finds_the_seeder_and_reads() {
     let tmp = tempfile::tempdir().unwrap();
@@ -76,14 +93,8 @@ fn a_node_that_knows_only_a_bootstrap_peer_finds_the_seeder_and_reads() {
 fn random_reads_through_the_mount_of_a_peers_dataset_give_its_bytes() {
     use std::os::unix::fs::FileExt;
     let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("f.bin");
     let size = 3 * 1024 * 1024 + 11;
-    let bytes = random_file(&file, size, 7);
-    let a_data = tmp.path().join("a");
-    let cid = upload(&a_data, &file);
-    let a = peer(&a_data, None, None, &[]);
-    let mnt = tmp.path().join("mnt");
-    let c = peer(&tmp.path().join("c"), Some(&mnt), Some(&a.addr()), &[]);
+    let (bytes, cid, a, c, mnt) = a_peers_file(tmp.path(), size, 7);
     let f = std::fs::File::open(mnt.join(&cid))
         .unwrap_or_else(|e| panic!("open: {e}\n{}", c.log.text()));
     // Backwards, so every read is a seek: the reader's thread waits for its blocks itself.
@@ -115,14 +126,8 @@ fn random_reads_through_the_mount_of_a_peers_dataset_give_its_bytes() {
 fn a_peers_file_maps_shared_through_the_mount() {
     use std::os::fd::AsRawFd;
     let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("f.bin");
     let size = 2 * 1024 * 1024 + 5;
-    let bytes = random_file(&file, size, 9);
-    let a_data = tmp.path().join("a");
-    let cid = upload(&a_data, &file);
-    let a = peer(&a_data, None, None, &[]);
-    let mnt = tmp.path().join("mnt");
-    let c = peer(&tmp.path().join("c"), Some(&mnt), Some(&a.addr()), &[]);
+    let (bytes, cid, a, c, mnt) = a_peers_file(tmp.path(), size, 9);
     let f = std::fs::File::open(mnt.join(&cid))
         .unwrap_or_else(|e| panic!("open: {e}\n{}", c.log.text()));
     // SAFETY: a read-only shared mapping of an open file, read within its length and
@@ -177,15 +182,9 @@ fn wait_received(p: &Peer, n: u64) -> u64 {
 fn a_lookup_wants_a_datasets_first_blocks_and_random_reads_fetch_only_their_own() {
     use std::os::unix::fs::FileExt;
     let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("f.bin");
     let block = 64 * 1024;
     let size = 40 * block;
-    let bytes = random_file(&file, size, 11);
-    let a_data = tmp.path().join("a");
-    let cid = upload(&a_data, &file);
-    let a = peer(&a_data, None, None, &[]);
-    let mnt = tmp.path().join("mnt");
-    let c = peer(&tmp.path().join("c"), Some(&mnt), Some(&a.addr()), &[]);
+    let (bytes, cid, a, c, mnt) = a_peers_file(tmp.path(), size, 11);
     // A lookup alone (no open, no read): the manifest, and the first 128 KiB are wanted
     // at once (the read that usually follows finds them on their way).
     let meta =

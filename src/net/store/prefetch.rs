@@ -14,6 +14,7 @@
 
 use bytes::Bytes;
 use cid::Cid;
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::{block_want, NetworkStore};
 use crate::cids::MANIFEST_CODEC;
@@ -109,34 +110,24 @@ impl NetworkStore {
             let mut unused = Vec::new();
             let mut wanted = Vec::new();
             self.sort_manifests(&ahead, &mut unused, &mut wanted);
-            let fetches = self.fetch_cids(&wanted, &peers, discover);
             // Resolved as they come, beside this directory's blocks (and cancelled with
             // them).
-            let me = self.clone();
-            let ahead = async move {
-                let got = futures::future::join_all(fetches).await;
-                for (cid, fetched) in wanted.iter().zip(got) {
-                    if let Ok(f) = fetched {
-                        me.remember_manifest(*cid, &f.data, f.from);
-                    }
-                }
-            };
-            futures::join!(ahead, self.prefetch_blocks(datasets, peers, discover));
+            let ahead = self.fetch_manifests(&wanted, &peers, discover);
+            futures::join!(ahead, self.prefetch_blocks(datasets, &peers, discover));
             return;
         }
-        self.prefetch_blocks(datasets, peers, discover).await;
+        self.prefetch_blocks(datasets, &peers, discover).await;
     }
 
     /// 2. The files' blocks, from the first file on, within the budget.
     async fn prefetch_blocks(
         &self,
         datasets: Vec<Dataset>,
-        peers: Vec<libp2p::PeerId>,
+        peers: &[libp2p::PeerId],
         discover: Discover,
     ) {
         let mut budget = PREFETCH_BYTES;
         let mut blocks = Vec::new();
-        let mut trees = Vec::new();
         for d in &datasets {
             let Dataset::Manifest(_, m) = d else { continue };
             if budget == 0 {
@@ -146,19 +137,35 @@ impl NetworkStore {
             // of reading ahead).
             let n = d.block_count().min(budget.div_ceil(m.block_size).max(1));
             budget = budget.saturating_sub((n * m.block_size).min(d.size()).max(1));
-            trees.push(m.clone());
             for i in 0..n {
                 blocks.push((d.clone(), i));
             }
         }
+        self.fetch_missing_blocks(blocks, peers, discover).await;
+    }
+
+    /// Wants the blocks of `blocks` (a dataset's blocks one after another) that are not
+    /// here, from `peers`, once their trees are on record (fetched leaves are kept only for
+    /// those). The exchange stores what arrives; this waits until every want has ended.
+    pub(super) async fn fetch_missing_blocks(
+        &self,
+        blocks: Vec<(Dataset, u64)>,
+        peers: &[libp2p::PeerId],
+        discover: Discover,
+    ) {
         if blocks.is_empty() {
             return;
         }
-        // Fetched leaves are kept only for trees on record; which leaves are here already.
         let node = self.node.clone();
         let needed = tokio::task::spawn_blocking(move || {
-            for m in &trees {
-                let _ = node.repo().ensure_tree(m);
+            let mut last = None;
+            for (d, _) in &blocks {
+                if let Dataset::Manifest(_, m) = d {
+                    if last != Some(m.tree_cid) {
+                        let _ = node.repo().ensure_tree(m);
+                        last = Some(m.tree_cid);
+                    }
+                }
             }
             blocks
                 .into_iter()
@@ -170,16 +177,48 @@ impl NetworkStore {
         if needed.is_empty() {
             return;
         }
-        let addresses = needed
-            .iter()
-            .filter(|(d, _)| matches!(d, Dataset::Manifest(..)))
-            .map(|(d, i)| block_want(d, *i))
-            .collect();
-        let fetches = self
+        let addresses = needed.iter().map(|(d, i)| block_want(d, *i)).collect();
+        // The futures only keep the wants alive: their bytes are dropped as they come.
+        let mut fetches: FuturesUnordered<_> = self
             .exchange
-            .fetch_many(addresses, &peers, self.timeout, discover);
-        // The exchange stores what arrives; the futures only keep the wants alive.
-        let _ = futures::future::join_all(fetches).await;
+            .fetch_many(addresses, peers, self.timeout, discover)
+            .into_iter()
+            .collect();
+        while fetches.next().await.is_some() {}
+    }
+
+    /// Manifests wanted in one wantlist, each kept as resolved as it comes; the datasets
+    /// of those that came.
+    pub(super) async fn fetch_manifests(
+        &self,
+        wanted: &[Cid],
+        peers: &[libp2p::PeerId],
+        discover: Discover,
+    ) -> Vec<Dataset> {
+        let got = futures::future::join_all(self.fetch_cids(wanted, peers, discover)).await;
+        wanted
+            .iter()
+            .zip(got)
+            .filter_map(|(cid, fetched)| {
+                let f = fetched.ok()?;
+                self.remember_manifest(*cid, &f.data, f.from)
+            })
+            .collect()
+    }
+
+    /// Directory blocks wanted in one wantlist, into the block cache.
+    pub(super) async fn fetch_into_dir_cache(
+        &self,
+        wanted: &[Cid],
+        peers: &[libp2p::PeerId],
+        discover: Discover,
+    ) {
+        let got = futures::future::join_all(self.fetch_cids(wanted, peers, discover)).await;
+        for (cid, fetched) in wanted.iter().zip(got) {
+            if let Ok(f) = fetched {
+                self.cache_dir_block(*cid, &f.data);
+            }
+        }
     }
 
     /// Splits `files`' manifests into those known (resolved lately or stored here) and
@@ -257,13 +296,8 @@ impl NetworkStore {
             return;
         }
         let (peers, discover) = self.top_peers(top);
-        let fetches = self.fetch_cids(&wanted, &peers, discover);
-        let got = self.runtime.block_on(futures::future::join_all(fetches));
-        for (cid, fetched) in wanted.iter().zip(got) {
-            if let Ok(f) = fetched {
-                self.cache_dir_block(*cid, &f.data);
-            }
-        }
+        self.runtime
+            .block_on(self.fetch_into_dir_cache(&wanted, &peers, discover));
     }
 
     /// Whether directory block `cid` is here already (block cache or store).

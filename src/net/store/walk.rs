@@ -22,11 +22,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use cid::Cid;
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use super::{block_want, NetworkStore};
+use super::NetworkStore;
 use crate::cids::MANIFEST_CODEC;
 use crate::dir::format::decode_root;
 use crate::dir::{DirBlocks, DirRoot, ItemKind};
-use crate::error::Error;
 use crate::net::exchange::Discover;
 use crate::node::Dataset;
 
@@ -196,12 +195,7 @@ impl NetworkStore {
             .copied()
             .collect();
         for batch in wanted.chunks(WALK_DIR_BATCH) {
-            let got = futures::future::join_all(self.fetch_cids(batch, peers, discover)).await;
-            for (cid, fetched) in batch.iter().zip(got) {
-                if let Ok(f) = fetched {
-                    self.cache_dir_block(*cid, &f.data);
-                }
-            }
+            self.fetch_into_dir_cache(batch, peers, discover).await;
         }
     }
 
@@ -217,58 +211,22 @@ impl NetworkStore {
         let (mut known, mut wanted) = (Vec::new(), Vec::new());
         self.sort_manifests(&listed, &mut known, &mut wanted);
         if !wanted.is_empty() {
-            let got = futures::future::join_all(self.fetch_cids(&wanted, peers, discover)).await;
-            for (cid, fetched) in wanted.iter().zip(got) {
-                if let Ok(f) = fetched {
-                    if let Some(d) = self.remember_manifest(*cid, &f.data, f.from) {
-                        known.push(d);
-                    }
-                }
-            }
+            known.extend(self.fetch_manifests(&wanted, peers, discover).await);
         }
         let with_blocks: HashSet<Cid> = files.iter().filter(|f| f.1).map(|f| f.0).collect();
         let mut blocks = Vec::new();
-        let mut trees = Vec::new();
         for d in known {
-            let Dataset::Manifest(cid, m) = &d else {
+            let Dataset::Manifest(cid, _) = &d else {
                 continue;
             };
             if !with_blocks.contains(cid) || d.size() > WALK_FILE_MAX {
                 continue;
             }
-            trees.push(m.clone());
             for i in 0..d.block_count() {
                 blocks.push((d.clone(), i));
             }
         }
-        if blocks.is_empty() {
-            return;
-        }
-        // Fetched leaves are kept only for trees on record; which leaves are here already.
-        let node = self.node.clone();
-        let needed = tokio::task::spawn_blocking(move || {
-            for m in &trees {
-                let _ = node.repo().ensure_tree(m);
-            }
-            blocks
-                .into_iter()
-                .filter(|(d, i)| matches!(node.local_block(d, *i), Err(Error::NotFound(_))))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        if needed.is_empty() {
-            return;
-        }
-        let addresses = needed.iter().map(|(d, i)| block_want(d, *i)).collect();
-        // The exchange stores what arrives; the futures only keep the wants alive (their
-        // bytes dropped as they come).
-        let mut fetches: FuturesUnordered<_> = self
-            .exchange
-            .fetch_many(addresses, peers, self.timeout, discover)
-            .into_iter()
-            .collect();
-        while fetches.next().await.is_some() {}
+        self.fetch_missing_blocks(blocks, peers, discover).await;
     }
 }
 
