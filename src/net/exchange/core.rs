@@ -139,7 +139,8 @@ pub struct Config {
     pub ban_for: Duration,
     pub max_bans: usize,
     pub max_candidates: usize,
-    /// Keys (datasets) remembered with nothing wanted, and for how long.
+    /// Keys (datasets) remembered with nothing wanted, and for how long (a new key past
+    /// the cap forgets the oldest of them down to three quarters of it).
     pub max_idle_keys: usize,
     pub idle_key_for: Duration,
     // provider side

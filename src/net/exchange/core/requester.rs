@@ -184,7 +184,9 @@ pub(crate) struct Requester {
     ready: Vec<Cid>,
     /// Keys a pump left waiting (looked at and still unable to go, or not looked at): the
     /// next pump looks at them after the keys made ready since (see `pump`).
-    carried: Vec<Cid>,
+    carried: VecDeque<Cid>,
+    /// Keys known at which a new key next makes a forget (see `forget_idle_keys`).
+    forget_at: usize,
     waiters: HashMap<WaiterId, WantKey>,
     lookups_running: usize,
     lookup_queue: VecDeque<Cid>,
@@ -568,7 +570,7 @@ impl Core {
         if self.req.keys.contains_key(&key) {
             return;
         }
-        if self.req.keys.len() >= self.config.max_idle_keys {
+        if self.req.keys.len() >= self.config.max_idle_keys.max(self.req.forget_at) {
             self.forget_idle_keys(now);
         }
         self.req.keys.insert(
@@ -599,18 +601,20 @@ impl Core {
         self.add_candidates(now, key, connected.into_iter());
     }
 
-    /// Forgets keys with nothing wanted for a while (and, past the cap, the oldest idle).
+    /// Forgets keys with nothing wanted for a while and, past the cap, the oldest idle down
+    /// to three quarters of the cap. A forget looks at every key, so the next one a new key
+    /// triggers is a quarter of the cap of new keys away (`forget_at`): while thousands of
+    /// keys have wants (a tree's walk), forgetting at every new key cost time quadratic in
+    /// them.
     pub(super) fn forget_idle_keys(&mut self, now: Time) {
         let for_long = self.config.idle_key_for;
         self.req.keys.retain(|_, ks| {
             ks.wants > 0 || ks.lookup == Lookup::Running || now < ks.idle_since + for_long
         });
-        let over = self
-            .req
-            .keys
-            .len()
-            .saturating_sub(self.config.max_idle_keys.saturating_sub(1));
-        if over > 0 {
+        let cap = self.config.max_idle_keys;
+        let keep = (cap - cap / 4).min(cap.saturating_sub(1));
+        let over = self.req.keys.len().saturating_sub(keep);
+        if self.req.keys.len() >= cap && over > 0 {
             let mut idle: Vec<(Time, Cid)> = self
                 .req
                 .keys
@@ -618,11 +622,15 @@ impl Core {
                 .filter(|(_, ks)| ks.wants == 0 && ks.lookup != Lookup::Running)
                 .map(|(k, ks)| (ks.idle_since, *k))
                 .collect();
-            idle.sort();
-            for (_, k) in idle.into_iter().take(over) {
+            if over < idle.len() {
+                idle.select_nth_unstable(over);
+                idle.truncate(over);
+            }
+            for (_, k) in idle {
                 self.req.keys.remove(&k);
             }
         }
+        self.req.forget_at = self.req.keys.len() + (cap / 4).max(1);
         self.req.ready.retain(|k| self.req.keys.contains_key(k));
         self.req.carried.retain(|k| self.req.keys.contains_key(k));
         self.req
@@ -1116,39 +1124,45 @@ impl Core {
     /// waiting key at every event cost time quadratic in the keys queued (thousands when a
     /// whole tree's manifests are wanted). The second run is why a reader's want goes out
     /// in the event that made it, however many keys wait on a full window before it.
+    ///
+    /// The keys a run did not look at stay where they are in `carried` (only those looked
+    /// at and the fresh ones move): thousands may wait, and moving them all at every event
+    /// cost time quadratic in them too.
     pub(super) fn pump(&mut self, now: Time) {
-        let carried = std::mem::take(&mut self.req.carried);
         let fresh = std::mem::take(&mut self.req.ready);
+        let mut carried = std::mem::take(&mut self.req.carried);
         // (Keys that cannot go are pushed back into `ready` as they are looked at.)
-        let carried_left = self.pump_run(now, carried);
+        self.pump_run(now, &mut carried);
         let carried_waiting = std::mem::take(&mut self.req.ready);
-        let fresh_left = self.pump_run(now, fresh);
+        let mut fresh = VecDeque::from(fresh);
+        self.pump_run(now, &mut fresh);
         let fresh_waiting = std::mem::take(&mut self.req.ready);
-        let mut next = carried_waiting;
-        next.extend(carried_left);
-        next.extend(fresh_waiting);
-        next.extend(fresh_left);
-        self.req.carried = next;
+        // Next: the carried keys looked at (in their order), those not looked at, then
+        // the fresh ones likewise.
+        for key in carried_waiting.into_iter().rev() {
+            carried.push_front(key);
+        }
+        carried.extend(fresh_waiting);
+        carried.extend(fresh);
+        self.req.carried = carried;
     }
 
-    /// Looks at `keys` in order until [`IDLE_KEYS`] in a row had nothing that could go;
-    /// returns those not looked at (still ready).
-    fn pump_run(&mut self, now: Time, keys: Vec<Cid>) -> Vec<Cid> {
+    /// Looks at keys from the front of `keys` until [`IDLE_KEYS`] in a row had nothing that
+    /// could go; those not looked at stay in `keys` (still ready).
+    fn pump_run(&mut self, now: Time, keys: &mut VecDeque<Cid>) {
         let mut idle_in_a_row = 0;
-        let mut keys = keys.into_iter();
-        for key in keys.by_ref() {
+        while idle_in_a_row < IDLE_KEYS {
+            let Some(key) = keys.pop_front() else { break };
+            // (Every key listed is ready, once; a key that is not was looked at already.)
+            if !self.req.keys.get(&key).is_some_and(|ks| ks.ready) {
+                continue;
+            }
             if self.pump_one(now, key) {
                 idle_in_a_row = 0;
             } else {
                 idle_in_a_row += 1;
-                if idle_in_a_row >= IDLE_KEYS {
-                    break;
-                }
             }
         }
-        // (Their `ready` is still set: nothing pushed them again meanwhile.)
-        keys.filter(|k| self.req.keys.get(k).is_some_and(|ks| ks.ready))
-            .collect()
     }
 
     /// Looks at one ready key; whether anything was done for it.
