@@ -142,7 +142,9 @@ enum Ev {
     Opened(usize, StreamId),
     /// A batch of answers to a reader is written.
     Written(usize, u64, BatchId, StreamId, Vec<Message>),
-    Checked(PeerId, BlockAddress, Result<Bytes, Rejected>),
+    /// The checks of deliveries, as the node's shell reports them: those of one message
+    /// together, or (half of the time, to cover both) one by one.
+    Checked(Vec<(PeerId, BlockAddress, Result<Bytes, Rejected>)>),
     LookupFound(Cid, Vec<PeerId>),
     LookupDone(Cid),
     Vanish(usize),
@@ -227,6 +229,8 @@ struct Sim {
     /// Deliveries the node asked us to check: (peer, address) → bytes are right.
     delivered: u64,
     failed: u64,
+    /// Checks of deliveries asked by the actions being carried out (reported after them).
+    checks: Vec<(PeerId, BlockAddress, Result<Bytes, Rejected>)>,
 }
 
 const STARVE_BOUND: Duration = Duration::from_secs(60);
@@ -343,6 +347,7 @@ impl Sim {
         let mut sim = Self {
             seed,
             rng,
+            checks: Vec::new(),
             now: Duration::from_secs(1),
             core,
             queue: BinaryHeap::new(),
@@ -640,8 +645,13 @@ impl Sim {
                     self.peer_receives(p, m);
                 }
             }
-            Ev::Checked(peer, address, result) => {
-                self.core.delivery_checked(self.now, peer, &address, result);
+            Ev::Checked(mut checked) => {
+                if checked.len() == 1 {
+                    let (peer, address, result) = checked.remove(0);
+                    self.core.delivery_checked(self.now, peer, &address, result);
+                } else {
+                    self.core.deliveries_checked(self.now, checked);
+                }
             }
             Ev::LookupFound(key, peers) => self.core.lookup_found(self.now, key, &peers),
             Ev::LookupDone(key) => self.core.lookup_done(self.now, key),
@@ -1008,6 +1018,19 @@ impl Sim {
         while let Some(action) = self.core.poll_action() {
             self.act(action);
         }
+        let checks = std::mem::take(&mut self.checks);
+        if checks.is_empty() {
+            return;
+        }
+        if self.rng.random_bool(0.5) {
+            let delay = ms(self.rng.random_range(0..3));
+            self.at(delay, Ev::Checked(checks));
+        } else {
+            for check in checks {
+                let delay = ms(self.rng.random_range(0..3));
+                self.at(delay, Ev::Checked(vec![check]));
+            }
+        }
     }
 
     fn act(&mut self, action: Action) {
@@ -1143,8 +1166,7 @@ impl Sim {
                 if !right && self.peers[p].kind != Kind::Liar {
                     self.fail(format!("an honest peer {p} sent wrong bytes?"));
                 }
-                let delay = ms(self.rng.random_range(0..3));
-                self.at(delay, Ev::Checked(peer, delivery.address, result));
+                self.checks.push((peer, delivery.address, result));
             }
             Action::Lookup { key } => {
                 // Found: the peers that have any of the key and are online (advertised).

@@ -509,10 +509,12 @@ impl Exchange {
             self.storing.fetch_add(1, Ordering::SeqCst);
         }
         self.with_core(|i, now| {
-            for (peer, address, r) in results {
-                i.core
-                    .delivery_checked(now, peer, &address, r.map(|v| v.data));
-            }
+            i.core.deliveries_checked(
+                now,
+                results
+                    .into_iter()
+                    .map(|(peer, address, r)| (peer, address, r.map(|v| v.data))),
+            );
         });
         if storing {
             let ex = self.clone();

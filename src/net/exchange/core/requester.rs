@@ -530,6 +530,30 @@ impl Core {
         address: &BlockAddress,
         result: Result<Bytes, Rejected>,
     ) {
+        self.one_delivery_checked(now, peer, address, result);
+        self.after_event(now);
+    }
+
+    /// [`Self::delivery_checked`] for the deliveries of one check (a message's blocks), as
+    /// one event: the wants they free room for are asked once, in one message per peer.
+    pub fn deliveries_checked(
+        &mut self,
+        now: Time,
+        checked: impl IntoIterator<Item = (PeerId, BlockAddress, Result<Bytes, Rejected>)>,
+    ) {
+        for (peer, address, result) in checked {
+            self.one_delivery_checked(now, peer, &address, result);
+        }
+        self.after_event(now);
+    }
+
+    fn one_delivery_checked(
+        &mut self,
+        now: Time,
+        peer: PeerId,
+        address: &BlockAddress,
+        result: Result<Bytes, Rejected>,
+    ) {
         let k = self.req.by_address.get(address).copied();
         let checking = k
             .and_then(|k| self.req.want(k))
@@ -561,7 +585,6 @@ impl Core {
                 self.ban(now, peer);
             }
         }
-        self.after_event(now);
     }
 
     // ---- inside ----
