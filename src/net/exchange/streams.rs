@@ -191,6 +191,9 @@ struct OutboxState {
     leftover: Option<Vec<u8>>,
     /// What was written to a young stream, to write again should the peer drop it.
     replay: Vec<u8>,
+    /// The replay grew past [`MAX_REPLAY_BYTES`] on this stream: nothing more is kept (a
+    /// replay of what came after would skip what came before).
+    replay_given_up: bool,
     opened: Option<Instant>,
     /// The core closed the stream: the task writes what is queued and ends.
     closed: bool,
@@ -200,15 +203,17 @@ struct OutboxState {
 
 impl OutboxState {
     fn young(&self) -> bool {
-        self.opened.is_some_and(|t| t.elapsed() < YOUNG_STREAM)
-            && self.replay.len() <= MAX_REPLAY_BYTES
+        !self.replay_given_up && self.opened.is_some_and(|t| t.elapsed() < YOUNG_STREAM)
     }
 
-    /// Keeps `bytes` for a replay while the stream is young; lets the replay go after.
+    /// Keeps `bytes` for a replay while the stream is young and the replay small; lets the
+    /// replay go after, for the rest of the stream. (Starting it again once let go copied
+    /// every byte of a fast stream's first seconds into a growing buffer.)
     fn record(&mut self, bytes: &[u8]) {
-        if self.young() {
+        if self.young() && self.replay.len() + bytes.len() <= MAX_REPLAY_BYTES {
             self.replay.extend_from_slice(bytes);
-        } else if !self.replay.is_empty() {
+        } else if !self.replay_given_up {
+            self.replay_given_up = true;
             self.replay = Vec::new();
         }
     }
@@ -613,5 +618,29 @@ mod tests {
             "what came first is kept"
         );
         assert!(matches!(r.next_batch().await, Err(ReadEnd::Bad(_))));
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_past_its_limit_is_let_go_for_the_rest_of_the_stream() {
+        let mut st = OutboxState {
+            opened: Some(Instant::now()),
+            ..Default::default()
+        };
+        let chunk = vec![7u8; MAX_REPLAY_BYTES / 8];
+        for _ in 0..8 {
+            st.record(&chunk);
+        }
+        assert_eq!(st.replay.len(), MAX_REPLAY_BYTES);
+        assert!(st.young(), "a full replay can still be written again");
+        st.record(&chunk);
+        assert!(st.replay.is_empty());
+        assert!(!st.young(), "past the limit the stream is not replayable");
+        st.record(&chunk);
+        assert!(st.replay.is_empty(), "recording does not start again");
     }
 }
