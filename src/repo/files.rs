@@ -352,13 +352,47 @@ pub fn trim_to(file: &File, data_len: u64) -> Result<()> {
     if len > data_len {
         let mut tail = Vec::new();
         read_zero_filled(file, data_len, (len - data_len) as usize, &mut tail)?;
-        if tail.iter().all(|&b| b == 0) {
+        if all_zero(&tail) {
             file.set_len(data_len)?;
         }
     } else if len < data_len {
         file.set_len(data_len)?;
     }
     Ok(())
+}
+
+/// `run` (leaves written from `offset` of a data file) without its bytes past the data's
+/// length `data_len` when they are all zero: the padding of the last block is implied, not
+/// stored, so a small file's one leaf puts its bytes in the page cache, not 64 KiB that
+/// the completion would read back and cut. Non-zero bytes there stay (as `trim_to` keeps
+/// them).
+pub fn without_implied_padding<'a>(run: &[&'a [u8]], offset: u64, data_len: u64) -> Vec<&'a [u8]> {
+    let total: u64 = run.iter().map(|p| p.len() as u64).sum();
+    if offset + total <= data_len {
+        return run.to_vec();
+    }
+    let keep = data_len.saturating_sub(offset);
+    let mut out = Vec::with_capacity(run.len());
+    let mut at = 0u64;
+    for part in run {
+        let len = part.len() as u64;
+        let cut = keep.saturating_sub(at).min(len) as usize;
+        if !all_zero(&part[cut..]) {
+            return run.to_vec();
+        }
+        if cut > 0 {
+            out.push(&part[..cut]);
+        }
+        at += len;
+    }
+    out
+}
+
+/// Whether `b` holds only zero bytes (compared a page at a time: `memcmp` is vectorised, a
+/// byte loop is not).
+fn all_zero(b: &[u8]) -> bool {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    b.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }
 
 /// Writes `data` at `offset`, starting writeback of each whole [`WRITEBACK_BYTES`] span it
@@ -427,4 +461,36 @@ pub fn write_run_at(file: &File, parts: &[&[u8]], offset: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod padding_tests {
+    use super::without_implied_padding;
+
+    #[test]
+    fn zero_padding_past_the_data_is_not_written() {
+        let a = vec![1u8; 8];
+        let mut b = vec![0u8; 8];
+        b[..3].copy_from_slice(&[7, 7, 7]);
+        let run = [&a[..], &b[..]];
+        // Data ends 3 bytes into the second leaf.
+        assert_eq!(
+            without_implied_padding(&run, 16, 16 + 11),
+            vec![&a[..], &b[..3]]
+        );
+        // All within the data: unchanged.
+        assert_eq!(without_implied_padding(&run, 0, 100), run.to_vec());
+        // A whole zero leaf past the data goes.
+        let z = vec![0u8; 8];
+        assert_eq!(
+            without_implied_padding(&[&a[..], &z[..]], 0, 8),
+            vec![&a[..]]
+        );
+        // Non-zero bytes past the data: written as they are.
+        b[5] = 1;
+        let run = [&a[..], &b[..]];
+        assert_eq!(without_implied_padding(&run, 0, 11), run.to_vec());
+        // Nothing of the run is data.
+        assert!(without_implied_padding(&[&z[..]], 64, 10).is_empty());
+    }
 }
