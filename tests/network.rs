@@ -432,3 +432,28 @@ fn our_own_dials_pass_the_peer_limit() {
     );
     assert!(std::fs::read(&out).unwrap() == bytes);
 }
+
+/// libp2p's in-memory record store holds 1,024 provider keys: a node with 600 files (1,200
+/// dataset keys and the tree's top) could not advertise, nor answer for, those past it.
+/// Every key is advertised (at the advertiser's rate), and a node that knows only the
+/// bootstrap peer reads the last file.
+#[test]
+fn a_node_with_more_keys_than_kademlias_default_store_advertises_them_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    for i in 0..600 {
+        std::fs::write(tree.join(format!("f{i:03}")), format!("file {i}\n")).unwrap();
+    }
+    let a_data = tmp.path().join("a");
+    let top = upload(&a_data, &tree);
+    let b = peer(&tmp.path().join("b"), None, None, &[]);
+    let a = peer(&a_data, None, Some(&b.addr()), &[]);
+    a.log
+        .wait_for_within("advertised all 1201 keys", Duration::from_secs(90));
+    let mnt = tmp.path().join("mnt");
+    let c = peer(&tmp.path().join("c"), Some(&mnt), Some(&b.addr()), &[]);
+    let read = std::fs::read(mnt.join(&top).join("f599"))
+        .unwrap_or_else(|e| panic!("reading through the mount: {e}\nC:\n{}", c.log.text()));
+    assert_eq!(read, b"file 599\n");
+}

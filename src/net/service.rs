@@ -1,14 +1,18 @@
 //! Brings the network up for a node: key, swarm, exchange, network store, and the task
 //! that advertises the node's datasets (manifest CID and treeCid, never single blocks).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
+
+use cid::Cid;
 
 use super::exchange::Exchange;
 use super::store::NetworkStore;
 use super::swarm::{self, NetConfig, NetHandle};
 use crate::error::Result;
 use crate::node::Node;
+use crate::repo::RepoStore;
 
 pub struct Network {
     pub handle: NetHandle,
@@ -34,25 +38,20 @@ pub fn start(
     let (repo, h) = (node.repo().clone(), handle.clone());
     runtime.spawn(async move {
         let mut tick = tokio::time::interval(ADVERTISE_EVERY);
+        // Datasets already handed to the swarm: a tick reads the manifests of new ones only.
+        let mut seen: HashSet<Cid> = HashSet::new();
         loop {
             tick.tick().await;
-            let repo = repo.clone();
-            let Ok(Ok((datasets, tops))) = tokio::task::spawn_blocking(move || {
-                Ok::<_, crate::Error>((repo.datasets()?, repo.top_directories()?))
-            })
-            .await
+            let (repo, known) = (repo.clone(), std::mem::take(&mut seen));
+            let Ok((found, known)) =
+                tokio::task::spawn_blocking(move || new_keys(&repo, known)).await
             else {
                 continue;
             };
-            for (cid, manifest) in datasets {
-                // The swarm task remembers what it provides; repeats cost nothing.
-                h.provide(&cid.to_bytes());
-                h.provide(&manifest.tree_cid.to_bytes());
-            }
-            // Directories: only the tops of trees (walks ask their providers for the rest).
-            for cid in tops {
-                h.provide(&cid.to_bytes());
-            }
+            seen = known;
+            let Ok(keys) = found else { continue };
+            // The swarm task remembers what it provides; repeats cost nothing.
+            h.provide(keys.iter().map(|k| k.to_bytes()));
         }
     });
     Ok(Network {
@@ -60,4 +59,27 @@ pub fn start(
         exchange,
         store,
     })
+}
+
+/// The keys to advertise that `seen` does not cover: the tops of trees first (what a walk
+/// or a reader of a tree looks up), then each new dataset's manifest CID and treeCid.
+/// Returns `seen` with the new datasets added.
+fn new_keys(repo: &RepoStore, mut seen: HashSet<Cid>) -> (Result<Vec<Cid>>, HashSet<Cid>) {
+    let keys = (|| {
+        let mut keys = repo.top_directories()?;
+        for cid in repo.dataset_cids()? {
+            if seen.contains(&cid) {
+                continue;
+            }
+            // Deleted since it was listed: nothing to advertise.
+            let Some(manifest) = repo.manifest(&cid)? else {
+                continue;
+            };
+            keys.push(cid);
+            keys.push(manifest.tree_cid);
+            seen.insert(cid);
+        }
+        Ok(keys)
+    })();
+    (keys, seen)
 }

@@ -10,13 +10,16 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::identity::Keypair;
-use libp2p::kad::{self, store::MemoryStore, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p::kad::store::RecordStore;
+use libp2p::kad::{self, GetProvidersOk, ProviderRecord, QueryId, QueryResult, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, mdns, ping, Multiaddr, PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 
+use super::advertise::Advertiser;
+use super::kad_store::ProviderStore;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -37,7 +40,7 @@ const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     stream: libp2p_stream::Behaviour,
-    kad: kad::Behaviour<MemoryStore>,
+    kad: kad::Behaviour<ProviderStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -51,7 +54,8 @@ pub enum PeerEvent {
 }
 
 enum Command {
-    Provide(RecordKey),
+    /// Keys to provide, all that one look at the repo found (known ones cost nothing).
+    Provide(Vec<RecordKey>),
     /// Providers as the query finds them; the channel closes when it ends.
     FindProviders(RecordKey, mpsc::UnboundedSender<Vec<PeerId>>),
     Dial(PeerId),
@@ -85,9 +89,11 @@ pub struct NetHandle {
 }
 
 impl NetHandle {
-    /// Advertises that this node provides `key` (a manifest CID or a treeCid).
-    pub fn provide(&self, key: &[u8]) {
-        let _ = self.commands.send(Command::Provide(RecordKey::new(&key)));
+    /// Advertises that this node provides `keys` (manifest CIDs, treeCids, tops of trees).
+    /// "advertised all N keys" is logged when the query of every key given so far ended.
+    pub fn provide(&self, keys: impl IntoIterator<Item = Vec<u8>>) {
+        let keys = keys.into_iter().map(|k| RecordKey::new(&k)).collect();
+        let _ = self.commands.send(Command::Provide(keys));
     }
 
     /// Peers that advertised `key`, found through Kademlia (waits at most `timeout`).
@@ -294,7 +300,10 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
             let id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
             kad_config.set_query_timeout(Duration::from_secs(20));
-            let mut kad = kad::Behaviour::with_config(id, MemoryStore::new(id), kad_config);
+            // Records are put again by the Advertiser (hourly, at its rate), not by kad's
+            // own republish of every key at once.
+            kad_config.set_provider_publication_interval(None);
+            let mut kad = kad::Behaviour::with_config(id, ProviderStore::new(id), kad_config);
             kad.set_mode(Some(kad::Mode::Server));
             let mdns = if mdns_on {
                 mdns::tokio::Behaviour::new(mdns::Config::default(), id).ok()
@@ -364,24 +373,34 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
         // the last one is closed or a new one is accepted.
         let mut closing: HashSet<PeerId> = HashSet::new();
         let mut reprovide = tokio::time::interval(Duration::from_secs(3600));
-        let mut provided: HashSet<RecordKey> = HashSet::new();
-        // Keys whose provider record reached at least one peer.
-        let mut advertised: HashSet<RecordKey> = HashSet::new();
+        reprovide.tick().await;
+        let mut advertiser: Advertiser<RecordKey> = Advertiser::new(Instant::now());
+        // Provide queries running, by id.
+        let mut providing: HashMap<QueryId, RecordKey> = HashMap::new();
         // Records are put on the peers known when providing starts: when new peers come,
-        // provide again (at most once a second), so a node that advertised before its
-        // bootstrap connection was up is still found.
+        // the records that reached no one go out again (at most once a second), so a node
+        // that advertised before its bootstrap connection was up is still found.
         let mut soon = tokio::time::interval(Duration::from_secs(1));
         let mut new_peers = false;
+        // Wakes the advertiser while keys wait for its rate.
+        let mut pace = tokio::time::interval(Duration::from_millis(50));
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 command = command_rx.recv() => {
                     let Some(command) = command else { break };
                     let kad = &mut swarm.behaviour_mut().kad;
                     match command {
-                        Command::Provide(key) => {
-                            if provided.insert(key.clone()) {
-                                let _ = kad.start_providing(key);
+                        Command::Provide(keys) => {
+                            for key in keys {
+                                if advertiser.add(key.clone()) {
+                                    // Answered for at once; put on peers at the advertiser's pace.
+                                    if let Err(e) = kad.store_mut().add_provider(ProviderRecord::new(key, peer_id, Vec::new())) {
+                                        tracing::warn!("cannot record a provided key: {e}");
+                                    }
+                                }
                             }
+                            start_provides(kad, &mut advertiser, &mut providing);
                         }
                         Command::FindProviders(key, reply) => {
                             let id = kad.get_providers(key);
@@ -438,15 +457,16 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
                 _ = soon.tick() => {
                     if new_peers {
                         new_peers = false;
-                        for key in &provided {
-                            let _ = swarm.behaviour_mut().kad.start_providing(key.clone());
-                        }
+                        advertiser.peers_came();
+                        start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing);
                     }
                 }
                 _ = reprovide.tick() => {
-                    for key in &provided {
-                        let _ = swarm.behaviour_mut().kad.start_providing(key.clone());
-                    }
+                    advertiser.reprovide_all();
+                    start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing);
+                }
+                _ = pace.tick(), if advertiser.waiting() > 0 => {
+                    start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing);
                 }
                 event = swarm.select_next_some() => match event {
                     SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
@@ -536,10 +556,15 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
                         }
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                        result: QueryResult::StartProviding(Ok(kad::AddProviderOk { key })), ..
+                        id, result: QueryResult::StartProviding(_), stats, ..
                     })) => {
-                        if advertised.insert(key) && advertised.len() >= provided.len() {
-                            eprintln!("codexfs: advertised all {} keys", advertised.len());
+                        if let Some(key) = providing.remove(&id) {
+                            // Any answer (the closest peers asked, the record sent) is a peer
+                            // reached; with no peer at all the query asks no one.
+                            if let Some(n) = advertiser.finished(key, stats.num_successes() > 0) {
+                                eprintln!("codexfs: advertised all {n} keys");
+                            }
+                            start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing);
                         }
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. })) => {
@@ -581,6 +606,25 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
         events: events_rx,
         incoming,
     })
+}
+
+/// Starts the provide queries the advertiser lets go now.
+fn start_provides(
+    kad: &mut kad::Behaviour<ProviderStore>,
+    advertiser: &mut Advertiser<RecordKey>,
+    providing: &mut HashMap<QueryId, RecordKey>,
+) {
+    while let Some(key) = advertiser.next(Instant::now()) {
+        match kad.start_providing(key.clone()) {
+            Ok(id) => {
+                providing.insert(id, key);
+            }
+            Err(e) => {
+                tracing::warn!("cannot provide a key: {e}");
+                advertiser.finished(key, false);
+            }
+        }
+    }
 }
 
 pub fn protocol() -> StreamProtocol {

@@ -429,6 +429,19 @@ impl RepoStore {
             .is_some())
     }
 
+    /// The CIDs of every dataset stored here, in byte order (no manifest read).
+    pub fn dataset_cids(&self) -> Result<Vec<Cid>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_DATASETS), IteratorMode::Start)
+        {
+            let (k, _) = item?;
+            out.push(cid_from_bytes(&k, "dataset key")?);
+        }
+        Ok(out)
+    }
+
     /// Every dataset stored here, in CID byte order.
     pub fn datasets(&self) -> Result<Vec<(Cid, Manifest)>> {
         let mut out = Vec::new();

@@ -1,0 +1,222 @@
+//! Which provider records go out to the network, and how fast (sans-IO: the swarm task
+//! feeds it keys, peer arrivals and query results, and starts the queries it hands out).
+//!
+//! A node answers for every key it provides as soon as it has it (its own record store,
+//! see `kad_store`); putting the record on the peers closest to the key is a Kademlia query
+//! per key. A tree of 8,000 files is 16,000 keys: started all at once, their queries took
+//! the CPU of both ends from the reads they were there for. So queries start at a bounded
+//! rate ([`RATE`] a second, bursts of [`BURST`]) with at most [`IN_FLIGHT`] running, in the
+//! order the keys came. When new peers connect, only the keys whose record reached no peer
+//! yet go out again; every key goes out again on the hourly re-provide.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+/// Queries started per second, at most (after a burst).
+pub const RATE: f64 = 128.0;
+/// Queries that may start at once after a quiet spell.
+pub const BURST: f64 = 64.0;
+/// Queries running at once, at most.
+pub const IN_FLIGHT: usize = 32;
+
+pub struct Advertiser<K> {
+    known: HashSet<K>,
+    queue: VecDeque<K>,
+    queued: HashSet<K>,
+    in_flight: usize,
+    /// Keys whose first query finished (reached a peer or not).
+    done_once: HashSet<K>,
+    /// Keys whose record reached at least one peer.
+    reached: HashSet<K>,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl<K: Clone + Eq + Hash> Advertiser<K> {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            known: HashSet::new(),
+            queue: VecDeque::new(),
+            queued: HashSet::new(),
+            in_flight: 0,
+            done_once: HashSet::new(),
+            reached: HashSet::new(),
+            tokens: BURST,
+            refilled: now,
+        }
+    }
+
+    /// A key to provide; false if it was known (nothing to do).
+    pub fn add(&mut self, key: K) -> bool {
+        if !self.known.insert(key.clone()) {
+            return false;
+        }
+        self.enqueue(key);
+        true
+    }
+
+    /// New peers are connected: the records that reached no one go out again.
+    pub fn peers_came(&mut self) {
+        let again: Vec<K> = self
+            .known
+            .iter()
+            .filter(|k| !self.reached.contains(*k) && !self.queued.contains(*k))
+            .cloned()
+            .collect();
+        for k in again {
+            self.enqueue(k);
+        }
+    }
+
+    /// Every record goes out again (records expire on the peers that hold them).
+    pub fn reprovide_all(&mut self) {
+        let again: Vec<K> = self
+            .known
+            .iter()
+            .filter(|k| !self.queued.contains(*k))
+            .cloned()
+            .collect();
+        for k in again {
+            self.enqueue(k);
+        }
+    }
+
+    /// The next key whose query may start now, if any (the caller starts it and reports
+    /// its end with [`Self::finished`]).
+    pub fn next(&mut self, now: Instant) -> Option<K> {
+        if self.queue.is_empty() || self.in_flight >= IN_FLIGHT {
+            return None;
+        }
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * RATE).min(BURST);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return None;
+        }
+        let key = self.queue.pop_front()?;
+        self.queued.remove(&key);
+        self.tokens -= 1.0;
+        self.in_flight += 1;
+        Some(key)
+    }
+
+    /// The query of `key` ended; `reached`: its record was put on at least one peer.
+    /// Returns the number of keys when this was the last of them to finish its first query.
+    pub fn finished(&mut self, key: K, reached: bool) -> Option<usize> {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if reached {
+            self.reached.insert(key.clone());
+        }
+        let first = self.done_once.insert(key);
+        (first && self.done_once.len() >= self.known.len()).then_some(self.known.len())
+    }
+
+    /// How long until [`Self::next`] may give a key, if one is waiting for the rate.
+    pub fn wait(&self) -> Option<Duration> {
+        if self.queue.is_empty() || self.in_flight >= IN_FLIGHT || self.tokens >= 1.0 {
+            return None;
+        }
+        Some(Duration::from_secs_f64((1.0 - self.tokens) / RATE))
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn enqueue(&mut self, key: K) {
+        if self.queued.insert(key.clone()) {
+            self.queue.push_back(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Starts every key `next` gives at `now`.
+    fn start_all(a: &mut Advertiser<u32>, now: Instant) -> Vec<u32> {
+        std::iter::from_fn(|| a.next(now)).collect()
+    }
+
+    #[test]
+    fn keys_start_in_order_at_the_rate_with_a_bounded_number_running() {
+        let t0 = Instant::now();
+        let mut a = Advertiser::new(t0);
+        for k in 0..1_000 {
+            assert!(a.add(k));
+        }
+        assert!(!a.add(3), "a known key is not queued again");
+        // Never more than IN_FLIGHT running.
+        let first = start_all(&mut a, t0);
+        assert_eq!(first, (0..IN_FLIGHT as u32).collect::<Vec<_>>());
+        // Ending them frees room, but the burst is spent down to BURST - IN_FLIGHT.
+        for k in first {
+            a.finished(k, true);
+        }
+        let more = start_all(&mut a, t0);
+        assert_eq!(more.len(), BURST as usize - IN_FLIGHT);
+        assert_eq!(more[0], IN_FLIGHT as u32);
+        for k in more {
+            a.finished(k, true);
+        }
+        assert!(a.next(t0).is_none(), "the burst is spent");
+        let wait = a.wait().expect("waiting for the rate");
+        assert!(wait <= Duration::from_secs_f64(1.0 / RATE) + Duration::from_micros(1));
+        // A second later, at most RATE more (and never more than IN_FLIGHT at once).
+        let t1 = t0 + Duration::from_secs(1);
+        let mut started = 0;
+        loop {
+            let batch = start_all(&mut a, t1);
+            if batch.is_empty() {
+                break;
+            }
+            started += batch.len();
+            for k in batch {
+                a.finished(k, true);
+            }
+        }
+        assert!(started <= BURST as usize && started > 0, "{started}");
+        assert_eq!(a.waiting(), 1_000 - BURST as usize - started);
+    }
+
+    #[test]
+    fn new_peers_send_again_only_what_reached_no_one_and_the_last_first_finish_is_told() {
+        let t0 = Instant::now();
+        let mut a = Advertiser::new(t0);
+        for k in 0..10 {
+            a.add(k);
+        }
+        let keys = start_all(&mut a, t0);
+        let mut told = None;
+        for k in keys {
+            // Keys 0..4 went out with no peer to take them.
+            if let Some(n) = a.finished(k, k >= 4) {
+                told = Some(n);
+            }
+        }
+        assert_eq!(
+            told,
+            Some(10),
+            "the last first finish is told, with the count"
+        );
+        a.peers_came();
+        let mut again = start_all(&mut a, t0);
+        again.sort();
+        assert_eq!(again, vec![0, 1, 2, 3]);
+        for k in 0..4 {
+            assert_eq!(
+                a.finished(k, true),
+                None,
+                "told once per key's first finish"
+            );
+        }
+        a.peers_came();
+        assert!(a.next(t0).is_none(), "every record reached a peer");
+        a.reprovide_all();
+        let mut again = start_all(&mut a, t0);
+        again.sort();
+        assert_eq!(again, (0..10).collect::<Vec<_>>());
+    }
+}
