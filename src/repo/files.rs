@@ -61,11 +61,39 @@ pub struct Files {
     /// Trees whose files were written since they were last synced (partial trees being
     /// fetched): synced at a clean close, before the open marker goes.
     dirty: Mutex<std::collections::HashSet<Vec<u8>>>,
+    /// Emptied upload files kept for the next uploads (see [`Self::discard_upload_file`]),
+    /// by number, and the next number.
+    spares: Mutex<(Vec<u64>, u64)>,
 }
 
 impl std::fmt::Debug for Files {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Files").field("dir", &self.dir).finish()
+    }
+}
+
+/// Emptied upload files kept for reuse, at most.
+pub const SPARE_UPLOADS: usize = 64;
+
+/// `rename(from, to)` that fails, changing nothing, if `to` exists.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -96,6 +124,7 @@ impl Files {
             durability: Durability::default(),
             crashed,
             dirty: Mutex::new(Default::default()),
+            spares: Mutex::new((Vec::new(), 0)),
         })
     }
 
@@ -125,6 +154,63 @@ impl Files {
             Part::Parity => format!("{upload}{PARITY_SUFFIX}"),
         };
         self.dir.join(UPLOADS).join(name)
+    }
+
+    /// Gives up an upload's file: emptied and kept (up to [`SPARE_UPLOADS`]) for a later
+    /// upload to take with [`Self::take_spare_upload_file`], else removed. The upload of a
+    /// file whose bytes are stored already (a duplicate) gives its file up at the commit;
+    /// removing it freed an inode, and this VM's ext4 has no journal, so every inode
+    /// created in the next 60–360 s scanned past each one freed (`recently_deleted` in
+    /// fs/ext4/ialloc.c): a tree with a quarter of duplicates slowed every later copy.
+    /// A file with other links (an upload's hard link to a tree's file) is only unlinked.
+    pub fn discard_upload_file(&self, path: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if meta.nlink() == 1 && meta.is_file() {
+            let mut spares = lock(&self.spares);
+            if spares.0.len() < SPARE_UPLOADS {
+                let n = spares.1;
+                let kept = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(0))
+                    .and_then(|()| std::fs::rename(path, self.spare_path(n)));
+                if kept.is_ok() {
+                    spares.0.push(n);
+                    spares.1 += 1;
+                    return Ok(());
+                }
+            }
+        }
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes an empty spare upload file (see [`Self::discard_upload_file`]) the file at
+    /// `to`, if there is one and nothing is at `to`; false otherwise (the caller creates
+    /// the file).
+    pub fn take_spare_upload_file(&self, to: &Path) -> bool {
+        let Some(n) = lock(&self.spares).0.pop() else {
+            return false;
+        };
+        let from = self.spare_path(n);
+        match rename_noreplace(&from, to) {
+            Ok(()) => true,
+            Err(_) => {
+                let _ = std::fs::remove_file(&from);
+                false
+            }
+        }
+    }
+
+    fn spare_path(&self, n: u64) -> PathBuf {
+        self.dir.join(UPLOADS).join(format!("spare-{n}"))
     }
 
     /// The tree a file in `trees/` belongs to, and which of its files it is; `None` for a
@@ -492,5 +578,76 @@ mod padding_tests {
         assert_eq!(without_implied_padding(&run, 0, 11), run.to_vec());
         // Nothing of the run is data.
         assert!(without_implied_padding(&[&z[..]], 64, 10).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod spare_tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_given_up_upload_file_is_emptied_and_taken_by_the_next_upload_not_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::open(dir.path()).unwrap();
+        let (first, second) = (
+            files.upload_path(1, Part::Data),
+            files.upload_path(2, Part::Data),
+        );
+        std::fs::write(&first, b"bytes of a duplicate").unwrap();
+        let inode = std::fs::metadata(&first).unwrap().ino();
+        files.discard_upload_file(&first).unwrap();
+        assert!(!first.exists());
+        // Nothing there: a no-op.
+        files.discard_upload_file(&first).unwrap();
+
+        assert!(files.take_spare_upload_file(&second));
+        let meta = std::fs::metadata(&second).unwrap();
+        assert_eq!(
+            (meta.ino(), meta.len()),
+            (inode, 0),
+            "the same inode, emptied"
+        );
+        assert!(
+            !files.take_spare_upload_file(&files.upload_path(3, Part::Data)),
+            "none left"
+        );
+        let left: Vec<_> = std::fs::read_dir(files.uploads_dir()).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+    }
+
+    #[test]
+    fn a_linked_upload_file_is_only_unlinked_and_a_spare_never_replaces_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::open(dir.path()).unwrap();
+        let tree_file = dir.path().join(TREES).join("a-tree");
+        std::fs::write(&tree_file, b"a stored tree's bytes").unwrap();
+        let linked = files.upload_path(1, Part::Data);
+        std::fs::hard_link(&tree_file, &linked).unwrap();
+        files.discard_upload_file(&linked).unwrap();
+        assert!(!linked.exists());
+        assert_eq!(std::fs::read(&tree_file).unwrap(), b"a stored tree's bytes");
+        assert!(!files.take_spare_upload_file(&linked), "it was not kept");
+
+        let spare = files.upload_path(2, Part::Data);
+        std::fs::write(&spare, b"x").unwrap();
+        files.discard_upload_file(&spare).unwrap();
+        let taken = files.upload_path(3, Part::Data);
+        std::fs::write(&taken, b"an upload's own bytes").unwrap();
+        assert!(!files.take_spare_upload_file(&taken));
+        assert_eq!(std::fs::read(&taken).unwrap(), b"an upload's own bytes");
+    }
+
+    #[test]
+    fn at_most_spare_uploads_files_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::open(dir.path()).unwrap();
+        for id in 0..SPARE_UPLOADS as u64 + 5 {
+            let p = files.upload_path(id, Part::Data);
+            std::fs::write(&p, b"x").unwrap();
+            files.discard_upload_file(&p).unwrap();
+        }
+        let kept = std::fs::read_dir(files.uploads_dir()).unwrap().count();
+        assert_eq!(kept, SPARE_UPLOADS);
     }
 }

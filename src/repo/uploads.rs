@@ -77,11 +77,8 @@ impl RepoStore {
             t.commit(&mut counters, false)?;
         }
         for part in [Part::Data, Part::Parity] {
-            match std::fs::remove_file(self.files.upload_path(id, part)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.files
+                .discard_upload_file(&self.files.upload_path(id, part))?;
         }
         Ok(())
     }
@@ -229,13 +226,16 @@ impl Upload<'_> {
         if let Some(f) = &files[i] {
             return Ok(f.clone());
         }
+        let path = self.repo.files.upload_path(self.id, part);
+        // An emptied file of an earlier upload if there is one (no inode made or freed).
+        self.repo.files.take_spare_upload_file(&path);
         let f = Arc::new(
             OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(self.repo.files.upload_path(self.id, part))?,
+                .open(&path)?,
         );
         files[i] = Some(f.clone());
         Ok(f)
