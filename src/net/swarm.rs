@@ -400,7 +400,7 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
                                     }
                                 }
                             }
-                            start_provides(kad, &mut advertiser, &mut providing);
+                            start_provides(kad, &mut advertiser, &mut providing, &board);
                         }
                         Command::FindProviders(key, reply) => {
                             let id = kad.get_providers(key);
@@ -458,15 +458,15 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
                     if new_peers {
                         new_peers = false;
                         advertiser.peers_came();
-                        start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing);
+                        start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing, &board);
                     }
                 }
                 _ = reprovide.tick() => {
                     advertiser.reprovide_all();
-                    start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing);
+                    start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing, &board);
                 }
                 _ = pace.tick(), if advertiser.waiting() > 0 => {
-                    start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing);
+                    start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing, &board);
                 }
                 event = swarm.select_next_some() => match event {
                     SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
@@ -564,7 +564,7 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
                             if let Some(n) = advertiser.finished(key, stats.num_successes() > 0) {
                                 eprintln!("codexfs: advertised all {n} keys");
                             }
-                            start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing);
+                            start_provides(&mut swarm.behaviour_mut().kad, &mut advertiser, &mut providing, &board);
                         }
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. })) => {
@@ -608,13 +608,26 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
     })
 }
 
+/// A peer sent exchange messages this recently: blocks are moving, advertising slows.
+const BUSY_WITHIN: Duration = Duration::from_secs(1);
+
 /// Starts the provide queries the advertiser lets go now.
 fn start_provides(
     kad: &mut kad::Behaviour<ProviderStore>,
     advertiser: &mut Advertiser<RecordKey>,
     providing: &mut HashMap<QueryId, RecordKey>,
+    activity: &Activity,
 ) {
-    while let Some(key) = advertiser.next(Instant::now()) {
+    if advertiser.waiting() == 0 {
+        return;
+    }
+    let now = Instant::now();
+    let busy = activity
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .any(|t| now.saturating_duration_since(*t) < BUSY_WITHIN);
+    while let Some(key) = advertiser.next(now, busy) {
         match kad.start_providing(key.clone()) {
             Ok(id) => {
                 providing.insert(id, key);
