@@ -59,6 +59,14 @@ impl<K: Clone + Eq + Hash> Advertiser<K> {
         true
     }
 
+    /// A key no longer provided: forgotten, and not started if it waits.
+    pub fn remove(&mut self, key: &K) {
+        self.known.remove(key);
+        self.queued.remove(key);
+        self.reached.remove(key);
+        self.done_once.remove(key);
+    }
+
     /// New peers are connected: the records that reached no one go out again.
     pub fn peers_came(&mut self) {
         let again: Vec<K> = self
@@ -103,8 +111,13 @@ impl<K: Clone + Eq + Hash> Advertiser<K> {
         if self.tokens < 1.0 {
             return None;
         }
-        let key = self.queue.pop_front()?;
-        self.queued.remove(&key);
+        // Keys removed while they waited are passed over.
+        let key = loop {
+            let key = self.queue.pop_front()?;
+            if self.queued.remove(&key) {
+                break key;
+            }
+        };
         self.tokens -= 1.0;
         self.in_flight += 1;
         Some(key)
@@ -114,6 +127,10 @@ impl<K: Clone + Eq + Hash> Advertiser<K> {
     /// Returns the number of keys when this was the last of them to finish its first query.
     pub fn finished(&mut self, key: K, reached: bool) -> Option<usize> {
         self.in_flight = self.in_flight.saturating_sub(1);
+        if !self.known.contains(&key) {
+            // Removed while its query ran.
+            return None;
+        }
         if reached {
             self.reached.insert(key.clone());
         }
@@ -227,6 +244,38 @@ mod tests {
         let mut again = start_all(&mut a, t0);
         again.sort();
         assert_eq!(again, (0..10).collect::<Vec<_>>());
+    }
+}
+
+#[cfg(test)]
+mod remove_tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_key_is_not_started_nor_counted() {
+        let t0 = Instant::now();
+        let mut a = Advertiser::new(t0);
+        for k in 0..40u32 {
+            a.add(k);
+        }
+        // 0..32 start; 35 is removed while it waits, 3 while its query runs.
+        let running: Vec<u32> = std::iter::from_fn(|| a.next(t0, false)).collect();
+        assert_eq!(running.len(), IN_FLIGHT);
+        a.remove(&35);
+        a.remove(&3);
+        let mut told = None;
+        for k in running {
+            told = told.or(a.finished(k, true));
+        }
+        let rest: Vec<u32> = std::iter::from_fn(|| a.next(t0, false)).collect();
+        assert_eq!(rest, vec![32, 33, 34, 36, 37, 38, 39]);
+        for k in rest {
+            told = told.or(a.finished(k, true));
+        }
+        assert_eq!(told, Some(38), "the keys left, all finished");
+        a.reprovide_all();
+        let again: Vec<u32> = std::iter::from_fn(|| a.next(t0, false)).collect();
+        assert!(!again.contains(&3) && !again.contains(&35) && again.len() <= 38);
     }
 }
 

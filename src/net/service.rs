@@ -1,7 +1,7 @@
 //! Brings the network up for a node: key, swarm, exchange, network store, and the task
 //! that advertises the node's datasets (manifest CID and treeCid, never single blocks).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,20 +38,28 @@ pub fn start(
     let (repo, h) = (node.repo().clone(), handle.clone());
     runtime.spawn(async move {
         let mut tick = tokio::time::interval(ADVERTISE_EVERY);
-        // Datasets already handed to the swarm: a tick reads the manifests of new ones only.
-        let mut seen: HashSet<Cid> = HashSet::new();
+        // What was handed to the swarm: a tick reads the manifests of new datasets only.
+        let mut advertised = Advertised::default();
         loop {
             tick.tick().await;
-            let (repo, known) = (repo.clone(), std::mem::take(&mut seen));
-            let Ok((found, known)) =
-                tokio::task::spawn_blocking(move || new_keys(&repo, known)).await
+            let (repo, mut state) = (repo.clone(), std::mem::take(&mut advertised));
+            let Ok((found, state)) = tokio::task::spawn_blocking(move || {
+                let found = state.update(&repo);
+                (found, state)
+            })
+            .await
             else {
                 continue;
             };
-            seen = known;
-            let Ok(keys) = found else { continue };
+            advertised = state;
+            let Ok((provide, withdraw)) = found else {
+                continue;
+            };
             // The swarm task remembers what it provides; repeats cost nothing.
-            h.provide(keys.iter().map(|k| k.to_bytes()));
+            h.provide(provide.iter().map(|k| k.to_bytes()));
+            if !withdraw.is_empty() {
+                h.withdraw(withdraw.iter().map(|k| k.to_bytes()));
+            }
         }
     });
     Ok(Network {
@@ -61,25 +69,92 @@ pub fn start(
     })
 }
 
-/// The keys to advertise that `seen` does not cover: the tops of trees first (what a walk
-/// or a reader of a tree looks up), then each new dataset's manifest CID and treeCid.
-/// Returns `seen` with the new datasets added.
-fn new_keys(repo: &RepoStore, mut seen: HashSet<Cid>) -> (Result<Vec<Cid>>, HashSet<Cid>) {
-    let keys = (|| {
-        let mut keys = repo.top_directories()?;
-        for cid in repo.dataset_cids()? {
-            if seen.contains(&cid) {
+/// The keys handed to the swarm: each dataset's manifest CID with its treeCid, the number
+/// of datasets per treeCid (datasets of the same bytes share it), and the tops of trees.
+#[derive(Default)]
+struct Advertised {
+    datasets: HashMap<Cid, Cid>,
+    trees: HashMap<Cid, usize>,
+    tops: HashSet<Cid>,
+}
+
+impl Advertised {
+    /// Brings this in line with the repo. Returns the keys to provide — the tops of trees
+    /// first (what a walk or a reader of a tree looks up), then each new dataset's
+    /// manifest CID and treeCid — and the keys to withdraw: those of datasets deleted since
+    /// (a treeCid once no dataset has it) and of tops no longer stored.
+    fn update(&mut self, repo: &RepoStore) -> Result<(Vec<Cid>, Vec<Cid>)> {
+        let tops: HashSet<Cid> = repo.top_directories()?.into_iter().collect();
+        let mut provide: Vec<Cid> = tops.iter().copied().collect();
+        let mut withdraw: Vec<Cid> = self.tops.difference(&tops).copied().collect();
+        self.tops = tops;
+        let stored: HashSet<Cid> = repo.dataset_cids()?.into_iter().collect();
+        for cid in &stored {
+            if self.datasets.contains_key(cid) {
                 continue;
             }
             // Deleted since it was listed: nothing to advertise.
-            let Some(manifest) = repo.manifest(&cid)? else {
+            let Some(manifest) = repo.manifest(cid)? else {
                 continue;
             };
-            keys.push(cid);
-            keys.push(manifest.tree_cid);
-            seen.insert(cid);
+            provide.push(*cid);
+            provide.push(manifest.tree_cid);
+            self.datasets.insert(*cid, manifest.tree_cid);
+            *self.trees.entry(manifest.tree_cid).or_default() += 1;
         }
-        Ok(keys)
-    })();
-    (keys, seen)
+        let gone: Vec<Cid> = self
+            .datasets
+            .keys()
+            .filter(|c| !stored.contains(*c))
+            .copied()
+            .collect();
+        for cid in gone {
+            withdraw.push(cid);
+            if let Some(tree) = self.datasets.remove(&cid) {
+                let n = self.trees.entry(tree).or_default();
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.trees.remove(&tree);
+                    withdraw.push(tree);
+                }
+            }
+        }
+        Ok((provide, withdraw))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{Node, NodeConfig};
+
+    #[test]
+    fn deleted_datasets_are_withdrawn_and_a_shared_tree_only_with_its_last_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(dir.path(), NodeConfig::default()).unwrap();
+        let bytes = vec![7u8; 100_000];
+        let a = node.store(&bytes[..], Some("a".into()), None).unwrap();
+        let b = node.store(&bytes[..], Some("b".into()), None).unwrap();
+        let c = node.store(&[1u8; 10][..], Some("c".into()), None).unwrap();
+        let tree = node.repo().manifest(&a).unwrap().unwrap().tree_cid;
+        let mut adv = Advertised::default();
+        let (provide, withdraw) = adv.update(node.repo()).unwrap();
+        for key in [a, b, c, tree] {
+            assert!(provide.contains(&key), "{key} not provided");
+        }
+        assert!(withdraw.is_empty());
+        // Nothing new: nothing to do.
+        assert_eq!(adv.update(node.repo()).unwrap(), (vec![], vec![]));
+
+        assert!(node.delete(&a).unwrap());
+        let (provide, withdraw) = adv.update(node.repo()).unwrap();
+        assert!(provide.is_empty());
+        assert_eq!(withdraw, vec![a], "b still has the tree");
+        assert!(node.delete(&b).unwrap());
+        let (_, mut withdraw) = adv.update(node.repo()).unwrap();
+        withdraw.sort();
+        let mut expected = vec![b, tree];
+        expected.sort();
+        assert_eq!(withdraw, expected);
+    }
 }

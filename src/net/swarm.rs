@@ -56,6 +56,8 @@ pub enum PeerEvent {
 enum Command {
     /// Keys to provide, all that one look at the repo found (known ones cost nothing).
     Provide(Vec<RecordKey>),
+    /// Keys no longer provided (datasets deleted): no longer answered for nor put again.
+    Withdraw(Vec<RecordKey>),
     /// Providers as the query finds them; the channel closes when it ends.
     FindProviders(RecordKey, mpsc::UnboundedSender<Vec<PeerId>>),
     Dial(PeerId),
@@ -94,6 +96,13 @@ impl NetHandle {
     pub fn provide(&self, keys: impl IntoIterator<Item = Vec<u8>>) {
         let keys = keys.into_iter().map(|k| RecordKey::new(&k)).collect();
         let _ = self.commands.send(Command::Provide(keys));
+    }
+
+    /// Stops advertising `keys`: this node no longer answers lookups of them with itself,
+    /// and puts no record of them again (those on peers expire).
+    pub fn withdraw(&self, keys: impl IntoIterator<Item = Vec<u8>>) {
+        let keys = keys.into_iter().map(|k| RecordKey::new(&k)).collect();
+        let _ = self.commands.send(Command::Withdraw(keys));
     }
 
     /// Peers that advertised `key`, found through Kademlia (waits at most `timeout`).
@@ -401,6 +410,12 @@ pub fn start(key: Keypair, config: NetConfig) -> Result<Started> {
                                 }
                             }
                             start_provides(kad, &mut advertiser, &mut providing, &board);
+                        }
+                        Command::Withdraw(keys) => {
+                            for key in keys {
+                                advertiser.remove(&key);
+                                kad.store_mut().remove_provider(&key, &peer_id);
+                            }
                         }
                         Command::FindProviders(key, reply) => {
                             let id = kad.get_providers(key);
