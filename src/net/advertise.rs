@@ -11,7 +11,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Queries started per second, at most (after a burst).
 pub const RATE: f64 = 128.0;
@@ -138,14 +138,6 @@ impl<K: Clone + Eq + Hash> Advertiser<K> {
         (first && self.done_once.len() >= self.known.len()).then_some(self.known.len())
     }
 
-    /// How long until [`Self::next`] may give a key, if one is waiting for the rate.
-    pub fn wait(&self) -> Option<Duration> {
-        if self.queue.is_empty() || self.in_flight >= IN_FLIGHT || self.tokens >= 1.0 {
-            return None;
-        }
-        Some(Duration::from_secs_f64((1.0 - self.tokens) / RATE))
-    }
-
     pub fn waiting(&self) -> usize {
         self.queue.len()
     }
@@ -160,61 +152,65 @@ impl<K: Clone + Eq + Hash> Advertiser<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    /// An advertiser given keys `0..n` at `t0`.
+    fn with_keys(n: u32) -> (Instant, Advertiser<u32>) {
+        let t0 = Instant::now();
+        let mut a = Advertiser::new(t0);
+        for k in 0..n {
+            assert!(a.add(k));
+        }
+        (t0, a)
+    }
 
     /// Starts every key `next` gives at `now`.
-    fn start_all(a: &mut Advertiser<u32>, now: Instant) -> Vec<u32> {
-        std::iter::from_fn(|| a.next(now, false)).collect()
+    fn start_all(a: &mut Advertiser<u32>, now: Instant, busy: bool) -> Vec<u32> {
+        std::iter::from_fn(|| a.next(now, busy)).collect()
+    }
+
+    /// Starts and finishes (reaching a peer) every key `next` gives at `now`, until it
+    /// gives none; returns how many.
+    fn run_all(a: &mut Advertiser<u32>, now: Instant, busy: bool) -> usize {
+        let mut n = 0;
+        while let Some(k) = a.next(now, busy) {
+            a.finished(k, true);
+            n += 1;
+        }
+        n
     }
 
     #[test]
     fn keys_start_in_order_at_the_rate_with_a_bounded_number_running() {
-        let t0 = Instant::now();
-        let mut a = Advertiser::new(t0);
-        for k in 0..1_000 {
-            assert!(a.add(k));
-        }
+        let (t0, mut a) = with_keys(1_000);
         assert!(!a.add(3), "a known key is not queued again");
         // Never more than IN_FLIGHT running.
-        let first = start_all(&mut a, t0);
+        let first = start_all(&mut a, t0, false);
         assert_eq!(first, (0..IN_FLIGHT as u32).collect::<Vec<_>>());
         // Ending them frees room, but the burst is spent down to BURST - IN_FLIGHT.
         for k in first {
             a.finished(k, true);
         }
-        let more = start_all(&mut a, t0);
+        let more = start_all(&mut a, t0, false);
         assert_eq!(more.len(), BURST as usize - IN_FLIGHT);
         assert_eq!(more[0], IN_FLIGHT as u32);
         for k in more {
             a.finished(k, true);
         }
         assert!(a.next(t0, false).is_none(), "the burst is spent");
-        let wait = a.wait().expect("waiting for the rate");
-        assert!(wait <= Duration::from_secs_f64(1.0 / RATE) + Duration::from_micros(1));
+        let soon = t0 + Duration::from_secs_f64(1.0 / RATE) + Duration::from_micros(1);
+        let k = a.next(soon, false).expect("a key once 1/RATE has passed");
+        a.finished(k, true);
         // A second later, at most RATE more (and never more than IN_FLIGHT at once).
-        let t1 = t0 + Duration::from_secs(1);
-        let mut started = 0;
-        loop {
-            let batch = start_all(&mut a, t1);
-            if batch.is_empty() {
-                break;
-            }
-            started += batch.len();
-            for k in batch {
-                a.finished(k, true);
-            }
-        }
+        let started = run_all(&mut a, t0 + Duration::from_secs(1), false);
         assert!(started <= BURST as usize && started > 0, "{started}");
-        assert_eq!(a.waiting(), 1_000 - BURST as usize - started);
+        assert_eq!(a.waiting(), 1_000 - BURST as usize - 1 - started);
     }
 
     #[test]
     fn new_peers_send_again_only_what_reached_no_one_and_the_last_first_finish_is_told() {
-        let t0 = Instant::now();
-        let mut a = Advertiser::new(t0);
-        for k in 0..10 {
-            a.add(k);
-        }
-        let keys = start_all(&mut a, t0);
+        let (t0, mut a) = with_keys(10);
+        let keys = start_all(&mut a, t0, false);
         let mut told = None;
         for k in keys {
             // Keys 0..4 went out with no peer to take them.
@@ -228,7 +224,7 @@ mod tests {
             "the last first finish is told, with the count"
         );
         a.peers_came();
-        let mut again = start_all(&mut a, t0);
+        let mut again = start_all(&mut a, t0, false);
         again.sort();
         assert_eq!(again, vec![0, 1, 2, 3]);
         for k in 0..4 {
@@ -241,25 +237,16 @@ mod tests {
         a.peers_came();
         assert!(a.next(t0, false).is_none(), "every record reached a peer");
         a.reprovide_all();
-        let mut again = start_all(&mut a, t0);
+        let mut again = start_all(&mut a, t0, false);
         again.sort();
         assert_eq!(again, (0..10).collect::<Vec<_>>());
     }
-}
-
-#[cfg(test)]
-mod remove_tests {
-    use super::*;
 
     #[test]
     fn a_removed_key_is_not_started_nor_counted() {
-        let t0 = Instant::now();
-        let mut a = Advertiser::new(t0);
-        for k in 0..40u32 {
-            a.add(k);
-        }
+        let (t0, mut a) = with_keys(40);
         // 0..32 start; 35 is removed while it waits, 3 while its query runs.
-        let running: Vec<u32> = std::iter::from_fn(|| a.next(t0, false)).collect();
+        let running = start_all(&mut a, t0, false);
         assert_eq!(running.len(), IN_FLIGHT);
         a.remove(&35);
         a.remove(&3);
@@ -267,57 +254,38 @@ mod remove_tests {
         for k in running {
             told = told.or(a.finished(k, true));
         }
-        let rest: Vec<u32> = std::iter::from_fn(|| a.next(t0, false)).collect();
+        let rest = start_all(&mut a, t0, false);
         assert_eq!(rest, vec![32, 33, 34, 36, 37, 38, 39]);
         for k in rest {
             told = told.or(a.finished(k, true));
         }
         assert_eq!(told, Some(38), "the keys left, all finished");
         a.reprovide_all();
-        let again: Vec<u32> = std::iter::from_fn(|| a.next(t0, false)).collect();
+        let again = start_all(&mut a, t0, false);
         assert!(!again.contains(&3) && !again.contains(&35) && again.len() <= 38);
     }
-}
-
-#[cfg(test)]
-mod busy_tests {
-    use super::*;
 
     #[test]
     fn while_the_exchange_is_busy_keys_start_at_the_busy_rate() {
-        let t0 = Instant::now();
-        let mut a = Advertiser::new(t0);
-        for k in 0..1_000u32 {
-            a.add(k);
-        }
+        let (t0, mut a) = with_keys(1_000);
         // The burst is spent while idle.
-        let burst: Vec<u32> = std::iter::from_fn(|| a.next(t0, false)).collect();
-        for k in burst {
+        for k in start_all(&mut a, t0, false) {
             a.finished(k, true);
         }
         // Ten busy seconds, asked every 50 ms: about BUSY_RATE a second.
-        let mut started = 0;
-        for step in 1..=200u32 {
-            let now = t0 + Duration::from_millis(50 * step as u64);
-            while let Some(k) = a.next(now, true) {
-                started += 1;
-                a.finished(k, true);
-            }
-        }
+        let started: usize = (1..=200u64)
+            .map(|step| run_all(&mut a, t0 + Duration::from_millis(50 * step), true))
+            .sum();
         let expected = (BUSY_RATE * 10.0) as usize;
         assert!(
             started >= expected - 1 && started <= expected + 1,
             "{started} in 10 busy seconds"
         );
         // Idle again: the full rate.
-        let mut idle = 0;
-        for step in 1..=20u32 {
-            let now = t0 + Duration::from_secs(10) + Duration::from_millis(50 * step as u64);
-            while let Some(k) = a.next(now, false) {
-                idle += 1;
-                a.finished(k, true);
-            }
-        }
+        let t10 = t0 + Duration::from_secs(10);
+        let idle: usize = (1..=20u64)
+            .map(|step| run_all(&mut a, t10 + Duration::from_millis(50 * step), false))
+            .sum();
         assert!(idle as f64 >= RATE * 0.9, "{idle} in 1 idle second");
     }
 }

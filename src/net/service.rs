@@ -55,8 +55,9 @@ pub fn start(
             let Ok((provide, withdraw)) = found else {
                 continue;
             };
-            // The swarm task remembers what it provides; repeats cost nothing.
-            h.provide(provide.iter().map(|k| k.to_bytes()));
+            if !provide.is_empty() {
+                h.provide(provide.iter().map(|k| k.to_bytes()));
+            }
             if !withdraw.is_empty() {
                 h.withdraw(withdraw.iter().map(|k| k.to_bytes()));
             }
@@ -79,13 +80,13 @@ struct Advertised {
 }
 
 impl Advertised {
-    /// Brings this in line with the repo. Returns the keys to provide — the tops of trees
+    /// Brings this in line with the repo. Returns the keys to provide — new tops of trees
     /// first (what a walk or a reader of a tree looks up), then each new dataset's
     /// manifest CID and treeCid — and the keys to withdraw: those of datasets deleted since
     /// (a treeCid once no dataset has it) and of tops no longer stored.
     fn update(&mut self, repo: &RepoStore) -> Result<(Vec<Cid>, Vec<Cid>)> {
         let tops: HashSet<Cid> = repo.top_directories()?.into_iter().collect();
-        let mut provide: Vec<Cid> = tops.iter().copied().collect();
+        let mut provide: Vec<Cid> = tops.difference(&self.tops).copied().collect();
         let mut withdraw: Vec<Cid> = self.tops.difference(&tops).copied().collect();
         self.tops = tops;
         let stored: HashSet<Cid> = repo.dataset_cids()?.into_iter().collect();

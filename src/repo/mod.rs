@@ -445,15 +445,10 @@ impl RepoStore {
     /// Every dataset stored here, in CID byte order.
     pub fn datasets(&self) -> Result<Vec<(Cid, Manifest)>> {
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_DATASETS), IteratorMode::Start)
-        {
-            let (k, _) = item?;
-            let cid = cid_from_bytes(&k, "dataset key")?;
+        for cid in self.dataset_cids()? {
             let manifest = match self.manifest(&cid)? {
                 Some(m) => m,
-                // Deleted since the iterator started.
+                // Deleted since it was listed.
                 None if !self.has_dataset(&cid)? => continue,
                 None => {
                     return Err(Error::Corrupt(format!(
