@@ -24,10 +24,16 @@
 //!   open/release and opendir/releasedir at all (per connection: it rules out passthrough,
 //!   so codexfs cannot do this); `--cache-dir` lets the kernel keep listings
 //!   (`FOPEN_CACHE_DIR`); `--ro` mounts read-only.
+//! - `--sink`: an empty read-write tree that takes directories and files anywhere
+//!   (`cp -r TREE MNT/`) and keeps only their names and sizes: written bytes are answered
+//!   and dropped, nothing is hashed, stored or synced. The FUSE round trips of writing a
+//!   tree (lookup, mkdir, create, write, flush, release, setattr) and nothing else: a
+//!   `cp -r` into it is below what any daemon that keeps the bytes can do.
 //!
 //! Usage: nullfs MOUNTPOINT SIZE_BYTES [THREADS [SOURCE]]
 //!        nullfs --write MOUNTPOINT DIR [HASH_THREADS]
 //!        nullfs --tree MOUNTPOINT SRC [--no-open] [--cache-dir] [--ro]
+//!        nullfs --sink MOUNTPOINT
 //! Unmounts on SIGINT/SIGTERM.
 
 use std::ffi::OsStr;
@@ -741,6 +747,302 @@ impl Filesystem for TreeFloor {
     }
 }
 
+/// An entry of the sink floor: a directory's children, or a file's size.
+struct SinkNode {
+    parent: u64,
+    dir: bool,
+    size: u64,
+    /// (name, inode) in creation order (directories only).
+    children: Vec<(std::ffi::OsString, u64)>,
+}
+
+/// The tree the sink floor was given: inode i + 1 is nodes[i], inode 1 the root.
+struct SinkTree {
+    nodes: Vec<SinkNode>,
+    by_name: std::collections::HashMap<(u64, std::ffi::OsString), u64>,
+}
+
+struct SinkFloor {
+    tree: Mutex<SinkTree>,
+}
+
+impl Default for SinkFloor {
+    fn default() -> Self {
+        let root = SinkNode {
+            parent: 1,
+            dir: true,
+            size: 0,
+            children: Vec::new(),
+        };
+        SinkFloor {
+            tree: Mutex::new(SinkTree {
+                nodes: vec![root],
+                by_name: Default::default(),
+            }),
+        }
+    }
+}
+
+/// codexfs's timeout for the names and attributes of what is written (`name_ttl`).
+const SINK_TTL: Duration = Duration::from_secs(1);
+
+impl SinkTree {
+    fn node(&mut self, ino: u64) -> Option<&mut SinkNode> {
+        self.nodes.get_mut((ino as usize).checked_sub(1)?)
+    }
+
+    fn attr(&mut self, ino: u64) -> Option<FileAttr> {
+        let n = self.node(ino)?;
+        Some(floor_attr(ino, n.dir, n.size))
+    }
+
+    /// A new entry `name` in directory `parent`: its inode, or the errno to answer.
+    fn add(&mut self, parent: u64, name: &OsStr, dir: bool) -> Result<u64, Errno> {
+        if !self.node(parent).is_some_and(|p| p.dir) {
+            return Err(Errno::ENOTDIR);
+        }
+        let key = (parent, name.to_owned());
+        if self.by_name.contains_key(&key) {
+            return Err(Errno::EEXIST);
+        }
+        self.nodes.push(SinkNode {
+            parent,
+            dir,
+            size: 0,
+            children: Vec::new(),
+        });
+        let ino = self.nodes.len() as u64;
+        self.by_name.insert(key, ino);
+        if let Some(p) = self.node(parent) {
+            p.children.push((name.to_owned(), ino));
+        }
+        Ok(ino)
+    }
+
+    /// ".", "..", then the children, from `offset` on (each entry's cookie: index + 1).
+    fn listing(&mut self, ino: u64, offset: u64) -> Vec<(u64, u64, bool, std::ffi::OsString)> {
+        let Some(n) = self.node(ino) else {
+            return Vec::new();
+        };
+        let mut all = vec![(ino, ".".into()), (n.parent, "..".into())];
+        all.extend(n.children.iter().map(|(name, c)| (*c, name.clone())));
+        all.into_iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, (c, name))| {
+                let dir = self.nodes[c as usize - 1].dir;
+                (c, i as u64 + 1, dir, name)
+            })
+            .collect()
+    }
+}
+
+impl Filesystem for SinkFloor {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let mut t = lock(&self.tree);
+        let found = t.by_name.get(&(parent.0, name.to_owned())).copied();
+        match found.and_then(|ino| t.attr(ino)) {
+            Some(a) => reply.entry(&SINK_TTL, &a, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match lock(&self.tree).attr(ino.0) {
+            Some(a) => reply.attr(&SINK_TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let mut t = lock(&self.tree);
+        if let (Some(size), Some(n)) = (size, t.node(ino.0)) {
+            n.size = size;
+        }
+        match t.attr(ino.0) {
+            Some(a) => reply.attr(&SINK_TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut t = lock(&self.tree);
+        match t.add(parent.0, name, true) {
+            Ok(ino) => reply.entry(&SINK_TTL, &floor_attr(ino, true, 0), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let added = lock(&self.tree).add(parent.0, name, false);
+        let ino = match added {
+            Ok(ino) => ino,
+            Err(e) => return reply.error(e),
+        };
+        // As codexfs: a write-only handle bypasses the kernel's page cache.
+        let f = if flags & libc::O_ACCMODE == libc::O_WRONLY {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
+        };
+        reply.created(
+            &SINK_TTL,
+            &floor_attr(ino, false, 0),
+            Generation(0),
+            FileHandle(ino),
+            f,
+        );
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        match lock(&self.tree).node(ino.0) {
+            Some(n) if !n.dir => {
+                n.size = n.size.max(offset + data.len() as u64);
+                reply.written(data.len() as u32)
+            }
+            _ => reply.error(Errno::EBADF),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        for (child, cookie, dir, name) in lock(&self.tree).listing(ino.0, offset) {
+            let kind = if dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
+            if reply.add(INodeNo(child), cookie, kind, &name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let mut t = lock(&self.tree);
+        for (child, cookie, _, name) in t.listing(ino.0, offset) {
+            let Some(attr) = t.attr(child) else { continue };
+            if reply.add(
+                INodeNo(child),
+                cookie,
+                &name,
+                &SINK_TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+}
+
 /// Mounts `fs` as codexfs mounts (worker threads, clone_fd, kernel read-ahead) and
 /// serves it until SIGINT/SIGTERM.
 fn serve<FS: Filesystem + Send + Sync + 'static>(
@@ -788,6 +1090,9 @@ fn main() {
             let fs = WriteFloor::new(args[3].clone().into(), hash_threads);
             return serve(fs, &args[2], 8, false);
         }
+        Some("--sink") if args.len() >= 3 => {
+            return serve(SinkFloor::default(), &args[2], 8, false)
+        }
         Some("--tree") if args.len() >= 4 => {
             let flag = |f: &str| args[4..].iter().any(|a| a == f);
             let fs = TreeFloor::new(
@@ -803,7 +1108,8 @@ fn main() {
         eprintln!(
             "usage: nullfs MOUNTPOINT SIZE_BYTES [THREADS [SOURCE]]\n       \
              nullfs --write MOUNTPOINT DIR [HASH_THREADS]\n       \
-             nullfs --tree MOUNTPOINT SRC [--no-open] [--cache-dir] [--ro]"
+             nullfs --tree MOUNTPOINT SRC [--no-open] [--cache-dir] [--ro]\n       \
+             nullfs --sink MOUNTPOINT"
         );
         std::process::exit(2);
     }
