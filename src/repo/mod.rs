@@ -124,6 +124,7 @@ pub use lock::DataDirLock;
 pub use names::Origin;
 use schema::*;
 pub use scrub::ScrubReport;
+pub use trees::FetchedLeaf;
 use txn::Txn;
 pub use uploads::Upload;
 

@@ -13,6 +13,7 @@
 //! a frame left half-sent for [`READ_DEADLINE`] ends it), one writer for ours (opened on
 //! first use, control messages before answers, each write within [`WRITE_TIMEOUT`]).
 
+mod background;
 pub mod core;
 mod queue;
 mod streams;
@@ -126,6 +127,29 @@ struct Inner {
     wake_at: Option<Time>,
 }
 
+/// Batches of fetched leaves handed to a store and not stored yet.
+#[derive(Default)]
+struct Storing {
+    batches: std::sync::atomic::AtomicUsize,
+    done: Notify,
+}
+
+impl Storing {
+    fn started(&self) {
+        self.batches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn finished(&self, batches: usize) {
+        let before = self
+            .batches
+            .fetch_sub(batches, std::sync::atomic::Ordering::SeqCst);
+        if before == batches {
+            self.done.notify_waiters();
+        }
+    }
+}
+
 pub struct Exchange {
     repo: Arc<RepoStore>,
     /// Where the shell's tasks run (events may come from threads outside it: a read on a
@@ -137,8 +161,11 @@ pub struct Exchange {
     timer: Arc<Notify>,
     verifying: Arc<Semaphore>,
     /// Checked blocks handed to readers and not yet stored (see [`Exchange::stored`]).
-    storing: std::sync::atomic::AtomicUsize,
-    stored: Notify,
+    storing: Arc<Storing>,
+    /// Stores the fetched leaves of a batch of checked deliveries (counted in `storing`).
+    store_leaves: background::StoreLeaves,
+    /// Stores the leaves of small deliveries (a random reader's) when the CPU is idle.
+    background: background::BackgroundStore,
     /// For tests of the requester's checks only: corrupt every block this node serves.
     lie: bool,
 }
@@ -151,6 +178,17 @@ impl Exchange {
             mut events,
             mut incoming,
         } = started;
+        let storing = Arc::new(Storing::default());
+        let store_leaves: background::StoreLeaves = {
+            let (repo, storing) = (repo.clone(), storing.clone());
+            Arc::new(move |leaves: Vec<crate::repo::FetchedLeaf>, batches| {
+                if let Err(e) = repo.put_fetched_leaves_grouped(&leaves) {
+                    tracing::warn!("storing fetched blocks: {e}");
+                }
+                storing.finished(batches);
+            })
+        };
+        let background = background::BackgroundStore::start(store_leaves.clone())?;
         let ex = Arc::new(Self {
             repo,
             runtime: tokio::runtime::Handle::current(),
@@ -170,8 +208,9 @@ impl Exchange {
             }),
             timer: Arc::new(Notify::new()),
             verifying: Arc::new(Semaphore::new(VERIFYING)),
-            storing: std::sync::atomic::AtomicUsize::new(0),
-            stored: Notify::new(),
+            storing,
+            store_leaves,
+            background,
             lie: std::env::var_os("CODEXFS_TEST_SERVE_CORRUPT_BLOCKS").is_some(),
         });
         let inbound = Arc::downgrade(&ex);
@@ -460,9 +499,11 @@ impl Exchange {
     }
 
     /// Checks deliveries, tells the core (which hands good blocks to their readers at
-    /// once), then stores the good leaves on the blocking pool.
+    /// once), then stores the good leaves: a block or two (a random reader's) on the
+    /// background store's thread, more on the blocking pool.
     fn verify(self: &Arc<Self>, jobs: Vec<VerifyJob>) {
-        use std::sync::atomic::Ordering;
+        let small =
+            jobs.iter().map(|j| j.delivery.data.len()).sum::<usize>() <= VERIFY_INLINE_BYTES;
         let results: Vec<_> = jobs
             .iter()
             .map(|j| {
@@ -506,7 +547,7 @@ impl Exchange {
         // Counted before any reader can have the blocks, so `stored` waits for them.
         let storing = !leaves.is_empty();
         if storing {
-            self.storing.fetch_add(1, Ordering::SeqCst);
+            self.storing.started();
         }
         self.with_core(|i, now| {
             i.core.deliveries_checked(
@@ -516,26 +557,33 @@ impl Exchange {
                     .map(|(peer, address, r)| (peer, address, r.map(|v| v.data))),
             );
         });
-        if storing {
-            let ex = self.clone();
-            self.runtime.spawn_blocking(move || {
-                if let Err(e) = ex.repo.put_fetched_leaves_grouped(&leaves) {
-                    tracing::warn!("storing fetched blocks: {e}");
-                }
-                if ex.storing.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    ex.stored.notify_waiters();
-                }
-            });
+        if !storing {
+            return;
         }
+        let leaves = match small {
+            true => match self.background.push(leaves) {
+                Ok(()) => return,
+                Err(full) => full,
+            },
+            false => leaves,
+        };
+        let store = self.store_leaves.clone();
+        self.runtime.spawn_blocking(move || store(leaves, 1));
     }
 
     /// Waits until every leaf handed to a reader so far is in the local store (readers get
-    /// blocks before they are stored; a dataset is adopted only once all are).
+    /// blocks before they are stored; a dataset is adopted only once all are). What waits
+    /// for the background store is stored now, at the normal priority.
     pub async fn stored(&self) {
         use std::sync::atomic::Ordering;
+        let (leaves, batches) = self.background.take();
+        if batches > 0 {
+            let store = self.store_leaves.clone();
+            self.runtime.spawn_blocking(move || store(leaves, batches));
+        }
         loop {
-            let done = self.stored.notified();
-            if self.storing.load(Ordering::SeqCst) == 0 {
+            let done = self.storing.done.notified();
+            if self.storing.batches.load(Ordering::SeqCst) == 0 {
                 return;
             }
             done.await;
