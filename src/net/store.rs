@@ -147,6 +147,17 @@ impl NetworkStore {
             .unwrap_or_default()
     }
 
+    /// How a block of `dataset` wanted from `providers` looks for more: a dataset up to
+    /// [`LOOKUP_MIN_BYTES`] whose providers are known (the peer its manifest came from)
+    /// has a provider lookup only if they cannot deliver.
+    fn discover_for(dataset: &Dataset, providers: &[PeerId]) -> Discover {
+        if !providers.is_empty() && dataset.size() <= LOOKUP_MIN_BYTES {
+            Discover::WhenStuck
+        } else {
+            Discover::Now
+        }
+    }
+
     /// A future for block `index` of `dataset` from the peers that have it. The dataset's
     /// tree gets a record here first, so that what arrives is kept in its flat file.
     fn fetch_remote(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
@@ -173,12 +184,13 @@ impl NetworkStore {
             .unwrap_or_else(|e| e.into_inner())
             .pop(&address);
         let (ex, providers) = (self.exchange.clone(), self.providers_of(dataset));
+        let discover = Self::discover_for(dataset, &providers);
         match early {
-            None => remote_block(ex, address, leaves, providers, timeout),
+            None => remote_block(ex, address, leaves, providers, timeout, discover),
             Some(early) => Box::pin(async move {
                 match early.await {
                     Some(block) => Ok(block),
-                    None => remote_block(ex, address, leaves, providers, timeout).await,
+                    None => remote_block(ex, address, leaves, providers, timeout, discover).await,
                 }
             }),
         }
@@ -213,11 +225,12 @@ impl NetworkStore {
         self.keep_blocks_of(m);
         let wants: Vec<_> = (0..blocks).map(|i| block_want(dataset, i)).collect();
         let addresses: Vec<_> = wants.iter().map(|(a, _)| a.clone()).collect();
+        let providers = self.providers_of(dataset);
         let fetches = self.exchange.fetch_many(
             wants,
-            &self.providers_of(dataset),
+            &providers,
             self.timeout,
-            Discover::Now,
+            Self::discover_for(dataset, &providers),
         );
         for (address, fetch) in addresses.into_iter().zip(fetches) {
             let block = fetch.map(|r| r.ok().map(|f| f.data)).boxed().shared();
@@ -402,6 +415,14 @@ const STREAM_BLOCKS_AHEAD: usize = 256;
 /// arrives for one timeout).
 const STREAM_AHEAD_TIMEOUTS: u32 = 32;
 
+/// Datasets larger than this look for more providers as soon as their first block
+/// arrives; smaller ones (with a provider known) only if the known ones cannot deliver:
+/// one peer sends a megabyte sooner than a lookup finds another, and a lookup per small
+/// file is a Kademlia query to the same peers that runs beside the next file's fetch
+/// (cold `cat`s of 256 KiB files one after another: the manifest of the next file came
+/// back beside the previous file's lookup).
+const LOOKUP_MIN_BYTES: u64 = 1 << 20;
+
 /// A future for block `index` of `dataset` from `peers`, verified by the exchange.
 fn remote_block(
     ex: Arc<Exchange>,
@@ -409,10 +430,11 @@ fn remote_block(
     leaves: u64,
     peers: Vec<PeerId>,
     timeout: Duration,
+    discover: Discover,
 ) -> BoxFuture<'static, Result<Bytes>> {
     // The want is made here, now: blocks asked in order are wanted in order. (The lookup
     // for other seeders waits for the first block when a connected peer can answer.)
-    let fetch = ex.fetch(address, leaves, &peers, timeout, Discover::Now);
+    let fetch = ex.fetch(address, leaves, &peers, timeout, discover);
     Box::pin(async move { fetch.await.map(|f| f.data) })
 }
 
