@@ -282,12 +282,20 @@ impl FsCore {
     }
 
     /// The dataset `cid` names: on this thread when the source knows it without waiting
-    /// (a walk's files once their manifests are here), else on the pool, bounded.
+    /// (a walk's files once their manifests are here) or bounds its own wait (the
+    /// network), else on the pool, bounded.
     fn resolve(&self, cid: &Cid) -> Result<Dataset, Errno> {
         match self.source.resolve_now(cid) {
             Ok(Some(d)) => return Ok(d),
             Ok(None) => {}
             Err(e) => tracing::debug!("{}: {e}; asking the source", cid_string(cid)),
+        }
+        if self.source.resolve_is_bounded() {
+            return self
+                .source
+                .resolve(cid)
+                .map_err(|e| e.errno())?
+                .ok_or(libc::ENOENT);
         }
         let (source, c) = (self.source.clone(), *cid);
         self.bounded(move || source.resolve(&c))?

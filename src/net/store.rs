@@ -452,6 +452,11 @@ impl BlockSource for NetworkStore {
         self.node.resolve(cid)
     }
 
+    /// The fetch of a manifest ends at the exchange's deadline (the read timeout).
+    fn resolve_is_bounded(&self) -> bool {
+        true
+    }
+
     fn resolve(&self, cid: &Cid) -> Result<Option<Dataset>> {
         if let Some(d) = self.resolve_now(cid)? {
             return Ok(Some(d));

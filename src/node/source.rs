@@ -68,6 +68,13 @@ pub trait BlockSource: Send + Sync + 'static {
     fn resolve_now(&self, _cid: &Cid) -> Result<Option<Dataset>> {
         Ok(None)
     }
+    /// Whether [`Self::resolve`] ends within a timeout of its own (a network source's
+    /// wants fail at their deadline): the mount then asks it on the FUSE thread that
+    /// waits for the answer, with no hop to the blocking pool and back (two thread
+    /// wake-ups before a cold file's first byte). Else the mount bounds the wait itself.
+    fn resolve_is_bounded(&self) -> bool {
+        false
+    }
     /// Block `index` of a resolved dataset, verified; may wait (for the network).
     fn block(&self, dataset: &Dataset, index: u64) -> Result<Bytes>;
 
