@@ -75,8 +75,23 @@ impl NetworkStore {
     /// Block `index`, local or from peers, without erasure decoding. A local copy that
     /// cannot be used is fetched from peers. (The store drops leaves that fail their hash
     /// — read after a crash, or found by `check --deep` — and the fetch puts them back.)
+    /// Block `index` of `dataset` if it came from the network and waits to be stored.
+    fn unstored(&self, dataset: &Dataset, index: u64) -> Option<Bytes> {
+        match dataset {
+            Dataset::Manifest(_, m) => self.exchange.unstored_leaf(&m.tree_cid, index),
+            Dataset::Block(..) => None,
+        }
+    }
+
     fn get(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
-        match self.node.local_block(dataset, index) {
+        let local = match self.node.local_block(dataset, index) {
+            Err(Error::NotFound(_)) => match self.unstored(dataset, index) {
+                Some(block) => Ok(block),
+                None => Err(Error::NotFound(format!("block {index}"))),
+            },
+            other => other,
+        };
+        match local {
             Err(Error::NotFound(_)) if self.is_stored_here(dataset) => {
                 // A dataset of this store missing a block (dropped by the scrub, or after
                 // a crash) is whole again when the read that fetched the block returns:
@@ -522,8 +537,18 @@ impl BlockSource for NetworkStore {
         range: Range<usize>,
         out: &mut Vec<u8>,
     ) -> Result<bool> {
-        match self.node.read_now(dataset, index, range, out) {
-            Err(Error::NotFound(_) | Error::Corrupt(_)) => Ok(false),
+        match self.node.read_now(dataset, index, range.clone(), out) {
+            Err(Error::NotFound(_)) => match self.unstored(dataset, index) {
+                Some(block) => match block.get(range) {
+                    Some(bytes) => {
+                        out.extend_from_slice(bytes);
+                        Ok(true)
+                    }
+                    None => Ok(false),
+                },
+                None => Ok(false),
+            },
+            Err(Error::Corrupt(_)) => Ok(false),
             other => other,
         }
     }

@@ -11,9 +11,11 @@
 //!
 //! The queue is bounded ([`MAX_QUEUED`] leaves): past it the caller stores the leaves
 //! itself, so a node under sustained load keeps its memory and its stores keep up. Queued
-//! leaves are a cache (a block lost before it is stored is fetched again); whoever must
-//! know every leaf stored takes the queue ([`BackgroundStore::take`]) and stores it at
-//! once. Dropping the store stores what is queued and joins the thread.
+//! leaves are a cache (a block lost before it is stored is fetched again); until stored
+//! they are read from here ([`BackgroundStore::get`]: a reader of 4 KiB pages reads the
+//! same block again at once). Whoever must know every leaf stored takes the queue
+//! ([`BackgroundStore::take`]) and stores it at once. Dropping the store stores what is
+//! queued and joins the thread.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -42,6 +44,8 @@ struct Queue {
     leaves: Vec<FetchedLeaf>,
     /// Pushes whose leaves are queued.
     jobs: usize,
+    /// The leaves the thread is storing now (still read from here until stored).
+    storing: Vec<FetchedLeaf>,
     closed: bool,
 }
 
@@ -92,6 +96,16 @@ impl BackgroundStore {
     pub fn take(&self) -> (Vec<FetchedLeaf>, usize) {
         lock(&self.shared.queue).take()
     }
+
+    /// The bytes of leaf `index` of tree `tree` if it waits here to be stored.
+    pub fn get(&self, tree: &cid::Cid, index: u64) -> Option<bytes::Bytes> {
+        let q = lock(&self.shared.queue);
+        q.leaves
+            .iter()
+            .chain(q.storing.iter())
+            .find(|l| l.1 == index && l.0 == *tree)
+            .map(|l| l.3.clone())
+    }
 }
 
 impl Drop for BackgroundStore {
@@ -123,9 +137,12 @@ fn run(shared: &Shared, store: &StoreLeaves) {
             if q.jobs == 0 {
                 return; // closed, and nothing left
             }
-            q.take()
+            let (leaves, jobs) = q.take();
+            q.storing = leaves.clone();
+            (leaves, jobs)
         };
         store(leaves, jobs);
+        lock(&shared.queue).storing.clear();
     }
 }
 
@@ -239,6 +256,37 @@ mod tests {
         assert_eq!((taken.len(), jobs), (MAX_QUEUED, MAX_QUEUED));
         bg.push(vec![leaf(99)]).unwrap();
         drop(held);
+    }
+
+    #[test]
+    fn leaves_are_read_from_the_queue_until_stored() {
+        let (store, rx, gate) = recording();
+        let bg = BackgroundStore::start(store).unwrap();
+        let held = lock(&gate);
+        let (first, second) = (leaf(1), leaf(2));
+        let tree = first.0;
+        bg.push(vec![first]).unwrap();
+        // Taken by the thread, which waits at the gate: being stored, still readable.
+        while !lock(&bg.shared.queue).leaves.is_empty() {
+            std::thread::yield_now();
+        }
+        bg.push(vec![second.clone()]).unwrap();
+        assert_eq!(bg.get(&tree, 1).unwrap()[..], [1u8; 16][..]);
+        assert_eq!(bg.get(&second.0, 2).unwrap()[..], [2u8; 16][..]);
+        assert!(bg.get(&tree, 2).is_none(), "another tree's leaf 2");
+        drop(held);
+        for _ in 0..2 {
+            rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        // Both stored: the thread clears what it stored after its store returns.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (bg.get(&tree, 1).is_some() || bg.get(&second.0, 2).is_some())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::yield_now();
+        }
+        assert!(bg.get(&tree, 1).is_none());
+        assert!(bg.get(&second.0, 2).is_none());
     }
 
     #[test]

@@ -571,6 +571,12 @@ impl Exchange {
         self.runtime.spawn_blocking(move || store(leaves, 1));
     }
 
+    /// The bytes of a checked leaf handed to its reader and not stored yet (waiting for
+    /// the background store): a reader reading the same block again gets them from here.
+    pub fn unstored_leaf(&self, tree: &Cid, index: u64) -> Option<Bytes> {
+        self.background.get(tree, index)
+    }
+
     /// Waits until every leaf handed to a reader so far is in the local store (readers get
     /// blocks before they are stored; a dataset is adopted only once all are). What waits
     /// for the background store is stored now, at the normal priority.
