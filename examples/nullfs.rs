@@ -503,6 +503,58 @@ impl Filesystem for WriteFloor {
     }
 }
 
+/// An entry of a listing: (inode, cookie, is a directory, name).
+type Listed = (u64, u64, bool, std::ffi::OsString);
+
+/// The listing of directory `ino` (whose parent is `parent`) from `offset` on: ".", "..",
+/// then `children` (inode, name); each entry's cookie is its index + 1.
+fn listing(
+    ino: u64,
+    parent: u64,
+    children: impl Iterator<Item = (u64, std::ffi::OsString)>,
+    offset: u64,
+    is_dir: impl Fn(u64) -> bool,
+) -> Vec<Listed> {
+    [(ino, ".".into()), (parent, "..".into())]
+        .into_iter()
+        .chain(children)
+        .enumerate()
+        .skip(offset as usize)
+        .map(|(i, (c, name))| (c, i as u64 + 1, is_dir(c), name))
+        .collect()
+}
+
+/// Answers a readdir with `entries` until the reply is full.
+fn reply_listing(mut reply: ReplyDirectory, entries: Vec<Listed>) {
+    for (child, cookie, dir, name) in entries {
+        let kind = if dir {
+            FileType::Directory
+        } else {
+            FileType::RegularFile
+        };
+        if reply.add(INodeNo(child), cookie, kind, &name) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
+/// Answers a readdirplus with `entries` and their attributes until the reply is full.
+fn reply_listing_plus(
+    mut reply: ReplyDirectoryPlus,
+    entries: Vec<Listed>,
+    ttl: &Duration,
+    attr: impl Fn(u64) -> Option<FileAttr>,
+) {
+    for (child, cookie, _, name) in entries {
+        let Some(a) = attr(child) else { continue };
+        if reply.add(INodeNo(child), cookie, &name, ttl, &a, Generation(0)) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
 /// An entry of the tree floor.
 struct TreeNode {
     parent: u64,
@@ -584,23 +636,17 @@ impl TreeFloor {
         Some(floor_attr(ino, n.dir, n.size))
     }
 
-    /// The listing of a directory from `offset` on: ".", "..", then its children; each
-    /// entry's cookie is its index + 1.
-    fn listing(&self, ino: u64, offset: u64) -> Vec<(u64, u64, std::ffi::OsString)> {
+    fn listing(&self, ino: u64, offset: u64) -> Vec<Listed> {
         let Some(n) = self.node(ino) else {
             return Vec::new();
         };
-        let mut all = vec![(ino, ".".into()), (n.parent, "..".into())];
-        all.extend(
-            n.children
-                .iter()
-                .map(|&c| (c, self.nodes[c as usize - 1].name.clone())),
-        );
-        all.into_iter()
-            .enumerate()
-            .skip(offset as usize)
-            .map(|(i, (ino, name))| (ino, i as u64 + 1, name))
-            .collect()
+        let children = n
+            .children
+            .iter()
+            .map(|&c| (c, self.nodes[c as usize - 1].name.clone()));
+        listing(ino, n.parent, children, offset, |c| {
+            self.node(c).is_some_and(|n| n.dir)
+        })
     }
 }
 
@@ -696,19 +742,9 @@ impl Filesystem for TreeFloor {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        for (child, cookie, name) in self.listing(ino.0, offset) {
-            let kind = if self.nodes[child as usize - 1].dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            };
-            if reply.add(INodeNo(child), cookie, kind, &name) {
-                break;
-            }
-        }
-        reply.ok();
+        reply_listing(reply, self.listing(ino.0, offset));
     }
 
     fn readdirplus(
@@ -717,22 +753,10 @@ impl Filesystem for TreeFloor {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        for (child, cookie, name) in self.listing(ino.0, offset) {
-            let attr = self.attr(child).unwrap();
-            if reply.add(
-                INodeNo(child),
-                cookie,
-                &name,
-                &TREE_TTL,
-                &attr,
-                Generation(0),
-            ) {
-                break;
-            }
-        }
-        reply.ok();
+        let entries = self.listing(ino.0, offset);
+        reply_listing_plus(reply, entries, &TREE_TTL, |c| self.attr(c));
     }
 
     fn releasedir(
@@ -787,18 +811,22 @@ impl Default for SinkFloor {
 const SINK_TTL: Duration = Duration::from_secs(1);
 
 impl SinkTree {
+    fn get(&self, ino: u64) -> Option<&SinkNode> {
+        self.nodes.get((ino as usize).checked_sub(1)?)
+    }
+
     fn node(&mut self, ino: u64) -> Option<&mut SinkNode> {
         self.nodes.get_mut((ino as usize).checked_sub(1)?)
     }
 
-    fn attr(&mut self, ino: u64) -> Option<FileAttr> {
-        let n = self.node(ino)?;
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let n = self.get(ino)?;
         Some(floor_attr(ino, n.dir, n.size))
     }
 
     /// A new entry `name` in directory `parent`: its inode, or the errno to answer.
     fn add(&mut self, parent: u64, name: &OsStr, dir: bool) -> Result<u64, Errno> {
-        if !self.node(parent).is_some_and(|p| p.dir) {
+        if !self.get(parent).is_some_and(|p| p.dir) {
             return Err(Errno::ENOTDIR);
         }
         let key = (parent, name.to_owned());
@@ -819,21 +847,14 @@ impl SinkTree {
         Ok(ino)
     }
 
-    /// ".", "..", then the children, from `offset` on (each entry's cookie: index + 1).
-    fn listing(&mut self, ino: u64, offset: u64) -> Vec<(u64, u64, bool, std::ffi::OsString)> {
-        let Some(n) = self.node(ino) else {
+    fn listing(&self, ino: u64, offset: u64) -> Vec<Listed> {
+        let Some(n) = self.get(ino) else {
             return Vec::new();
         };
-        let mut all = vec![(ino, ".".into()), (n.parent, "..".into())];
-        all.extend(n.children.iter().map(|(name, c)| (*c, name.clone())));
-        all.into_iter()
-            .enumerate()
-            .skip(offset as usize)
-            .map(|(i, (c, name))| {
-                let dir = self.nodes[c as usize - 1].dir;
-                (c, i as u64 + 1, dir, name)
-            })
-            .collect()
+        let children = n.children.iter().map(|(name, c)| (*c, name.clone()));
+        listing(ino, n.parent, children, offset, |c| {
+            self.get(c).is_some_and(|n| n.dir)
+        })
     }
 }
 
@@ -847,7 +868,7 @@ impl Filesystem for SinkFloor {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let mut t = lock(&self.tree);
+        let t = lock(&self.tree);
         let found = t.by_name.get(&(parent.0, name.to_owned())).copied();
         match found.and_then(|ino| t.attr(ino)) {
             Some(a) => reply.entry(&SINK_TTL, &a, Generation(0)),
@@ -968,22 +989,7 @@ impl Filesystem for SinkFloor {
         reply.ok();
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
-    }
-
-    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.opened(FileHandle(0), FopenFlags::empty());
-    }
+    // release, opendir and releasedir: fuser's defaults (ok, handle 0, ok).
 
     fn readdir(
         &self,
@@ -991,19 +997,10 @@ impl Filesystem for SinkFloor {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        for (child, cookie, dir, name) in lock(&self.tree).listing(ino.0, offset) {
-            let kind = if dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            };
-            if reply.add(INodeNo(child), cookie, kind, &name) {
-                break;
-            }
-        }
-        reply.ok();
+        let entries = lock(&self.tree).listing(ino.0, offset);
+        reply_listing(reply, entries);
     }
 
     fn readdirplus(
@@ -1012,34 +1009,10 @@ impl Filesystem for SinkFloor {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        let mut t = lock(&self.tree);
-        for (child, cookie, _, name) in t.listing(ino.0, offset) {
-            let Some(attr) = t.attr(child) else { continue };
-            if reply.add(
-                INodeNo(child),
-                cookie,
-                &name,
-                &SINK_TTL,
-                &attr,
-                Generation(0),
-            ) {
-                break;
-            }
-        }
-        reply.ok();
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
+        let t = lock(&self.tree);
+        reply_listing_plus(reply, t.listing(ino.0, offset), &SINK_TTL, |c| t.attr(c));
     }
 }
 

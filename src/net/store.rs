@@ -84,13 +84,12 @@ impl NetworkStore {
     }
 
     fn get(&self, dataset: &Dataset, index: u64) -> BoxFuture<'static, Result<Bytes>> {
-        let local = match self.node.local_block(dataset, index) {
-            Err(Error::NotFound(_)) => match self.unstored(dataset, index) {
-                Some(block) => Ok(block),
-                None => Err(Error::NotFound(format!("block {index}"))),
-            },
-            other => other,
-        };
+        let local = self.node.local_block(dataset, index);
+        if matches!(local, Err(Error::NotFound(_))) {
+            if let Some(block) = self.unstored(dataset, index) {
+                return Box::pin(futures::future::ready(Ok(block)));
+            }
+        }
         match local {
             Err(Error::NotFound(_)) if self.is_stored_here(dataset) => {
                 // A dataset of this store missing a block (dropped by the scrub, or after
@@ -538,16 +537,10 @@ impl BlockSource for NetworkStore {
         out: &mut Vec<u8>,
     ) -> Result<bool> {
         match self.node.read_now(dataset, index, range.clone(), out) {
-            Err(Error::NotFound(_)) => match self.unstored(dataset, index) {
-                Some(block) => match block.get(range) {
-                    Some(bytes) => {
-                        out.extend_from_slice(bytes);
-                        Ok(true)
-                    }
-                    None => Ok(false),
-                },
-                None => Ok(false),
-            },
+            Err(Error::NotFound(_)) => Ok(self
+                .unstored(dataset, index)
+                .and_then(|block| block.get(range).map(|bytes| out.extend_from_slice(bytes)))
+                .is_some()),
             Err(Error::Corrupt(_)) => Ok(false),
             other => other,
         }

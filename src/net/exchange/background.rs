@@ -209,6 +209,15 @@ mod tests {
         (store, rx, gate)
     }
 
+    /// Queues `leaf` and waits until the thread took it (the queue is empty again): with
+    /// the gate held, the thread then waits in its store and what is pushed next queues.
+    fn push_taken(bg: &BackgroundStore, leaf: FetchedLeaf) {
+        bg.push(vec![leaf]).unwrap();
+        while !lock(&bg.shared.queue).leaves.is_empty() {
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn queued_leaves_are_stored_by_a_thread_at_nice_19() {
         let (store, rx, _gate) = recording();
@@ -223,11 +232,7 @@ mod tests {
         let (store, rx, gate) = recording();
         let bg = BackgroundStore::start(store).unwrap();
         let held = lock(&gate);
-        bg.push(vec![leaf(0)]).unwrap();
-        // Wait until the thread took leaf 0 (the queue is empty again), then queue more.
-        while !lock(&bg.shared.queue).leaves.is_empty() {
-            std::thread::yield_now();
-        }
+        push_taken(&bg, leaf(0));
         bg.push(vec![leaf(1)]).unwrap();
         bg.push(vec![leaf(2), leaf(3)]).unwrap();
         drop(held);
@@ -242,10 +247,7 @@ mod tests {
         let bg = BackgroundStore::start(store).unwrap();
         let held = lock(&gate);
         // The thread takes the first push and waits at the gate; the rest stay queued.
-        bg.push(vec![leaf(0)]).unwrap();
-        while !lock(&bg.shared.queue).leaves.is_empty() {
-            std::thread::yield_now();
-        }
+        push_taken(&bg, leaf(0));
         for i in 0..MAX_QUEUED as u64 {
             bg.push(vec![leaf(i)]).unwrap();
         }
@@ -265,11 +267,8 @@ mod tests {
         let held = lock(&gate);
         let (first, second) = (leaf(1), leaf(2));
         let tree = first.0;
-        bg.push(vec![first]).unwrap();
         // Taken by the thread, which waits at the gate: being stored, still readable.
-        while !lock(&bg.shared.queue).leaves.is_empty() {
-            std::thread::yield_now();
-        }
+        push_taken(&bg, first);
         bg.push(vec![second.clone()]).unwrap();
         assert_eq!(bg.get(&tree, 1).unwrap()[..], [1u8; 16][..]);
         assert_eq!(bg.get(&second.0, 2).unwrap()[..], [2u8; 16][..]);
@@ -294,10 +293,7 @@ mod tests {
         let (store, rx, gate) = recording();
         let bg = BackgroundStore::start(store).unwrap();
         let held = lock(&gate);
-        bg.push(vec![leaf(0)]).unwrap();
-        while !lock(&bg.shared.queue).leaves.is_empty() {
-            std::thread::yield_now();
-        }
+        push_taken(&bg, leaf(0));
         bg.push(vec![leaf(5)]).unwrap();
         drop(held);
         drop(bg);

@@ -313,11 +313,11 @@ impl Exchange {
         if bytes <= VERIFY_INLINE_BYTES {
             // A block or two (a reader waiting for its first byte): hashed here, without a
             // hop to another thread.
-            self.verify(jobs);
+            self.verify(jobs, true);
         } else {
             let ex = self.clone();
             self.runtime.spawn_blocking(move || {
-                ex.verify(jobs);
+                ex.verify(jobs, false);
                 drop(permit);
             });
         }
@@ -499,11 +499,9 @@ impl Exchange {
     }
 
     /// Checks deliveries, tells the core (which hands good blocks to their readers at
-    /// once), then stores the good leaves: a block or two (a random reader's) on the
-    /// background store's thread, more on the blocking pool.
-    fn verify(self: &Arc<Self>, jobs: Vec<VerifyJob>) {
-        let small =
-            jobs.iter().map(|j| j.delivery.data.len()).sum::<usize>() <= VERIFY_INLINE_BYTES;
+    /// once), then stores the good leaves: those checked `inline` (a block or two, a
+    /// random reader's) on the background store's thread, more on the blocking pool.
+    fn verify(self: &Arc<Self>, jobs: Vec<VerifyJob>, inline: bool) {
         let results: Vec<_> = jobs
             .iter()
             .map(|j| {
@@ -560,12 +558,13 @@ impl Exchange {
         if !storing {
             return;
         }
-        let leaves = match small {
-            true => match self.background.push(leaves) {
+        let leaves = if inline {
+            match self.background.push(leaves) {
                 Ok(()) => return,
                 Err(full) => full,
-            },
-            false => leaves,
+            }
+        } else {
+            leaves
         };
         let store = self.store_leaves.clone();
         self.runtime.spawn_blocking(move || store(leaves, 1));
